@@ -1,0 +1,76 @@
+//! The ring buffer and the per-CPU counters.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use netprobe_common::{MAX_DROP_REASONS, RING_BYTES, RawEvent, counter};
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+/// See [`netprobe_common::counter`].
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::MAX, 0);
+
+/// Every drop the kernel reports, by reason, before any filter: the always-on view.
+#[map]
+static DROPS_ALL: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REASONS, 0);
+
+/// Drops that matched the active filter, by reason: equals what the trace should have received.
+#[map]
+static DROPS_MATCHED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REASONS, 0);
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(slot) = map.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count(index: u32) {
+    bump(&COUNTERS, index);
+}
+
+#[inline(always)]
+fn reason_slot(reason: u32) -> u32 {
+    if reason < MAX_DROP_REASONS {
+        reason
+    } else {
+        MAX_DROP_REASONS - 1
+    }
+}
+
+#[inline(always)]
+pub fn count_drop(reason: u32) {
+    bump(&DROPS_ALL, reason_slot(reason));
+}
+
+#[inline(always)]
+pub fn count_matched_drop(reason: u32) {
+    bump(&DROPS_MATCHED, reason_slot(reason));
+}
+
+/// Fills in the time (and, when `with_task`, pid and comm) and submits; a full ring buffer is
+/// counted in `COUNTERS[LOST]` so that userspace can report the loss.
+#[inline(always)]
+pub fn submit(mut ev: RawEvent, with_task: bool) {
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    if with_task {
+        ev.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if let Ok(comm) = bpf_get_current_comm() {
+            ev.comm = comm;
+        }
+    }
+    match EVENTS.reserve::<RawEvent>(0) {
+        Some(mut slot) => {
+            slot.write(ev);
+            slot.submit(0);
+            count(counter::EMITTED);
+        }
+        None => count(counter::LOST),
+    }
+}

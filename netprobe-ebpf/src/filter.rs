@@ -1,0 +1,69 @@
+//! The in-kernel filter, set by userspace at load time, so that an idle trace costs a few loads
+//! and compares per packet and nothing reaches the ring buffer unless it matches.
+
+use aya_ebpf::{Global, macros::map, maps::HashMap};
+use netprobe_common::{Filter, MAX_NETNS_FILTER};
+
+#[unsafe(no_mangle)]
+static FILTER: Global<Filter> = Global::new(Filter {
+    port: 0,
+    netns_enabled: 0,
+    addr_family: 0,
+    _pad: 0,
+    addr: [0; 16],
+});
+
+/// Network namespaces (inode numbers) a trace is restricted to, when `FILTER.netns_enabled`.
+#[map]
+static NETNS_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(MAX_NETNS_FILTER, 0);
+
+/// Does the tuple match the port and address filter?
+#[inline(always)]
+pub fn tuple_matches(
+    family: u8,
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+    sport: u16,
+    dport: u16,
+) -> bool {
+    let f = FILTER.load();
+    if f.port != 0 && f.port != sport && f.port != dport {
+        return false;
+    }
+    if f.addr_family != 0 {
+        if f.addr_family != family {
+            return false;
+        }
+        let n = if family == netprobe_common::AF_INET {
+            4
+        } else {
+            16
+        };
+        if !prefix_eq(saddr, &f.addr, n) && !prefix_eq(daddr, &f.addr, n) {
+            return false;
+        }
+    }
+    true
+}
+
+#[inline(always)]
+fn prefix_eq(a: &[u8; 16], b: &[u8; 16], n: usize) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if i < n && a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Is this namespace in scope? Always true when the netns filter is off.
+#[inline(always)]
+pub fn netns_matches(netns: u32) -> bool {
+    if FILTER.load().netns_enabled == 0 {
+        return true;
+    }
+    // SAFETY: the value is only tested for presence, never read through.
+    unsafe { NETNS_FILTER.get(netns) }.is_some()
+}

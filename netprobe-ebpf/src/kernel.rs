@@ -1,0 +1,172 @@
+//! Readers of kernel structures. Rust eBPF has no CO-RE relocations, so member offsets come from
+//! the running kernel's BTF, resolved by userspace and passed in `OFFSETS`.
+//!
+//! Packet headers are read from `skb->head + skb->network_header`, never through `skb->sk`:
+//! forwarded and loopback SYNs that die have no owning socket, and those are exactly the packets
+//! netprobe exists to explain.
+
+use aya_ebpf::{Global, helpers::bpf_probe_read_kernel};
+use netprobe_common::{
+    AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets,
+    RawEvent,
+};
+
+#[unsafe(no_mangle)]
+static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_transport_header: 0,
+    skb_dev: 0,
+    skb_sk: 0,
+    dev_nd_net: 0,
+    dev_ifindex: 0,
+    net_ns_inum: 0,
+    sk_net: 0,
+    sk_daddr: 0,
+    sk_rcv_saddr: 0,
+    sk_v6_daddr: 0,
+    sk_v6_rcv_saddr: 0,
+    sk_dport: 0,
+    sk_num: 0,
+    sk_family: 0,
+    sk_state: 0,
+    sk_err: 0,
+    sk_protocol: 0,
+    sk_err_soft: 0,
+    _pad: 0,
+    rst_has_reason: 0,
+});
+
+#[inline(always)]
+pub fn offsets() -> KernelOffsets {
+    OFFSETS.load()
+}
+
+#[inline(always)]
+pub fn read<T>(base: u64, off: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel validates the address; a bad one returns an error.
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
+}
+
+/// `net->ns.inum` of a `struct net *`.
+#[inline(always)]
+fn net_inum(net: u64, o: &KernelOffsets) -> u32 {
+    if net == 0 {
+        return 0;
+    }
+    read::<u32>(net, o.net_ns_inum).unwrap_or(0)
+}
+
+/// Fills `netns` and `ifindex` from `skb->dev`, or the netns from `skb->sk` when there is no
+/// device (locally generated packets before routing).
+#[inline(always)]
+pub fn skb_place(skb: u64, ev: &mut RawEvent, o: &KernelOffsets) {
+    let dev = read::<u64>(skb, o.skb_dev).unwrap_or(0);
+    if dev != 0 {
+        ev.ifindex = read::<u32>(dev, o.dev_ifindex).unwrap_or(0);
+        ev.netns = net_inum(read::<u64>(dev, o.dev_nd_net).unwrap_or(0), o);
+        return;
+    }
+    let sk = read::<u64>(skb, o.skb_sk).unwrap_or(0);
+    if sk != 0 {
+        ev.netns = net_inum(read::<u64>(sk, o.sk_net).unwrap_or(0), o);
+    }
+}
+
+/// Parses the IP and transport headers of `skb` into `ev`. Returns false for what netprobe does
+/// not trace (non-IP, non-TCP/UDP/ICMP, non-first fragments).
+#[inline(always)]
+pub fn skb_headers(skb: u64, ev: &mut RawEvent, o: &KernelOffsets) -> bool {
+    let Ok(head) = read::<u64>(skb, o.skb_head) else {
+        return false;
+    };
+    let Ok(nh) = read::<u16>(skb, o.skb_network_header) else {
+        return false;
+    };
+    // 0xffff means "not set" in the kernel (skb_network_header_was_set).
+    if head == 0 || nh == 0xffff {
+        return false;
+    }
+    let ip = head + nh as u64;
+    let Ok(first) = read::<u8>(ip, 0) else {
+        return false;
+    };
+    let l4 = match first >> 4 {
+        4 => {
+            let Ok(frag) = read::<u16>(ip, 6) else {
+                return false;
+            };
+            if u16::from_be(frag) & 0x1fff != 0 {
+                return false;
+            }
+            ev.family = AF_INET;
+            ev.proto = read::<u8>(ip, 9).unwrap_or(0);
+            if let Ok(a) = read::<[u8; 4]>(ip, 12) {
+                ev.saddr[..4].copy_from_slice(&a);
+            }
+            if let Ok(a) = read::<[u8; 4]>(ip, 16) {
+                ev.daddr[..4].copy_from_slice(&a);
+            }
+            ip + ((first & 0x0f) as u64) * 4
+        }
+        6 => {
+            ev.family = AF_INET6;
+            // Extension headers are not walked: TCP/UDP/ICMPv6 directly after the fixed header.
+            ev.proto = read::<u8>(ip, 6).unwrap_or(0);
+            ev.saddr = read::<[u8; 16]>(ip, 8).unwrap_or([0; 16]);
+            ev.daddr = read::<[u8; 16]>(ip, 24).unwrap_or([0; 16]);
+            ip + 40
+        }
+        _ => return false,
+    };
+    match ev.proto {
+        IPPROTO_TCP => {
+            ev.sport = u16::from_be(read::<u16>(l4, 0).unwrap_or(0));
+            ev.dport = u16::from_be(read::<u16>(l4, 2).unwrap_or(0));
+            ev.seq = u32::from_be(read::<u32>(l4, 4).unwrap_or(0));
+            ev.tcp_flags = read::<u8>(l4, 13).unwrap_or(0);
+            true
+        }
+        IPPROTO_UDP => {
+            ev.sport = u16::from_be(read::<u16>(l4, 0).unwrap_or(0));
+            ev.dport = u16::from_be(read::<u16>(l4, 2).unwrap_or(0));
+            true
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => true,
+        _ => false,
+    }
+}
+
+/// Fills family, addresses, ports, netns and state (in `aux`) from a `struct sock *`.
+/// Returns false for non-IP sockets.
+#[inline(always)]
+pub fn sock_tuple(sk: u64, ev: &mut RawEvent, o: &KernelOffsets) -> bool {
+    let family = read::<u16>(sk, o.sk_family).unwrap_or(0) as u8;
+    match family {
+        AF_INET => {
+            if let Ok(a) = read::<[u8; 4]>(sk, o.sk_rcv_saddr) {
+                ev.saddr[..4].copy_from_slice(&a);
+            }
+            if let Ok(a) = read::<[u8; 4]>(sk, o.sk_daddr) {
+                ev.daddr[..4].copy_from_slice(&a);
+            }
+        }
+        AF_INET6 => {
+            ev.saddr = read::<[u8; 16]>(sk, o.sk_v6_rcv_saddr).unwrap_or([0; 16]);
+            ev.daddr = read::<[u8; 16]>(sk, o.sk_v6_daddr).unwrap_or([0; 16]);
+        }
+        _ => return false,
+    }
+    ev.family = family;
+    ev.sk = sk;
+    ev.sport = read::<u16>(sk, o.sk_num).unwrap_or(0);
+    ev.dport = u16::from_be(read::<u16>(sk, o.sk_dport).unwrap_or(0));
+    ev.proto = read::<u16>(sk, o.sk_protocol).unwrap_or(0) as u8;
+    ev.netns = net_inum(read::<u64>(sk, o.sk_net).unwrap_or(0), o);
+    true
+}
+
+#[inline(always)]
+pub fn sock_state(sk: u64, o: &KernelOffsets) -> u32 {
+    read::<u8>(sk, o.sk_state).unwrap_or(0) as u32
+}

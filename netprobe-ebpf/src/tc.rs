@@ -1,0 +1,120 @@
+//! tc classifier on veth and lo, ingress and egress (tcx where the kernel has it, clsact
+//! otherwise): the checkpoints a SYN passes. Emits TCP SYN, SYN-ACK and RST, and ICMP/ICMPv6
+//! destination-unreachable errors (tuple of the quoted packet), when they match the filter.
+//!
+//! Always returns `TC_ACT_UNSPEC`: with tcx that is "next program", with clsact "continue", so
+//! netprobe never decides a packet's fate (Calico eBPF or Cilium programs keep working).
+
+use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use netprobe_common::{
+    AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RawEvent, counter,
+    kind, tcp_flags,
+};
+
+use crate::{emit, filter};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+
+#[classifier]
+pub fn tc_ingress(ctx: TcContext) -> i32 {
+    let _ = try_tc(&ctx, kind::TC_INGRESS);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    let _ = try_tc(&ctx, kind::TC_EGRESS);
+    TC_ACT_UNSPEC
+}
+
+fn try_tc(ctx: &TcContext, direction: u8) -> Result<(), i64> {
+    emit::count(counter::TC_SEEN);
+    let mut ev = RawEvent {
+        kind: direction,
+        ..Default::default()
+    };
+    let ethertype = u16::from_be(ctx.load::<u16>(12)?);
+    let l4 = match ethertype {
+        ETH_P_IP => ipv4(ctx, ETH_HLEN, &mut ev)?,
+        ETH_P_IPV6 => ipv6(ctx, ETH_HLEN, &mut ev)?,
+        _ => return Ok(()),
+    };
+    match ev.proto {
+        IPPROTO_TCP => {
+            ev.tcp_flags = ctx.load::<u8>(l4 + 13)?;
+            if ev.tcp_flags & (tcp_flags::SYN | tcp_flags::RST) == 0 {
+                return Ok(());
+            }
+            ev.sport = u16::from_be(ctx.load::<u16>(l4)?);
+            ev.dport = u16::from_be(ctx.load::<u16>(l4 + 2)?);
+            ev.seq = u32::from_be(ctx.load::<u32>(l4 + 4)?);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let icmp_type = ctx.load::<u8>(l4)?;
+            let code = ctx.load::<u8>(l4 + 1)?;
+            let quoted = l4 + 8;
+            let inner_l4 = if ev.proto == IPPROTO_ICMP {
+                if icmp_type != ICMP_DEST_UNREACH {
+                    return Ok(());
+                }
+                ipv4(ctx, quoted, &mut ev)?
+            } else {
+                if icmp_type != ICMPV6_DEST_UNREACH {
+                    return Ok(());
+                }
+                ipv6(ctx, quoted, &mut ev)?
+            };
+            // `ev.proto` is now the quoted packet's protocol; keep it only if we trace it.
+            if ev.proto != IPPROTO_TCP && ev.proto != IPPROTO_UDP {
+                return Ok(());
+            }
+            ev.sport = u16::from_be(ctx.load::<u16>(inner_l4)?);
+            ev.dport = u16::from_be(ctx.load::<u16>(inner_l4 + 2)?);
+            ev.aux = ((icmp_type as u32) << 8) | code as u32;
+            ev.proto = if ev.family == AF_INET {
+                IPPROTO_ICMP
+            } else {
+                IPPROTO_ICMPV6
+            };
+        }
+        _ => return Ok(()),
+    }
+    if !filter::tuple_matches(ev.family, &ev.saddr, &ev.daddr, ev.sport, ev.dport) {
+        return Ok(());
+    }
+    // SAFETY: `skb` is the context pointer the kernel passed in.
+    ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    emit::submit(ev, false);
+    Ok(())
+}
+
+/// Reads an IPv4 header at `off`; returns the offset of the transport header.
+#[inline(always)]
+fn ipv4(ctx: &TcContext, off: usize, ev: &mut RawEvent) -> Result<usize, i64> {
+    let ver_ihl = ctx.load::<u8>(off)?;
+    let frag = u16::from_be(ctx.load::<u16>(off + 6)?);
+    if frag & 0x1fff != 0 {
+        return Err(0);
+    }
+    ev.family = AF_INET;
+    ev.proto = ctx.load::<u8>(off + 9)?;
+    ev.saddr = [0; 16];
+    ev.daddr = [0; 16];
+    ev.saddr[..4].copy_from_slice(&ctx.load::<[u8; 4]>(off + 12)?);
+    ev.daddr[..4].copy_from_slice(&ctx.load::<[u8; 4]>(off + 16)?);
+    Ok(off + ((ver_ihl & 0x0f) as usize) * 4)
+}
+
+/// Reads an IPv6 fixed header at `off` (extension headers are not walked).
+#[inline(always)]
+fn ipv6(ctx: &TcContext, off: usize, ev: &mut RawEvent) -> Result<usize, i64> {
+    ev.family = AF_INET6;
+    ev.proto = ctx.load::<u8>(off + 6)?;
+    ev.saddr = ctx.load::<[u8; 16]>(off + 8)?;
+    ev.daddr = ctx.load::<[u8; 16]>(off + 24)?;
+    Ok(off + 40)
+}

@@ -1,0 +1,42 @@
+//! `tp_btf/tcp_retransmit_skb(sk, skb)`: retransmitted segments. SYN retransmits (state
+//! `SYN_SENT`) are the signature of a silent drop: nobody answered, nobody refused.
+
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use netprobe_common::{RawEvent, kind, tcp_flags};
+
+use crate::{emit, filter, kernel};
+
+/// `TCP_SYN_SENT` in `include/net/tcp_states.h` (stable ABI: also exported to userspace).
+const TCP_SYN_SENT: u32 = 2;
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+    let _ = emit_for_sock(ctx.arg(0), kind::RETRANSMIT);
+    0
+}
+
+/// An event described by a socket alone: tuple, namespace and state (in `aux`).
+pub fn emit_for_sock(sk: u64, event_kind: u8) -> Result<(), i32> {
+    if sk == 0 {
+        return Ok(());
+    }
+    let o = kernel::offsets();
+    let mut ev = RawEvent {
+        kind: event_kind,
+        ..Default::default()
+    };
+    if !kernel::sock_tuple(sk, &mut ev, &o) {
+        return Ok(());
+    }
+    if !filter::tuple_matches(ev.family, &ev.saddr, &ev.daddr, ev.sport, ev.dport)
+        || !filter::netns_matches(ev.netns)
+    {
+        return Ok(());
+    }
+    ev.aux = kernel::sock_state(sk, &o);
+    if event_kind == kind::RETRANSMIT && ev.aux == TCP_SYN_SENT {
+        ev.tcp_flags = tcp_flags::SYN;
+    }
+    emit::submit(ev, true);
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! Turns raw kernel events into public events: names for drop and reset reasons (from the
+//! running kernel's BTF), code locations, namespaces and interfaces. Pods, rules and conntrack
+//! come in later stages of this module.
+
+pub mod kallsyms;
+pub mod rules;
+
+use std::collections::HashMap;
+
+use netprobe_common::{RawEvent, kind};
+
+use crate::{
+    error::Result,
+    events::{self, DropInfo, Event, Interface, Netns, ResetInfo},
+    probes::{TcAttachment, btf::KernelBtf},
+};
+use kallsyms::Kallsyms;
+
+pub struct Enricher {
+    drop_reasons: HashMap<u32, String>,
+    rst_reasons: HashMap<u32, String>,
+    kallsyms: Kallsyms,
+    netns_names: HashMap<u64, String>,
+    /// ifindex → attachments with that index (lo is 1 in every namespace).
+    tc: HashMap<u32, Vec<TcAttachment>>,
+    /// (netns, ifindex) → name, for interfaces seen by tracepoints.
+    ifnames: HashMap<(u64, u32), String>,
+    /// CLOCK_REALTIME − CLOCK_MONOTONIC, to report wall-clock times.
+    realtime_offset_ns: i128,
+}
+
+impl Enricher {
+    pub fn new(kbtf: &KernelBtf) -> Result<Self> {
+        Ok(Self {
+            drop_reasons: kbtf.enum_names("skb_drop_reason", "SKB_DROP_REASON_")?,
+            // Absent before 6.10; resets then carry no reason.
+            rst_reasons: kbtf
+                .enum_names("sk_rst_reason", "SK_RST_REASON_")
+                .unwrap_or_default(),
+            kallsyms: Kallsyms::load(),
+            netns_names: HashMap::new(),
+            tc: HashMap::new(),
+            ifnames: HashMap::new(),
+            realtime_offset_ns: realtime_offset_ns(),
+        })
+    }
+
+    pub fn drop_reason_name(&self, code: u32) -> String {
+        self.drop_reasons
+            .get(&code)
+            .cloned()
+            .unwrap_or_else(|| format!("REASON_{code}"))
+    }
+
+    pub fn add_netns(&mut self, inode: u64, name: &str) {
+        self.netns_names.insert(inode, name.to_string());
+    }
+
+    pub fn add_interface(&mut self, netns: u64, ifindex: u32, name: &str) {
+        self.ifnames.insert((netns, ifindex), name.to_string());
+    }
+
+    pub fn add_tc(&mut self, a: &TcAttachment) {
+        self.add_interface(a.netns, a.ifindex, &a.ifname);
+        self.tc.entry(a.ifindex).or_default().push(a.clone());
+    }
+
+    /// Wall-clock time now, in the events' time base.
+    pub fn now_ns(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
+
+    pub fn interface(&self, netns: u64, ifindex: u32) -> Interface {
+        Interface {
+            ifindex,
+            name: self.ifnames.get(&(netns, ifindex)).cloned(),
+        }
+    }
+
+    pub fn netns(&self, inode: u64) -> Netns {
+        Netns {
+            inode,
+            name: self.netns_names.get(&inode).cloned(),
+        }
+    }
+
+    pub fn enrich(&self, ev: &RawEvent) -> Option<Event> {
+        let time = (ev.ts_ns as i128 + self.realtime_offset_ns).max(0) as u64;
+        let mut out = events::base(ev, time)?;
+        match ev.kind {
+            kind::TC_INGRESS | kind::TC_EGRESS => {
+                // tc programs do not see the namespace: the attachment tells it, unless the same
+                // ifindex is attached in several namespaces (then only the name is certain).
+                let atts = self
+                    .tc
+                    .get(&ev.ifindex)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                if let [a] = atts {
+                    out.netns = Some(self.netns(a.netns));
+                }
+                out.interface = Some(Interface {
+                    ifindex: ev.ifindex,
+                    name: atts.first().map(|a| a.ifname.clone()),
+                });
+            }
+            _ => {
+                if ev.netns != 0 {
+                    out.netns = Some(self.netns(ev.netns as u64));
+                }
+                if ev.ifindex != 0 {
+                    out.interface = Some(Interface {
+                        ifindex: ev.ifindex,
+                        name: self.ifnames.get(&(ev.netns as u64, ev.ifindex)).cloned(),
+                    });
+                }
+            }
+        }
+        match ev.kind {
+            kind::DROP => {
+                out.drop = Some(DropInfo {
+                    reason: self.drop_reason_name(ev.reason),
+                    reason_code: ev.reason,
+                    location: self.kallsyms.symbolize(ev.location),
+                })
+            }
+            kind::SEND_RESET => {
+                out.reset = Some(ResetInfo {
+                    reason: self.rst_reasons.get(&ev.reason).cloned(),
+                })
+            }
+            _ => {}
+        }
+        Some(out)
+    }
+}
+
+fn realtime_offset_ns() -> i128 {
+    let get = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid pointer.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    };
+    get(libc::CLOCK_REALTIME) - get(libc::CLOCK_MONOTONIC)
+}

@@ -1,0 +1,82 @@
+//! The library's error type: structured variants, sources kept (including the verifier log of a
+//! program that failed to load, which aya's `ProgramError::LoadError` carries in its message).
+
+use std::{io, path::PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("netprobe must run as root (it loads eBPF programs and enters network namespaces)")]
+    NotRoot,
+    #[error(
+        "cannot read kernel BTF from {path}: {reason}; netprobe needs a kernel built with CONFIG_DEBUG_INFO_BTF"
+    )]
+    Btf { path: PathBuf, reason: String },
+    #[error(
+        "kernel BTF has no member `{member}` in `struct {strukt}`; this kernel is not supported"
+    )]
+    BtfMember {
+        strukt: &'static str,
+        member: &'static str,
+    },
+    #[error("kernel BTF has no `{what}`")]
+    BtfMissing { what: String },
+    #[error("failed to load the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF program `{program}` is missing from the object")]
+    ProgramMissing { program: &'static str },
+    #[error("eBPF map `{map}` is missing or has an unexpected type")]
+    MapMissing { map: &'static str },
+    #[error("failed to load eBPF program `{program}`")]
+    ProgramLoad {
+        program: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("failed to attach `{program}` to {target}")]
+    Attach {
+        program: &'static str,
+        target: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("failed to use map `{map}`")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("network namespace `{name}` not found (looked for {path})")]
+    UnknownNetns { name: String, path: PathBuf },
+    #[error("network namespace `{name}` ({path}) is gone or unusable")]
+    Netns {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("netlink {what} failed")]
+    Netlink {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{what} failed")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid address `{0}`")]
+    BadAddress(String),
+}
+
+impl Error {
+    pub fn io(what: impl Into<String>, source: io::Error) -> Self {
+        Self::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

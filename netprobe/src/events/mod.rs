@@ -1,0 +1,380 @@
+//! The public event: what `trace -o json` prints, one object per line. Versioned by
+//! [`SCHEMA`]; fields are only ever added within a version.
+
+pub mod raw;
+
+use std::net::IpAddr;
+
+use netprobe_common::{
+    AF_INET, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RawEvent, kind, tcp_flags,
+};
+use serde::{Deserialize, Serialize};
+
+/// Identifies the shape of every JSON object netprobe prints.
+pub const SCHEMA: &str = "netprobe.event/v1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A tc checkpoint: the packet passed an interface.
+    Packet,
+    /// The kernel dropped the packet (`skb:kfree_skb`).
+    Drop,
+    /// The kernel sent a TCP RST.
+    SendReset,
+    /// A socket received a TCP RST.
+    ReceiveReset,
+    /// A segment was retransmitted (a SYN retransmit means nobody answered).
+    Retransmit,
+    /// A TCP socket changed state.
+    StateChange,
+    /// The error a socket reports to its application.
+    SocketError,
+    /// A netfilter rule (or chain policy) dropped or rejected the packet: which rule, the chain
+    /// path, and the object behind it (from the nftables trace).
+    Netfilter,
+}
+
+impl Kind {
+    pub fn from_raw(k: u8) -> Option<Self> {
+        Some(match k {
+            kind::TC_INGRESS | kind::TC_EGRESS => Self::Packet,
+            kind::DROP => Self::Drop,
+            kind::SEND_RESET => Self::SendReset,
+            kind::RECEIVE_RESET => Self::ReceiveReset,
+            kind::RETRANSMIT => Self::Retransmit,
+            kind::STATE_CHANGE => Self::StateChange,
+            kind::SOCK_ERROR => Self::SocketError,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Netns {
+    pub inode: u64,
+    /// `ip netns` name (or pod netns file name) when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interface {
+    pub ifindex: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropInfo {
+    /// `enum skb_drop_reason` name without the `SKB_DROP_REASON_` prefix, from the running kernel's BTF.
+    pub reason: String,
+    pub reason_code: u32,
+    /// `function+0xoff` from /proc/kallsyms (raw address when symbols are hidden).
+    pub location: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetInfo {
+    /// `enum sk_rst_reason` name (6.10+), e.g. `NOT_SPECIFIED`, `TCP_OLD_ACK`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateInfo {
+    pub old: String,
+    pub new: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    pub errno: i32,
+    /// e.g. `ECONNREFUSED`, `ETIMEDOUT`.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Icmp {
+    #[serde(rename = "type")]
+    pub icmp_type: u8,
+    pub code: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// One observation, enriched. For ICMP errors the addresses and ports are those of the packet
+/// the error quotes (so the event matches the connection it answers). For `send_reset` they are
+/// those of the segment that caused the reset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub schema: String,
+    /// Wall-clock time, nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    pub kind: Kind,
+    pub netns: Option<Netns>,
+    pub interface: Option<Interface>,
+    /// `ingress` or `egress` for `packet` events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direction: Option<String>,
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    /// `tcp`, `udp`, `icmp`, `icmpv6`.
+    pub protocol: String,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub tcp_flags: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop: Option<DropInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reset: Option<ResetInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<Icmp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<Process>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netfilter: Option<crate::enrich::rules::Netfilter>,
+    /// Kernel `sk_buff` address: equal values are the same packet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skb: Option<String>,
+    /// Kernel `sock` address: equal values are the same socket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sock: Option<String>,
+}
+
+pub fn ip_of(family: u8, addr: &[u8; 16]) -> IpAddr {
+    if family == AF_INET {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        IpAddr::from(*addr)
+    }
+}
+
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        IPPROTO_TCP => "tcp".into(),
+        IPPROTO_UDP => "udp".into(),
+        IPPROTO_ICMP => "icmp".into(),
+        IPPROTO_ICMPV6 => "icmpv6".into(),
+        other => format!("ip-proto-{other}"),
+    }
+}
+
+pub fn flag_names(f: u8) -> Vec<String> {
+    [
+        (tcp_flags::SYN, "SYN"),
+        (tcp_flags::ACK, "ACK"),
+        (tcp_flags::RST, "RST"),
+        (tcp_flags::FIN, "FIN"),
+        (tcp_flags::PSH, "PSH"),
+    ]
+    .iter()
+    .filter(|(bit, _)| f & bit != 0)
+    .map(|(_, n)| n.to_string())
+    .collect()
+}
+
+/// `include/net/tcp_states.h` (a userspace-visible, stable numbering).
+pub fn tcp_state_name(s: u32) -> String {
+    const NAMES: [&str; 13] = [
+        "?",
+        "ESTABLISHED",
+        "SYN_SENT",
+        "SYN_RECV",
+        "FIN_WAIT1",
+        "FIN_WAIT2",
+        "TIME_WAIT",
+        "CLOSE",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+        "LISTEN",
+        "CLOSING",
+        "NEW_SYN_RECV",
+    ];
+    NAMES
+        .get(s as usize)
+        .map_or_else(|| format!("STATE_{s}"), |n| n.to_string())
+}
+
+pub fn errno_name(e: i32) -> String {
+    match e {
+        libc::ECONNREFUSED => "ECONNREFUSED".into(),
+        libc::ETIMEDOUT => "ETIMEDOUT".into(),
+        libc::ECONNRESET => "ECONNRESET".into(),
+        libc::EHOSTUNREACH => "EHOSTUNREACH".into(),
+        libc::ENETUNREACH => "ENETUNREACH".into(),
+        libc::EPIPE => "EPIPE".into(),
+        libc::ECONNABORTED => "ECONNABORTED".into(),
+        libc::EPERM => "EPERM".into(),
+        libc::EACCES => "EACCES".into(),
+        other => format!("errno {other}"),
+    }
+}
+
+/// A netfilter verdict event (from the nftables trace, not from a kernel program).
+pub fn netfilter(
+    time_ns: u64,
+    netns: Option<Netns>,
+    interface: Option<Interface>,
+    tuple: Option<(IpAddr, u16, IpAddr, u16)>,
+    nf: crate::enrich::rules::Netfilter,
+) -> Event {
+    let unspecified = IpAddr::from([0u8, 0, 0, 0]);
+    let (src, sport, dst, dport) = tuple.unwrap_or((unspecified, 0, unspecified, 0));
+    Event {
+        schema: SCHEMA.to_string(),
+        time_ns,
+        kind: Kind::Netfilter,
+        netns,
+        interface,
+        direction: None,
+        family: if src.is_ipv4() {
+            "ipv4".into()
+        } else {
+            "ipv6".into()
+        },
+        protocol: "tcp".into(),
+        src,
+        sport,
+        dst,
+        dport,
+        tcp_flags: Vec::new(),
+        drop: None,
+        reset: None,
+        state: None,
+        error: None,
+        icmp: None,
+        process: None,
+        netfilter: Some(nf),
+        skb: None,
+        sock: None,
+    }
+}
+
+/// Raw fields of an event that need no lookup: the enrichment fills the rest.
+pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
+    let kind = Kind::from_raw(ev.kind)?;
+    Some(Event {
+        schema: SCHEMA.to_string(),
+        time_ns,
+        kind,
+        netns: None,
+        interface: None,
+        direction: match ev.kind {
+            netprobe_common::kind::TC_INGRESS => Some("ingress".into()),
+            netprobe_common::kind::TC_EGRESS => Some("egress".into()),
+            _ => None,
+        },
+        family: if ev.family == AF_INET {
+            "ipv4".into()
+        } else {
+            "ipv6".into()
+        },
+        protocol: protocol_name(ev.proto),
+        src: ip_of(ev.family, &ev.saddr),
+        sport: ev.sport,
+        dst: ip_of(ev.family, &ev.daddr),
+        dport: ev.dport,
+        tcp_flags: flag_names(ev.tcp_flags),
+        drop: None,
+        reset: None,
+        state: (ev.kind == netprobe_common::kind::STATE_CHANGE).then(|| StateInfo {
+            old: tcp_state_name(ev.aux),
+            new: tcp_state_name(ev.reason),
+        }),
+        error: (ev.kind == netprobe_common::kind::SOCK_ERROR).then(|| ErrorInfo {
+            errno: ev.reason as i32,
+            name: errno_name(ev.reason as i32),
+        }),
+        icmp: (ev.proto == IPPROTO_ICMP || ev.proto == IPPROTO_ICMPV6).then_some(Icmp {
+            icmp_type: (ev.aux >> 8) as u8,
+            code: ev.aux as u8,
+        }),
+        process: (ev.pid != 0).then(|| Process {
+            pid: ev.pid,
+            comm: String::from_utf8_lossy(
+                &ev.comm[..ev.comm.iter().position(|&c| c == 0).unwrap_or(16)],
+            )
+            .into_owned(),
+        }),
+        netfilter: None,
+        skb: (ev.skb != 0).then(|| format!("{:#x}", ev.skb)),
+        sock: (ev.sk != 0).then(|| format!("{:#x}", ev.sk)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use netprobe_common::AF_INET6;
+
+    use super::*;
+
+    #[test]
+    fn base_event_carries_tuple_flags_and_state() {
+        let mut ev = RawEvent {
+            kind: kind::STATE_CHANGE,
+            family: AF_INET,
+            proto: IPPROTO_TCP,
+            sport: 41000,
+            dport: 9500,
+            aux: 2,
+            reason: 7,
+            pid: 42,
+            ..Default::default()
+        };
+        ev.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        ev.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        ev.comm[..5].copy_from_slice(b"agent");
+        let e = base(&ev, 5).unwrap();
+        assert_eq!(e.kind, Kind::StateChange);
+        assert_eq!(
+            e.state,
+            Some(StateInfo {
+                old: "SYN_SENT".into(),
+                new: "CLOSE".into()
+            })
+        );
+        assert_eq!(e.process.unwrap().comm, "agent");
+        assert_eq!(e.dst.to_string(), "127.0.0.1");
+        let json = serde_json::to_value(base(&ev, 5).unwrap()).unwrap();
+        assert_eq!(json["schema"], SCHEMA);
+        assert_eq!(json["kind"], "state_change");
+    }
+
+    #[test]
+    fn ipv6_and_icmp_fields() {
+        let ev = RawEvent {
+            kind: kind::TC_INGRESS,
+            family: AF_INET6,
+            proto: IPPROTO_ICMPV6,
+            aux: (1 << 8) | 4,
+            saddr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+            ..Default::default()
+        };
+        let e = base(&ev, 0).unwrap();
+        assert_eq!(e.family, "ipv6");
+        assert_eq!(e.src.to_string(), "::1");
+        assert_eq!(
+            e.icmp,
+            Some(Icmp {
+                icmp_type: 1,
+                code: 4
+            })
+        );
+        assert_eq!(e.direction.as_deref(), Some("ingress"));
+        assert_eq!(
+            flag_names(tcp_flags::SYN | tcp_flags::ACK),
+            vec!["SYN", "ACK"]
+        );
+    }
+}

@@ -1,0 +1,19 @@
+//! netprobe: where and why a pod's TCP connection died.
+//!
+//! The pipeline is visible in the module names:
+//! [`probes`] (load and attach the kernel programs) → [`events`] (raw kernel records → the public,
+//! versioned event schema) → [`collectors`] (ring buffer and counters) → [`enrich`] (names for
+//! reasons, code locations, namespaces, interfaces) → [`outputs`] (text, NDJSON).
+//! [`trace`] wires them together for the `trace` command; front-ends stay thin.
+
+pub mod collectors;
+pub mod enrich;
+pub mod error;
+pub mod events;
+pub mod netlink;
+pub mod netns;
+pub mod outputs;
+pub mod probes;
+pub mod trace;
+
+pub use error::Error;

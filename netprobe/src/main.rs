@@ -1,0 +1,188 @@
+//! The `netprobe` command line. Thin: parsing, then the library; `anyhow` only here.
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use netprobe::{outputs::Format, probes::check, trace};
+
+/// Exit code for usage and environment errors (unknown netns, not root, no BTF, probes failed).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "netprobe",
+    version,
+    about = "Where and why a pod's TCP connection died: eBPF tracing of SYNs, resets and drops on a Kubernetes node"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Report which kernel hooks and features this machine offers; exit 0 if tracing can work.
+    Check {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Text)]
+        output: Format,
+    },
+    /// Print SYN, SYN-ACK, RST, ICMP unreachable, drops (with the kernel's drop reason), resets,
+    /// SYN retransmits, TCP state changes and socket errors for a port, as they happen.
+    ///
+    /// Run as root on the node (or inside a lab's node namespace: `ip netns exec NODE netprobe
+    /// trace …`). Without --netns it watches this namespace and the pod namespaces its veths lead
+    /// to, and attaches tc programs to this namespace's interfaces.
+    ///
+    /// To name the netfilter rule behind a drop, a trace installs a TEMPORARY nftables table
+    /// (`inet netprobe_<pid>`, earliest priority of prerouting and output) that sets
+    /// `meta nftrace` on the traced flow only; it is removed when the trace ends (also on Ctrl-C
+    /// and errors), and leftovers of a killed netprobe are removed at the next start. Disable
+    /// with --no-rule-trace. The tc programs never alter packets and go away when netprobe exits.
+    Trace {
+        /// TCP port to follow (source or destination). Example: --port 9500
+        #[arg(short, long)]
+        port: u16,
+        /// Only packets from or to this address. Example: --addr 10.43.51.131
+        #[arg(long)]
+        addr: Option<IpAddr>,
+        /// Trace inside this network namespace (name in /run/netns, or a path such as
+        /// /proc/PID/ns/net); tc programs go on all its interfaces. Repeatable.
+        /// Example: --netns cni-1234abcd
+        #[arg(long = "netns", value_name = "NAME|PATH")]
+        netns: Vec<String>,
+        /// Stop after this long (e.g. 30s, 500ms, 2m); default: until Ctrl-C.
+        #[arg(short, long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// text: one line per event; json: one JSON object per line (schema netprobe.event/v1),
+        /// the last one a summary with counts of lost events.
+        #[arg(short, long, value_enum, default_value_t = Format::Text)]
+        output: Format,
+        /// Do not install the temporary nftables trace table (no rule attribution).
+        #[arg(long)]
+        no_rule_trace: bool,
+        /// Create this file once all probes are attached (for scripts and tests).
+        #[arg(long, hide = true)]
+        ready_file: Option<PathBuf>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration `{s}` (examples: 30s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in `{s}` (use ms, s, m or h)"
+            ));
+        }
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { output } => {
+            let report = check::run();
+            match output {
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serializable")
+                ),
+                Format::Text => {
+                    println!("kernel {}", report.kernel);
+                    for f in &report.features {
+                        let mark = match (f.available, f.required) {
+                            (true, _) => "ok  ",
+                            (false, true) => "FAIL",
+                            (false, false) => "no  ",
+                        };
+                        println!("{mark} {:<28} {}", f.name, f.detail);
+                    }
+                    println!(
+                        "{}",
+                        if report.tracing_possible() {
+                            "tracing can work on this machine"
+                        } else {
+                            "tracing cannot work on this machine"
+                        }
+                    );
+                }
+            }
+            if report.tracing_possible() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_USAGE)
+            }
+        }
+        Command::Trace {
+            port,
+            addr,
+            netns,
+            duration,
+            output,
+            no_rule_trace,
+            ready_file,
+        } => {
+            let opts = trace::TraceOptions {
+                port,
+                addr,
+                netns,
+                duration,
+                format: output,
+                rule_trace: !no_rule_trace,
+                ready_file,
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("netprobe: cannot start runtime: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            match rt.block_on(trace::run(opts, std::io::stdout().lock())) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("netprobe: {:#}", anyhow::Error::from(e));
+                    ExitCode::from(EXIT_USAGE)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

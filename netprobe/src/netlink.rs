@@ -1,0 +1,310 @@
+//! A minimal rtnetlink client: the two questions netprobe asks (which links exist, and which id
+//! the current namespace gives another namespace). Raw sockets and a small attribute parser keep
+//! the static binary lean; the parser is a pure function, unit-tested and fuzzable.
+
+use std::{io, os::fd::RawFd};
+
+use crate::error::{Error, Result};
+
+const NLMSG_HDRLEN: usize = 16;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWNSID: u16 = 88;
+const RTM_GETNSID: u16 = 90;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_LINK: u16 = 5;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_LINK_NETNSID: u16 = 37;
+const NETNSA_NSID: u16 = 1;
+const NETNSA_FD: u16 = 3;
+const IFINFOMSG_LEN: usize = 16;
+const RTGENMSG_LEN: usize = 4;
+const IFF_UP: u32 = 1;
+
+/// A network interface of the current namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// `IFLA_INFO_KIND`: "veth", "vxlan", … (`None` for lo and physical devices).
+    pub kind: Option<String>,
+    /// Peer ifindex for veth (in the peer's namespace).
+    pub peer_index: Option<u32>,
+    /// Id (in this namespace) of the namespace the peer lives in.
+    pub link_netnsid: Option<i32>,
+    pub up: bool,
+}
+
+fn align4(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+/// Iterates `(type, payload)` over netlink attributes; stops at the first malformed one.
+pub fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        buf = &buf[align4(len).min(buf.len())..];
+        Some((ty, payload))
+    })
+}
+
+fn c_string(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+fn u32_of(b: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(..4)?.try_into().ok()?))
+}
+
+/// Parses the body of an RTM_NEWLINK message (ifinfomsg + attributes).
+pub fn parse_link(body: &[u8]) -> Option<Link> {
+    if body.len() < IFINFOMSG_LEN {
+        return None;
+    }
+    let index = u32::from_ne_bytes(body[4..8].try_into().ok()?);
+    let flags = u32::from_ne_bytes(body[8..12].try_into().ok()?);
+    let mut link = Link {
+        index,
+        name: String::new(),
+        kind: None,
+        peer_index: None,
+        link_netnsid: None,
+        up: flags & IFF_UP != 0,
+    };
+    for (ty, p) in attrs(&body[IFINFOMSG_LEN..]) {
+        match ty {
+            IFLA_IFNAME => link.name = c_string(p),
+            IFLA_LINK => link.peer_index = u32_of(p),
+            IFLA_LINK_NETNSID => link.link_netnsid = u32_of(p).map(|v| v as i32),
+            IFLA_LINKINFO => {
+                for (ity, ip) in attrs(p) {
+                    if ity == IFLA_INFO_KIND {
+                        link.kind = Some(c_string(ip));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (!link.name.is_empty()).then_some(link)
+}
+
+/// Splits a netlink datagram into `(type, body)` messages.
+pub fn messages(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < NLMSG_HDRLEN {
+            return None;
+        }
+        let len = u32::from_ne_bytes(buf[0..4].try_into().ok()?) as usize;
+        let ty = u16::from_ne_bytes([buf[4], buf[5]]);
+        if len < NLMSG_HDRLEN || len > buf.len() {
+            return None;
+        }
+        let body = &buf[NLMSG_HDRLEN..len];
+        buf = &buf[align4(len).min(buf.len())..];
+        Some((ty, body))
+    })
+}
+
+struct Socket(RawFd);
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // SAFETY: we own the fd.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+impl Socket {
+    fn route() -> io::Result<Self> {
+        // SAFETY: plain socket(2).
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self(fd))
+    }
+
+    fn send(&self, ty: u16, flags: u16, payload: &[u8]) -> io::Result<()> {
+        let len = NLMSG_HDRLEN + payload.len();
+        let mut msg = Vec::with_capacity(len);
+        msg.extend_from_slice(&(len as u32).to_ne_bytes());
+        msg.extend_from_slice(&ty.to_ne_bytes());
+        msg.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
+        msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // pid: kernel assigns
+        msg.extend_from_slice(payload);
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        // SAFETY: valid buffer and address.
+        let n = unsafe {
+            libc::sendto(
+                self.0,
+                msg.as_ptr().cast(),
+                msg.len(),
+                0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Receives replies, handing each message to `f` until DONE (dump) or one reply (`single`).
+    fn recv_all(&self, single: bool, mut f: impl FnMut(u16, &[u8])) -> io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: valid buffer.
+            let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            for (ty, body) in messages(&buf[..n as usize]) {
+                match ty {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let errno = i32::from_ne_bytes(
+                            body.get(..4)
+                                .and_then(|b| b.try_into().ok())
+                                .unwrap_or([0; 4]),
+                        );
+                        if errno != 0 {
+                            return Err(io::Error::from_raw_os_error(-errno));
+                        }
+                        return Ok(());
+                    }
+                    _ => f(ty, body),
+                }
+            }
+            if single {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Every link of the calling thread's network namespace.
+pub fn links() -> Result<Vec<Link>> {
+    let err = |source| Error::Netlink {
+        what: "RTM_GETLINK dump",
+        source,
+    };
+    let sock = Socket::route().map_err(err)?;
+    sock.send(RTM_GETLINK, NLM_F_DUMP, &[0u8; IFINFOMSG_LEN])
+        .map_err(err)?;
+    let mut out = Vec::new();
+    sock.recv_all(false, |ty, body| {
+        if ty == RTM_NEWLINK
+            && let Some(l) = parse_link(body)
+        {
+            out.push(l);
+        }
+    })
+    .map_err(err)?;
+    Ok(out)
+}
+
+/// The id the calling thread's namespace gives the namespace behind `fd`; `None` if it has none.
+pub fn nsid_of(fd: RawFd) -> Result<Option<i32>> {
+    let err = |source| Error::Netlink {
+        what: "RTM_GETNSID",
+        source,
+    };
+    let sock = Socket::route().map_err(err)?;
+    let mut payload = vec![0u8; RTGENMSG_LEN];
+    payload.extend_from_slice(&8u16.to_ne_bytes());
+    payload.extend_from_slice(&NETNSA_FD.to_ne_bytes());
+    payload.extend_from_slice(&(fd as u32).to_ne_bytes());
+    sock.send(RTM_GETNSID, 0, &payload).map_err(err)?;
+    let mut id = None;
+    sock.recv_all(true, |ty, body| {
+        if ty == RTM_NEWNSID && body.len() >= RTGENMSG_LEN {
+            for (aty, p) in attrs(&body[RTGENMSG_LEN..]) {
+                if aty == NETNSA_NSID {
+                    id = u32_of(p).map(|v| v as i32).filter(|v| *v >= 0);
+                }
+            }
+        }
+    })
+    .map_err(err)?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+        v.extend_from_slice(&ty.to_ne_bytes());
+        v.extend_from_slice(payload);
+        while v.len() % 4 != 0 {
+            v.push(0);
+        }
+        v
+    }
+
+    #[test]
+    fn parses_a_veth_link_message() {
+        let mut body = vec![0u8; IFINFOMSG_LEN];
+        body[4..8].copy_from_slice(&7u32.to_ne_bytes());
+        body[8..12].copy_from_slice(&IFF_UP.to_ne_bytes());
+        body.extend(attr(IFLA_IFNAME, b"cali1234567890a\0"));
+        body.extend(attr(IFLA_LINK, &3u32.to_ne_bytes()));
+        body.extend(attr(IFLA_LINK_NETNSID, &5u32.to_ne_bytes()));
+        body.extend(attr(
+            IFLA_LINKINFO | 0x8000,
+            &attr(IFLA_INFO_KIND, b"veth\0"),
+        ));
+        let link = parse_link(&body).unwrap();
+        assert_eq!(link.index, 7);
+        assert_eq!(link.name, "cali1234567890a");
+        assert_eq!(link.kind.as_deref(), Some("veth"));
+        assert_eq!(link.peer_index, Some(3));
+        assert_eq!(link.link_netnsid, Some(5));
+        assert!(link.up);
+    }
+
+    #[test]
+    fn malformed_attributes_stop_parsing_without_panicking() {
+        let mut body = vec![0u8; IFINFOMSG_LEN];
+        body.extend(attr(IFLA_IFNAME, b"lo\0"));
+        body.extend_from_slice(&[200, 0, 3, 0, 1, 2]); // claims 200 bytes, has 6
+        let link = parse_link(&body).unwrap();
+        assert_eq!(link.name, "lo");
+        assert!(parse_link(&[1, 2, 3]).is_none());
+        assert_eq!(messages(&[0u8; 15]).count(), 0);
+    }
+
+    #[test]
+    fn lists_links_of_this_namespace() {
+        // Every namespace has lo; this reads the real kernel (no root needed).
+        let links = links().expect("RTM_GETLINK");
+        assert!(links.iter().any(|l| l.name == "lo"));
+    }
+}

@@ -1,0 +1,227 @@
+//! Printers: human text, or NDJSON (one object per line, see [`crate::events::SCHEMA`]).
+
+use std::{collections::BTreeMap, io::Write};
+
+use serde::Serialize;
+
+use crate::events::{Event, Kind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Printed once when a trace ends: what was delivered and what was lost.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub schema: &'static str,
+    pub kind: &'static str,
+    pub events: u64,
+    /// Events the kernel could not queue (ring buffer full): counted, never silent.
+    pub lost: u64,
+    /// Times the nftables trace socket overflowed (rule attributions may be missing).
+    pub netfilter_trace_overruns: u64,
+    pub malformed: u64,
+    /// Things the operator should know about the node (e.g. mixed iptables backends).
+    pub warnings: Vec<String>,
+    /// Drops that matched the filter, by reason, counted in the kernel.
+    pub drops_matched: BTreeMap<String, u64>,
+    pub interfaces: Vec<String>,
+}
+
+pub struct Printer<W: Write> {
+    out: W,
+    format: Format,
+}
+
+impl<W: Write> Printer<W> {
+    pub fn new(out: W, format: Format) -> Self {
+        Self { out, format }
+    }
+
+    pub fn event(&mut self, e: &Event) -> std::io::Result<()> {
+        match self.format {
+            Format::Json => {
+                serde_json::to_writer(&mut self.out, e)?;
+                writeln!(self.out)?;
+            }
+            Format::Text => writeln!(self.out, "{}", text_line(e))?,
+        }
+        self.out.flush()
+    }
+
+    pub fn summary(&mut self, s: &Summary) -> std::io::Result<()> {
+        match self.format {
+            Format::Json => {
+                serde_json::to_writer(&mut self.out, s)?;
+                writeln!(self.out)?;
+            }
+            Format::Text => {
+                write!(self.out, "-- {} events", s.events)?;
+                if s.lost > 0 {
+                    write!(self.out, ", {} LOST (ring buffer full)", s.lost)?;
+                }
+                if s.malformed > 0 {
+                    write!(self.out, ", {} malformed", s.malformed)?;
+                }
+                if !s.drops_matched.is_empty() {
+                    let d: Vec<String> = s
+                        .drops_matched
+                        .iter()
+                        .map(|(r, n)| format!("{r}={n}"))
+                        .collect();
+                    write!(self.out, "; drops: {}", d.join(" "))?;
+                }
+                writeln!(self.out)?;
+                for w in &s.warnings {
+                    writeln!(self.out, "-- WARNING: {w}")?;
+                }
+            }
+        }
+        self.out.flush()
+    }
+}
+
+fn hms(time_ns: u64) -> String {
+    let secs = time_ns / 1_000_000_000;
+    let micros = (time_ns % 1_000_000_000) / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{micros:06}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+fn endpoint(ip: &std::net::IpAddr, port: u16) -> String {
+    match ip {
+        std::net::IpAddr::V4(a) => format!("{a}:{port}"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+/// One line per event: time, what, where, the tuple, then the kind's details.
+pub fn text_line(e: &Event) -> String {
+    let what = match e.kind {
+        Kind::Packet => format!("PKT {}", e.direction.as_deref().unwrap_or("?")),
+        Kind::Drop => "DROP".into(),
+        Kind::SendReset => "RST sent".into(),
+        Kind::ReceiveReset => "RST recv".into(),
+        Kind::Retransmit => "RETRANS".into(),
+        Kind::StateChange => "STATE".into(),
+        Kind::SocketError => "SOCK ERR".into(),
+        Kind::Netfilter => "NETFILTER".into(),
+    };
+    let mut s = format!("{} {what:<12}", hms(e.time_ns));
+    let ns = e
+        .netns
+        .as_ref()
+        .map(|n| n.name.clone().unwrap_or_else(|| n.inode.to_string()));
+    s.push_str(&format!(" netns={}", ns.as_deref().unwrap_or("?")));
+    if let Some(i) = &e.interface {
+        s.push_str(&format!(
+            " if={}",
+            i.name.clone().unwrap_or_else(|| i.ifindex.to_string())
+        ));
+    }
+    s.push_str(&format!(
+        " {} {} > {}",
+        e.protocol,
+        endpoint(&e.src, e.sport),
+        endpoint(&e.dst, e.dport)
+    ));
+    if !e.tcp_flags.is_empty() {
+        s.push_str(&format!(" [{}]", e.tcp_flags.join(",")));
+    }
+    if let Some(d) = &e.drop {
+        s.push_str(&format!(" reason={} at {}", d.reason, d.location));
+    }
+    if let Some(r) = &e.reset
+        && let Some(reason) = &r.reason
+    {
+        s.push_str(&format!(" reason={reason}"));
+    }
+    if let Some(st) = &e.state {
+        s.push_str(&format!(" {} -> {}", st.old, st.new));
+    }
+    if let Some(err) = &e.error {
+        s.push_str(&format!(" {}", err.name));
+    }
+    if let Some(i) = &e.icmp {
+        s.push_str(&format!(" icmp type={} code={}", i.icmp_type, i.code));
+    }
+    if let Some(nf) = &e.netfilter {
+        s.push_str(&format!(
+            " {} by {} {} {} chain {} rule {}: {} [{}] -> client sees {}; {}",
+            nf.action,
+            nf.backend,
+            nf.family,
+            nf.table,
+            nf.chain,
+            nf.position
+                .map_or_else(|| "policy".to_string(), |p| p.to_string()),
+            nf.rule.as_deref().unwrap_or("(chain policy)"),
+            nf.comments.join("; "),
+            nf.client_sees,
+            nf.owner.explanation
+        ));
+    }
+    if let Some(p) = &e.process {
+        s.push_str(&format!(" pid={} comm={}", p.pid, p.comm));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use netprobe_common::{AF_INET, IPPROTO_TCP, RawEvent, kind, tcp_flags};
+
+    use super::*;
+    use crate::events::{self, DropInfo, Netns};
+
+    #[test]
+    fn text_line_names_reason_location_and_tuple() {
+        let mut raw = RawEvent {
+            kind: kind::DROP,
+            family: AF_INET,
+            proto: IPPROTO_TCP,
+            sport: 40000,
+            dport: 9500,
+            tcp_flags: tcp_flags::SYN,
+            ..Default::default()
+        };
+        raw.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        raw.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        let mut e = events::base(&raw, 3_723_000_001_000).unwrap();
+        e.netns = Some(Netns {
+            inode: 1,
+            name: Some("pod".into()),
+        });
+        e.drop = Some(DropInfo {
+            reason: "NO_SOCKET".into(),
+            reason_code: 3,
+            location: "tcp_v4_rcv+0x99".into(),
+        });
+        let line = text_line(&e);
+        assert!(line.starts_with("01:02:03.000001 DROP"), "{line}");
+        assert!(line.contains("netns=pod tcp 127.0.0.1:40000 > 127.0.0.1:9500 [SYN] reason=NO_SOCKET at tcp_v4_rcv+0x99"), "{line}");
+    }
+
+    #[test]
+    fn json_is_one_line_per_event() {
+        let raw = RawEvent {
+            kind: kind::TC_EGRESS,
+            family: AF_INET,
+            proto: IPPROTO_TCP,
+            ..Default::default()
+        };
+        let e = events::base(&raw, 0).unwrap();
+        let mut buf = Vec::new();
+        Printer::new(&mut buf, Format::Json).event(&e).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        let back: events::Event = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(back, e);
+    }
+}

@@ -1,0 +1,181 @@
+//! `netprobe check`: which hooks and kernel features this machine offers. Each probe is tried
+//! for real (programs loaded and attached, tc tried in a private namespace), not guessed from
+//! the kernel version. Nothing is left behind.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::{Probes, TRACEPOINTS, btf::KernelBtf};
+
+#[derive(Debug, Serialize)]
+pub struct Feature {
+    pub name: String,
+    pub available: bool,
+    /// Needed for tracing to work at all (as opposed to an optional extra).
+    pub required: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub features: Vec<Feature>,
+}
+
+impl Report {
+    /// Tracing can work when every required feature is available, and at least one tc mode.
+    pub fn tracing_possible(&self) -> bool {
+        let tc = self
+            .features
+            .iter()
+            .any(|f| f.name.starts_with("tc ") && f.available);
+        tc && self.features.iter().all(|f| f.available || !f.required)
+    }
+
+    fn add(&mut self, name: &str, required: bool, r: Result<String, String>) {
+        let (available, detail) = match r {
+            Ok(d) => (true, d),
+            Err(d) => (false, d),
+        };
+        self.features.push(Feature {
+            name: name.to_string(),
+            available,
+            required,
+            detail,
+        });
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+pub fn run() -> Report {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let mut r = Report {
+        kernel,
+        features: Vec::new(),
+    };
+    // SAFETY: geteuid never fails.
+    let root = unsafe { libc::geteuid() } == 0;
+    r.add(
+        "root",
+        true,
+        if root {
+            Ok("running as root".into())
+        } else {
+            Err("not root: loading programs needs CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN".into())
+        },
+    );
+
+    let kbtf = match KernelBtf::load() {
+        Ok(k) => k,
+        Err(e) => {
+            r.add("kernel BTF", true, Err(chain(&e)));
+            return r;
+        }
+    };
+    r.add(
+        "kernel BTF",
+        true,
+        kbtf.offsets()
+            .map(|_| format!("{} (struct offsets resolved)", super::btf::VMLINUX_BTF))
+            .map_err(|e| chain(&e)),
+    );
+    r.add(
+        "drop reasons",
+        true,
+        kbtf.enum_names("skb_drop_reason", "SKB_DROP_REASON_")
+            .map(|m| format!("{} names of enum skb_drop_reason from BTF", m.len()))
+            .map_err(|e| chain(&e)),
+    );
+    r.add(
+        "kallsyms",
+        false,
+        if super::super::enrich::kallsyms::Kallsyms::load().available() {
+            Ok("drop locations are symbolized".into())
+        } else {
+            Err("/proc/kallsyms hides addresses: drop locations stay numeric".into())
+        },
+    );
+    if !root {
+        return r;
+    }
+    match Probes::load(&kbtf, Default::default()) {
+        Err(e) => r.add("eBPF object", true, Err(chain(&e))),
+        Ok(mut probes) => {
+            r.add(
+                "eBPF object",
+                true,
+                Ok("loaded (ring buffer, per-CPU counters, filter maps)".into()),
+            );
+            match aya::Btf::from_sys_fs() {
+                Err(e) => r.add("tp_btf", true, Err(e.to_string())),
+                Ok(btf) => {
+                    for &(program, tp) in TRACEPOINTS {
+                        r.add(
+                            &format!("tp_btf/{tp}"),
+                            true,
+                            probes
+                                .attach_tracepoint(&btf, program, tp)
+                                .map(|_| "loaded and attached".into())
+                                .map_err(|e| chain(&e)),
+                        );
+                    }
+                }
+            }
+            match probes.probe_tc_modes() {
+                Err(e) => r.add("tc", true, Err(chain(&e))),
+                Ok((tcx, clsact)) => {
+                    r.add(
+                        "tc tcx",
+                        false,
+                        tcx.map(|_| "bpf_link attach (preferred)".into())
+                            .map_err(|e| chain(&e)),
+                    );
+                    r.add(
+                        "tc clsact",
+                        false,
+                        clsact
+                            .map(|_| "netlink clsact attach (fallback)".into())
+                            .map_err(|e| chain(&e)),
+                    );
+                }
+            }
+        }
+    }
+    let fentry = aya::sys::is_program_supported(aya::programs::ProgramType::Tracing);
+    r.add(
+        "fentry/fexit (optional)",
+        false,
+        match fentry {
+            Ok(true) => Ok("available; not needed".into()),
+            Ok(false) => Err("refused by this kernel; netprobe does not need it".into()),
+            Err(e) => Err(format!(
+                "refused by this kernel ({}); netprobe does not need it",
+                chain(&e)
+            )),
+        },
+    );
+    r.add(
+        "kprobes (optional)",
+        false,
+        if Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
+            Ok("available; not needed".into())
+        } else {
+            Err("not built into this kernel; netprobe does not need them".into())
+        },
+    );
+    r
+}

@@ -1,0 +1,345 @@
+//! Loading the kernel programs and attaching them: tracepoints (global, filtered by netns in the
+//! kernel) and tc classifiers (per interface, inside the interface's network namespace).
+
+pub mod btf;
+pub mod check;
+pub mod nft_trace;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        BtfTracePoint, LinkOrder, SchedClassifier, TcAttachType,
+        tc::{self, SchedClassifierLinkId, TcAttachOptions},
+    },
+};
+use netprobe_common::{Filter, MAX_DROP_REASONS, counter};
+use serde::Serialize;
+
+use crate::{
+    error::{Error, Result},
+    netlink::{self, Link},
+    netns::NetnsRef,
+};
+use btf::KernelBtf;
+
+/// The kernel object, built by `build.rs` (aya-build) and embedded in the binary.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netprobe"));
+
+/// (program name in the object, BTF tracepoint it attaches to). All are required: each one works
+/// on every kernel netprobe supports (5.8+ for tp_btf with these signatures).
+pub const TRACEPOINTS: &[(&str, &str)] = &[
+    ("kfree_skb", "kfree_skb"),
+    ("tcp_send_reset", "tcp_send_reset"),
+    ("tcp_receive_reset", "tcp_receive_reset"),
+    ("tcp_retransmit_skb", "tcp_retransmit_skb"),
+    ("inet_sock_set_state", "inet_sock_set_state"),
+    ("inet_sk_error_report", "inet_sk_error_report"),
+];
+
+const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("tc_ingress", TcAttachType::Ingress),
+    ("tc_egress", TcAttachType::Egress),
+];
+
+/// How a tc program was attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcMode {
+    /// bpf_link based (6.6+): dies with the process, never leaks.
+    Tcx,
+    /// clsact qdisc + netlink filter: survives a killed process, so it is detached explicitly.
+    Clsact,
+}
+
+/// One interface netprobe watches.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcAttachment {
+    pub netns: u64,
+    pub ifindex: u32,
+    pub ifname: String,
+    pub mode: TcMode,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+    links: Vec<(NetnsRef, &'static str, SchedClassifierLinkId)>,
+    pub attachments: Vec<TcAttachment>,
+}
+
+/// Totals of the per-CPU counters.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    /// Events that matched but found the ring buffer full.
+    pub lost: u64,
+    pub emitted: u64,
+    pub tc_seen: u64,
+    /// Drops that matched the filter, by reason number.
+    pub drops_matched: Vec<(u32, u64)>,
+    /// Every drop on the machine, by reason number.
+    pub drops_all: Vec<(u32, u64)>,
+}
+
+impl Probes {
+    /// Loads the object with the filter and the kernel's structure offsets. Programs are loaded
+    /// (verified) individually by the attach calls, so a refusal names the program.
+    pub fn load(kbtf: &KernelBtf, filter: Filter) -> Result<Self> {
+        raise_memlock_rlimit();
+        let offsets = kbtf.offsets()?;
+        let ebpf = EbpfLoader::new()
+            .override_global("FILTER", &filter, true)
+            .override_global("OFFSETS", &offsets, true)
+            .load(OBJECT)
+            .map_err(Error::Load)?;
+        Ok(Self {
+            ebpf,
+            links: Vec::new(),
+            attachments: Vec::new(),
+        })
+    }
+
+    /// Restricts tracepoint events to these namespaces (inode numbers).
+    pub fn set_netns_filter(&mut self, inodes: &[u64]) -> Result<()> {
+        let map = self.ebpf.map_mut("NETNS_FILTER").ok_or(Error::MapMissing {
+            map: "NETNS_FILTER",
+        })?;
+        let mut map: BpfHashMap<_, u32, u8> =
+            BpfHashMap::try_from(map).map_err(|source| Error::Map {
+                map: "NETNS_FILTER",
+                source,
+            })?;
+        for &ino in inodes {
+            map.insert(ino as u32, 1, 0).map_err(|source| Error::Map {
+                map: "NETNS_FILTER",
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Loads and attaches every tracepoint program. Links live as long as `self`.
+    pub fn attach_tracepoints(&mut self, btf: &aya::Btf) -> Result<()> {
+        for &(program, tp) in TRACEPOINTS {
+            self.attach_tracepoint(btf, program, tp)?;
+        }
+        Ok(())
+    }
+
+    pub fn attach_tracepoint(
+        &mut self,
+        btf: &aya::Btf,
+        program: &'static str,
+        tp: &str,
+    ) -> Result<()> {
+        let prog: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(Error::ProgramMissing { program })?
+            .try_into()
+            .map_err(|source| Error::ProgramLoad { program, source })?;
+        prog.load(tp, btf)
+            .map_err(|source| Error::ProgramLoad { program, source })?;
+        prog.attach().map_err(|source| Error::Attach {
+            program,
+            target: format!("tracepoint {tp}"),
+            source,
+        })?;
+        Ok(())
+    }
+
+    /// Tries both tc attach modes on `lo` of a brand-new, private network namespace (a thread
+    /// that unshared its own), so probing changes nothing on the machine.
+    pub fn probe_tc_modes(&mut self) -> Result<(Result<()>, Result<()>)> {
+        self.load_tc()?;
+        let ebpf = &mut self.ebpf;
+        let res = std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: unshare affects only this thread, which ends here.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    return Err(Error::io("unshare(CLONE_NEWNET)", e));
+                }
+                let prog: &mut SchedClassifier = ebpf
+                    .program_mut("tc_ingress")
+                    .ok_or(Error::ProgramMissing {
+                        program: "tc_ingress",
+                    })?
+                    .try_into()
+                    .map_err(|source| Error::ProgramLoad {
+                        program: "tc_ingress",
+                        source,
+                    })?;
+                let mut try_mode = |opts: TcAttachOptions, target: &str| -> Result<()> {
+                    let id = prog
+                        .attach_with_options("lo", TcAttachType::Ingress, opts)
+                        .map_err(|source| Error::Attach {
+                            program: "tc_ingress",
+                            target: target.to_string(),
+                            source,
+                        })?;
+                    let _ = prog.detach(id);
+                    Ok(())
+                };
+                let tcx = try_mode(TcAttachOptions::TcxOrder(LinkOrder::first()), "lo (tcx)");
+                let _ = tc::qdisc_add_clsact("lo");
+                let clsact = try_mode(TcAttachOptions::Netlink(Default::default()), "lo (clsact)");
+                Ok((tcx, clsact))
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })?;
+        Ok(res)
+    }
+
+    fn load_tc(&mut self) -> Result<()> {
+        for (program, _) in TC_PROGRAMS {
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(program)
+                .ok_or(Error::ProgramMissing { program })?
+                .try_into()
+                .map_err(|source| Error::ProgramLoad { program, source })?;
+            if prog.fd().is_err() {
+                prog.load()
+                    .map_err(|source| Error::ProgramLoad { program, source })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches the tc programs (ingress and egress) to the interfaces of `netns` that `select`
+    /// accepts, inside that namespace. tcx first (ordered first, so netprobe sees a packet
+    /// before another program can drop it), clsact where tcx is not available.
+    pub fn attach_tc(
+        &mut self,
+        netns: &NetnsRef,
+        select: impl Fn(&Link) -> bool + Sync,
+    ) -> Result<Vec<TcAttachment>> {
+        self.load_tc()?;
+        let ebpf = &mut self.ebpf;
+        let (attached, links) = netns.run(|| -> Result<_> {
+            let mut attached = Vec::new();
+            let mut links = Vec::new();
+            for link in netlink::links()?.into_iter().filter(|l| select(l)) {
+                let mut mode = TcMode::Tcx;
+                for (program, attach_type) in TC_PROGRAMS {
+                    let prog: &mut SchedClassifier = ebpf
+                        .program_mut(program)
+                        .ok_or(Error::ProgramMissing { program })?
+                        .try_into()
+                        .map_err(|source| Error::ProgramLoad { program, source })?;
+                    let target =
+                        || format!("{} {attach_type:?} in netns {}", link.name, netns.name);
+                    let id = match prog.attach_with_options(
+                        &link.name,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::first()),
+                    ) {
+                        Ok(id) => id,
+                        Err(_) => {
+                            // Kernels before 6.6: classic clsact qdisc + filter.
+                            mode = TcMode::Clsact;
+                            let _ = tc::qdisc_add_clsact(&link.name);
+                            prog.attach_with_options(
+                                &link.name,
+                                attach_type,
+                                TcAttachOptions::Netlink(Default::default()),
+                            )
+                            .map_err(|source| Error::Attach {
+                                program,
+                                target: target(),
+                                source,
+                            })?
+                        }
+                    };
+                    links.push((program, id));
+                }
+                attached.push(TcAttachment {
+                    netns: netns.inode,
+                    ifindex: link.index,
+                    ifname: link.name.clone(),
+                    mode,
+                });
+            }
+            Ok((attached, links))
+        })??;
+        self.links
+            .extend(links.into_iter().map(|(p, id)| (netns.clone(), p, id)));
+        self.attachments.extend(attached.iter().cloned());
+        Ok(attached)
+    }
+
+    /// Detaches every tc program, each inside its namespace (a clsact filter would otherwise
+    /// outlive netprobe). A namespace that vanished took its filters with it.
+    pub fn detach_tc(&mut self) {
+        for (netns, program, id) in std::mem::take(&mut self.links) {
+            let ebpf = &mut self.ebpf;
+            let _ = netns.run(|| {
+                if let Some(p) = ebpf.program_mut(program) {
+                    let p: std::result::Result<&mut SchedClassifier, _> = p.try_into();
+                    if let Ok(p) = p {
+                        let _ = p.detach(id);
+                    }
+                }
+            });
+        }
+        self.attachments.clear();
+    }
+
+    /// The event ring buffer (can be taken once).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(Error::MapMissing { map: "EVENTS" })?;
+        RingBuf::try_from(map).map_err(|source| Error::Map {
+            map: "EVENTS",
+            source,
+        })
+    }
+
+    pub fn counters(&self) -> Result<Counters> {
+        let sum = |map: &'static str, index: u32| -> Result<u64> {
+            let m = self.ebpf.map(map).ok_or(Error::MapMissing { map })?;
+            let arr: PerCpuArray<_, u64> =
+                PerCpuArray::try_from(m).map_err(|source| Error::Map { map, source })?;
+            let values = arr
+                .get(&index, 0)
+                .map_err(|source| Error::Map { map, source })?;
+            Ok(values.iter().sum())
+        };
+        let by_reason = |map: &'static str| -> Result<Vec<(u32, u64)>> {
+            let mut out = Vec::new();
+            for r in 0..MAX_DROP_REASONS {
+                let n = sum(map, r)?;
+                if n > 0 {
+                    out.push((r, n));
+                }
+            }
+            Ok(out)
+        };
+        Ok(Counters {
+            lost: sum("COUNTERS", counter::LOST)?,
+            emitted: sum("COUNTERS", counter::EMITTED)?,
+            tc_seen: sum("COUNTERS", counter::TC_SEEN)?,
+            drops_matched: by_reason("DROPS_MATCHED")?,
+            drops_all: by_reason("DROPS_ALL")?,
+        })
+    }
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        self.detach_tc();
+    }
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock_rlimit() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+}

@@ -1,0 +1,295 @@
+//! The `trace` command, as a library function: scope → load → attach → read → enrich → print.
+
+use std::{collections::BTreeMap, io::Write, net::IpAddr, path::PathBuf, time::Duration};
+
+use netprobe_common::{AF_INET, AF_INET6, Filter};
+
+use crate::{
+    collectors::{
+        EventReader,
+        nftrace::{TraceMsg, TraceSocket},
+    },
+    enrich::{
+        Enricher,
+        rules::{PathCollector, attribute, attribute_legacy, fetch_ruleset, legacy, path_tuple},
+    },
+    error::{Error, Result},
+    netlink,
+    netns::{self, NetnsRef},
+    outputs::{Format, Printer, Summary},
+    probes::{Probes, btf::KernelBtf, nft_trace::TraceTable},
+};
+
+pub struct TraceOptions {
+    pub port: u16,
+    pub addr: Option<IpAddr>,
+    /// Restrict to these namespaces (names in /run/netns or paths); empty = this namespace and
+    /// the pod namespaces its veths lead to.
+    pub netns: Vec<String>,
+    pub duration: Option<Duration>,
+    pub format: Format,
+    /// Install a temporary nftables trace table to name the netfilter rule behind drops.
+    pub rule_trace: bool,
+    /// Created once every probe is attached (lets scripts and tests start traffic then).
+    pub ready_file: Option<PathBuf>,
+}
+
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid never fails.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot);
+    }
+    Ok(())
+}
+
+fn filter_for(opts: &TraceOptions) -> Filter {
+    let mut f = Filter {
+        port: opts.port,
+        netns_enabled: 1,
+        ..Default::default()
+    };
+    match opts.addr {
+        Some(IpAddr::V4(a)) => {
+            f.addr_family = AF_INET;
+            f.addr[..4].copy_from_slice(&a.octets());
+        }
+        Some(IpAddr::V6(a)) => {
+            f.addr_family = AF_INET6;
+            f.addr = a.octets();
+        }
+        None => {}
+    }
+    f
+}
+
+/// Runs a trace until `duration`, Ctrl-C or SIGTERM; prints events to `out` as they arrive and
+/// a summary at the end.
+pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
+    require_root()?;
+    let kbtf = KernelBtf::load()?;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Btf {
+        path: crate::probes::btf::VMLINUX_BTF.into(),
+        reason: e.to_string(),
+    })?;
+
+    let current = NetnsRef::current()?;
+    let (scope, attach_in): (Vec<NetnsRef>, Vec<NetnsRef>) = if opts.netns.is_empty() {
+        let mut scope = vec![current.clone()];
+        scope.extend(netns::veth_peers()?);
+        (scope, vec![current])
+    } else {
+        let targets = opts
+            .netns
+            .iter()
+            .map(|n| NetnsRef::resolve(n))
+            .collect::<Result<Vec<_>>>()?;
+        (targets.clone(), targets)
+    };
+
+    let mut enricher = Enricher::new(&kbtf)?;
+    let mut probes = Probes::load(&kbtf, filter_for(&opts))?;
+    probes.set_netns_filter(&scope.iter().map(|n| n.inode).collect::<Vec<_>>())?;
+    for ns in &scope {
+        enricher.add_netns(ns.inode, &ns.name);
+        for link in ns.run(netlink::links)?? {
+            enricher.add_interface(ns.inode, link.index, &link.name);
+        }
+    }
+    probes.attach_tracepoints(&btf)?;
+    for ns in &attach_in {
+        for a in probes.attach_tc(ns, |l| l.up || l.name == "lo")? {
+            enricher.add_tc(&a);
+        }
+    }
+    // Netfilter attribution: listen first, then mark the flow, so no message is missed.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (nf_tx, mut nf_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, TraceMsg)>();
+    let mut nf_lost = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tables = Vec::new();
+    let mut rulesets = Vec::new();
+    let mut legacy_before = Vec::new();
+    let mut collectors = Vec::new();
+    let mut readers = Vec::new();
+    if opts.rule_trace {
+        for (i, ns) in attach_in.iter().enumerate() {
+            let sock = ns.run(TraceSocket::open)?.map_err(|e| {
+                Error::io(
+                    format!("opening the nftables trace socket in {}", ns.name),
+                    e,
+                )
+            })?;
+            let (tx, stop, lost) = (nf_tx.clone(), stop.clone(), nf_lost.clone());
+            readers.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if sock
+                        .recv(&mut buf, |m| {
+                            let _ = tx.send((i, m));
+                        })
+                        .is_err()
+                    {
+                        // ENOBUFS: the kernel dropped trace messages for this socket.
+                        lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }));
+            tables.push(TraceTable::install(ns, opts.port, opts.addr)?);
+            let rs = ns.run(fetch_ruleset)?;
+            legacy_before.push(if rs.legacy_rules > 0 {
+                Some(ns.run(legacy::snapshot)?)
+            } else {
+                None
+            });
+            rulesets.push(rs);
+            collectors.push(PathCollector::default());
+        }
+    }
+    drop(nf_tx);
+    let mut reader = EventReader::new(probes.take_events()?)?;
+    let interfaces: Vec<String> = probes
+        .attachments
+        .iter()
+        .map(|a| a.ifname.clone())
+        .collect();
+
+    if let Some(path) = &opts.ready_file {
+        std::fs::write(path, b"ready\n")
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    }
+    let names: Vec<&str> = scope.iter().map(|n| n.name.as_str()).collect();
+    eprintln!(
+        "netprobe: tracing port {}{} in netns {} ({} interfaces: {}); Ctrl-C to stop",
+        opts.port,
+        opts.addr.map(|a| format!(" addr {a}")).unwrap_or_default(),
+        names.join(", "),
+        interfaces.len(),
+        interfaces.join(" "),
+    );
+
+    let mut printer = Printer::new(out, opts.format);
+    let events = std::cell::Cell::new(0u64);
+    // Set when stdout is closed (e.g. piped into `head`): the trace then stops quietly.
+    let write_failed = std::cell::Cell::new(false);
+    let legacy_before = std::cell::RefCell::new(legacy_before);
+    let rulesets = std::cell::RefCell::new(rulesets);
+    let emit = |raw: netprobe_common::RawEvent, printer: &mut Printer<_>| {
+        let Some(e) = enricher.enrich(&raw) else {
+            return;
+        };
+        events.set(events.get() + 1);
+        if printer.event(&e).is_err() {
+            write_failed.set(true);
+        }
+        // A drop inside x_tables (iptables-legacy): attribute it by counter difference.
+        let legacy_drop = e
+            .drop
+            .as_ref()
+            .is_some_and(|d| d.location.starts_with("nf_hook_slow"));
+        if legacy_drop
+            && let Some(i) = attach_in.iter().position(|n| n.inode == raw.netns as u64)
+            && let Some(Some(before)) = legacy_before.borrow_mut().get_mut(i)
+            && let Ok(after) = attach_in[i].run(legacy::snapshot)
+        {
+            let fired = legacy::fired(before, &after);
+            *before = after;
+            if let Some(nf) =
+                attribute_legacy(&fired, &rulesets.borrow()[i], Some((e.dst, e.dport)))
+            {
+                let ev = crate::events::netfilter(
+                    e.time_ns,
+                    e.netns.clone(),
+                    e.interface.clone(),
+                    Some((e.src, e.sport, e.dst, e.dport)),
+                    nf,
+                );
+                events.set(events.get() + 1);
+                if printer.event(&ev).is_err() {
+                    write_failed.set(true);
+                }
+            }
+        }
+    };
+    let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("installing SIGTERM handler", e))?;
+    loop {
+        tokio::select! {
+            r = reader.next_batch(|raw| emit(raw, &mut printer)) => r?,
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            Some((i, m)) = nf_rx.recv() => {
+                if let Some(path) = collectors[i].push(m) {
+                    let ns = &attach_in[i];
+                    let mut nf = attribute(&path, &rulesets.borrow()[i]);
+                    if nf.as_ref().is_some_and(|n| n.rule.is_none() && n.handle.is_some()) {
+                        // The ruleset changed since we read it: read it again once.
+                        rulesets.borrow_mut()[i] = ns.run(fetch_ruleset)?;
+                        nf = attribute(&path, &rulesets.borrow()[i]);
+                    }
+                    if let Some(nf) = nf {
+                        let last = path.last().expect("non-empty path");
+                        let iface = last.iif.or(last.oif).map(|ix| enricher.interface(ns.inode, ix));
+                        let e = crate::events::netfilter(enricher.now_ns(), Some(enricher.netns(ns.inode)), iface, path_tuple(&path), nf);
+                        events.set(events.get() + 1);
+                        if printer.event(&e).is_err() {
+                            write_failed.set(true);
+                        }
+                    }
+                }
+            }
+        }
+        if write_failed.get() {
+            break;
+        }
+    }
+    reader.drain(|raw| emit(raw, &mut printer));
+    let counters = probes.counters()?;
+    probes.detach_tc();
+    for mut t in tables {
+        t.remove();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        let _ = r.join();
+    }
+    let mut warnings = Vec::new();
+    for (ns, rs) in attach_in.iter().zip(rulesets.borrow().iter()) {
+        if rs.mixed_backends() {
+            warnings.push(format!(
+                "netns {}: {} iptables-legacy rules next to nf_tables rules; two firewalls run side by side (a known breakage after a CNI migration), and drops in the legacy one are invisible to the nftables trace",
+                ns.name, rs.legacy_rules
+            ));
+        }
+    }
+    let nf_lost = std::mem::take(
+        std::sync::Arc::get_mut(&mut nf_lost)
+            .map(|a| a.get_mut())
+            .unwrap_or(&mut 0),
+    );
+    let summary = Summary {
+        schema: crate::events::SCHEMA,
+        kind: "summary",
+        events: events.get(),
+        lost: counters.lost,
+        netfilter_trace_overruns: nf_lost,
+        malformed: reader.malformed,
+        warnings,
+        drops_matched: counters
+            .drops_matched
+            .iter()
+            .map(|(r, n)| (enricher.drop_reason_name(*r), *n))
+            .collect::<BTreeMap<_, _>>(),
+        interfaces,
+    };
+    if !write_failed.get() {
+        let _ = printer.summary(&summary);
+    }
+    if summary.lost > 0 {
+        eprintln!(
+            "netprobe: WARNING: {} events lost (ring buffer full)",
+            summary.lost
+        );
+    }
+    Ok(summary)
+}

@@ -1,0 +1,402 @@
+//! Privileged tests of netfilter attribution: real rule sets in the formats Calico, kube-proxy
+//! and kube-router write (see shared/reference), loaded into a lab node namespace; real SYNs;
+//! the real binary. Each asserts table, chain, rule text/comment, the translated object, and
+//! that the ruleset is unchanged after the trace (`nft -s`: stateless, counters aside).
+
+mod support;
+
+use std::{net::SocketAddr, time::Duration};
+
+use netprobe_lab::{Connect, Lab, Pod};
+use serde_json::Value;
+use support::{TraceOutput, start_trace};
+
+const CLUSTER_IP: &str = "10.43.51.131";
+
+struct S1 {
+    lab: Lab,
+    client: Pod,
+    server: Pod,
+}
+
+fn s1_lab(tag: &str) -> S1 {
+    let mut lab = Lab::new(tag).unwrap();
+    let client = lab
+        .add_pod(
+            "financial-inference",
+            "client-0",
+            "10.42.0.20".parse().unwrap(),
+        )
+        .unwrap();
+    let server = lab
+        .add_pod(
+            "financial-inference",
+            "seldon-scheduler-0",
+            "10.42.0.30".parse().unwrap(),
+        )
+        .unwrap();
+    S1 {
+        lab,
+        client,
+        server,
+    }
+}
+
+/// kube-proxy (iptables mode) ClusterIP 10.43.51.131:9004 → the scheduler pod.
+fn kube_proxy_dnat(server_ip: &str) -> String {
+    format!(
+        "*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-ZX3BQVWLLXWBHK2Y - [0:0]
+:KUBE-SEP-6E7XQMQ4RAYOWTTM - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A KUBE-SERVICES -d {CLUSTER_IP}/32 -p tcp -m comment --comment \"financial-inference/seldon-scheduler:xds cluster IP\" -m tcp --dport 9004 -j KUBE-SVC-ZX3BQVWLLXWBHK2Y
+-A KUBE-SVC-ZX3BQVWLLXWBHK2Y -m comment --comment \"financial-inference/seldon-scheduler:xds -> {server_ip}:9004\" -j KUBE-SEP-6E7XQMQ4RAYOWTTM
+-A KUBE-SEP-6E7XQMQ4RAYOWTTM -p tcp -m comment --comment \"financial-inference/seldon-scheduler:xds\" -m tcp -j DNAT --to-destination {server_ip}:9004
+COMMIT
+"
+    )
+}
+
+/// Calico (iptables mode, v3.2x) ingress policy for the scheduler's endpoint: a policy selects
+/// the pod and admits only 9005, so 9004 reaches the end of the tier.
+/// The client's endpoint has no policy: its profile admits everything (replies included).
+fn calico_filter(iface: &str, client_iface: &str) -> String {
+    format!(
+        "*filter
+:FORWARD ACCEPT [0:0]
+:cali-FORWARD - [0:0]
+:cali-to-wl-dispatch - [0:0]
+:cali-tw-{client_iface} - [0:0]
+:cali-pri-_kns5rT2wVbXq4Lm9f - [0:0]
+:cali-tw-{iface} - [0:0]
+:cali-pi-_Lc1X7Z1pBVYpIRt7Dkd - [0:0]
+-A FORWARD -m comment --comment \"cali:wUHhoiAYhphO9Mso\" -j cali-FORWARD
+-A cali-FORWARD -m comment --comment \"cali:vjrMJCRpqwy5oRoX\" -j MARK --set-xmark 0x0/0xe0000
+-A cali-FORWARD -o cali+ -m comment --comment \"cali:8ZoYfO5HKXWbB3pk\" -j cali-to-wl-dispatch
+-A cali-to-wl-dispatch -o {client_iface} -m comment --comment \"cali:QvTyIyP5N7nGNXE5\" -g cali-tw-{client_iface}
+-A cali-to-wl-dispatch -o {iface} -m comment --comment \"cali:PvTyIyP5N7nGNXE4\" -g cali-tw-{iface}
+-A cali-to-wl-dispatch -m comment --comment \"cali:7hQCjoCgYI1Wtsyx\" -m comment --comment \"Unknown interface\" -j DROP
+-A cali-tw-{client_iface} -m comment --comment \"cali:t1\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A cali-tw-{client_iface} -m comment --comment \"cali:t2\" -j cali-pri-_kns5rT2wVbXq4Lm9f
+-A cali-tw-{client_iface} -m comment --comment \"cali:t3\" -m comment --comment \"Return if profile accepted\" -m mark --mark 0x10000/0x10000 -j RETURN
+-A cali-tw-{client_iface} -m comment --comment \"cali:t4\" -m comment --comment \"Drop if no profiles matched\" -j DROP
+-A cali-pri-_kns5rT2wVbXq4Lm9f -m comment --comment \"cali:r1\" -m comment --comment \"Profile kns.financial-inference ingress\" -j MARK --set-xmark 0x10000/0x10000
+-A cali-tw-{iface} -m comment --comment \"cali:ssg63ESdTkJdLs3t\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A cali-tw-{iface} -m comment --comment \"cali:uhsvZ4gX1hyTXc8D\" -m conntrack --ctstate INVALID -j DROP
+-A cali-tw-{iface} -m comment --comment \"cali:dqWGtg_u8IuD2ITe\" -j MARK --set-xmark 0x0/0x20000
+-A cali-tw-{iface} -m comment --comment \"cali:F4WoxuCYz5y3R3HX\" -m comment --comment \"Start of policies\" -j MARK --set-xmark 0x0/0x20000
+-A cali-tw-{iface} -m comment --comment \"cali:4vxgGeAtzKktlGJ1\" -m mark --mark 0x0/0x20000 -j cali-pi-_Lc1X7Z1pBVYpIRt7Dkd
+-A cali-tw-{iface} -m comment --comment \"cali:GN6svEb6OlGGrQcn\" -m comment --comment \"Return if policy accepted\" -m mark --mark 0x10000/0x10000 -j RETURN
+-A cali-tw-{iface} -m comment --comment \"cali:8sgO4ZIfeZ3lBhMH\" -m comment --comment \"Drop if no policies passed packet\" -m mark --mark 0x0/0x20000 -j DROP
+-A cali-pi-_Lc1X7Z1pBVYpIRt7Dkd -m comment --comment \"cali:oqyvZH-6l-xXFWWb\" -m comment --comment \"Policy financial-inference/knp.default.scheduler-allow-xds ingress\"
+-A cali-pi-_Lc1X7Z1pBVYpIRt7Dkd -p tcp -m comment --comment \"cali:Xx2Wr3Yj0ZVtLaVq\" -m multiport --dports 9005 -j MARK --set-xmark 0x10000/0x10000
+-A cali-pi-_Lc1X7Z1pBVYpIRt7Dkd -m comment --comment \"cali:k1cGSZHq6ZOhoEJ1\" -m mark --mark 0x10000/0x10000 -j RETURN
+COMMIT
+"
+    )
+}
+
+fn load(lab: &Lab, restore: &str, rules: &str) {
+    let path = std::env::temp_dir().join(format!("netprobe-rules-{}", std::process::id()));
+    std::fs::write(&path, rules).unwrap();
+    lab.sh(
+        lab.node(),
+        &format!("{restore} --noflush < {}", path.display()),
+    )
+    .unwrap();
+    let _ = std::fs::remove_file(path);
+}
+
+fn stateless_ruleset(lab: &Lab) -> String {
+    lab.sh(lab.node(), "nft -s list ruleset").unwrap()
+}
+
+fn netfilter_events(out: &TraceOutput) -> Vec<Value> {
+    out.of_kind("netfilter").into_iter().cloned().collect()
+}
+
+/// Runs a trace in the node while `connect` runs, returning its output; asserts the ruleset is
+/// the same before and after.
+fn trace_connect(
+    lab: &Lab,
+    port: &str,
+    client: &Pod,
+    to: SocketAddr,
+    expect: Connect,
+) -> TraceOutput {
+    let before = stateless_ruleset(lab);
+    let trace = start_trace(lab.node(), &["--port", port, "--duration", "4s"]);
+    assert_eq!(
+        lab.connect(&client.netns, to, Duration::from_secs(2)),
+        expect
+    );
+    let out = trace.finish();
+    let after = stateless_ruleset(lab);
+    assert_eq!(before, after, "the trace left the ruleset changed");
+    assert!(!after.contains("netprobe_"), "trace table removed");
+    out
+}
+
+/// S1: client → ClusterIP 10.43.51.131:9004 → DNAT to the scheduler → Calico end-of-tier drop,
+/// because the only policy selecting the scheduler (`scheduler-allow-xds`) admits 9005 only.
+#[test]
+fn s1_calico_end_of_tier_deny_names_chain_rule_and_policy() {
+    let S1 {
+        lab,
+        client,
+        server,
+    } = s1_lab("s1cal");
+    let _l = lab
+        .listen(&server.netns, "10.42.0.30:9004".parse().unwrap())
+        .unwrap();
+    load(&lab, "iptables-restore", &kube_proxy_dnat("10.42.0.30"));
+    load(
+        &lab,
+        "iptables-restore",
+        &calico_filter(&server.host_if, &client.host_if),
+    );
+
+    let out = trace_connect(
+        &lab,
+        "9004",
+        &client,
+        format!("{CLUSTER_IP}:9004").parse().unwrap(),
+        Connect::TimedOut,
+    );
+    let nf = netfilter_events(&out);
+    let e = nf
+        .first()
+        .unwrap_or_else(|| panic!("no netfilter event:\n{}", out.dump()));
+    let n = &e["netfilter"];
+    assert_eq!(n["backend"], "iptables-nft");
+    assert_eq!(n["table"], "filter");
+    assert_eq!(n["hook"], "forward");
+    assert_eq!(n["chain"], format!("cali-tw-{}", server.host_if));
+    assert_eq!(n["action"], "drop");
+    assert_eq!(n["client_sees"], "timeout");
+    assert!(
+        n["comments"]
+            .as_array()
+            .unwrap()
+            .contains(&"Drop if no policies passed packet".into()),
+        "{n:#}"
+    );
+    assert!(n["rule"].as_str().unwrap().contains("-j DROP"), "{n:#}");
+    assert_eq!(n["position"], 7);
+    assert_eq!(n["owner"]["system"], "calico");
+    assert_eq!(n["owner"]["kind"], "calico-end-of-tier-deny");
+    assert_eq!(
+        n["owner"]["policies"],
+        serde_json::json!(["financial-inference/scheduler-allow-xds"])
+    );
+    assert_eq!(n["owner"]["interface"], server.host_if.as_str());
+    // The path shows the way there: FORWARD → cali-FORWARD → dispatch → cali-tw → policy chain.
+    let chains: Vec<&str> = n["path"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["chain"].as_str().unwrap())
+        .collect();
+    for c in [
+        "FORWARD",
+        "cali-FORWARD",
+        "cali-to-wl-dispatch",
+        "cali-pi-_Lc1X7Z1pBVYpIRt7Dkd",
+    ] {
+        assert!(chains.contains(&c), "{c} in path {chains:?}");
+    }
+    // After DNAT: the dropped packet is addressed to the backend pod.
+    assert_eq!(e["dst"], "10.42.0.30");
+    assert_eq!(e["src"], "10.42.0.20");
+    // The kernel's view agrees.
+    assert!(
+        out.of_kind("drop")
+            .iter()
+            .any(|d| d["drop"]["reason"] == "NETFILTER_DROP"),
+        "{}",
+        out.dump()
+    );
+}
+
+/// The admitted port still connects through the same rules (the lab is not simply broken).
+#[test]
+fn s1_admitted_port_connects_and_gives_no_netfilter_event() {
+    let S1 {
+        lab,
+        client,
+        server,
+    } = s1_lab("s1ok");
+    let l = lab
+        .listen(&server.netns, "10.42.0.30:9005".parse().unwrap())
+        .unwrap();
+    netprobe_lab::serve(l);
+    load(
+        &lab,
+        "iptables-restore",
+        &calico_filter(&server.host_if, &client.host_if),
+    );
+    let out = trace_connect(
+        &lab,
+        "9005",
+        &client,
+        "10.42.0.30:9005".parse().unwrap(),
+        Connect::Connected,
+    );
+    assert!(netfilter_events(&out).is_empty(), "{}", out.dump());
+}
+
+/// kube-proxy (iptables mode) Service without endpoints: REJECT → the client sees refused.
+#[test]
+fn kube_proxy_no_endpoints_reject_names_the_service() {
+    let S1 { lab, client, .. } = s1_lab("kpnoep");
+    load(
+        &lab,
+        "iptables-restore",
+        &format!(
+            "*filter
+:FORWARD ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A KUBE-SERVICES -d {CLUSTER_IP}/32 -p tcp -m comment --comment \"financial-inference/seldon-scheduler:xds has no endpoints\" -m tcp --dport 9004 -j REJECT --reject-with icmp-port-unreachable
+COMMIT
+"
+        ),
+    );
+    let out = trace_connect(
+        &lab,
+        "9004",
+        &client,
+        format!("{CLUSTER_IP}:9004").parse().unwrap(),
+        Connect::Refused,
+    );
+    let nf = netfilter_events(&out);
+    let n = &nf
+        .first()
+        .unwrap_or_else(|| panic!("no netfilter event:\n{}", out.dump()))["netfilter"];
+    assert_eq!(n["chain"], "KUBE-SERVICES");
+    assert_eq!(n["action"], "reject");
+    assert_eq!(n["client_sees"], "connection refused");
+    assert_eq!(n["owner"]["kind"], "kube-proxy-no-endpoints");
+    assert_eq!(
+        n["owner"]["object"],
+        "financial-inference/seldon-scheduler:xds"
+    );
+    assert!(
+        n["rule"]
+            .as_str()
+            .unwrap()
+            .contains("--reject-with icmp-port-unreachable")
+    );
+}
+
+/// kube-router (k3s's policy controller) REJECT for a pod, with the policies in force.
+#[test]
+fn kube_router_reject_names_the_pod_and_policies() {
+    let S1 {
+        lab,
+        client,
+        server,
+    } = s1_lab("kr");
+    let _l = lab
+        .listen(&server.netns, "10.42.0.30:9004".parse().unwrap())
+        .unwrap();
+    load(
+        &lab,
+        "iptables-restore",
+        "*filter
+:FORWARD ACCEPT [0:0]
+:KUBE-ROUTER-FORWARD - [0:0]
+:KUBE-POD-FW-4HZJ5VQMYRPBZKTG - [0:0]
+:KUBE-NWPLCY-CIJ6BCSXSBWG6QXL - [0:0]
+-A FORWARD -m comment --comment \"kube-router netpol - TEMCG2JMHZYE7H7T\" -j KUBE-ROUTER-FORWARD
+-A KUBE-ROUTER-FORWARD -d 10.42.0.30/32 -m comment --comment \"rule to jump traffic destined to POD name:seldon-scheduler-0 namespace: financial-inference to chain KUBE-POD-FW-4HZJ5VQMYRPBZKTG\" -j KUBE-POD-FW-4HZJ5VQMYRPBZKTG
+-A KUBE-POD-FW-4HZJ5VQMYRPBZKTG -m comment --comment \"rule for stateful firewall for pod\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A KUBE-POD-FW-4HZJ5VQMYRPBZKTG -d 10.42.0.30/32 -m comment --comment \"run through nw policy scheduler-allow-xds\" -j KUBE-NWPLCY-CIJ6BCSXSBWG6QXL
+-A KUBE-POD-FW-4HZJ5VQMYRPBZKTG -m comment --comment \"rule to log dropped traffic POD name:seldon-scheduler-0 namespace: financial-inference\" -m mark ! --mark 0x10000/0x10000 -m limit --limit 10/min --limit-burst 10 -j NFLOG --nflog-group 100
+-A KUBE-POD-FW-4HZJ5VQMYRPBZKTG -m comment --comment \"rule to REJECT traffic destined for POD name:seldon-scheduler-0 namespace: financial-inference\" -m mark ! --mark 0x10000/0x10000 -j REJECT --reject-with icmp-port-unreachable
+-A KUBE-NWPLCY-CIJ6BCSXSBWG6QXL -p tcp -m comment --comment \"rule to ACCEPT traffic from all sources to dest pods selected by policy name: scheduler-allow-xds namespace financial-inference\" -m tcp --dport 9005 -j MARK --set-xmark 0x10000/0x10000
+COMMIT
+",
+    );
+    let out = trace_connect(
+        &lab,
+        "9004",
+        &client,
+        "10.42.0.30:9004".parse().unwrap(),
+        Connect::Refused,
+    );
+    let nf = netfilter_events(&out);
+    let n = &nf
+        .first()
+        .unwrap_or_else(|| panic!("no netfilter event:\n{}", out.dump()))["netfilter"];
+    assert_eq!(n["chain"], "KUBE-POD-FW-4HZJ5VQMYRPBZKTG");
+    assert_eq!(n["owner"]["system"], "kube-router");
+    assert_eq!(
+        n["owner"]["object"],
+        "financial-inference/seldon-scheduler-0"
+    );
+    assert_eq!(
+        n["owner"]["policies"],
+        serde_json::json!(["financial-inference/scheduler-allow-xds"])
+    );
+    assert_eq!(n["client_sees"], "connection refused");
+}
+
+/// kube-proxy in nftables mode (native nf_tables, no iptables): the Service name lives in the
+/// no-endpoint-services verdict map.
+#[test]
+fn kube_proxy_nft_mode_no_endpoints_names_the_service_from_the_map() {
+    let S1 { lab, client, .. } = s1_lab("kpnft");
+    let script = format!(
+        "table ip kube-proxy {{
+  comment \"rules for kube-proxy\"
+  map no-endpoint-services {{
+    type ipv4_addr . inet_proto . inet_service : verdict
+    comment \"vmap to drop or reject packets to services with no endpoints\"
+    elements = {{ {CLUSTER_IP} . tcp . 9004 comment \"financial-inference/seldon-scheduler:xds\" : goto reject-chain }}
+  }}
+  chain filter-forward {{
+    type filter hook forward priority -110; policy accept;
+    ct state new jump service-endpoints-check
+  }}
+  chain service-endpoints-check {{
+    ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+  }}
+  chain reject-chain {{
+    comment \"helper for @no-endpoint-services / @no-endpoint-nodeports\"
+    reject
+  }}
+}}
+"
+    );
+    let path = std::env::temp_dir().join(format!("netprobe-nft-{}", std::process::id()));
+    std::fs::write(&path, script).unwrap();
+    lab.sh(lab.node(), &format!("nft -f {}", path.display()))
+        .unwrap();
+    let _ = std::fs::remove_file(path);
+    let out = trace_connect(
+        &lab,
+        "9004",
+        &client,
+        format!("{CLUSTER_IP}:9004").parse().unwrap(),
+        Connect::Refused,
+    );
+    let nf = netfilter_events(&out);
+    let n = &nf
+        .first()
+        .unwrap_or_else(|| panic!("no netfilter event:\n{}", out.dump()))["netfilter"];
+    assert_eq!(n["backend"], "nftables");
+    assert_eq!(n["table"], "kube-proxy");
+    assert_eq!(n["chain"], "reject-chain");
+    assert_eq!(n["rule"], "reject");
+    assert_eq!(n["owner"]["kind"], "kube-proxy-no-endpoints");
+    assert_eq!(
+        n["owner"]["object"],
+        "financial-inference/seldon-scheduler:xds"
+    );
+    assert_eq!(n["client_sees"], "connection refused");
+}

@@ -1,0 +1,137 @@
+//! Runs the real `netprobe` binary inside a lab namespace and collects its NDJSON output.
+
+#![allow(
+    dead_code,
+    reason = "shared by several test binaries, each using a part"
+)]
+
+use std::{
+    io::Read,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub struct TraceRun {
+    child: Child,
+    ready: PathBuf,
+}
+
+/// Starts `ip netns exec <netns> netprobe trace <args> -o json` and waits until its probes are
+/// attached. Panics (with netprobe's stderr) if it exits early: a trace that cannot load its
+/// probes must fail the test, never skip it.
+pub fn start_trace(netns: &str, args: &[&str]) -> TraceRun {
+    netprobe_lab::require_root();
+    let ready = std::env::temp_dir().join(format!(
+        "netprobe-ready-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ));
+    let _ = std::fs::remove_file(&ready);
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            env!("CARGO_BIN_EXE_netprobe"),
+            "trace",
+            "-o",
+            "json",
+            "--ready-file",
+        ])
+        .arg(&ready)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn netprobe");
+    let start = Instant::now();
+    while !ready.exists() {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("netprobe trace exited before it was ready ({status}): {err}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "netprobe trace not ready after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    TraceRun { child, ready }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+pub struct TraceOutput {
+    pub events: Vec<Value>,
+    pub summary: Value,
+    pub stderr: String,
+}
+
+impl TraceRun {
+    /// Waits for the trace to end (it was started with --duration) and parses its output.
+    pub fn finish(mut self) -> TraceOutput {
+        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
+            .wait_with_output()
+            .expect("netprobe output");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "netprobe trace failed ({}): {stderr}",
+            out.status
+        );
+        let mut lines: Vec<Value> = String::from_utf8(out.stdout)
+            .expect("utf8")
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        let summary = lines.pop().expect("summary line");
+        assert_eq!(
+            summary["kind"], "summary",
+            "last line is the summary: {summary}"
+        );
+        for e in &lines {
+            assert_eq!(e["schema"], "netprobe.event/v1");
+        }
+        TraceOutput {
+            events: lines,
+            summary,
+            stderr,
+        }
+    }
+}
+
+impl Drop for TraceRun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.ready);
+    }
+}
+
+impl TraceOutput {
+    pub fn of_kind(&self, kind: &str) -> Vec<&Value> {
+        self.events.iter().filter(|e| e["kind"] == kind).collect()
+    }
+
+    pub fn dump(&self) -> String {
+        self.events
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
