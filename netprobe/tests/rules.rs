@@ -400,3 +400,195 @@ fn kube_proxy_nft_mode_no_endpoints_names_the_service_from_the_map() {
     );
     assert_eq!(n["client_sees"], "connection refused");
 }
+
+/// Calico in nftables mode (`table ip calico`, chains prefixed `filter-`, comments
+/// `cali:<hash>; <text>`, 3.30+ end-of-tier wording, 3.32+ policy naming).
+#[test]
+fn calico_nft_mode_end_of_tier_deny() {
+    let S1 {
+        lab,
+        client,
+        server,
+    } = s1_lab("calnft");
+    let _l = lab
+        .listen(&server.netns, "10.42.0.30:9004".parse().unwrap())
+        .unwrap();
+    let (srv, cli) = (&server.host_if, &client.host_if);
+    let pi = "filter-cali-pi-_Lc1X7Z1pBVYpIRt7Dkd";
+    let script = format!(
+        "table ip calico {{
+  chain filter-FORWARD {{
+    type filter hook forward priority filter; policy accept;
+    counter jump filter-cali-FORWARD comment \"cali:wUHhoiAYhphO9Mso\"
+  }}
+  chain filter-cali-FORWARD {{
+    oifname \"cali*\" counter jump filter-cali-to-wl-dispatch comment \"cali:8ZoYfO5HKXWbB3pk\"
+  }}
+  chain filter-cali-to-wl-dispatch {{
+    oifname \"{cli}\" goto filter-cali-tw-{cli}
+    oifname \"{srv}\" goto filter-cali-tw-{srv}
+    counter drop comment \"cali:7hQCjoCgYI1Wtsyx; Unknown interface\"
+  }}
+  chain filter-cali-tw-{cli} {{
+    ct state established,related counter accept comment \"cali:t1\"
+    counter accept comment \"cali:t2; Profile kns.financial-inference ingress\"
+  }}
+  chain filter-cali-tw-{srv} {{
+    ct state established,related counter accept comment \"cali:ssg63ESdTkJdLs3t\"
+    ct state invalid counter drop comment \"cali:uhsvZ4gX1hyTXc8D\"
+    counter meta mark set mark and 0xfffdffff comment \"cali:dqWGtg_u8IuD2ITe\"
+    meta mark & 0x00020000 == 0x00000000 counter jump {pi} comment \"cali:4vxgGeAtzKktlGJ1\"
+    meta mark & 0x00010000 == 0x00010000 counter return comment \"cali:GN6svEb6OlGGrQcn; Return if policy accepted\"
+    meta mark & 0x00020000 == 0x00000000 counter drop comment \"cali:8sgO4ZIfeZ3lBhMH; End of tier default. Drop if no policies passed packet\"
+  }}
+  chain {pi} {{
+    counter comment \"cali:oqyvZH-6l-xXFWWb; KubernetesNetworkPolicy financial-inference/scheduler-allow-xds ingress\"
+    tcp dport 9005 counter meta mark set mark or 0x10000 comment \"cali:Xx2Wr3Yj0ZVtLaVq\"
+  }}
+}}
+"
+    );
+    let path = std::env::temp_dir().join(format!("netprobe-calnft-{}", std::process::id()));
+    std::fs::write(&path, script).unwrap();
+    lab.sh(lab.node(), &format!("nft -f {}", path.display()))
+        .unwrap();
+    let _ = std::fs::remove_file(path);
+
+    let out = trace_connect(
+        &lab,
+        "9004",
+        &client,
+        "10.42.0.30:9004".parse().unwrap(),
+        Connect::TimedOut,
+    );
+    let nf = netfilter_events(&out);
+    let n = &nf
+        .first()
+        .unwrap_or_else(|| panic!("no netfilter event:\n{}", out.dump()))["netfilter"];
+    assert_eq!(n["backend"], "nftables");
+    assert_eq!(n["table"], "calico");
+    assert_eq!(n["hook"], "forward");
+    assert_eq!(n["chain"], format!("filter-cali-tw-{srv}"));
+    assert!(
+        n["comments"][0]
+            .as_str()
+            .unwrap()
+            .ends_with("End of tier default. Drop if no policies passed packet"),
+        "{n:#}"
+    );
+    assert_eq!(n["owner"]["kind"], "calico-end-of-tier-deny");
+    assert_eq!(
+        n["owner"]["policies"],
+        serde_json::json!(["financial-inference/scheduler-allow-xds"])
+    );
+    assert_eq!(n["client_sees"], "timeout");
+}
+
+/// iptables-legacy (x_tables): no nft trace; attributed by counter difference, and the node
+/// mixing legacy and nf_tables rules is reported.
+#[test]
+fn iptables_legacy_drop_is_attributed_and_mixed_backends_are_reported() {
+    let S1 {
+        lab,
+        client,
+        server,
+    } = s1_lab("legacy");
+    let _l = lab
+        .listen(&server.netns, "10.42.0.30:9004".parse().unwrap())
+        .unwrap();
+    // nf_tables side: an ordinary iptables-nft rule set (kube-proxy-shaped NAT, unused here).
+    load(&lab, "iptables-restore", &kube_proxy_dnat("10.42.0.30"));
+    lab.sh(
+        lab.node(),
+        "iptables-legacy -A FORWARD -p tcp --dport 9004 -m comment --comment 'flannel-era leftover' -j DROP",
+    )
+    .unwrap();
+    let legacy_before = lab
+        .sh(lab.node(), "iptables-legacy-save | grep -v '^#'")
+        .unwrap();
+    let out = trace_connect(
+        &lab,
+        "9004",
+        &client,
+        "10.42.0.30:9004".parse().unwrap(),
+        Connect::TimedOut,
+    );
+    assert_eq!(
+        lab.sh(lab.node(), "iptables-legacy-save | grep -v '^#'")
+            .unwrap(),
+        legacy_before
+    );
+    let nf = netfilter_events(&out);
+    let n = &nf
+        .first()
+        .unwrap_or_else(|| panic!("no netfilter event:\n{}", out.dump()))["netfilter"];
+    assert_eq!(n["backend"], "iptables-legacy");
+    assert_eq!(n["table"], "filter");
+    assert_eq!(n["chain"], "FORWARD");
+    assert_eq!(n["hook"], "forward");
+    assert_eq!(n["position"], 1);
+    assert_eq!(n["comments"], serde_json::json!(["flannel-era leftover"]));
+    assert_eq!(n["client_sees"], "timeout");
+    let drop = out.of_kind("drop");
+    assert!(
+        drop.iter().any(|d| d["drop"]["location"]
+            .as_str()
+            .unwrap()
+            .starts_with("nf_hook_slow")),
+        "{}",
+        out.dump()
+    );
+    let warnings = out.summary["warnings"].as_array().unwrap();
+    assert!(
+        warnings.iter().any(|w| w
+            .as_str()
+            .unwrap()
+            .contains("iptables-legacy rules next to nf_tables rules")),
+        "{warnings:?}"
+    );
+}
+
+/// A SIGKILLed trace leaves its table behind; the next trace removes it, and its own on exit.
+#[test]
+fn leftover_trace_table_of_a_killed_netprobe_is_removed_at_next_start() {
+    let S1 {
+        lab,
+        client,
+        server,
+    } = s1_lab("kill");
+    let _l = lab
+        .listen(&server.netns, "10.42.0.30:9004".parse().unwrap())
+        .unwrap();
+    let before = stateless_ruleset(&lab);
+    let killed = start_trace(lab.node(), &["--port", "9004", "--duration", "30s"]);
+    assert!(
+        stateless_ruleset(&lab).contains("table inet netprobe_"),
+        "trace table installed while tracing"
+    );
+    killed.kill9();
+    assert!(
+        stateless_ruleset(&lab).contains("table inet netprobe_"),
+        "a SIGKILL cannot clean up"
+    );
+    let next = start_trace(lab.node(), &["--port", "9004", "--duration", "2s"]);
+    let tables = stateless_ruleset(&lab);
+    assert_eq!(
+        tables.matches("table inet netprobe_").count(),
+        1,
+        "only the running trace's table:\n{tables}"
+    );
+    assert_eq!(
+        lab.connect(
+            &client.netns,
+            "10.42.0.30:9004".parse().unwrap(),
+            Duration::from_secs(2)
+        ),
+        Connect::Connected
+    );
+    next.finish();
+    assert_eq!(
+        stateless_ruleset(&lab),
+        before,
+        "leftover removed, own table removed"
+    );
+}

@@ -114,6 +114,15 @@ impl TraceRun {
     }
 }
 
+impl TraceRun {
+    /// SIGKILLs netprobe (`ip netns exec` execs it, so the child is netprobe itself).
+    pub fn kill9(mut self) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for TraceRun {
     fn drop(&mut self) {
         let _ = self.child.kill();

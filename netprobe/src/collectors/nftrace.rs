@@ -5,7 +5,7 @@
 
 use std::{io, net::IpAddr, os::fd::RawFd};
 
-use crate::netlink::{attrs, messages};
+use crate::netlink::{attrs, c_string as cstr, messages};
 
 const NETLINK_NETFILTER: i32 = 12;
 const NFNLGRP_NFTRACE: u32 = 9;
@@ -112,11 +112,6 @@ fn be32(b: &[u8]) -> Option<u32> {
 
 fn be64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
-}
-
-fn cstr(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
 fn tuple_of(net: &[u8], transport: Option<&[u8]>) -> Option<(IpAddr, u16, IpAddr, u16)> {
@@ -306,16 +301,7 @@ impl Drop for TraceSocket {
 mod tests {
     use super::*;
 
-    fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
-        let mut v = Vec::new();
-        v.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-        v.extend_from_slice(&ty.to_ne_bytes());
-        v.extend_from_slice(payload);
-        while v.len() % 4 != 0 {
-            v.push(0);
-        }
-        v
-    }
+    use crate::netlink::encode_attr as attr;
 
     #[test]
     fn parses_a_rule_drop_with_headers() {
