@@ -15,6 +15,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod rules;
+
 const PREFIX: &str = "np-";
 
 /// Fails loudly when not root: privileged tests must never skip silently.

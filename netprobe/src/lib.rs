@@ -2,8 +2,9 @@
 //!
 //! The pipeline is visible in the module names:
 //! [`probes`] (load and attach the kernel programs) → [`events`] (raw kernel records → the public,
-//! versioned event schema) → [`collectors`] (ring buffer and counters) → [`enrich`] (names for
-//! reasons, code locations, namespaces, interfaces) → [`outputs`] (text, NDJSON).
+//! versioned event schema) → [`collectors`] (ring buffer, counters, nftables trace) → [`enrich`]
+//! (names for reasons, code locations, namespaces, interfaces, listeners, netfilter rules and
+//! their owners) → [`verdict`] (pure: one verdict per connection attempt) → [`outputs`].
 //! [`trace`] wires them together for the `trace` command; front-ends stay thin.
 
 pub mod collectors;
@@ -15,5 +16,6 @@ pub mod netns;
 pub mod outputs;
 pub mod probes;
 pub mod trace;
+pub mod verdict;
 
 pub use error::Error;

@@ -5,6 +5,10 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Parser, Subcommand};
 use netprobe::{outputs::Format, probes::check, trace};
 
+/// Exit code when a failed connection attempt was diagnosed.
+const EXIT_DIAGNOSED: u8 = 1;
+/// Exit code when the trace ended without any connection attempt.
+const EXIT_NO_ATTEMPT: u8 = 3;
 /// Exit code for usage and environment errors (unknown netns, not root, no BTF, probes failed).
 const EXIT_USAGE: u8 = 2;
 
@@ -27,8 +31,12 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Format::Text)]
         output: Format,
     },
-    /// Print SYN, SYN-ACK, RST, ICMP unreachable, drops (with the kernel's drop reason), resets,
-    /// SYN retransmits, TCP state changes and socket errors for a port, as they happen.
+    /// Follow connection attempts to a port and print one verdict per attempt: connected,
+    /// refused (no listener / by a rule), dropped (by a rule / by the kernel), reset, timed out —
+    /// with the timeline, the rule and its owner, and what to check next. Exit 0 all connected,
+    /// 1 a failure was diagnosed, 2 usage/environment error, 3 no attempt seen.
+    /// With --events, print every SYN, SYN-ACK, RST, ICMP unreachable, drop, reset, retransmit,
+    /// state change, socket error and netfilter rule hit instead.
     ///
     /// Run as root on the node (or inside a lab's node namespace: `ip netns exec NODE netprobe
     /// trace …`). Without --netns it watches this namespace and the pod namespaces its veths lead
@@ -52,12 +60,23 @@ enum Command {
         #[arg(long = "netns", value_name = "NAME|PATH")]
         netns: Vec<String>,
         /// Stop after this long (e.g. 30s, 500ms, 2m); default: until Ctrl-C.
-        #[arg(short, long, value_parser = parse_duration)]
+        #[arg(short, long, visible_alias = "timeout", value_parser = parse_duration)]
         duration: Option<Duration>,
-        /// text: one line per event; json: one JSON object per line (schema netprobe.event/v1),
+        /// text: a block per verdict (a line per event with --events); json: one JSON object
+        /// per line (schemas netprobe.verdict/v1 and netprobe.event/v1),
         /// the last one a summary with counts of lost events.
         #[arg(short, long, value_enum, default_value_t = Format::Text)]
         output: Format,
+        /// Print every event (packets, drops, resets, state changes, rule hits) as it happens,
+        /// instead of one verdict per connection attempt.
+        #[arg(long)]
+        events: bool,
+        /// Stop after this many verdicts. Example: --count 1
+        #[arg(long)]
+        count: Option<u64>,
+        /// Also write every event to FILE as NDJSON (for offline analysis or a bug report).
+        #[arg(long, value_name = "FILE")]
+        record: Option<PathBuf>,
         /// Do not install the temporary nftables trace table (no rule attribution).
         #[arg(long)]
         no_rule_trace: bool,
@@ -133,6 +152,9 @@ fn main() -> ExitCode {
             netns,
             duration,
             output,
+            events,
+            count,
+            record,
             no_rule_trace,
             ready_file,
         } => {
@@ -143,6 +165,9 @@ fn main() -> ExitCode {
                 duration,
                 format: output,
                 rule_trace: !no_rule_trace,
+                events,
+                count,
+                record,
                 ready_file,
             };
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -155,7 +180,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
+            let events_mode = opts.events;
             match rt.block_on(trace::run(opts, std::io::stdout().lock())) {
+                Ok(_) if events_mode => ExitCode::SUCCESS,
+                Ok(s) if s.failed > 0 => ExitCode::from(EXIT_DIAGNOSED),
+                Ok(s) if s.attempts == 0 => {
+                    eprintln!("netprobe: no connection attempt seen");
+                    ExitCode::from(EXIT_NO_ATTEMPT)
+                }
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("netprobe: {:#}", anyhow::Error::from(e));

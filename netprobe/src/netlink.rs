@@ -132,12 +132,16 @@ impl Drop for Socket {
 
 impl Socket {
     fn route() -> io::Result<Self> {
+        Self::open(libc::NETLINK_ROUTE)
+    }
+
+    fn open(protocol: i32) -> io::Result<Self> {
         // SAFETY: plain socket(2).
         let fd = unsafe {
             libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
+                protocol,
             )
         };
         if fd < 0 {
@@ -206,6 +210,77 @@ impl Socket {
             }
         }
     }
+}
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const INET_DIAG_REQ_V2_LEN: usize = 56;
+const INET_DIAG_MSG_LEN: usize = 72;
+const INET_DIAG_SKV6ONLY: u16 = 11;
+const TCP_LISTEN: u32 = 10;
+
+/// A listening TCP socket (from sock_diag).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSocket {
+    pub addr: std::net::IpAddr,
+    pub port: u16,
+    /// IPv6 socket that does not accept IPv4 (`IPV6_V6ONLY`).
+    pub v6only: bool,
+    pub inode: u32,
+}
+
+/// Parses one `inet_diag_msg` (+ attributes).
+pub fn parse_inet_diag(body: &[u8]) -> Option<ListenSocket> {
+    if body.len() < INET_DIAG_MSG_LEN {
+        return None;
+    }
+    let family = body[0];
+    let port = u16::from_be_bytes([body[4], body[5]]);
+    let src = &body[8..24];
+    let addr = if family == libc::AF_INET as u8 {
+        std::net::IpAddr::from(<[u8; 4]>::try_from(&src[..4]).ok()?)
+    } else {
+        std::net::IpAddr::from(<[u8; 16]>::try_from(src).ok()?)
+    };
+    let inode = u32::from_ne_bytes(body[68..72].try_into().ok()?);
+    let mut v6only = false;
+    for (ty, p) in attrs(&body[INET_DIAG_MSG_LEN..]) {
+        if ty == INET_DIAG_SKV6ONLY {
+            v6only = p.first().is_some_and(|b| *b != 0);
+        }
+    }
+    Some(ListenSocket {
+        addr,
+        port,
+        v6only,
+        inode,
+    })
+}
+
+/// Listening TCP sockets (IPv4 and IPv6) of the calling thread's network namespace.
+pub fn tcp_listeners() -> Result<Vec<ListenSocket>> {
+    let err = |source| Error::Netlink {
+        what: "sock_diag dump",
+        source,
+    };
+    let mut out = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        let sock = Socket::open(libc::NETLINK_SOCK_DIAG).map_err(err)?;
+        let mut req = [0u8; INET_DIAG_REQ_V2_LEN];
+        req[0] = family;
+        req[1] = libc::IPPROTO_TCP as u8;
+        req[4..8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+        sock.send(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, &req)
+            .map_err(err)?;
+        sock.recv_all(false, |ty, body| {
+            if ty == SOCK_DIAG_BY_FAMILY
+                && let Some(l) = parse_inet_diag(body)
+            {
+                out.push(l);
+            }
+        })
+        .map_err(err)?;
+    }
+    Ok(out)
 }
 
 /// Every link of the calling thread's network namespace.
@@ -304,6 +379,20 @@ mod tests {
         assert_eq!(link.name, "lo");
         assert!(parse_link(&[1, 2, 3]).is_none());
         assert_eq!(messages(&[0u8; 15]).count(), 0);
+    }
+
+    #[test]
+    fn lists_listeners_of_this_namespace() {
+        // A real listener on an ephemeral port must show up, with its address.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let found = tcp_listeners().expect("sock_diag");
+        assert!(
+            found
+                .iter()
+                .any(|s| s.port == port && s.addr.to_string() == "127.0.0.1" && s.inode != 0),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::{
     },
     enrich::{
         Enricher,
+        listeners::listeners_in,
         rules::{PathCollector, attribute, attribute_legacy, fetch_ruleset, legacy, path_tuple},
     },
     error::{Error, Result},
@@ -18,6 +19,7 @@ use crate::{
     netns::{self, NetnsRef},
     outputs::{Format, Printer, Summary},
     probes::{Probes, btf::KernelBtf, nft_trace::TraceTable},
+    verdict::{Context, Engine},
 };
 
 pub struct TraceOptions {
@@ -30,8 +32,39 @@ pub struct TraceOptions {
     pub format: Format,
     /// Install a temporary nftables trace table to name the netfilter rule behind drops.
     pub rule_trace: bool,
+    /// Print every event instead of one verdict per connection attempt.
+    pub events: bool,
+    /// Stop after this many verdicts.
+    pub count: Option<u64>,
+    /// Also write every event to this file (NDJSON), e.g. to replay or attach to a bug report.
+    pub record: Option<PathBuf>,
     /// Created once every probe is attached (lets scripts and tests start traffic then).
     pub ready_file: Option<PathBuf>,
+}
+
+/// Prints verdicts and counts them; false when the output is gone.
+fn print_verdicts<W: Write>(
+    verdicts: Vec<crate::verdict::Verdict>,
+    printer: &mut Printer<W>,
+    attempts: &std::cell::Cell<u64>,
+    failed: &std::cell::Cell<u64>,
+) -> bool {
+    for v in verdicts {
+        if v.outcome == crate::verdict::Outcome::Unknown
+            && v.timeline.iter().all(|c| !c.what.contains("SYN"))
+        {
+            // Leftovers of connections that started before the trace (e.g. a FIN): not attempts.
+            continue;
+        }
+        attempts.set(attempts.get() + 1);
+        if v.outcome.is_failure() {
+            failed.set(failed.get() + 1);
+        }
+        if printer.verdict(&v).is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 pub fn require_root() -> Result<()> {
@@ -145,6 +178,21 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
         }
     }
     drop(nf_tx);
+    let mut listeners = std::collections::HashMap::new();
+    for ns in &scope {
+        // A namespace that cannot be read just has no listener evidence.
+        if let Ok(l) = listeners_in(ns) {
+            listeners.insert(ns.name.clone(), l);
+        }
+    }
+    let engine = std::cell::RefCell::new(Engine::new(Context {
+        port: opts.port,
+        listeners,
+    }));
+    let attempts = std::cell::Cell::new(0u64);
+    let failed = std::cell::Cell::new(0u64);
+    let started = std::time::Instant::now();
+    let now = move || started.elapsed().as_nanos() as u64;
     let mut reader = EventReader::new(probes.take_events()?)?;
     let interfaces: Vec<String> = probes
         .attachments
@@ -158,7 +206,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     }
     let names: Vec<&str> = scope.iter().map(|n| n.name.as_str()).collect();
     eprintln!(
-        "netprobe: tracing port {}{} in netns {} ({} interfaces: {}); Ctrl-C to stop",
+        "netprobe: waiting for connections to port {}{} in netns {} ({} interfaces: {}); Ctrl-C to stop",
         opts.port,
         opts.addr.map(|a| format!(" addr {a}")).unwrap_or_default(),
         names.join(", "),
@@ -172,19 +220,43 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     let write_failed = std::cell::Cell::new(false);
     let legacy_before = std::cell::RefCell::new(legacy_before);
     let rulesets = std::cell::RefCell::new(rulesets);
+    // One place for every event, whatever its source: printed (--events) or judged.
+    let record = match &opts.record {
+        Some(p) => Some(std::cell::RefCell::new(std::io::BufWriter::new(
+            std::fs::File::create(p)
+                .map_err(|e| Error::io(format!("creating {}", p.display()), e))?,
+        ))),
+        None => None,
+    };
+    let deliver = |e: crate::events::Event, printer: &mut Printer<_>| {
+        events.set(events.get() + 1);
+        if let Some(r) = &record {
+            let mut r = r.borrow_mut();
+            let _ = serde_json::to_writer(&mut *r, &e);
+            let _ = r.write_all(b"\n");
+        }
+        let ok = if opts.events {
+            printer.event(&e).is_ok()
+        } else {
+            let verdicts = engine.borrow_mut().push(e, now());
+            print_verdicts(verdicts, printer, &attempts, &failed)
+        };
+        if !ok {
+            write_failed.set(true);
+        }
+    };
     let emit = |raw: netprobe_common::RawEvent, printer: &mut Printer<_>| {
         let Some(e) = enricher.enrich(&raw) else {
             return;
         };
-        events.set(events.get() + 1);
-        if printer.event(&e).is_err() {
-            write_failed.set(true);
-        }
-        // A drop inside x_tables (iptables-legacy): attribute it by counter difference.
         let legacy_drop = e
             .drop
             .as_ref()
             .is_some_and(|d| d.location.starts_with("nf_hook_slow"));
+        let (dst, dport, src, sport, time_ns) = (e.dst, e.dport, e.src, e.sport, e.time_ns);
+        let (netns, interface) = (e.netns.clone(), e.interface.clone());
+        deliver(e, printer);
+        // A drop inside x_tables (iptables-legacy): attribute it by counter difference.
         if legacy_drop
             && let Some(i) = attach_in.iter().position(|n| n.inode == raw.netns as u64)
             && let Some(Some(before)) = legacy_before.borrow_mut().get_mut(i)
@@ -192,24 +264,20 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
         {
             let fired = legacy::fired(before, &after);
             *before = after;
-            if let Some(nf) =
-                attribute_legacy(&fired, &rulesets.borrow()[i], Some((e.dst, e.dport)))
-            {
+            if let Some(nf) = attribute_legacy(&fired, &rulesets.borrow()[i], Some((dst, dport))) {
                 let ev = crate::events::netfilter(
-                    e.time_ns,
-                    e.netns.clone(),
-                    e.interface.clone(),
-                    Some((e.src, e.sport, e.dst, e.dport)),
+                    time_ns,
+                    netns,
+                    interface,
+                    Some((src, sport, dst, dport)),
                     nf,
                 );
-                events.set(events.get() + 1);
-                if printer.event(&ev).is_err() {
-                    write_failed.set(true);
-                }
+                deliver(ev, printer);
             }
         }
     };
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("installing SIGTERM handler", e))?;
     loop {
@@ -218,6 +286,12 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
+            _ = tick.tick() => {
+                let verdicts = engine.borrow_mut().poll(now());
+                if !print_verdicts(verdicts, &mut printer, &attempts, &failed) {
+                    write_failed.set(true);
+                }
+            }
             Some((i, m)) = nf_rx.recv() => {
                 if let Some(path) = collectors[i].push(m) {
                     let ns = &attach_in[i];
@@ -231,19 +305,25 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
                         let last = path.last().expect("non-empty path");
                         let iface = last.iif.or(last.oif).map(|ix| enricher.interface(ns.inode, ix));
                         let e = crate::events::netfilter(enricher.now_ns(), Some(enricher.netns(ns.inode)), iface, path_tuple(&path), nf);
-                        events.set(events.get() + 1);
-                        if printer.event(&e).is_err() {
-                            write_failed.set(true);
-                        }
+                        deliver(e, &mut printer);
                     }
                 }
             }
         }
-        if write_failed.get() {
+        if write_failed.get() || opts.count.is_some_and(|n| attempts.get() >= n) {
             break;
         }
     }
     reader.drain(|raw| emit(raw, &mut printer));
+    if !opts.events && opts.count.is_none_or(|n| attempts.get() < n) {
+        let verdicts = engine.borrow_mut().finish();
+        if !print_verdicts(verdicts, &mut printer, &attempts, &failed) {
+            write_failed.set(true);
+        }
+    }
+    if let Some(r) = &record {
+        let _ = r.borrow_mut().flush();
+    }
     let counters = probes.counters()?;
     probes.detach_tc();
     for mut t in tables {
@@ -281,6 +361,8 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             .map(|(r, n)| (enricher.drop_reason_name(*r), *n))
             .collect::<BTreeMap<_, _>>(),
         interfaces,
+        attempts: attempts.get(),
+        failed: failed.get(),
     };
     if !write_failed.get() {
         let _ = printer.summary(&summary);

@@ -23,6 +23,17 @@ pub struct TraceRun {
 /// attached. Panics (with netprobe's stderr) if it exits early: a trace that cannot load its
 /// probes must fail the test, never skip it.
 pub fn start_trace(netns: &str, args: &[&str]) -> TraceRun {
+    let mut all = vec!["--events"];
+    all.extend_from_slice(args);
+    spawn_trace(netns, &all)
+}
+
+/// Starts a trace in verdict mode (the default).
+pub fn start_verdict_trace(netns: &str, args: &[&str]) -> TraceRun {
+    spawn_trace(netns, args)
+}
+
+fn spawn_trace(netns: &str, args: &[&str]) -> TraceRun {
     netprobe_lab::require_root();
     let ready = std::env::temp_dir().join(format!(
         "netprobe-ready-{}-{}",
@@ -83,15 +94,21 @@ pub struct TraceOutput {
 
 impl TraceRun {
     /// Waits for the trace to end (it was started with --duration) and parses its output.
-    pub fn finish(mut self) -> TraceOutput {
+    pub fn finish(self) -> TraceOutput {
+        self.finish_with_code(0)
+    }
+
+    /// Waits for the trace to end and checks its exit code (verdict mode: 1 = failure diagnosed).
+    pub fn finish_with_code(mut self, code: i32) -> TraceOutput {
         let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
             .wait_with_output()
             .expect("netprobe output");
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            out.status.success(),
-            "netprobe trace failed ({}): {stderr}",
-            out.status
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "netprobe trace exit code; stderr: {stderr}\nstdout: {}",
+            String::from_utf8_lossy(&out.stdout)
         );
         let mut lines: Vec<Value> = String::from_utf8(out.stdout)
             .expect("utf8")
@@ -104,7 +121,11 @@ impl TraceRun {
             "last line is the summary: {summary}"
         );
         for e in &lines {
-            assert_eq!(e["schema"], "netprobe.event/v1");
+            let schema = e["schema"].as_str().unwrap_or_default();
+            assert!(
+                schema == "netprobe.event/v1" || schema == "netprobe.verdict/v1",
+                "{e}"
+            );
         }
         TraceOutput {
             events: lines,
@@ -129,6 +150,28 @@ impl Drop for TraceRun {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.ready);
     }
+}
+
+/// When NETPROBE_RECORD_FIXTURES=DIR is set, the arguments that make a trace record its raw
+/// events to DIR/<name>.ndjson (verdict unit tests replay them).
+pub fn record_args(name: &str) -> Vec<String> {
+    match std::env::var("NETPROBE_RECORD_FIXTURES") {
+        Ok(dir) => vec!["--record".into(), format!("{dir}/{name}.ndjson")],
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Replaces lab-specific namespace names in a recorded fixture by stable ones.
+pub fn normalize_fixture(name: &str, renames: &[(&str, &str)]) {
+    let Ok(dir) = std::env::var("NETPROBE_RECORD_FIXTURES") else {
+        return;
+    };
+    let path = format!("{dir}/{name}.ndjson");
+    let mut text = std::fs::read_to_string(&path).expect("recorded fixture");
+    for (from, to) in renames {
+        text = text.replace(&format!("\"{from}\""), &format!("\"{to}\""));
+    }
+    std::fs::write(&path, text).unwrap();
 }
 
 impl TraceOutput {

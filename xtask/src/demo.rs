@@ -1,4 +1,4 @@
-//! `cargo xtask demo`: the S2 and FORWARD-DROP labs, traced by the real binary.
+//! `cargo xtask demo`: the S1 and S2 labs, traced by the real binary, which prints its verdicts.
 
 use std::{
     path::Path,
@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use netprobe_lab::{Lab, serve};
+use netprobe_lab::{Lab, rules, serve};
 
 use crate::build::repo_root;
 
@@ -19,7 +19,7 @@ fn traced(netns: &str, args: &[&str], traffic: impl FnOnce() -> String) -> Resul
     let child = Command::new("ip")
         .args(["netns", "exec", netns])
         .arg(&bin)
-        .args(["trace", "-o", "text", "--ready-file"])
+        .args(["trace", "--ready-file"])
         .arg(&ready)
         .args(args)
         .stdout(Stdio::piped())
@@ -62,7 +62,7 @@ fn s2(lab: &mut Lab) -> Result<String> {
     )
 }
 
-fn forward_drop(lab: &mut Lab) -> Result<String> {
+fn s1(lab: &mut Lab) -> Result<String> {
     let client = lab.add_pod("financial-inference", "client-0", "10.42.0.20".parse()?)?;
     let server = lab.add_pod(
         "financial-inference",
@@ -70,18 +70,26 @@ fn forward_drop(lab: &mut Lab) -> Result<String> {
         "10.42.0.30".parse()?,
     )?;
     serve(lab.listen(&server.netns, "10.42.0.30:9004".parse()?)?);
-    lab.sh(
-        lab.node(),
-        "iptables -A FORWARD -p tcp --dport 9004 -m comment --comment 'demo: a plain DROP' -j DROP",
+    // kube-proxy's ClusterIP, and Calico's policy for the scheduler: admits 9005 only.
+    rules::restore(
+        lab,
+        "iptables-restore",
+        &rules::kube_proxy_dnat("10.42.0.30"),
     )?;
-    traced(lab.node(), &["--port", "9004", "--duration", "4s"], || {
+    rules::restore(
+        lab,
+        "iptables-restore",
+        &rules::calico_filter(&server.host_if, &client.host_if),
+    )?;
+    traced(lab.node(), &["--port", "9004", "--duration", "5s"], || {
         let r = lab.connect(
             &client.netns,
-            "10.42.0.30:9004".parse().unwrap(),
+            format!("{}:9004", rules::CLUSTER_IP).parse().unwrap(),
             Duration::from_secs(3),
         );
         format!(
-            "client-0 → seldon-scheduler-0 10.42.0.30:9004 through a node with a FORWARD DROP: {r}"
+            "client-0 → seldon-scheduler Service {}:9004 (financial-inference): {r}",
+            rules::CLUSTER_IP
         )
     })
 }
@@ -94,7 +102,10 @@ pub fn run() -> Result<()> {
             "S2: connection refused on localhost",
             s2 as fn(&mut Lab) -> Result<String>,
         ),
-        ("FORWARD DROP: a silent drop on the node", forward_drop),
+        (
+            "S1: i/o timeout to a Service after a Flannel→Calico migration",
+            s1,
+        ),
     ] {
         let mut lab = Lab::new("demo")?;
         println!("\n===== {title} =====");

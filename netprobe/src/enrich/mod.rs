@@ -3,6 +3,7 @@
 //! come in later stages of this module.
 
 pub mod kallsyms;
+pub mod listeners;
 pub mod rules;
 
 use std::collections::HashMap;

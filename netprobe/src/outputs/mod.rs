@@ -4,7 +4,10 @@ use std::{collections::BTreeMap, io::Write};
 
 use serde::Serialize;
 
-use crate::events::{Event, Kind};
+use crate::{
+    events::{Event, Kind},
+    verdict::Verdict,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -28,6 +31,9 @@ pub struct Summary {
     /// Drops that matched the filter, by reason, counted in the kernel.
     pub drops_matched: BTreeMap<String, u64>,
     pub interfaces: Vec<String>,
+    /// Connection attempts judged, and how many of them failed.
+    pub attempts: u64,
+    pub failed: u64,
 }
 
 pub struct Printer<W: Write> {
@@ -51,6 +57,17 @@ impl<W: Write> Printer<W> {
         self.out.flush()
     }
 
+    pub fn verdict(&mut self, v: &Verdict) -> std::io::Result<()> {
+        match self.format {
+            Format::Json => {
+                serde_json::to_writer(&mut self.out, v)?;
+                writeln!(self.out)?;
+            }
+            Format::Text => write!(self.out, "{}", verdict_text(v))?,
+        }
+        self.out.flush()
+    }
+
     pub fn summary(&mut self, s: &Summary) -> std::io::Result<()> {
         match self.format {
             Format::Json => {
@@ -58,7 +75,11 @@ impl<W: Write> Printer<W> {
                 writeln!(self.out)?;
             }
             Format::Text => {
-                write!(self.out, "-- {} events", s.events)?;
+                write!(
+                    self.out,
+                    "-- {} events, {} attempts ({} failed)",
+                    s.events, s.attempts, s.failed
+                )?;
                 if s.lost > 0 {
                     write!(self.out, ", {} LOST (ring buffer full)", s.lost)?;
                 }
@@ -99,6 +120,74 @@ fn endpoint(ip: &std::net::IpAddr, port: u16) -> String {
         std::net::IpAddr::V4(a) => format!("{a}:{port}"),
         std::net::IpAddr::V6(a) => format!("[{a}]:{port}"),
     }
+}
+
+/// A verdict for a human: headline, who → whom, timeline, why, what next.
+pub fn verdict_text(v: &Verdict) -> String {
+    let mark = if v.outcome.is_failure() { "✗" } else { "✓" };
+    let ep = |e: &crate::verdict::Endpoint| {
+        let mut s = endpoint(&e.addr, e.port);
+        if let Some(ns) = &e.netns {
+            s.push_str(&format!(" [netns {ns}]"));
+        }
+        if let Some(p) = &e.process {
+            s.push_str(&format!(" {p}"));
+        }
+        s
+    };
+    let mut s = format!(
+        "{mark} {}
+  {} → {}",
+        v.headline,
+        ep(&v.client),
+        ep(&v.server)
+    );
+    if let Some(d) = &v.dialed {
+        s.push_str(&format!(" (dialled {})", endpoint(&d.addr, d.port)));
+    }
+    s.push('\n');
+    let t0 = v.timeline.first().map_or(0, |c| c.time_ns);
+    for c in &v.timeline {
+        s.push_str(&format!(
+            "    +{:>9.3} ms  {}\n",
+            (c.time_ns.saturating_sub(t0)) as f64 / 1e6,
+            c.what
+        ));
+    }
+    s.push_str(&format!("  why: {}\n", v.explanation));
+    if let Some(nf) = &v.netfilter {
+        s.push_str(&format!(
+            "  rule: {} {} {} chain {} #{}: {}\n",
+            nf.backend,
+            nf.family,
+            nf.table,
+            nf.chain,
+            nf.position
+                .map_or_else(|| "policy".into(), |p| p.to_string()),
+            nf.rule.as_deref().unwrap_or("(chain policy)")
+        ));
+    }
+    if !v.listeners.is_empty() {
+        let l: Vec<String> = v
+            .listeners
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}{}",
+                    l.endpoint(),
+                    l.comm
+                        .as_ref()
+                        .map(|c| format!(" ({c})"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        s.push_str(&format!("  listening there: {}\n", l.join(", ")));
+    }
+    for n in &v.next_steps {
+        s.push_str(&format!("  next: {n}\n"));
+    }
+    s
 }
 
 /// One line per event: time, what, where, the tuple, then the kind's details.

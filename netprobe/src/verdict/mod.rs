@@ -1,0 +1,687 @@
+//! The verdict engine: pure logic, no I/O. It groups enriched events into connection attempts
+//! (keyed by the client's address and port, which survive DNAT) and classifies each attempt
+//! with the evidence it has — never "policy" without a policy rule, never "refused" for a
+//! silent drop. Fed live by `trace`, and in tests from recorded event streams.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    enrich::{listeners::Listener, rules::Netfilter},
+    events::{DropInfo, Event, Kind},
+};
+
+pub const SCHEMA: &str = "netprobe.verdict/v1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Connected,
+    /// The kernel answered RST: no socket listens on that address and port.
+    RefusedNoListener,
+    /// A netfilter rule rejected the SYN (ICMP unreachable or TCP reset).
+    RefusedByRule,
+    /// A netfilter rule dropped the SYN silently: the client times out.
+    DroppedByRule,
+    /// Dropped inside netfilter, but the rule is not known (rule trace off or unavailable).
+    DroppedInNetfilter,
+    /// The kernel dropped it for another reason (rp_filter, no route, backlog, a tc program …).
+    DroppedByKernel,
+    /// An ICMP error came back (host/network unreachable …) without a rule on this node.
+    Unreachable,
+    /// The server side (or something on the way) answered with a reset.
+    ResetByPeer,
+    /// SYNs left and nothing came back, and nothing on this node dropped them.
+    TimedOut,
+    /// Not enough evidence (the trace ended before anything decisive).
+    Unknown,
+}
+
+impl Outcome {
+    pub fn is_failure(self) -> bool {
+        !matches!(self, Self::Connected | Self::Unknown)
+    }
+
+    pub fn headline(self) -> &'static str {
+        match self {
+            Self::Connected => "connected",
+            Self::RefusedNoListener => "refused: nothing listens there",
+            Self::RefusedByRule => "refused by a firewall rule",
+            Self::DroppedByRule => "silently dropped by a firewall rule (client sees a timeout)",
+            Self::DroppedInNetfilter => "silently dropped in netfilter (client sees a timeout)",
+            Self::DroppedByKernel => "dropped by the kernel",
+            Self::Unreachable => "unreachable (ICMP error)",
+            Self::ResetByPeer => "reset by the peer",
+            Self::TimedOut => "timed out, with no drop on this node",
+            Self::Unknown => "undetermined",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub time_ns: u64,
+    pub what: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub schema: String,
+    pub kind: String,
+    pub outcome: Outcome,
+    pub headline: String,
+    pub client: Endpoint,
+    /// Where the SYN finally went (after DNAT).
+    pub server: Endpoint,
+    /// The address the client dialled, when it differs (a ClusterIP before DNAT).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dialed: Option<Endpoint>,
+    pub timeline: Vec<Checkpoint>,
+    pub explanation: String,
+    pub next_steps: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drop: Option<DropInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netfilter: Option<Netfilter>,
+    /// Listeners in the server's namespace (for refusals).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<Listener>,
+    pub syn_retransmits: u32,
+    /// The errno the application got, if seen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_error: Option<String>,
+}
+
+/// What the engine knows besides events: the traced port, and listeners by namespace name.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    pub port: u16,
+    pub listeners: HashMap<String, Vec<Listener>>,
+}
+
+type Key = (IpAddr, u16);
+
+#[derive(Debug, Default)]
+struct Attempt {
+    events: Vec<Event>,
+    /// Userspace clock (caller's) when a terminal event was seen.
+    terminal_at: Option<u64>,
+}
+
+/// Time given to other sources (the netfilter trace arrives on another channel) after a
+/// terminal event before the verdict is final.
+pub const SETTLE_NS: u64 = 300_000_000;
+
+pub struct Engine {
+    ctx: Context,
+    attempts: HashMap<Key, Attempt>,
+    order: Vec<Key>,
+    done: HashSet<Key>,
+    /// Kernel socket → process that created the connection (from SYN_SENT in process context).
+    sock_process: HashMap<String, String>,
+    /// Kernel socket → attempt: state changes after close report port 0.
+    sock_key: HashMap<String, Key>,
+}
+
+fn flags(e: &Event) -> (bool, bool, bool) {
+    let has = |f: &str| e.tcp_flags.iter().any(|x| x == f);
+    (has("SYN"), has("ACK"), has("RST"))
+}
+
+impl Engine {
+    pub fn new(ctx: Context) -> Self {
+        Self {
+            ctx,
+            attempts: HashMap::new(),
+            order: Vec::new(),
+            done: HashSet::new(),
+            sock_process: HashMap::new(),
+            sock_key: HashMap::new(),
+        }
+    }
+
+    /// The client side of an event's tuple: the side whose port is not the traced one.
+    fn key(&self, e: &Event) -> Option<Key> {
+        let port = self.ctx.port;
+        let (syn, ack, _) = flags(e);
+        let client = if e.kind == Kind::Packet && syn {
+            if ack {
+                (e.dst, e.dport)
+            } else {
+                (e.src, e.sport)
+            }
+        } else if e.dport == port {
+            (e.src, e.sport)
+        } else if e.sport == port {
+            (e.dst, e.dport)
+        } else {
+            // DNAT to another port: the SYN direction decides.
+            (e.src, e.sport)
+        };
+        (client.1 != 0).then_some(client)
+    }
+
+    fn terminal(e: &Event, port: u16) -> bool {
+        match e.kind {
+            Kind::SocketError => true,
+            Kind::StateChange => {
+                let st = e.state.as_ref().expect("state_change has state");
+                let client_side = e.dport == port;
+                client_side
+                    && (st.new == "ESTABLISHED" || (st.old == "SYN_SENT" && st.new == "CLOSE"))
+            }
+            Kind::Netfilter => e.netfilter.as_ref().is_some_and(|n| n.action == "reject"),
+            Kind::SendReset => true,
+            Kind::Packet => {
+                let (syn, ack, rst) = flags(e);
+                (syn && ack) || rst
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds an event; `now` is the caller's clock (ns). Returns verdicts that became final.
+    pub fn push(&mut self, e: Event, now: u64) -> Vec<Verdict> {
+        if e.kind == Kind::StateChange
+            && let (Some(sock), Some(p)) = (&e.sock, &e.process)
+            && e.state.as_ref().is_some_and(|s| s.new == "SYN_SENT")
+        {
+            self.sock_process
+                .insert(sock.clone(), format!("{} (pid {})", p.comm, p.pid));
+        }
+        let key = match (self.key(&e), &e.sock) {
+            (Some(k), Some(sock)) => {
+                self.sock_key.insert(sock.clone(), k);
+                Some(k)
+            }
+            (Some(k), None) => Some(k),
+            (None, Some(sock)) => self.sock_key.get(sock).copied(),
+            (None, None) => None,
+        };
+        let Some(key) = key else {
+            return self.poll(now);
+        };
+        if self.done.contains(&key) {
+            return self.poll(now);
+        }
+        let terminal = Self::terminal(&e, self.ctx.port);
+        let a = self.attempts.entry(key).or_insert_with(|| {
+            self.order.push(key);
+            Attempt::default()
+        });
+        a.events.push(e);
+        if terminal && a.terminal_at.is_none() {
+            a.terminal_at = Some(now);
+        }
+        self.poll(now)
+    }
+
+    /// Verdicts whose settle time has passed.
+    pub fn poll(&mut self, now: u64) -> Vec<Verdict> {
+        let ready: Vec<Key> = self
+            .order
+            .iter()
+            .filter(|k| {
+                self.attempts
+                    .get(k)
+                    .and_then(|a| a.terminal_at)
+                    .is_some_and(|t| now >= t + SETTLE_NS)
+            })
+            .copied()
+            .collect();
+        ready.into_iter().filter_map(|k| self.take(k)).collect()
+    }
+
+    /// Everything still open, classified with what was seen (the trace is ending).
+    pub fn finish(&mut self) -> Vec<Verdict> {
+        let keys = self.order.clone();
+        keys.into_iter().filter_map(|k| self.take(k)).collect()
+    }
+
+    fn take(&mut self, key: Key) -> Option<Verdict> {
+        let a = self.attempts.remove(&key)?;
+        self.order.retain(|k| *k != key);
+        self.done.insert(key);
+        let mut events = a.events;
+        events.sort_by_key(|e| e.time_ns);
+        Some(classify(&events, key, &self.ctx, &self.sock_process))
+    }
+}
+
+fn endpoint_str(addr: IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+fn ns_name(e: &Event) -> Option<String> {
+    e.netns
+        .as_ref()
+        .map(|n| n.name.clone().unwrap_or_else(|| n.inode.to_string()))
+}
+
+fn checkpoint(e: &Event) -> String {
+    let at = match (&e.interface, ns_name(e)) {
+        (Some(i), Some(ns)) => format!(
+            " on {} in {ns}",
+            i.name.clone().unwrap_or_else(|| i.ifindex.to_string())
+        ),
+        (Some(i), None) => format!(
+            " on {}",
+            i.name.clone().unwrap_or_else(|| i.ifindex.to_string())
+        ),
+        (None, Some(ns)) => format!(" in {ns}"),
+        _ => String::new(),
+    };
+    let tuple = format!(
+        "{} > {}",
+        endpoint_str(e.src, e.sport),
+        endpoint_str(e.dst, e.dport)
+    );
+    match e.kind {
+        Kind::Packet => {
+            let what = if e.icmp.is_some() {
+                "ICMP unreachable".to_string()
+            } else {
+                e.tcp_flags.join("-")
+            };
+            format!(
+                "{what} {}{at} ({tuple})",
+                e.direction.as_deref().unwrap_or("")
+            )
+        }
+        Kind::Drop => {
+            let d = e.drop.as_ref().expect("drop info");
+            format!(
+                "dropped by the kernel: {} at {}{at} ({tuple})",
+                d.reason, d.location
+            )
+        }
+        Kind::SendReset => format!(
+            "kernel sent RST{}{at} (for {tuple})",
+            e.reset
+                .as_ref()
+                .and_then(|r| r.reason.clone())
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ),
+        Kind::ReceiveReset => format!("socket received RST{at}"),
+        Kind::Retransmit => format!(
+            "{} retransmitted{at} ({tuple})",
+            if e.tcp_flags.is_empty() {
+                "segment"
+            } else {
+                "SYN"
+            }
+        ),
+        Kind::StateChange => {
+            let s = e.state.as_ref().expect("state");
+            format!("{} → {}{at}", s.old, s.new)
+        }
+        Kind::SocketError => format!(
+            "application gets {}{at}",
+            e.error.as_ref().map(|x| x.name.clone()).unwrap_or_default()
+        ),
+        Kind::Netfilter => {
+            let n = e.netfilter.as_ref().expect("netfilter");
+            format!(
+                "{} by {} {} {} chain {} rule {}{at}",
+                n.action,
+                n.backend,
+                n.family,
+                n.table,
+                n.chain,
+                n.position
+                    .map_or_else(|| "(policy)".to_string(), |p| format!("#{p}"))
+            )
+        }
+    }
+}
+
+/// Classifies one attempt's events (sorted by time).
+pub fn classify(
+    events: &[Event],
+    client: Key,
+    ctx: &Context,
+    procs: &HashMap<String, String>,
+) -> Verdict {
+    let port = ctx.port;
+    let is_syn = |e: &Event| flags(e).0 && !flags(e).1;
+    let first_syn = events.iter().find(|e| e.kind == Kind::Packet && is_syn(e));
+    // The server as the SYN's last observation shows it (after DNAT), the dialled one as the first.
+    let syn_obs: Vec<&Event> = events
+        .iter()
+        .filter(|e| {
+            (e.src, e.sport) == client
+                && matches!(
+                    e.kind,
+                    Kind::Packet | Kind::Drop | Kind::Netfilter | Kind::SendReset
+                )
+        })
+        .collect();
+    let server_ev = syn_obs.last().copied().or(events.last());
+    let server_addr = server_ev.map_or((client.0, port), |e| (e.dst, e.dport));
+    let dialed_addr = events
+        .iter()
+        .find(|e| e.kind == Kind::StateChange && e.dport == port && (e.src, e.sport) == client)
+        .or(first_syn)
+        .map(|e| (e.dst, e.dport));
+    let client_ns = events
+        .iter()
+        .find(|e| {
+            // The client's own socket says where it lives; packets and drops only where they passed.
+            matches!(
+                e.kind,
+                Kind::StateChange | Kind::Retransmit | Kind::SocketError | Kind::ReceiveReset
+            ) && e.dport == port
+        })
+        .and_then(ns_name);
+    let process = events
+        .iter()
+        .find_map(|e| e.sock.as_ref().and_then(|s| procs.get(s)))
+        .cloned();
+    let netfilter = events.iter().find_map(|e| e.netfilter.clone());
+    let drops: Vec<&Event> = events.iter().filter(|e| e.kind == Kind::Drop).collect();
+    // Answered SYNs may be freed with NOT_SPECIFIED; QUEUE_PURGE etc. happen at close.
+    let syn_drop = drops
+        .iter()
+        .find(|d| is_syn(d) && d.drop.as_ref().is_some_and(|x| x.reason != "NOT_SPECIFIED"))
+        .copied();
+    let syn_ack = events
+        .iter()
+        .any(|e| e.kind == Kind::Packet && flags(e).0 && flags(e).1);
+    let established = events.iter().any(|e| {
+        e.kind == Kind::StateChange
+            && e.state.as_ref().is_some_and(|s| s.new == "ESTABLISHED")
+            && e.dport == port
+    });
+    let no_socket = drops
+        .iter()
+        .find(|d| d.drop.as_ref().is_some_and(|x| x.reason == "NO_SOCKET"))
+        .copied()
+        .or_else(|| {
+            events.iter().find(|e| {
+                e.kind == Kind::SendReset
+                    && e.reset.as_ref().and_then(|r| r.reason.as_deref()) == Some("NO_SOCKET")
+            })
+        });
+    let rst_from_server = events
+        .iter()
+        .any(|e| e.kind == Kind::Packet && flags(e).2 && e.sport == server_addr.1);
+    let icmp = events.iter().find(|e| e.icmp.is_some());
+    let retransmits = events
+        .iter()
+        .filter(|e| e.kind == Kind::Retransmit && !e.tcp_flags.is_empty())
+        .count() as u32;
+    let app_error = events.iter().rev().find_map(|e| {
+        e.error
+            .as_ref()
+            .filter(|x| x.errno != 0)
+            .map(|x| x.name.clone())
+    });
+    let last_egress = events
+        .iter()
+        .rev()
+        .find(|e| e.kind == Kind::Packet && is_syn(e) && e.direction.as_deref() == Some("egress"));
+
+    // Known only where the server side showed itself: its kernel answered, or its socket moved.
+    let server_ns = no_socket.and_then(ns_name).or_else(|| {
+        events
+            .iter()
+            .find(|e| {
+                e.kind == Kind::StateChange && e.sport == server_addr.1 && e.dport == client.1
+            })
+            .and_then(ns_name)
+    });
+    let mut listeners = Vec::new();
+    let mut next_steps = Vec::new();
+    let (outcome, explanation) = if let Some(nf) = &netfilter {
+        let rule = nf.rule.clone().unwrap_or_else(|| "(chain policy)".into());
+        next_steps.push(format!(
+            "inspect {} {} chain {}: {}",
+            nf.family, nf.table, nf.chain, rule
+        ));
+        match nf.owner.system.as_str() {
+            "calico" => next_steps.push(format!(
+                "check the Calico/Kubernetes NetworkPolicies selecting the destination pod{}",
+                if nf.owner.policies.is_empty() { String::new() } else { format!(": {}", nf.owner.policies.join(", ")) }
+            )),
+            "kube-proxy" => next_steps.push(format!(
+                "check the Service's endpoints: kubectl get endpointslices{}",
+                nf.owner.object.as_ref().map(|o| format!(" for {o}")).unwrap_or_default()
+            )),
+            "kube-router" => next_steps.push("check the NetworkPolicies selecting the destination pod (k3s network policy controller)".into()),
+            _ => next_steps.push("find out who installed this rule (a leftover of a previous CNI or manual change?)".into()),
+        }
+        let outcome = if nf.action == "reject" {
+            Outcome::RefusedByRule
+        } else {
+            Outcome::DroppedByRule
+        };
+        (
+            outcome,
+            format!(
+                "{}. The client sees {}.",
+                nf.owner.explanation, nf.client_sees
+            ),
+        )
+    } else if established || (syn_ack && !rst_from_server) {
+        (Outcome::Connected, "The handshake completed.".to_string())
+    } else if let Some(ns_ev) = no_socket {
+        let ns = ns_name(ns_ev);
+        listeners = ns
+            .as_ref()
+            .and_then(|n| ctx.listeners.get(n))
+            .cloned()
+            .unwrap_or_default();
+        let target = (ns_ev.dst, ns_ev.dport);
+        let mut why = format!(
+            "Nothing listens on {} in {}: the kernel answered the SYN with RST (NO_SOCKET) and the client gets ECONNREFUSED.",
+            endpoint_str(target.0, target.1),
+            ns.as_deref().unwrap_or("that network namespace")
+        );
+        let same_port: Vec<&Listener> = listeners.iter().filter(|l| l.port == target.1).collect();
+        if !same_port.is_empty() {
+            let l: Vec<String> = same_port.iter().map(|l| l.endpoint()).collect();
+            why.push_str(&format!(
+                " A server does listen on port {} but bound to {} only, which does not accept connections to {}.",
+                target.1,
+                l.join(", "),
+                target.0
+            ));
+            next_steps.push(format!("make the server listen on {} (or 0.0.0.0 / [::]), or connect to the address it is bound to", endpoint_str(target.0, target.1)));
+        } else if listeners.is_empty() {
+            why.push_str(" Nothing listens on any TCP port in this namespace.");
+            next_steps.push(
+                "check that the server process is running and has started listening (readiness)"
+                    .into(),
+            );
+        } else {
+            let l: Vec<String> = listeners
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{}{}",
+                        l.endpoint(),
+                        l.comm
+                            .as_ref()
+                            .map(|c| format!(" ({c})"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            why.push_str(&format!(" This namespace listens on: {}.", l.join(", ")));
+            next_steps.push(format!(
+                "is the server configured for port {}? it listens on {}",
+                target.1,
+                l.join(", ")
+            ));
+        }
+        for (other_ns, ls) in &ctx.listeners {
+            if Some(other_ns) != ns.as_ref()
+                && ls
+                    .iter()
+                    .any(|l| l.accepts(target.0, target.1) || l.port == target.1)
+            {
+                why.push_str(&format!(
+                    " Port {} is listened on in another namespace: {other_ns}.",
+                    target.1
+                ));
+            }
+        }
+        (Outcome::RefusedNoListener, why)
+    } else if let Some(d) = syn_drop {
+        let info = d.drop.as_ref().expect("drop");
+        if info.reason == "NETFILTER_DROP" {
+            let backend = if info.location.starts_with("nft_do_chain") {
+                "nf_tables (nftables or iptables-nft)"
+            } else {
+                "x_tables (iptables-legacy)"
+            };
+            next_steps.push("run the trace without --no-rule-trace to name the rule".into());
+            (
+                Outcome::DroppedInNetfilter,
+                format!(
+                    "A netfilter rule in {backend} dropped the SYN{}; the rule was not traced.",
+                    ns_name(d).map(|n| format!(" in {n}")).unwrap_or_default()
+                ),
+            )
+        } else {
+            let hint = match info.reason.as_str() {
+                "IP_RPFILTER" => {
+                    "reverse-path filtering (rp_filter): the source address is not routed back through the interface it came in on"
+                }
+                "IP_NOROUTE" | "IP_OUTNOROUTES" => "there is no route to the destination",
+                "IP_INADDRERRORS" | "IP_INNOROUTES" => {
+                    "the destination address is not routable here (martian or no route)"
+                }
+                "TC_INGRESS" | "TC_EGRESS" => {
+                    "a tc program (e.g. Calico's eBPF dataplane or Cilium) returned drop on this interface"
+                }
+                "TCP_LISTEN_OVERFLOW" | "SOCKET_BACKLOG" => "the listener's accept backlog is full",
+                "NEIGH_FAILED" | "NEIGH_QUEUEFULL" => {
+                    "the next hop did not answer ARP/neighbour discovery"
+                }
+                _ => "see the kernel drop reason",
+            };
+            next_steps.push(format!(
+                "kernel drop reason {} at {}",
+                info.reason, info.location
+            ));
+            (
+                Outcome::DroppedByKernel,
+                format!(
+                    "The kernel dropped the SYN{}: {} ({hint}).",
+                    d.interface
+                        .as_ref()
+                        .and_then(|i| i.name.clone())
+                        .map(|n| format!(" on {n}"))
+                        .unwrap_or_default(),
+                    info.reason
+                ),
+            )
+        }
+    } else if let Some(i) = icmp {
+        let c = i.icmp.as_ref().expect("icmp");
+        (
+            Outcome::Unreachable,
+            format!(
+                "An ICMP error (type {} code {}) came back from {} without a rule on this node rejecting it.",
+                c.icmp_type,
+                c.code,
+                endpoint_str(i.src, 0).trim_end_matches(":0")
+            ),
+        )
+    } else if rst_from_server || events.iter().any(|e| e.kind == Kind::ReceiveReset) {
+        (Outcome::ResetByPeer, "The peer answered with a reset, not the local kernel: something on the server side (or a middlebox) rejected the connection.".into())
+    } else if retransmits > 0 || app_error.as_deref() == Some("ETIMEDOUT") || first_syn.is_some() {
+        let via = last_egress
+            .map(|e| {
+                format!(
+                    " The SYN last left via {}{}.",
+                    e.interface
+                        .as_ref()
+                        .and_then(|i| i.name.clone())
+                        .unwrap_or_else(|| "?".into()),
+                    ns_name(e).map(|n| format!(" in {n}")).unwrap_or_default()
+                )
+            })
+            .unwrap_or_default();
+        next_steps.push("look at the next hop: the destination node or pod, the overlay (VXLAN/IPIP) and underlay routing".into());
+        (
+            Outcome::TimedOut,
+            format!(
+                "SYNs were sent ({retransmits} retransmits) and nothing answered, and nothing on this node dropped them.{via}"
+            ),
+        )
+    } else {
+        (
+            Outcome::Unknown,
+            "The trace ended before the attempt showed a result.".into(),
+        )
+    };
+
+    let timeline = events
+        .iter()
+        .map(|e| Checkpoint {
+            time_ns: e.time_ns,
+            what: checkpoint(e),
+        })
+        .collect();
+    let server = Endpoint {
+        addr: server_addr.0,
+        port: server_addr.1,
+        netns: server_ns,
+        process: None,
+    };
+    let dialed = dialed_addr
+        .filter(|d| *d != server_addr)
+        .map(|(addr, port)| Endpoint {
+            addr,
+            port,
+            netns: None,
+            process: None,
+        });
+    Verdict {
+        schema: SCHEMA.into(),
+        kind: "verdict".into(),
+        outcome,
+        headline: outcome.headline().into(),
+        client: Endpoint {
+            addr: client.0,
+            port: client.1,
+            netns: client_ns,
+            process,
+        },
+        server,
+        dialed,
+        timeline,
+        explanation,
+        next_steps,
+        drop: syn_drop
+            .or(no_socket.filter(|e| e.kind == Kind::Drop))
+            .and_then(|e| e.drop.clone()),
+        netfilter,
+        listeners,
+        syn_retransmits: retransmits,
+        app_error,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,186 @@
+//! Verdicts from event streams recorded in the lab (`netprobe trace --events -o json`), saved in
+//! `fixtures/`. Each fixture is the real output of one scenario; the context (listeners) is what
+//! the lab had at the time.
+
+use super::*;
+
+fn load(name: &str) -> Vec<Event> {
+    let path = format!(
+        "{}/src/verdict/fixtures/{name}.ndjson",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .lines()
+        .filter(|l| !l.contains("\"kind\":\"summary\""))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{path}: {e}: {l}")))
+        .collect()
+}
+
+fn run(name: &str, ctx: Context) -> Vec<Verdict> {
+    let mut engine = Engine::new(ctx);
+    let mut out = Vec::new();
+    for (i, e) in load(name).into_iter().enumerate() {
+        out.extend(engine.push(e, i as u64));
+    }
+    out.extend(engine.finish());
+    out
+}
+
+fn listener(addr: &str, port: u16) -> Listener {
+    Listener {
+        addr: addr.parse().unwrap(),
+        port,
+        v6only: false,
+        pid: Some(1),
+        comm: Some("mlserver".into()),
+    }
+}
+
+fn ctx(port: u16, ns: &str, listeners: Vec<Listener>) -> Context {
+    Context {
+        port,
+        listeners: HashMap::from([(ns.to_string(), listeners)]),
+    }
+}
+
+#[test]
+fn s2_nothing_on_9500_while_the_server_listens_on_9000() {
+    let v = run(
+        "s2_refused",
+        ctx(9500, "pod", vec![listener("127.0.0.1", 9000)]),
+    );
+    assert_eq!(v.len(), 1, "{v:#?}");
+    let v = &v[0];
+    assert_eq!(v.outcome, Outcome::RefusedNoListener);
+    assert_eq!(v.server.addr.to_string(), "127.0.0.1");
+    assert_eq!(v.server.port, 9500);
+    assert_eq!(v.server.netns.as_deref(), Some("pod"));
+    assert!(
+        v.explanation.contains("Nothing listens on 127.0.0.1:9500"),
+        "{}",
+        v.explanation
+    );
+    assert!(
+        v.explanation.contains("127.0.0.1:9000"),
+        "{}",
+        v.explanation
+    );
+    assert_eq!(v.listeners.len(), 1);
+    assert_eq!(v.drop.as_ref().unwrap().reason, "NO_SOCKET");
+    assert_eq!(v.app_error.as_deref(), Some("ECONNREFUSED"));
+    assert!(v.netfilter.is_none(), "never a rule without rule evidence");
+}
+
+#[test]
+fn s2_server_bound_to_ipv6_loopback_only() {
+    let v = run("s2_refused", ctx(9500, "pod", vec![listener("::1", 9500)]));
+    assert_eq!(v[0].outcome, Outcome::RefusedNoListener);
+    assert!(
+        v[0].explanation.contains("bound to [::1]:9500 only"),
+        "{}",
+        v[0].explanation
+    );
+}
+
+#[test]
+fn s1_calico_end_of_tier_is_a_silent_drop_by_rule_naming_the_policy() {
+    let v = run(
+        "s1_calico",
+        Context {
+            port: 9004,
+            ..Default::default()
+        },
+    );
+    assert_eq!(v.len(), 1, "{v:#?}");
+    let v = &v[0];
+    assert_eq!(v.outcome, Outcome::DroppedByRule);
+    let nf = v.netfilter.as_ref().unwrap();
+    assert_eq!(
+        nf.owner.policies,
+        vec!["financial-inference/scheduler-allow-xds"]
+    );
+    assert!(
+        v.explanation.contains("none of them admits this flow"),
+        "{}",
+        v.explanation
+    );
+    assert!(
+        v.explanation.contains("timeout"),
+        "never 'refused' for a silent drop: {}",
+        v.explanation
+    );
+    assert_eq!(v.dialed.as_ref().unwrap().addr.to_string(), "10.43.51.131");
+    assert_eq!(v.server.addr.to_string(), "10.42.0.30");
+    assert_eq!(
+        v.client.netns.as_deref(),
+        Some("client"),
+        "where the client socket lives"
+    );
+    assert_eq!(v.server.netns, None, "the SYN never reached the server");
+}
+
+#[test]
+fn kube_proxy_no_endpoints_is_refused_by_rule() {
+    let v = run(
+        "kube_proxy_reject",
+        Context {
+            port: 9004,
+            ..Default::default()
+        },
+    );
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].outcome, Outcome::RefusedByRule);
+    assert_eq!(
+        v[0].netfilter.as_ref().unwrap().owner.object.as_deref(),
+        Some("financial-inference/seldon-scheduler:xds")
+    );
+}
+
+#[test]
+fn rp_filter_drop_is_a_kernel_drop_not_a_policy() {
+    let v = run(
+        "rp_filter",
+        Context {
+            port: 9004,
+            ..Default::default()
+        },
+    );
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].outcome, Outcome::DroppedByKernel);
+    assert_eq!(v[0].drop.as_ref().unwrap().reason, "IP_RPFILTER");
+    assert!(v[0].netfilter.is_none());
+    assert!(
+        !v[0].explanation.to_lowercase().contains("policy"),
+        "{}",
+        v[0].explanation
+    );
+}
+
+#[test]
+fn plain_success_is_connected() {
+    let v = run(
+        "success",
+        Context {
+            port: 9005,
+            ..Default::default()
+        },
+    );
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].outcome, Outcome::Connected);
+    assert!(!v[0].outcome.is_failure());
+}
+
+#[test]
+fn verdicts_wait_for_the_settle_time_then_come_once() {
+    let events = load("s2_refused");
+    let mut engine = Engine::new(ctx(9500, "pod", vec![]));
+    let mut early = Vec::new();
+    for e in events {
+        early.extend(engine.push(e, 0));
+    }
+    assert!(early.is_empty(), "nothing before the settle time");
+    assert_eq!(engine.poll(SETTLE_NS).len(), 1);
+    assert!(engine.poll(10 * SETTLE_NS).is_empty());
+    assert!(engine.finish().is_empty());
+}
