@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod kubeapi;
 pub mod rules;
 
 const PREFIX: &str = "np-";
@@ -83,6 +84,8 @@ pub struct Lab {
     node: String,
     namespaces: Vec<String>,
     children: Vec<Child>,
+    /// Never reused, so a recreated pod gets a new namespace name.
+    next_id: usize,
 }
 
 fn run(args: &[&str]) -> Result<String> {
@@ -129,6 +132,7 @@ impl Lab {
             node: node.clone(),
             namespaces: Vec::new(),
             children: Vec::new(),
+            next_id: 1,
         };
         let _ = run(&["ip", "netns", "del", &node]);
         run(&["ip", "netns", "add", &node])?;
@@ -152,12 +156,13 @@ impl Lab {
 
     /// A pod wired the way Calico wires it.
     pub fn add_pod(&mut self, namespace: &str, pod: &str, ip: Ipv4Addr) -> Result<Pod> {
-        let netns = format!("{}-{}", self.tag, self.namespaces.len());
+        let netns = format!("{}-{}", self.tag, self.next_id);
+        self.next_id += 1;
         let host_if = calico_iface(namespace, pod);
         let _ = run(&["ip", "netns", "del", &netns]);
         run(&["ip", "netns", "add", &netns])?;
         self.namespaces.push(netns.clone());
-        let tmp = format!("nptmp{}", self.namespaces.len());
+        let tmp = format!("nptmp{}", self.next_id);
         self.sh(
             &self.node,
             &format!(
@@ -165,6 +170,7 @@ impl Lab {
                  ip link set {tmp} netns {netns}
                  ip link set {host_if} up
                  sysctl -qw net.ipv4.conf.{host_if}.proxy_arp=1
+                 sysctl -qw net.ipv4.neigh.{host_if}.proxy_delay=0
                  sysctl -qw net.ipv4.conf.{host_if}.forwarding=1
                  ip route add {ip}/32 dev {host_if} scope link"
             ),
@@ -187,6 +193,13 @@ impl Lab {
             ip,
             host_if,
         })
+    }
+
+    /// Deletes a pod's namespace (its veth pair goes with it), like a pod being deleted.
+    pub fn remove_pod(&mut self, pod: &Pod) -> Result<()> {
+        run(&["ip", "netns", "del", &pod.netns])?;
+        self.namespaces.retain(|n| n != &pod.netns);
+        Ok(())
     }
 
     /// `sh -ec SCRIPT` inside a namespace; stdout on success, stderr and the script on failure.

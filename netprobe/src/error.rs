@@ -66,6 +66,19 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("Kubernetes API: {what}: {reason}")]
+    Kube { what: String, reason: String },
+    #[error("pod `{name}`{} not found on this node's API inventory", namespace.as_ref().map(|n| format!(" in namespace `{n}`")).unwrap_or_default())]
+    UnknownPod {
+        namespace: Option<String>,
+        name: String,
+    },
+    #[error("pod name `{name}` is ambiguous: it exists in namespaces {namespaces}; use -n")]
+    AmbiguousPod { name: String, namespaces: String },
+    #[error(
+        "pod {namespace}/{name} has no network namespace on this node (is it scheduled here and running?)"
+    )]
+    PodNotHere { namespace: String, name: String },
     #[error("invalid address `{0}`")]
     BadAddress(String),
 }

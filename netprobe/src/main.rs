@@ -74,6 +74,16 @@ enum Command {
         /// Stop after this many verdicts. Example: --count 1
         #[arg(long)]
         count: Option<u64>,
+        /// Trace connections to or from this pod: found through the Kubernetes API (KUBECONFIG or
+        /// in-cluster config); its network namespace joins the trace. Example: --pod mlserver-0
+        #[arg(long, conflicts_with = "netns")]
+        pod: Option<String>,
+        /// Namespace of --pod. Example: -n financial-ml
+        #[arg(short = 'n', long, requires = "pod")]
+        namespace: Option<String>,
+        /// This node's name: the inventory then lists only this node's pods.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
         /// Also write every event to FILE as NDJSON (for offline analysis or a bug report).
         #[arg(long, value_name = "FILE")]
         record: Option<PathBuf>,
@@ -155,6 +165,9 @@ fn main() -> ExitCode {
             events,
             count,
             record,
+            pod,
+            namespace,
+            node_name,
             no_rule_trace,
             ready_file,
         } => {
@@ -169,6 +182,9 @@ fn main() -> ExitCode {
                 count,
                 record,
                 ready_file,
+                pod,
+                namespace,
+                node_name,
             };
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -283,6 +283,54 @@ pub fn tcp_listeners() -> Result<Vec<ListenSocket>> {
     Ok(out)
 }
 
+const RTM_NEWADDR: u16 = 20;
+const RTM_GETADDR: u16 = 22;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+const IFADDRMSG_LEN: usize = 8;
+
+/// Parses the body of an RTM_NEWADDR message: the interface's own address.
+pub fn parse_addr(body: &[u8]) -> Option<std::net::IpAddr> {
+    if body.len() < IFADDRMSG_LEN {
+        return None;
+    }
+    let (mut local, mut address) = (None, None);
+    for (ty, p) in attrs(&body[IFADDRMSG_LEN..]) {
+        let ip = match p.len() {
+            4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(p).ok()?)),
+            16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(p).ok()?)),
+            _ => None,
+        };
+        match ty {
+            IFA_LOCAL => local = ip,
+            IFA_ADDRESS => address = ip,
+            _ => {}
+        }
+    }
+    local.or(address)
+}
+
+/// Every address of the calling thread's network namespace.
+pub fn addresses() -> Result<Vec<std::net::IpAddr>> {
+    let err = |source| Error::Netlink {
+        what: "RTM_GETADDR dump",
+        source,
+    };
+    let sock = Socket::route().map_err(err)?;
+    sock.send(RTM_GETADDR, NLM_F_DUMP, &[0u8; IFADDRMSG_LEN])
+        .map_err(err)?;
+    let mut out = Vec::new();
+    sock.recv_all(false, |ty, body| {
+        if ty == RTM_NEWADDR
+            && let Some(a) = parse_addr(body)
+        {
+            out.push(a);
+        }
+    })
+    .map_err(err)?;
+    Ok(out)
+}
+
 /// Every link of the calling thread's network namespace.
 pub fn links() -> Result<Vec<Link>> {
     let err = |source| Error::Netlink {
@@ -393,6 +441,12 @@ mod tests {
                 .any(|s| s.port == port && s.addr.to_string() == "127.0.0.1" && s.inode != 0),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn lists_addresses_of_this_namespace() {
+        let addrs = addresses().expect("RTM_GETADDR");
+        assert!(addrs.contains(&"127.0.0.1".parse().unwrap()), "{addrs:?}");
     }
 
     #[test]

@@ -11,7 +11,9 @@ use crate::{
     },
     enrich::{
         Enricher,
+        kube::{self, KubeSource},
         listeners::listeners_in,
+        pods::{Inventory, cgroup_of},
         rules::{PathCollector, attribute, attribute_legacy, fetch_ruleset, legacy, path_tuple},
     },
     error::{Error, Result},
@@ -40,6 +42,126 @@ pub struct TraceOptions {
     pub record: Option<PathBuf>,
     /// Created once every probe is attached (lets scripts and tests start traffic then).
     pub ready_file: Option<PathBuf>,
+    /// Trace connections to or from this pod (resolved through the Kubernetes API).
+    pub pod: Option<String>,
+    /// Namespace of `pod`.
+    pub namespace: Option<String>,
+    /// This node's name (NODE_NAME): the inventory then holds only its pods.
+    pub node_name: Option<String>,
+}
+
+/// Pods and Services from the API, bound to this node's network namespaces.
+struct PodContext {
+    kube: KubeSource,
+    inventory: Inventory,
+    /// netns inode → its addresses (pods are bound to namespaces by IP).
+    addrs: Vec<(u64, Vec<IpAddr>)>,
+    /// netns name → inode (verdicts carry names).
+    inodes: std::collections::HashMap<String, u64>,
+}
+
+impl PodContext {
+    fn refresh(&mut self) {
+        let mut inv = self.kube.inventory();
+        for (ino, a) in &self.addrs {
+            inv.bind_netns(*ino, a);
+        }
+        self.inventory = inv;
+    }
+
+    /// Re-reads which namespaces hang off this node and their addresses (a recreated pod has a
+    /// new namespace and IP), then the API's view. Returns namespaces not seen before.
+    fn rescan(&mut self, current: &NetnsRef) -> Vec<NetnsRef> {
+        let mut fresh = Vec::new();
+        let mut candidates = vec![current.clone()];
+        candidates.extend(netns::veth_peers().unwrap_or_default());
+        let mut addrs = Vec::new();
+        for ns in &candidates {
+            if let Ok(Ok(a)) = ns.run(netlink::addresses) {
+                addrs.push((ns.inode, a));
+            }
+            if self.inodes.insert(ns.name.clone(), ns.inode).is_none() {
+                fresh.push(ns.clone());
+            }
+        }
+        self.addrs = addrs;
+        self.refresh();
+        fresh
+    }
+
+    fn annotate_event(&self, e: &mut crate::events::Event) {
+        let ns = e.netns.as_ref().map(|n| n.inode);
+        // The process is known in process context (connect()): its cgroup names the container.
+        let cgroup = e.process.as_ref().and_then(|p| cgroup_of(p.pid));
+        e.source = Some(self.inventory.peer(e.src, e.sport, ns, cgroup.as_deref()));
+        e.destination = Some(self.inventory.peer(e.dst, e.dport, ns, None));
+    }
+
+    fn annotate_verdict(&self, v: &mut crate::verdict::Verdict) {
+        let inode = |n: &Option<String>| n.as_ref().and_then(|n| self.inodes.get(n)).copied();
+        let cgroup = v.client.pid.and_then(cgroup_of);
+        v.client.peer = Some(self.inventory.peer(
+            v.client.addr,
+            v.client.port,
+            inode(&v.client.netns),
+            cgroup.as_deref(),
+        ));
+        v.server.peer =
+            Some(
+                self.inventory
+                    .peer(v.server.addr, v.server.port, inode(&v.server.netns), None),
+            );
+        if let Some(d) = &mut v.dialed {
+            d.peer = Some(self.inventory.peer(d.addr, d.port, None, None));
+        }
+        if let Some(nf) = &mut v.netfilter
+            && let Some(iface) = &nf.owner.interface
+            && let Some(pod) = self.inventory.pod_of_calico_iface(iface)
+        {
+            nf.owner.workload = Some(format!("{}/{}", pod.namespace, pod.name));
+            nf.owner.explanation = nf.owner.explanation.replacen(
+                iface.as_str(),
+                &format!("{iface} = pod {}/{}", pod.namespace, pod.name),
+                1,
+            );
+            v.explanation = v.explanation.replacen(
+                iface.as_str(),
+                &format!("{iface} = pod {}/{}", pod.namespace, pod.name),
+                1,
+            );
+        }
+        let server_ns = inode(&v.server.netns);
+        for l in &mut v.listeners {
+            let cg = l.pid.and_then(cgroup_of);
+            l.container = self
+                .inventory
+                .peer(l.addr, l.port, server_ns, cg.as_deref())
+                .container;
+        }
+        // What the pod declares versus what listens: the classic S2 misconfiguration.
+        if v.outcome == crate::verdict::Outcome::RefusedNoListener
+            && let Some(peer) = &v.server.peer
+            && let (Some(ns), Some(name)) = (&peer.namespace, &peer.pod)
+            && let Some(pod) = self.inventory.find_pod(Some(ns), name).first()
+        {
+            let declared: Vec<String> = pod
+                .ports
+                .iter()
+                .map(|(c, p)| format!("{p} ({c})"))
+                .collect();
+            if let Some((c, _)) = pod.ports.iter().find(|(_, p)| *p == v.server.port) {
+                v.explanation.push_str(&format!(
+                    " Pod {ns}/{name} declares containerPort {} in container {c}, but nothing listens on it.",
+                    v.server.port
+                ));
+            } else if !declared.is_empty() {
+                v.explanation.push_str(&format!(
+                    " Pod {ns}/{name} declares containerPorts {}.",
+                    declared.join(", ")
+                ));
+            }
+        }
+    }
 }
 
 /// Prints verdicts and counts them; false when the output is gone.
@@ -48,8 +170,12 @@ fn print_verdicts<W: Write>(
     printer: &mut Printer<W>,
     attempts: &std::cell::Cell<u64>,
     failed: &std::cell::Cell<u64>,
+    pods: Option<&PodContext>,
 ) -> bool {
-    for v in verdicts {
+    for mut v in verdicts {
+        if let Some(p) = pods {
+            p.annotate_verdict(&mut v);
+        }
         if v.outcome == crate::verdict::Outcome::Unknown
             && v.timeline.iter().all(|c| !c.what.contains("SYN"))
         {
@@ -65,6 +191,48 @@ fn print_verdicts<W: Write>(
         }
     }
     true
+}
+
+/// Starts the inventory when a pod is traced or an API server is configured. Without a pod, an
+/// unreachable API only costs the names (a warning), never the trace.
+async fn pod_context(opts: &TraceOptions, current: &NetnsRef) -> Result<Option<PodContext>> {
+    if opts.pod.is_none() && !kube::configured() {
+        return Ok(None);
+    }
+    let started = async {
+        let source = KubeSource::start(opts.node_name.as_deref()).await?;
+        source
+            .wait_ready(std::time::Duration::from_secs(15))
+            .await?;
+        Ok::<_, Error>(source)
+    }
+    .await;
+    let source = match started {
+        Ok(s) => s,
+        Err(e) if opts.pod.is_none() => {
+            eprintln!("netprobe: WARNING: no pod names: {e}");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let mut candidates = vec![current.clone()];
+    candidates.extend(netns::veth_peers()?);
+    let mut addrs = Vec::new();
+    let mut inodes = std::collections::HashMap::new();
+    for ns in &candidates {
+        inodes.insert(ns.name.clone(), ns.inode);
+        if let Ok(Ok(a)) = ns.run(netlink::addresses) {
+            addrs.push((ns.inode, a));
+        }
+    }
+    let mut ctx = PodContext {
+        kube: source,
+        inventory: Inventory::default(),
+        addrs,
+        inodes,
+    };
+    ctx.refresh();
+    Ok(Some(ctx))
 }
 
 pub fn require_root() -> Result<()> {
@@ -106,7 +274,46 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     })?;
 
     let current = NetnsRef::current()?;
-    let (scope, attach_in): (Vec<NetnsRef>, Vec<NetnsRef>) = if opts.netns.is_empty() {
+    let mut pods = pod_context(&opts, &current).await?;
+    let (scope, attach_in): (Vec<NetnsRef>, Vec<NetnsRef>) = if let Some(name) = &opts.pod {
+        let p = pods.as_ref().expect("a pod trace has an inventory");
+        let found = p.inventory.find_pod(opts.namespace.as_deref(), name);
+        let pod = match found.as_slice() {
+            [] => {
+                return Err(Error::UnknownPod {
+                    namespace: opts.namespace.clone(),
+                    name: name.clone(),
+                });
+            }
+            [one] => *one,
+            many => {
+                return Err(Error::AmbiguousPod {
+                    name: name.clone(),
+                    namespaces: many
+                        .iter()
+                        .map(|p| p.namespace.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        };
+        if pod.host_network {
+            (vec![current.clone()], vec![current])
+        } else {
+            let ino = p.inventory.netns_of(pod).ok_or_else(|| Error::PodNotHere {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+            })?;
+            let pod_ns = netns::veth_peers()?
+                .into_iter()
+                .find(|n| n.inode == ino)
+                .ok_or_else(|| Error::PodNotHere {
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                })?;
+            (vec![current.clone(), pod_ns.clone()], vec![current, pod_ns])
+        }
+    } else if opts.netns.is_empty() {
         let mut scope = vec![current.clone()];
         scope.extend(netns::veth_peers()?);
         (scope, vec![current])
@@ -129,8 +336,13 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
         }
     }
     probes.attach_tracepoints(&btf)?;
-    for ns in &attach_in {
-        for a in probes.attach_tc(ns, |l| l.up || l.name == "lo")? {
+    for (i, ns) in attach_in.iter().enumerate() {
+        // lo has ifindex 1 in every namespace: with a pod's namespace attached too, the node's lo
+        // is left out so that tc events on lo name their namespace unambiguously.
+        let skip_lo = opts.pod.is_some() && attach_in.len() > 1 && i == 0;
+        for a in probes.attach_tc(ns, |l| {
+            (l.up || l.name == "lo") && !(skip_lo && l.name == "lo")
+        })? {
             enricher.add_tc(&a);
         }
     }
@@ -228,8 +440,12 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
         ))),
         None => None,
     };
-    let deliver = |e: crate::events::Event, printer: &mut Printer<_>| {
+    let pods = std::cell::RefCell::new(pods.take());
+    let deliver = |mut e: crate::events::Event, printer: &mut Printer<_>| {
         events.set(events.get() + 1);
+        if let Some(p) = pods.borrow().as_ref() {
+            p.annotate_event(&mut e);
+        }
         if let Some(r) = &record {
             let mut r = r.borrow_mut();
             let _ = serde_json::to_writer(&mut *r, &e);
@@ -239,7 +455,13 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             printer.event(&e).is_ok()
         } else {
             let verdicts = engine.borrow_mut().push(e, now());
-            print_verdicts(verdicts, printer, &attempts, &failed)
+            print_verdicts(
+                verdicts,
+                printer,
+                &attempts,
+                &failed,
+                pods.borrow().as_ref(),
+            )
         };
         if !ok {
             write_failed.set(true);
@@ -278,6 +500,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     };
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    let mut ticks = 0u64;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("installing SIGTERM handler", e))?;
     loop {
@@ -287,8 +510,23 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
             _ = tick.tick() => {
+                ticks += 1;
+                if ticks.is_multiple_of(10) && opts.netns.is_empty() && opts.pod.is_none()
+                    && let Some(p) = pods.borrow_mut().as_mut()
+                {
+                    // Pods come and go (a recreated pod has a new namespace and IP): follow them.
+                    let fresh = p.rescan(&scope[0]);
+                    for ns in &fresh {
+                        enricher.add_netns(ns.inode, &ns.name);
+                    }
+                    if !fresh.is_empty() {
+                        probes.set_netns_filter(&fresh.iter().map(|n| n.inode).collect::<Vec<_>>())?;
+                    }
+                } else if ticks.is_multiple_of(10) && let Some(p) = pods.borrow_mut().as_mut() {
+                    p.refresh();
+                }
                 let verdicts = engine.borrow_mut().poll(now());
-                if !print_verdicts(verdicts, &mut printer, &attempts, &failed) {
+                if !print_verdicts(verdicts, &mut printer, &attempts, &failed, pods.borrow().as_ref()) {
                     write_failed.set(true);
                 }
             }
@@ -317,7 +555,13 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     reader.drain(|raw| emit(raw, &mut printer));
     if !opts.events && opts.count.is_none_or(|n| attempts.get() < n) {
         let verdicts = engine.borrow_mut().finish();
-        if !print_verdicts(verdicts, &mut printer, &attempts, &failed) {
+        if !print_verdicts(
+            verdicts,
+            &mut printer,
+            &attempts,
+            &failed,
+            pods.borrow().as_ref(),
+        ) {
             write_failed.set(true);
         }
     }

@@ -25,15 +25,20 @@ pub struct TraceRun {
 pub fn start_trace(netns: &str, args: &[&str]) -> TraceRun {
     let mut all = vec!["--events"];
     all.extend_from_slice(args);
-    spawn_trace(netns, &all)
+    spawn_trace(netns, &all, &[])
 }
 
 /// Starts a trace in verdict mode (the default).
 pub fn start_verdict_trace(netns: &str, args: &[&str]) -> TraceRun {
-    spawn_trace(netns, args)
+    spawn_trace(netns, args, &[])
 }
 
-fn spawn_trace(netns: &str, args: &[&str]) -> TraceRun {
+/// Starts a trace in verdict mode with extra environment (e.g. KUBECONFIG).
+pub fn start_verdict_trace_env(netns: &str, args: &[&str], env: &[(&str, &str)]) -> TraceRun {
+    spawn_trace(netns, args, env)
+}
+
+fn spawn_trace(netns: &str, args: &[&str], env: &[(&str, &str)]) -> TraceRun {
     netprobe_lab::require_root();
     let ready = std::env::temp_dir().join(format!(
         "netprobe-ready-{}-{}",
@@ -54,6 +59,7 @@ fn spawn_trace(netns: &str, args: &[&str]) -> TraceRun {
         ])
         .arg(&ready)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -18,6 +18,9 @@ pub struct Listener {
     pub pid: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
+    /// Container of the owning process, when the inventory knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 impl Listener {
@@ -98,6 +101,7 @@ pub fn listeners_in(ns: &NetnsRef) -> Result<Vec<Listener>> {
                 v6only: s.v6only,
                 pid: owner.map(|o| o.0),
                 comm: owner.map(|o| o.1.clone()),
+                container: None,
             }
         })
         .collect();
@@ -117,6 +121,7 @@ mod tests {
             v6only,
             pid: None,
             comm: None,
+            container: None,
         }
     }
 

@@ -3,7 +3,9 @@
 //! come in later stages of this module.
 
 pub mod kallsyms;
+pub mod kube;
 pub mod listeners;
+pub mod pods;
 pub mod rules;
 
 use std::collections::HashMap;
@@ -21,7 +23,8 @@ pub struct Enricher {
     drop_reasons: HashMap<u32, String>,
     rst_reasons: HashMap<u32, String>,
     kallsyms: Kallsyms,
-    netns_names: HashMap<u64, String>,
+    /// Grows during a trace (new pods), hence shared mutability.
+    netns_names: std::cell::RefCell<HashMap<u64, String>>,
     /// ifindex → attachments with that index (lo is 1 in every namespace).
     tc: HashMap<u32, Vec<TcAttachment>>,
     /// (netns, ifindex) → name, for interfaces seen by tracepoints.
@@ -39,7 +42,7 @@ impl Enricher {
                 .enum_names("sk_rst_reason", "SK_RST_REASON_")
                 .unwrap_or_default(),
             kallsyms: Kallsyms::load(),
-            netns_names: HashMap::new(),
+            netns_names: Default::default(),
             tc: HashMap::new(),
             ifnames: HashMap::new(),
             realtime_offset_ns: realtime_offset_ns(),
@@ -53,8 +56,10 @@ impl Enricher {
             .unwrap_or_else(|| format!("REASON_{code}"))
     }
 
-    pub fn add_netns(&mut self, inode: u64, name: &str) {
-        self.netns_names.insert(inode, name.to_string());
+    pub fn add_netns(&self, inode: u64, name: &str) {
+        self.netns_names
+            .borrow_mut()
+            .insert(inode, name.to_string());
     }
 
     pub fn add_interface(&mut self, netns: u64, ifindex: u32, name: &str) {
@@ -83,7 +88,7 @@ impl Enricher {
     pub fn netns(&self, inode: u64) -> Netns {
         Netns {
             inode,
-            name: self.netns_names.get(&inode).cloned(),
+            name: self.netns_names.borrow().get(&inode).cloned(),
         }
     }
 

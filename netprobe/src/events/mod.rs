@@ -144,6 +144,12 @@ pub struct Event {
     pub process: Option<Process>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netfilter: Option<crate::enrich::rules::Netfilter>,
+    /// Pod/container/node/Service of the source and destination addresses, when an inventory is
+    /// available (fields it cannot name are null: unknown, never guessed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::enrich::pods::Peer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<crate::enrich::pods::Peer>,
     /// Kernel `sk_buff` address: equal values are the same packet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skb: Option<String>,
@@ -256,6 +262,8 @@ pub fn netfilter(
         icmp: None,
         process: None,
         netfilter: Some(nf),
+        source: None,
+        destination: None,
         skb: None,
         sock: None,
     }
@@ -308,6 +316,8 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
             .into_owned(),
         }),
         netfilter: None,
+        source: None,
+        destination: None,
         skb: (ev.skb != 0).then(|| format!("{:#x}", ev.skb)),
         sock: (ev.sk != 0).then(|| format!("{:#x}", ev.sk)),
     })

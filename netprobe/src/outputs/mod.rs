@@ -133,6 +133,9 @@ pub fn verdict_text(v: &Verdict) -> String {
         if let Some(p) = &e.process {
             s.push_str(&format!(" {p}"));
         }
+        if let Some(peer) = e.peer.as_ref().filter(|p| p.is_known()) {
+            s = format!("{} {s}", peer.describe());
+        }
         s
     };
     let mut s = format!(
@@ -258,6 +261,11 @@ pub fn text_line(e: &Event) -> String {
     }
     if let Some(p) = &e.process {
         s.push_str(&format!(" pid={} comm={}", p.pid, p.comm));
+    }
+    for (label, peer) in [("src", &e.source), ("dst", &e.destination)] {
+        if let Some(p) = peer.as_ref().filter(|p| p.is_known()) {
+            s.push_str(&format!(" {label}={}", p.describe()));
+        }
     }
     s
 }

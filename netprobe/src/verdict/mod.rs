@@ -70,6 +70,12 @@ pub struct Endpoint {
     pub netns: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Pod, container, node or Service behind the address (from the inventory, when available;
+    /// fields it cannot name stay null).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<crate::enrich::pods::Peer>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,7 +138,7 @@ pub struct Engine {
     order: Vec<Key>,
     done: HashSet<Key>,
     /// Kernel socket → process that created the connection (from SYN_SENT in process context).
-    sock_process: HashMap<String, String>,
+    sock_process: HashMap<String, (String, u32)>,
     /// Kernel socket → attempt: state changes after close report port 0.
     sock_key: HashMap<String, Key>,
 }
@@ -201,7 +207,7 @@ impl Engine {
             && e.state.as_ref().is_some_and(|s| s.new == "SYN_SENT")
         {
             self.sock_process
-                .insert(sock.clone(), format!("{} (pid {})", p.comm, p.pid));
+                .insert(sock.clone(), (format!("{} (pid {})", p.comm, p.pid), p.pid));
         }
         let key = match (self.key(&e), &e.sock) {
             (Some(k), Some(sock)) => {
@@ -358,7 +364,7 @@ pub fn classify(
     events: &[Event],
     client: Key,
     ctx: &Context,
-    procs: &HashMap<String, String>,
+    procs: &HashMap<String, (String, u32)>,
 ) -> Verdict {
     let port = ctx.port;
     let is_syn = |e: &Event| flags(e).0 && !flags(e).1;
@@ -648,6 +654,8 @@ pub fn classify(
         port: server_addr.1,
         netns: server_ns,
         process: None,
+        pid: None,
+        peer: None,
     };
     let dialed = dialed_addr
         .filter(|d| *d != server_addr)
@@ -656,6 +664,8 @@ pub fn classify(
             port,
             netns: None,
             process: None,
+            pid: None,
+            peer: None,
         });
     Verdict {
         schema: SCHEMA.into(),
@@ -666,7 +676,9 @@ pub fn classify(
             addr: client.0,
             port: client.1,
             netns: client_ns,
-            process,
+            pid: process.as_ref().map(|p| p.1),
+            process: process.map(|p| p.0),
+            peer: None,
         },
         server,
         dialed,

@@ -34,6 +34,7 @@ fn listener(addr: &str, port: u16) -> Listener {
         v6only: false,
         pid: Some(1),
         comm: Some("mlserver".into()),
+        container: None,
     }
 }
 

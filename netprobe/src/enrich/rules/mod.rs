@@ -115,6 +115,7 @@ pub fn attribute(path: &[TraceMsg], rs: &Ruleset) -> Option<Netfilter> {
             policies: Vec::new(),
             object: None,
             interface: None,
+            workload: None,
             explanation: format!(
                 "The policy of chain {} {} {} is drop",
                 family, last.table, last.chain

@@ -22,6 +22,10 @@ pub struct Owner {
     /// Host-side interface of the workload, for Calico per-endpoint chains.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
+    /// `namespace/pod` behind that interface (from the inventory: Calico names it
+    /// `cali` + sha1("<namespace>.<pod>")[:11]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
     /// One sentence for a human.
     pub explanation: String,
 }
@@ -126,6 +130,7 @@ pub fn owner_of(rs: &Ruleset, rule: &RuleRef, dst: Option<(std::net::IpAddr, u16
         policies: Vec::new(),
         object: None,
         interface: None,
+        workload: None,
         explanation,
     };
 

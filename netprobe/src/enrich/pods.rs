@@ -1,0 +1,357 @@
+//! The node inventory, as pure data: pods (with their namespace on this node, IPs and
+//! containers), Services and their endpoints. Built from Kubernetes objects plus what the node
+//! itself says (which network namespace holds which IP, which cgroup a process is in), and
+//! queried by address to say which pod, container or Service a packet belongs to.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::{Deserialize, Serialize};
+
+/// Who an address belongs to. Absent fields are unknown (printed as such), never guessed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container: Option<String>,
+    pub node: Option<String>,
+    /// `namespace/name:port` of the Service whose ClusterIP this is.
+    pub service: Option<String>,
+}
+
+impl Peer {
+    pub fn is_known(&self) -> bool {
+        self.pod.is_some() || self.service.is_some()
+    }
+
+    pub fn describe(&self) -> String {
+        match (&self.namespace, &self.pod, &self.service) {
+            (_, _, Some(s)) => format!("Service {s}"),
+            (Some(ns), Some(p), _) => {
+                format!(
+                    "{ns}/{p}{}",
+                    self.container
+                        .as_ref()
+                        .map(|c| format!(" ({c})"))
+                        .unwrap_or_default()
+                )
+            }
+            _ => "unknown".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodEntry {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub node: Option<String>,
+    pub ips: Vec<IpAddr>,
+    pub host_network: bool,
+    /// container id (without the runtime prefix) → name
+    pub containers: HashMap<String, String>,
+    /// Declared containerPorts: (container, port).
+    pub ports: Vec<(String, u16)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    pub pods: Vec<PodEntry>,
+    /// (ClusterIP, port) → `namespace/name:portname`
+    services: HashMap<(IpAddr, u16), String>,
+    /// ClusterIP → `namespace/name` (any port)
+    service_ips: HashMap<IpAddr, String>,
+    /// netns inode → pod index
+    netns_pod: HashMap<u64, usize>,
+    /// pod index → netns inode
+    pod_netns: HashMap<usize, u64>,
+}
+
+impl Inventory {
+    pub fn build(pods: &[Pod], services: &[Service], _slices: &[EndpointSlice]) -> Self {
+        let mut inv = Self::default();
+        for p in pods {
+            let (Some(name), Some(namespace)) =
+                (p.metadata.name.clone(), p.metadata.namespace.clone())
+            else {
+                continue;
+            };
+            let spec = p.spec.as_ref();
+            let status = p.status.as_ref();
+            let mut ips: Vec<IpAddr> = status
+                .and_then(|s| s.pod_ips.as_ref())
+                .map(|v| v.iter().filter_map(|i| i.ip.parse().ok()).collect())
+                .unwrap_or_default();
+            if let Some(ip) = status
+                .and_then(|s| s.pod_ip.as_ref())
+                .and_then(|i| i.parse().ok())
+                && !ips.contains(&ip)
+            {
+                ips.push(ip);
+            }
+            let containers = status
+                .and_then(|s| s.container_statuses.as_ref())
+                .map(|cs| {
+                    cs.iter()
+                        .filter_map(|c| {
+                            let id = c.container_id.as_ref()?;
+                            let id = id.split_once("://").map_or(id.as_str(), |(_, i)| i);
+                            Some((id.to_string(), c.name.clone()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let ports = spec
+                .map(|s| {
+                    s.containers
+                        .iter()
+                        .flat_map(|c| {
+                            c.ports
+                                .iter()
+                                .flatten()
+                                .map(|p| (c.name.clone(), p.container_port as u16))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            inv.pods.push(PodEntry {
+                namespace,
+                name,
+                uid: p.metadata.uid.clone().unwrap_or_default(),
+                node: spec.and_then(|s| s.node_name.clone()),
+                ips,
+                host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+                containers,
+                ports,
+            });
+        }
+        for s in services {
+            let (Some(name), Some(ns)) = (s.metadata.name.clone(), s.metadata.namespace.clone())
+            else {
+                continue;
+            };
+            let Some(spec) = &s.spec else { continue };
+            let ips: Vec<IpAddr> = spec
+                .cluster_ips
+                .iter()
+                .flatten()
+                .chain(spec.cluster_ip.iter())
+                .filter_map(|i| i.parse().ok())
+                .collect();
+            for ip in ips {
+                inv.service_ips.insert(ip, format!("{ns}/{name}"));
+                for p in spec.ports.iter().flatten() {
+                    let port_name = p.name.clone().unwrap_or_else(|| p.port.to_string());
+                    inv.services
+                        .insert((ip, p.port as u16), format!("{ns}/{name}:{port_name}"));
+                }
+            }
+        }
+        inv
+    }
+
+    /// Records which network namespace holds which addresses (from the node).
+    pub fn bind_netns(&mut self, netns: u64, addrs: &[IpAddr]) {
+        for (i, p) in self.pods.iter().enumerate() {
+            if !p.host_network && p.ips.iter().any(|ip| addrs.contains(ip)) {
+                self.netns_pod.insert(netns, i);
+                self.pod_netns.insert(i, netns);
+            }
+        }
+    }
+
+    /// The pod behind a Calico workload interface (`cali` + sha1("<ns>.<pod>")[:11]).
+    pub fn pod_of_calico_iface(&self, iface: &str) -> Option<&PodEntry> {
+        let hex = iface.strip_prefix("cali")?;
+        self.pods.iter().find(|p| {
+            let digest = sha1_smol::Sha1::from(format!("{}.{}", p.namespace, p.name))
+                .digest()
+                .to_string();
+            digest.starts_with(hex)
+        })
+    }
+
+    pub fn find_pod(&self, namespace: Option<&str>, name: &str) -> Vec<&PodEntry> {
+        self.pods
+            .iter()
+            .filter(|p| p.name == name && namespace.is_none_or(|n| p.namespace == n))
+            .collect()
+    }
+
+    pub fn netns_of(&self, pod: &PodEntry) -> Option<u64> {
+        let i = self.pods.iter().position(|p| p == pod)?;
+        self.pod_netns.get(&i).copied()
+    }
+
+    pub fn service_at(&self, ip: IpAddr, port: u16) -> Option<String> {
+        self.services
+            .get(&(ip, port))
+            .cloned()
+            .or_else(|| self.service_ips.get(&ip).cloned())
+    }
+
+    /// Who `ip` is, seen from namespace `netns` (loopback addresses belong to that namespace's
+    /// pod); `cgroup` (of a process, when known) names the container.
+    pub fn peer(&self, ip: IpAddr, port: u16, netns: Option<u64>, cgroup: Option<&str>) -> Peer {
+        if let Some(svc) = self.service_at(ip, port) {
+            let ns = svc.split('/').next().map(str::to_string);
+            return Peer {
+                namespace: ns,
+                service: Some(svc),
+                ..Default::default()
+            };
+        }
+        let pod = if ip.is_loopback() {
+            netns
+                .and_then(|n| self.netns_pod.get(&n))
+                .map(|i| &self.pods[*i])
+        } else {
+            self.pods
+                .iter()
+                .find(|p| !p.host_network && p.ips.contains(&ip))
+        };
+        let Some(pod) = pod else {
+            return Peer::default();
+        };
+        let container = cgroup
+            .and_then(container_of_cgroup)
+            .and_then(|(_, id)| pod.containers.get(&id).cloned());
+        Peer {
+            namespace: Some(pod.namespace.clone()),
+            pod: Some(pod.name.clone()),
+            container,
+            node: pod.node.clone(),
+            service: None,
+        }
+    }
+}
+
+/// (pod uid, container id) from a kubelet cgroup path, for the cgroupfs and systemd drivers:
+/// `…/kubepods/besteffort/pod<uid>/<cid>` and
+/// `…/kubepods-besteffort-pod<uid_with_underscores>.slice/cri-containerd-<cid>.scope`.
+pub fn container_of_cgroup(path: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    let last = *parts.last()?;
+    let parent = *parts.get(parts.len().checked_sub(2)?)?;
+    let uid = if let Some(u) = parent.strip_prefix("pod") {
+        u.to_string()
+    } else {
+        let i = parent.find("-pod")?;
+        parent[i + 4..].strip_suffix(".slice")?.replace('_', "-")
+    };
+    let cid = last
+        .strip_suffix(".scope")
+        .map(|s| s.rsplit('-').next().unwrap_or(s))
+        .unwrap_or(last)
+        .to_string();
+    (cid.len() >= 12 && cid.bytes().all(|b| b.is_ascii_hexdigit())).then_some((uid, cid))
+}
+
+/// The cgroup v2 path (or the v1 `name=systemd`/`pids` one) of a process.
+pub fn cgroup_of(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .find(|p| p.contains("kubepods"))
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_paths_of_both_drivers() {
+        let cid = "4f1c2b3a5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7a8";
+        assert_eq!(
+            container_of_cgroup(&format!(
+                "/kubepods/besteffort/pod1b2c3d4e-0000-4000-8000-000000000001/{cid}"
+            )),
+            Some(("1b2c3d4e-0000-4000-8000-000000000001".into(), cid.into()))
+        );
+        assert_eq!(
+            container_of_cgroup(&format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1b2c3d4e_0000_4000_8000_000000000001.slice/cri-containerd-{cid}.scope"
+            )),
+            Some(("1b2c3d4e-0000-4000-8000-000000000001".into(), cid.into()))
+        );
+        assert_eq!(
+            container_of_cgroup("/user.slice/user-0.slice/session-1.scope"),
+            None
+        );
+        assert_eq!(container_of_cgroup("/"), None);
+    }
+
+    fn inventory() -> Inventory {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "mlserver-0", "namespace": "financial-ml", "uid": "u1"},
+            "spec": {"nodeName": "node-a", "containers": [
+                {"name": "mlserver", "ports": [{"containerPort": 9000}]},
+                {"name": "agent"}]},
+            "status": {"podIP": "10.42.0.10", "containerStatuses": [
+                {"name": "agent", "containerID": "containerd://aaaaaaaaaaaaaaaa", "image": "", "imageID": "", "ready": true, "restartCount": 0}]}
+        }))
+        .unwrap();
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "seldon-scheduler", "namespace": "financial-inference"},
+            "spec": {"clusterIP": "10.43.51.131", "ports": [{"name": "xds", "port": 9004}]}
+        }))
+        .unwrap();
+        let mut inv = Inventory::build(&[pod], &[svc], &[]);
+        inv.bind_netns(4026532000, &["10.42.0.10".parse().unwrap()]);
+        inv
+    }
+
+    #[test]
+    fn addresses_resolve_to_pods_services_and_containers() {
+        let inv = inventory();
+        let svc = inv.peer("10.43.51.131".parse().unwrap(), 9004, None, None);
+        assert_eq!(
+            svc.service.as_deref(),
+            Some("financial-inference/seldon-scheduler:xds")
+        );
+        let p = inv.peer("10.42.0.10".parse().unwrap(), 9000, None, None);
+        assert_eq!(
+            (p.namespace.as_deref(), p.pod.as_deref()),
+            (Some("financial-ml"), Some("mlserver-0"))
+        );
+        let lo = inv.peer(
+            "127.0.0.1".parse().unwrap(),
+            9500,
+            Some(4026532000),
+            Some("/kubepods/besteffort/podu1/aaaaaaaaaaaaaaaa"),
+        );
+        assert_eq!(
+            lo.pod.as_deref(),
+            Some("mlserver-0"),
+            "loopback belongs to the namespace's pod"
+        );
+        assert_eq!(lo.container.as_deref(), Some("agent"));
+        assert!(
+            !inv.peer("127.0.0.1".parse().unwrap(), 1, Some(1), None)
+                .is_known(),
+            "unknown stays unknown"
+        );
+        assert_eq!(inv.find_pod(Some("financial-ml"), "mlserver-0").len(), 1);
+        // printf %s financial-ml.mlserver-0 | sha1sum → the interface Calico would create.
+        let iface = format!(
+            "cali{}",
+            &sha1_smol::Sha1::from("financial-ml.mlserver-0")
+                .digest()
+                .to_string()[..11]
+        );
+        assert_eq!(
+            inv.pod_of_calico_iface(&iface).map(|p| p.name.as_str()),
+            Some("mlserver-0")
+        );
+        assert!(inv.pod_of_calico_iface("cali00000000000").is_none());
+        assert_eq!(
+            inv.netns_of(inv.find_pod(None, "mlserver-0")[0]),
+            Some(4026532000)
+        );
+    }
+}
