@@ -24,6 +24,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at startup; boxing buys nothing"
+)]
 enum Command {
     /// Report which kernel hooks and features this machine offers; exit 0 if tracing can work.
     Check {
@@ -81,6 +85,10 @@ enum Command {
         /// Namespace of --pod. Example: -n financial-ml
         #[arg(short = 'n', long, requires = "pod")]
         namespace: Option<String>,
+        /// Only attempts made by this client pod (NAME or NAMESPACE/NAME); needs the API.
+        /// Example: --from-pod financial-inference/client-0
+        #[arg(long, value_name = "POD")]
+        from_pod: Option<String>,
         /// This node's name: the inventory then lists only this node's pods.
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
@@ -168,6 +176,7 @@ fn main() -> ExitCode {
             pod,
             namespace,
             node_name,
+            from_pod,
             no_rule_trace,
             ready_file,
         } => {
@@ -185,6 +194,7 @@ fn main() -> ExitCode {
                 pod,
                 namespace,
                 node_name,
+                from_pod,
             };
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -48,6 +48,8 @@ pub struct TraceOptions {
     pub namespace: Option<String>,
     /// This node's name (NODE_NAME): the inventory then holds only its pods.
     pub node_name: Option<String>,
+    /// Only attempts made by this client pod (`name` or `namespace/name`).
+    pub from_pod: Option<String>,
 }
 
 /// Pods and Services from the API, bound to this node's network namespaces.
@@ -58,6 +60,8 @@ struct PodContext {
     addrs: Vec<(u64, Vec<IpAddr>)>,
     /// netns name → inode (verdicts carry names).
     inodes: std::collections::HashMap<String, u64>,
+    /// `--from-pod`: (namespace, name) of the only client pod of interest.
+    from_pod: Option<(Option<String>, String)>,
 }
 
 impl PodContext {
@@ -95,6 +99,20 @@ impl PodContext {
         let cgroup = e.process.as_ref().and_then(|p| cgroup_of(p.pid));
         e.source = Some(self.inventory.peer(e.src, e.sport, ns, cgroup.as_deref()));
         e.destination = Some(self.inventory.peer(e.dst, e.dport, ns, None));
+    }
+
+    /// Is this verdict about the client pod asked for (if any)?
+    fn wanted(&self, v: &crate::verdict::Verdict) -> bool {
+        let Some((ns, name)) = &self.from_pod else {
+            return true;
+        };
+        let Some(peer) = &v.client.peer else {
+            return false;
+        };
+        peer.pod.as_deref() == Some(name.as_str())
+            && ns
+                .as_ref()
+                .is_none_or(|n| peer.namespace.as_ref() == Some(n))
     }
 
     fn annotate_verdict(&self, v: &mut crate::verdict::Verdict) {
@@ -175,6 +193,9 @@ fn print_verdicts<W: Write>(
     for mut v in verdicts {
         if let Some(p) = pods {
             p.annotate_verdict(&mut v);
+            if !p.wanted(&v) {
+                continue;
+            }
         }
         if v.outcome == crate::verdict::Outcome::Unknown
             && v.timeline.iter().all(|c| !c.what.contains("SYN"))
@@ -196,7 +217,8 @@ fn print_verdicts<W: Write>(
 /// Starts the inventory when a pod is traced or an API server is configured. Without a pod, an
 /// unreachable API only costs the names (a warning), never the trace.
 async fn pod_context(opts: &TraceOptions, current: &NetnsRef) -> Result<Option<PodContext>> {
-    if opts.pod.is_none() && !kube::configured() {
+    let required = opts.pod.is_some() || opts.from_pod.is_some();
+    if !required && !kube::configured() {
         return Ok(None);
     }
     let started = async {
@@ -209,7 +231,7 @@ async fn pod_context(opts: &TraceOptions, current: &NetnsRef) -> Result<Option<P
     .await;
     let source = match started {
         Ok(s) => s,
-        Err(e) if opts.pod.is_none() => {
+        Err(e) if !required => {
             eprintln!("netprobe: WARNING: no pod names: {e}");
             return Ok(None);
         }
@@ -225,11 +247,16 @@ async fn pod_context(opts: &TraceOptions, current: &NetnsRef) -> Result<Option<P
             addrs.push((ns.inode, a));
         }
     }
+    let from_pod = opts.from_pod.as_ref().map(|f| match f.split_once('/') {
+        Some((ns, name)) => (Some(ns.to_string()), name.to_string()),
+        None => (None, f.clone()),
+    });
     let mut ctx = PodContext {
         kube: source,
         inventory: Inventory::default(),
         addrs,
         inodes,
+        from_pod,
     };
     ctx.refresh();
     Ok(Some(ctx))
@@ -501,6 +528,10 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     let deadline = opts.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
     let mut ticks = 0u64;
+    // A live progress line, only for a person watching a terminal.
+    let progress = opts.format == Format::Text
+        && !opts.events
+        && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("installing SIGTERM handler", e))?;
     loop {
@@ -511,6 +542,9 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             _ = sigterm.recv() => break,
             _ = tick.tick() => {
                 ticks += 1;
+                if progress && ticks.is_multiple_of(10) {
+                    eprint!("\r\x1b[Kwaiting for connections to port {} … {}s, {} attempts", opts.port, ticks / 10, attempts.get());
+                }
                 if ticks.is_multiple_of(10) && opts.netns.is_empty() && opts.pod.is_none()
                     && let Some(p) = pods.borrow_mut().as_mut()
                 {

@@ -362,3 +362,59 @@ fn recreated_pod_with_a_new_ip_is_picked_up_within_a_second() {
     );
     let _ = std::fs::remove_file(kubeconfig);
 }
+
+/// `--from-pod` keeps only the attempts of that client pod.
+#[test]
+fn from_pod_keeps_only_that_clients_attempts() {
+    let mut lab = Lab::new("podfrom").unwrap();
+    let a = lab
+        .add_pod("default", "a-0", "10.42.0.41".parse().unwrap())
+        .unwrap();
+    let b = lab
+        .add_pod("default", "b-0", "10.42.0.42".parse().unwrap())
+        .unwrap();
+    let server = lab
+        .add_pod("default", "server-0", "10.42.0.31".parse().unwrap())
+        .unwrap();
+    netprobe_lab::serve(
+        lab.listen(&server.netns, "10.42.0.31:9005".parse().unwrap())
+            .unwrap(),
+    );
+    let (kube, kubeconfig) = api(&lab);
+    for (p, id) in [
+        (&a, "a1a1a1a1a1a1a1a1"),
+        (&b, "b1b1b1b1b1b1b1b1"),
+        (&server, "d1d1d1d1d1d1d1d1"),
+    ] {
+        publish(&kube, p, &[("c", id, &[])]);
+    }
+    let trace = start_verdict_trace_env(
+        lab.node(),
+        &[
+            "--port",
+            "9005",
+            "--from-pod",
+            "default/b-0",
+            "--duration",
+            "6s",
+            "--count",
+            "1",
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let to = "10.42.0.31:9005".parse().unwrap();
+    assert_eq!(
+        lab.connect(&a.netns, to, Duration::from_secs(2)),
+        Connect::Connected
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        lab.connect(&b.netns, to, Duration::from_secs(2)),
+        Connect::Connected
+    );
+    let out = trace.finish_with_code(0);
+    let v = verdicts(&out);
+    assert_eq!(v.len(), 1, "{}", out.dump());
+    assert_eq!(v[0]["client"]["peer"]["pod"], "b-0", "{:#}", v[0]);
+    let _ = std::fs::remove_file(kubeconfig);
+}
