@@ -7,6 +7,7 @@
 //! their owners) → [`verdict`] (pure: one verdict per connection attempt) → [`outputs`].
 //! [`trace`] wires them together for the `trace` command; front-ends stay thin.
 
+pub mod agent;
 pub mod collectors;
 pub mod enrich;
 pub mod error;

@@ -24,11 +24,24 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once at startup; boxing buys nothing"
-)]
 enum Command {
+    /// Always-on mode (DaemonSet): drops, resets, application errors and SYN retransmits of
+    /// the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics,
+    /// /healthz and /readyz on --metrics-addr. Installs no firewall rule.
+    Agent {
+        /// Address of the metrics/health endpoint. Example: --metrics-addr 127.0.0.1:9965
+        #[arg(long, default_value = "0.0.0.0:9965")]
+        metrics_addr: std::net::SocketAddr,
+        /// This node's name: the inventory then lists only this node's pods.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Create this file once all probes are attached.
+        #[arg(long, hide = true)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Print the JSON Schemas of the objects `trace -o json` prints (events, verdicts, summary),
+    /// keyed by their `schema` value.
+    Schema,
     /// Report which kernel hooks and features this machine offers; exit 0 if tracing can work.
     Check {
         /// Output format.
@@ -131,6 +144,42 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Agent {
+            metrics_addr,
+            node_name,
+            ready_file,
+        } => {
+            let opts = netprobe::agent::AgentOptions {
+                metrics_addr,
+                node_name,
+                ready_file,
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("netprobe: cannot start runtime: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            match rt.block_on(netprobe::agent::run(opts, std::io::stdout().lock())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("netprobe: {:#}", anyhow::Error::from(e));
+                    ExitCode::from(EXIT_USAGE)
+                }
+            }
+        }
+        Command::Schema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&netprobe::outputs::json_schemas())
+                    .expect("serializable")
+            );
+            ExitCode::SUCCESS
+        }
         Command::Check { output } => {
             let report = check::run();
             match output {

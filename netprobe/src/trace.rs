@@ -53,7 +53,7 @@ pub struct TraceOptions {
 }
 
 /// Pods and Services from the API, bound to this node's network namespaces.
-struct PodContext {
+pub(crate) struct PodContext {
     kube: KubeSource,
     inventory: Inventory,
     /// netns inode → its addresses (pods are bound to namespaces by IP).
@@ -65,7 +65,7 @@ struct PodContext {
 }
 
 impl PodContext {
-    fn refresh(&mut self) {
+    pub(crate) fn refresh(&mut self) {
         let mut inv = self.kube.inventory();
         for (ino, a) in &self.addrs {
             inv.bind_netns(*ino, a);
@@ -75,7 +75,7 @@ impl PodContext {
 
     /// Re-reads which namespaces hang off this node and their addresses (a recreated pod has a
     /// new namespace and IP), then the API's view. Returns namespaces not seen before.
-    fn rescan(&mut self, current: &NetnsRef) -> Vec<NetnsRef> {
+    pub(crate) fn rescan(&mut self, current: &NetnsRef) -> Vec<NetnsRef> {
         let mut fresh = Vec::new();
         let mut candidates = vec![current.clone()];
         candidates.extend(netns::veth_peers().unwrap_or_default());
@@ -93,7 +93,7 @@ impl PodContext {
         fresh
     }
 
-    fn annotate_event(&self, e: &mut crate::events::Event) {
+    pub(crate) fn annotate_event(&self, e: &mut crate::events::Event) {
         let ns = e.netns.as_ref().map(|n| n.inode);
         // The process is known in process context (connect()): its cgroup names the container.
         let cgroup = e.process.as_ref().and_then(|p| cgroup_of(p.pid));
@@ -216,13 +216,17 @@ fn print_verdicts<W: Write>(
 
 /// Starts the inventory when a pod is traced or an API server is configured. Without a pod, an
 /// unreachable API only costs the names (a warning), never the trace.
-async fn pod_context(opts: &TraceOptions, current: &NetnsRef) -> Result<Option<PodContext>> {
-    let required = opts.pod.is_some() || opts.from_pod.is_some();
+pub(crate) async fn pod_context(
+    required: bool,
+    node_name: Option<&str>,
+    from_pod: Option<&str>,
+    current: &NetnsRef,
+) -> Result<Option<PodContext>> {
     if !required && !kube::configured() {
         return Ok(None);
     }
     let started = async {
-        let source = KubeSource::start(opts.node_name.as_deref()).await?;
+        let source = KubeSource::start(node_name).await?;
         source
             .wait_ready(std::time::Duration::from_secs(15))
             .await?;
@@ -247,9 +251,9 @@ async fn pod_context(opts: &TraceOptions, current: &NetnsRef) -> Result<Option<P
             addrs.push((ns.inode, a));
         }
     }
-    let from_pod = opts.from_pod.as_ref().map(|f| match f.split_once('/') {
+    let from_pod = from_pod.map(|f| match f.split_once('/') {
         Some((ns, name)) => (Some(ns.to_string()), name.to_string()),
-        None => (None, f.clone()),
+        None => (None, f.to_string()),
     });
     let mut ctx = PodContext {
         kube: source,
@@ -301,7 +305,13 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     })?;
 
     let current = NetnsRef::current()?;
-    let mut pods = pod_context(&opts, &current).await?;
+    let mut pods = pod_context(
+        opts.pod.is_some() || opts.from_pod.is_some(),
+        opts.node_name.as_deref(),
+        opts.from_pod.as_deref(),
+        &current,
+    )
+    .await?;
     let (scope, attach_in): (Vec<NetnsRef>, Vec<NetnsRef>) = if let Some(name) = &opts.pod {
         let p = pods.as_ref().expect("a pod trace has an inventory");
         let found = p.inventory.find_pod(opts.namespace.as_deref(), name);
@@ -353,7 +363,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
         (targets.clone(), targets)
     };
 
-    let mut enricher = Enricher::new(&kbtf)?;
+    let enricher = Enricher::new(&kbtf)?;
     let mut probes = Probes::load(&kbtf, filter_for(&opts))?;
     probes.set_netns_filter(&scope.iter().map(|n| n.inode).collect::<Vec<_>>())?;
     for ns in &scope {

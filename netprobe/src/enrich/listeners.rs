@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{error::Result, netlink, netns::NetnsRef};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Listener {
     pub addr: IpAddr,
     pub port: u16,

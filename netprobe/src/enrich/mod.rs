@@ -26,9 +26,9 @@ pub struct Enricher {
     /// Grows during a trace (new pods), hence shared mutability.
     netns_names: std::cell::RefCell<HashMap<u64, String>>,
     /// ifindex → attachments with that index (lo is 1 in every namespace).
-    tc: HashMap<u32, Vec<TcAttachment>>,
+    tc: std::cell::RefCell<HashMap<u32, Vec<TcAttachment>>>,
     /// (netns, ifindex) → name, for interfaces seen by tracepoints.
-    ifnames: HashMap<(u64, u32), String>,
+    ifnames: std::cell::RefCell<HashMap<(u64, u32), String>>,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, to report wall-clock times.
     realtime_offset_ns: i128,
 }
@@ -43,8 +43,8 @@ impl Enricher {
                 .unwrap_or_default(),
             kallsyms: Kallsyms::load(),
             netns_names: Default::default(),
-            tc: HashMap::new(),
-            ifnames: HashMap::new(),
+            tc: Default::default(),
+            ifnames: Default::default(),
             realtime_offset_ns: realtime_offset_ns(),
         })
     }
@@ -62,13 +62,19 @@ impl Enricher {
             .insert(inode, name.to_string());
     }
 
-    pub fn add_interface(&mut self, netns: u64, ifindex: u32, name: &str) {
-        self.ifnames.insert((netns, ifindex), name.to_string());
+    pub fn add_interface(&self, netns: u64, ifindex: u32, name: &str) {
+        self.ifnames
+            .borrow_mut()
+            .insert((netns, ifindex), name.to_string());
     }
 
-    pub fn add_tc(&mut self, a: &TcAttachment) {
+    pub fn add_tc(&self, a: &TcAttachment) {
         self.add_interface(a.netns, a.ifindex, &a.ifname);
-        self.tc.entry(a.ifindex).or_default().push(a.clone());
+        let mut tc = self.tc.borrow_mut();
+        let list = tc.entry(a.ifindex).or_default();
+        // Re-attachment after a veth was recreated with the same index replaces the old entry.
+        list.retain(|x| x.netns != a.netns);
+        list.push(a.clone());
     }
 
     /// Wall-clock time now, in the events' time base.
@@ -81,7 +87,7 @@ impl Enricher {
     pub fn interface(&self, netns: u64, ifindex: u32) -> Interface {
         Interface {
             ifindex,
-            name: self.ifnames.get(&(netns, ifindex)).cloned(),
+            name: self.ifnames.borrow().get(&(netns, ifindex)).cloned(),
         }
     }
 
@@ -99,11 +105,8 @@ impl Enricher {
             kind::TC_INGRESS | kind::TC_EGRESS => {
                 // tc programs do not see the namespace: the attachment tells it, unless the same
                 // ifindex is attached in several namespaces (then only the name is certain).
-                let atts = self
-                    .tc
-                    .get(&ev.ifindex)
-                    .map(Vec::as_slice)
-                    .unwrap_or_default();
+                let tc = self.tc.borrow();
+                let atts = tc.get(&ev.ifindex).map(Vec::as_slice).unwrap_or_default();
                 if let [a] = atts {
                     out.netns = Some(self.netns(a.netns));
                 }
@@ -119,7 +122,11 @@ impl Enricher {
                 if ev.ifindex != 0 {
                     out.interface = Some(Interface {
                         ifindex: ev.ifindex,
-                        name: self.ifnames.get(&(ev.netns as u64, ev.ifindex)).cloned(),
+                        name: self
+                            .ifnames
+                            .borrow()
+                            .get(&(ev.netns as u64, ev.ifindex))
+                            .cloned(),
                     });
                 }
             }

@@ -12,7 +12,7 @@ use k8s_openapi::api::{
 use serde::{Deserialize, Serialize};
 
 /// Who an address belongs to. Absent fields are unknown (printed as such), never guessed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Peer {
     pub namespace: Option<String>,
     pub pod: Option<String>,

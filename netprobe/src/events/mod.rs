@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// Identifies the shape of every JSON object netprobe prints.
 pub const SCHEMA: &str = "netprobe.event/v1";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     /// A tc checkpoint: the packet passed an interface.
@@ -50,7 +50,7 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Netns {
     pub inode: u64,
     /// `ip netns` name (or pod netns file name) when known.
@@ -58,14 +58,14 @@ pub struct Netns {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Interface {
     pub ifindex: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DropInfo {
     /// `enum skb_drop_reason` name without the `SKB_DROP_REASON_` prefix, from the running kernel's BTF.
     pub reason: String,
@@ -74,34 +74,34 @@ pub struct DropInfo {
     pub location: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ResetInfo {
     /// `enum sk_rst_reason` name (6.10+), e.g. `NOT_SPECIFIED`, `TCP_OLD_ACK`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StateInfo {
     pub old: String,
     pub new: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ErrorInfo {
     pub errno: i32,
     /// e.g. `ECONNREFUSED`, `ETIMEDOUT`.
     pub name: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Icmp {
     #[serde(rename = "type")]
     pub icmp_type: u8,
     pub code: u8,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Process {
     pub pid: u32,
     pub comm: String,
@@ -110,7 +110,7 @@ pub struct Process {
 /// One observation, enriched. For ICMP errors the addresses and ports are those of the packet
 /// the error quotes (so the event matches the connection it answers). For `send_reset` they are
 /// those of the segment that caused the reset.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Event {
     pub schema: String,
     /// Wall-clock time, nanoseconds since the Unix epoch.

@@ -16,7 +16,7 @@ pub enum Format {
 }
 
 /// Printed once when a trace ends: what was delivered and what was lost.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Summary {
     pub schema: &'static str,
     pub kind: &'static str,
@@ -102,6 +102,16 @@ impl<W: Write> Printer<W> {
         }
         self.out.flush()
     }
+}
+
+/// JSON Schemas of everything `-o json` prints, keyed by the `schema` value each object carries
+/// (summaries carry the event schema and `"kind": "summary"`).
+pub fn json_schemas() -> serde_json::Value {
+    serde_json::json!({
+        crate::events::SCHEMA: schemars::schema_for!(Event),
+        crate::verdict::SCHEMA: schemars::schema_for!(Verdict),
+        "summary": schemars::schema_for!(Summary),
+    })
 }
 
 fn hms(time_ns: u64) -> String {
@@ -303,6 +313,64 @@ mod tests {
         let line = text_line(&e);
         assert!(line.starts_with("01:02:03.000001 DROP"), "{line}");
         assert!(line.contains("netns=pod tcp 127.0.0.1:40000 > 127.0.0.1:9500 [SYN] reason=NO_SOCKET at tcp_v4_rcv+0x99"), "{line}");
+    }
+
+    /// The published schema describes every field the recorded lab streams contain.
+    #[test]
+    fn schema_covers_every_field_of_recorded_events() {
+        let schemas = json_schemas();
+        let props = |key: &str| -> Vec<String> {
+            schemas[key]["properties"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect()
+        };
+        let event_props = props(crate::events::SCHEMA);
+        for f in [
+            "schema",
+            "kind",
+            "src",
+            "dport",
+            "drop",
+            "netfilter",
+            "source",
+            "destination",
+        ] {
+            assert!(
+                event_props.contains(&f.to_string()),
+                "{f} in {event_props:?}"
+            );
+        }
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/verdict/fixtures");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                for k in v.as_object().unwrap().keys() {
+                    assert!(event_props.contains(k), "field {k} missing from the schema");
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 20);
+        let verdict_props = props(crate::verdict::SCHEMA);
+        for f in [
+            "outcome",
+            "client",
+            "server",
+            "timeline",
+            "explanation",
+            "netfilter",
+            "listeners",
+        ] {
+            assert!(
+                verdict_props.contains(&f.to_string()),
+                "{f} in {verdict_props:?}"
+            );
+        }
     }
 
     #[test]

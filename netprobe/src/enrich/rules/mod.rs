@@ -18,7 +18,7 @@ pub use owners::Owner;
 pub use ruleset::{RuleRef, Ruleset};
 
 /// One step of a packet's way through netfilter.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Step {
     pub table: String,
     pub chain: String,
@@ -31,7 +31,7 @@ pub struct Step {
 }
 
 /// The rule that decided a packet's fate, and why it exists.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Netfilter {
     /// `iptables-nft` (iptables rules in nf_tables), `nftables` (native), `iptables-legacy`.
     pub backend: String,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::ruleset::{RuleRef, Ruleset};
 
 /// The Kubernetes (or other) object behind a rule.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Owner {
     /// `calico`, `kube-proxy`, `kube-router`, `flannel`, `user`.
     pub system: String,

@@ -1,0 +1,312 @@
+//! `netprobe agent`: always-on mode for a DaemonSet. Loads the probes once for every port,
+//! watches the node's namespace and every pod namespace behind its veths (new veths are attached
+//! within 200 ms, by polling the link list), writes the events that matter — drops, resets sent,
+//! application errors, SYN retransmits — as NDJSON on stdout (schema `netprobe.event/v1`), and
+//! serves `/metrics` (Prometheus), `/healthz` and `/readyz`. SIGTERM/SIGINT: detach and exit.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    io::Write,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use netprobe_common::Filter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{
+    collectors::EventReader,
+    enrich::Enricher,
+    error::{Error, Result},
+    events::{Event, Kind},
+    netlink,
+    netns::{self, NetnsRef},
+    probes::{Probes, btf::KernelBtf},
+    trace::{pod_context, require_root},
+};
+
+pub struct AgentOptions {
+    pub metrics_addr: SocketAddr,
+    pub node_name: Option<String>,
+    /// Created once probes are attached (tests, scripts).
+    pub ready_file: Option<PathBuf>,
+}
+
+/// What `/metrics` reports. Label values come from the kernel's names and the inventory.
+#[derive(Default)]
+struct Metrics {
+    ready: bool,
+    /// (reason, namespace, pod, rule owner) → drops
+    drops: BTreeMap<(String, String, String, String), u64>,
+    resets: u64,
+    app_errors: BTreeMap<String, u64>,
+    syn_retransmits: u64,
+    lost: u64,
+    emitted: u64,
+    interfaces: usize,
+    namespaces: usize,
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    fn render(&self) -> String {
+        let mut s = String::new();
+        s.push_str("# HELP netprobe_drops_total Packets the kernel dropped, by drop reason, pod and owner of the rule.\n# TYPE netprobe_drops_total counter\n");
+        for ((reason, ns, pod, owner), n) in &self.drops {
+            s.push_str(&format!(
+                "netprobe_drops_total{{reason=\"{}\",namespace=\"{}\",pod=\"{}\",rule_owner=\"{}\"}} {n}\n",
+                label(reason),
+                label(ns),
+                label(pod),
+                label(owner)
+            ));
+        }
+        s.push_str("# HELP netprobe_resets_sent_total TCP resets sent by the kernel.\n# TYPE netprobe_resets_sent_total counter\n");
+        s.push_str(&format!("netprobe_resets_sent_total {}\n", self.resets));
+        s.push_str("# HELP netprobe_app_errors_total Errors reported to applications, by errno.\n# TYPE netprobe_app_errors_total counter\n");
+        for (errno, n) in &self.app_errors {
+            s.push_str(&format!(
+                "netprobe_app_errors_total{{errno=\"{}\"}} {n}\n",
+                label(errno)
+            ));
+        }
+        s.push_str("# HELP netprobe_syn_retransmits_total SYN retransmissions (silent drops somewhere).\n# TYPE netprobe_syn_retransmits_total counter\n");
+        s.push_str(&format!(
+            "netprobe_syn_retransmits_total {}\n",
+            self.syn_retransmits
+        ));
+        s.push_str("# HELP netprobe_lost_events_total Events the kernel could not queue (ring buffer full).\n# TYPE netprobe_lost_events_total counter\n");
+        s.push_str(&format!("netprobe_lost_events_total {}\n", self.lost));
+        s.push_str("# HELP netprobe_events_total Events the kernel queued.\n# TYPE netprobe_events_total counter\n");
+        s.push_str(&format!("netprobe_events_total {}\n", self.emitted));
+        s.push_str("# HELP netprobe_attached_interfaces Interfaces with tc programs attached.\n# TYPE netprobe_attached_interfaces gauge\n");
+        s.push_str(&format!(
+            "netprobe_attached_interfaces {}\n",
+            self.interfaces
+        ));
+        s.push_str("# HELP netprobe_watched_namespaces Network namespaces in scope.\n# TYPE netprobe_watched_namespaces gauge\n");
+        s.push_str(&format!(
+            "netprobe_watched_namespaces {}\n",
+            self.namespaces
+        ));
+        s.push_str(&format!(
+            "# TYPE netprobe_ready gauge\nnetprobe_ready {}\n",
+            u8::from(self.ready)
+        ));
+        s
+    }
+
+    fn count(&mut self, e: &Event) {
+        match e.kind {
+            Kind::Drop => {
+                let d = e.drop.as_ref().expect("drop");
+                let peer = e
+                    .destination
+                    .as_ref()
+                    .filter(|p| p.pod.is_some())
+                    .or(e.source.as_ref());
+                let key = (
+                    d.reason.clone(),
+                    peer.and_then(|p| p.namespace.clone()).unwrap_or_default(),
+                    peer.and_then(|p| p.pod.clone()).unwrap_or_default(),
+                    String::new(),
+                );
+                *self.drops.entry(key).or_default() += 1;
+            }
+            Kind::SendReset => self.resets += 1,
+            Kind::SocketError => {
+                let name = e.error.as_ref().map(|x| x.name.clone()).unwrap_or_default();
+                *self.app_errors.entry(name).or_default() += 1;
+            }
+            Kind::Retransmit => self.syn_retransmits += 1,
+            _ => {}
+        }
+    }
+}
+
+/// Always-on keeps what explains failures; handshakes that work are not news.
+fn interesting(e: &Event) -> bool {
+    match e.kind {
+        Kind::Drop => true,
+        Kind::SendReset | Kind::ReceiveReset => true,
+        Kind::SocketError => e.error.as_ref().is_some_and(|x| x.errno != 0),
+        Kind::Retransmit => !e.tcp_flags.is_empty(),
+        _ => false,
+    }
+}
+
+async fn serve_http(listener: tokio::net::TcpListener, metrics: Arc<Mutex<Metrics>>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let (code, body) = {
+                let m = metrics.lock().expect("metrics lock");
+                match path {
+                    "/metrics" => (200, m.render()),
+                    "/healthz" => (200, "ok\n".to_string()),
+                    "/readyz" if m.ready => (200, "ready\n".to_string()),
+                    "/readyz" => (503, "probes not attached yet\n".to_string()),
+                    _ => (404, "not found\n".to_string()),
+                }
+            };
+            let reason = match code {
+                200 => "OK",
+                503 => "Service Unavailable",
+                _ => "Not Found",
+            };
+            let resp = format!(
+                "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+/// Attaches tc to links of the node namespace not attached yet; returns how many are attached.
+fn attach_new(
+    probes: &mut Probes,
+    node: &NetnsRef,
+    enricher: &Enricher,
+    attached: &mut HashSet<(u32, String)>,
+) -> Result<usize> {
+    let links = netlink::links()?;
+    let fresh: Vec<(u32, String)> = links
+        .iter()
+        .filter(|l| l.up && l.name != "lo" && !attached.contains(&(l.index, l.name.clone())))
+        .map(|l| (l.index, l.name.clone()))
+        .collect();
+    for (ix, name) in &fresh {
+        enricher.add_interface(node.inode, *ix, name);
+        let target = name.clone();
+        // A link that vanished between listing and attaching is not an error.
+        if let Ok(atts) = probes.attach_tc(node, |l| l.name == target) {
+            for a in atts {
+                enricher.add_tc(&a);
+            }
+        }
+        attached.insert((*ix, name.clone()));
+    }
+    let present: HashSet<(u32, String)> = links.iter().map(|l| (l.index, l.name.clone())).collect();
+    attached.retain(|k| present.contains(k));
+    Ok(attached.len())
+}
+
+pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
+    require_root()?;
+    let metrics = Arc::new(Mutex::new(Metrics::default()));
+    let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
+        .await
+        .map_err(|e| Error::io(format!("listening on {}", opts.metrics_addr), e))?;
+    tokio::spawn(serve_http(listener, metrics.clone()));
+
+    let kbtf = KernelBtf::load()?;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Btf {
+        path: crate::probes::btf::VMLINUX_BTF.into(),
+        reason: e.to_string(),
+    })?;
+    let node = NetnsRef::current()?;
+    let enricher = Enricher::new(&kbtf)?;
+    // Every port; the namespace filter keeps the host's other namespaces out.
+    let mut probes = Probes::load(
+        &kbtf,
+        Filter {
+            netns_enabled: 1,
+            ..Default::default()
+        },
+    )?;
+    let mut scope: HashSet<u64> = HashSet::new();
+    let add_scope = |probes: &mut Probes, ns: &NetnsRef, scope: &mut HashSet<u64>| -> Result<()> {
+        if scope.insert(ns.inode) {
+            probes.set_netns_filter(&[ns.inode])?;
+            enricher.add_netns(ns.inode, &ns.name);
+        }
+        Ok(())
+    };
+    add_scope(&mut probes, &node, &mut scope)?;
+    for ns in netns::veth_peers()? {
+        add_scope(&mut probes, &ns, &mut scope)?;
+    }
+    probes.attach_tracepoints(&btf)?;
+    let mut attached = HashSet::new();
+    let interfaces = attach_new(&mut probes, &node, &enricher, &mut attached)?;
+    let mut reader = EventReader::new(probes.take_events()?)?;
+    let mut pods = pod_context(false, opts.node_name.as_deref(), None, &node).await?;
+    {
+        let mut m = metrics.lock().expect("metrics lock");
+        m.ready = true;
+        m.interfaces = interfaces;
+        m.namespaces = scope.len();
+    }
+    if let Some(path) = &opts.ready_file {
+        std::fs::write(path, b"ready\n")
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    }
+    eprintln!(
+        "netprobe agent: {} interfaces, {} namespaces; metrics on {}",
+        interfaces,
+        scope.len(),
+        opts.metrics_addr
+    );
+
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    let mut ticks = 0u64;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("installing SIGTERM handler", e))?;
+    let mut write_err = None;
+    loop {
+        tokio::select! {
+            r = reader.next_batch(|raw| {
+                let Some(mut e) = enricher.enrich(&raw) else { return };
+                if !interesting(&e) {
+                    return;
+                }
+                if let Some(p) = &pods {
+                    p.annotate_event(&mut e);
+                }
+                metrics.lock().expect("metrics lock").count(&e);
+                if let Err(err) = serde_json::to_writer(&mut out, &e).map_err(std::io::Error::from).and_then(|_| out.write_all(b"\n")).and_then(|_| out.flush()) {
+                    write_err.get_or_insert(err);
+                }
+            }) => r?,
+            _ = tick.tick() => {
+                ticks += 1;
+                // New veths (new pods) within 200 ms; their namespaces join the filter.
+                let n = attach_new(&mut probes, &node, &enricher, &mut attached).unwrap_or(attached.len());
+                for ns in netns::veth_peers().unwrap_or_default() {
+                    add_scope(&mut probes, &ns, &mut scope)?;
+                }
+                if ticks.is_multiple_of(5) && let Some(p) = pods.as_mut() {
+                    p.rescan(&node);
+                }
+                let c = probes.counters()?;
+                let mut m = metrics.lock().expect("metrics lock");
+                m.interfaces = n;
+                m.namespaces = scope.len();
+                m.lost = c.lost;
+                m.emitted = c.emitted;
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+        if let Some(e) = write_err.take() {
+            return Err(Error::io("writing events to stdout", e));
+        }
+    }
+    metrics.lock().expect("metrics lock").ready = false;
+    probes.detach_tc();
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! Privileged tests of `netprobe agent`: always-on in a lab node, real drops, real HTTP.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use netprobe_lab::{Connect, Lab, in_netns};
+
+fn http_get(lab: &Lab, port: u16, path: &str) -> (u16, String) {
+    in_netns(lab.node(), || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let code = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (
+            code,
+            resp.split("\r\n\r\n")
+                .nth(1)
+                .unwrap_or_default()
+                .to_string(),
+        )
+    })
+    .unwrap()
+}
+
+fn metric_sum(body: &str, name: &str, label: &str) -> u64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn agent_exports_drops_as_ndjson_and_metrics_attaches_new_veths_and_cleans_up() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("agent").unwrap();
+    let _a = lab
+        .add_pod("default", "a-0", "10.42.0.51".parse().unwrap())
+        .unwrap();
+    let server = lab
+        .add_pod("default", "server-0", "10.42.0.52".parse().unwrap())
+        .unwrap();
+    netprobe_lab::serve(
+        lab.listen(&server.netns, "10.42.0.52:9004".parse().unwrap())
+            .unwrap(),
+    );
+    lab.sh(
+        lab.node(),
+        "iptables -A FORWARD -p tcp --dport 9004 -j DROP",
+    )
+    .unwrap();
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let ready = std::env::temp_dir().join(format!("netprobe-agent-ready-{}", std::process::id()));
+    let _ = std::fs::remove_file(&ready);
+    let mut agent = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.node(),
+            env!("CARGO_BIN_EXE_netprobe"),
+            "agent",
+            "--metrics-addr",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !ready.exists() {
+        if let Some(st) = agent.try_wait().unwrap() {
+            let mut err = String::new();
+            agent
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("agent exited ({st}): {err}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "agent not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http_get(&lab, port, "/readyz").0, 200);
+    assert_eq!(http_get(&lab, port, "/healthz").0, 200);
+
+    // A pod that appears after the agent started: its veth and namespace join within 200 ms.
+    let late = lab
+        .add_pod("default", "late-0", "10.42.0.53".parse().unwrap())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        lab.connect(
+            &late.netns,
+            "10.42.0.52:9004".parse().unwrap(),
+            Duration::from_millis(2500)
+        ),
+        Connect::TimedOut
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, metrics) = http_get(&lab, port, "/metrics");
+    let counted = metric_sum(
+        &metrics,
+        "netprobe_drops_total",
+        "reason=\"NETFILTER_DROP\"",
+    );
+    let attached = metric_sum(&metrics, "netprobe_attached_interfaces", "");
+    let retrans = metric_sum(&metrics, "netprobe_syn_retransmits_total", "");
+
+    // SIGTERM: drain, detach, exit promptly.
+    let t = Instant::now();
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let out = agent.wait_with_output().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "exit within 5 s");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let drops: Vec<_> = lines
+        .iter()
+        .filter(|e| e["drop"]["reason"] == "NETFILTER_DROP")
+        .collect();
+    assert!(drops.len() >= 2, "first SYN and a retransmit: {lines:#?}");
+    assert_eq!(
+        counted,
+        drops.len() as u64,
+        "/metrics agrees with the NDJSON stream:\n{metrics}"
+    );
+    assert!(
+        drops
+            .iter()
+            .all(|d| d["schema"] == "netprobe.event/v1" && d["src"] == "10.42.0.53")
+    );
+    assert!(
+        drops
+            .iter()
+            .all(|d| d["interface"]["name"] == late.host_if.as_str()),
+        "{drops:#?}"
+    );
+    assert!(retrans >= 1, "{metrics}");
+    // npgw0, npgw1 and three cali veths (the late one included).
+    assert_eq!(attached, 5, "{metrics}");
+    // Nothing left behind: no netprobe tc program is loaded any more.
+    let progs = Command::new("bpftool")
+        .args(["prog", "show", "name", "tc_ingress"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&progs.stdout).trim().is_empty(),
+        "tc programs left behind"
+    );
+    let _ = std::fs::remove_file(ready);
+}
