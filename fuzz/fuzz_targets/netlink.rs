@@ -1,0 +1,13 @@
+//! rtnetlink and sock_diag replies.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    for (_, body) in netprobe::netlink::messages(data) {
+        let _ = netprobe::netlink::parse_link(body);
+        let _ = netprobe::netlink::parse_addr(body);
+        let _ = netprobe::netlink::parse_inet_diag(body);
+    }
+    let _ = netprobe::netlink::parse_link(data);
+    let _ = netprobe::netlink::attrs(data).count();
+});
