@@ -9,38 +9,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use netprobe_lab::{Connect, Lab, Pod};
 use serde_json::Value;
-use support::{TraceOutput, start_trace};
+use support::{S1, TraceOutput, s1_lab, start_trace};
 
 use netprobe_lab::rules::{CLUSTER_IP, calico_filter, kube_proxy_dnat};
-
-struct S1 {
-    lab: Lab,
-    client: Pod,
-    server: Pod,
-}
-
-fn s1_lab(tag: &str) -> S1 {
-    let mut lab = Lab::new(tag).unwrap();
-    let client = lab
-        .add_pod(
-            "financial-inference",
-            "client-0",
-            "10.42.0.20".parse().unwrap(),
-        )
-        .unwrap();
-    let server = lab
-        .add_pod(
-            "financial-inference",
-            "seldon-scheduler-0",
-            "10.42.0.30".parse().unwrap(),
-        )
-        .unwrap();
-    S1 {
-        lab,
-        client,
-        server,
-    }
-}
 
 fn load(lab: &Lab, restore: &str, rules: &str) {
     let path = std::env::temp_dir().join(format!("netprobe-rules-{}", std::process::id()));

@@ -193,3 +193,34 @@ impl TraceOutput {
             .join("\n")
     }
 }
+
+/// The S1 lab: a node with `financial-inference/client-0` (10.42.0.20) and
+/// `financial-inference/seldon-scheduler-0` (10.42.0.30).
+pub struct S1 {
+    pub lab: netprobe_lab::Lab,
+    pub client: netprobe_lab::Pod,
+    pub server: netprobe_lab::Pod,
+}
+
+pub fn s1_lab(tag: &str) -> S1 {
+    let mut lab = netprobe_lab::Lab::new(tag).unwrap();
+    let client = lab
+        .add_pod(
+            "financial-inference",
+            "client-0",
+            "10.42.0.20".parse().unwrap(),
+        )
+        .unwrap();
+    let server = lab
+        .add_pod(
+            "financial-inference",
+            "seldon-scheduler-0",
+            "10.42.0.30".parse().unwrap(),
+        )
+        .unwrap();
+    S1 {
+        lab,
+        client,
+        server,
+    }
+}

@@ -12,7 +12,7 @@ use netprobe_lab::{
     rules::{calico_filter, kube_proxy_dnat},
 };
 use serde_json::Value;
-use support::{TraceOutput, normalize_fixture, record_args, start_verdict_trace};
+use support::{S1, TraceOutput, normalize_fixture, record_args, s1_lab, start_verdict_trace};
 
 fn verdict_trace(
     lab: &Lab,
@@ -137,35 +137,6 @@ fn s2_verdict_server_bound_to_ipv6_loopback_only() {
     );
 }
 
-struct S1 {
-    lab: Lab,
-    client: Pod,
-    server: Pod,
-}
-
-fn s1(tag: &str) -> S1 {
-    let mut lab = Lab::new(tag).unwrap();
-    let client = lab
-        .add_pod(
-            "financial-inference",
-            "client-0",
-            "10.42.0.20".parse().unwrap(),
-        )
-        .unwrap();
-    let server = lab
-        .add_pod(
-            "financial-inference",
-            "seldon-scheduler-0",
-            "10.42.0.30".parse().unwrap(),
-        )
-        .unwrap();
-    S1 {
-        lab,
-        client,
-        server,
-    }
-}
-
 fn restore(lab: &Lab, rules: &str) {
     netprobe_lab::rules::restore(lab, "iptables-restore", rules).unwrap();
 }
@@ -177,7 +148,7 @@ fn s1_verdict_calico_end_of_tier_deny_through_the_cluster_ip() {
         lab,
         client,
         server,
-    } = s1("vs1");
+    } = s1_lab("vs1");
     let _l = lab
         .listen(&server.netns, "10.42.0.30:9004".parse().unwrap())
         .unwrap();
@@ -225,7 +196,7 @@ fn s1_verdict_calico_end_of_tier_deny_through_the_cluster_ip() {
 /// kube-proxy: Service without endpoints → REJECT → refused by rule.
 #[test]
 fn kube_proxy_no_endpoints_verdict_is_refused_by_rule() {
-    let S1 { lab, client, .. } = s1("vkp");
+    let S1 { lab, client, .. } = s1_lab("vkp");
     restore(
         &lab,
         "*filter
@@ -268,7 +239,7 @@ fn rp_filter_drop_verdict_is_a_kernel_drop() {
         lab,
         client,
         server,
-    } = s1("vrp");
+    } = s1_lab("vrp");
     let _l = lab
         .listen(&server.netns, "10.42.0.30:9004".parse().unwrap())
         .unwrap();
@@ -345,7 +316,7 @@ fn plain_success_verdict_is_connected_and_exit_0() {
         lab,
         client,
         server,
-    } = s1("vok");
+    } = s1_lab("vok");
     netprobe_lab::serve(
         lab.listen(&server.netns, "10.42.0.30:9005".parse().unwrap())
             .unwrap(),
@@ -378,7 +349,7 @@ fn plain_success_verdict_is_connected_and_exit_0() {
 /// No attempt within the timeout: exit 3.
 #[test]
 fn no_attempt_within_timeout_exits_3() {
-    let S1 { lab, .. } = s1("vnone");
+    let S1 { lab, .. } = s1_lab("vnone");
     let trace = start_verdict_trace(lab.node(), &["--port", "9099", "--timeout", "1s"]);
     let out = trace.finish_with_code(3);
     assert!(
