@@ -30,7 +30,7 @@ enum Command {
     /// /healthz and /readyz on --metrics-addr. Installs no firewall rule.
     Agent {
         /// Address of the metrics/health endpoint. Example: --metrics-addr 127.0.0.1:9965
-        #[arg(long, default_value = "0.0.0.0:9965")]
+        #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9965")]
         metrics_addr: std::net::SocketAddr,
         /// This node's name: the inventory then lists only this node's pods.
         #[arg(long, env = "NODE_NAME")]
