@@ -28,6 +28,10 @@ use crate::{
 
 pub struct AgentOptions {
     pub metrics_addr: SocketAddr,
+    /// Events per second per (kind, reason, pod) written to stdout; the rest are counted and
+    /// reported as `suppressed` records, so the log pipeline is never flooded and nothing is lost
+    /// silently.
+    pub rate_limit: u32,
     pub node_name: Option<String>,
     /// Created once probes are attached (tests, scripts).
     pub ready_file: Option<PathBuf>,
@@ -128,6 +132,104 @@ impl Metrics {
             _ => {}
         }
     }
+}
+
+/// (event kind, reason, namespace, pod)
+type StormKey = (String, String, String, String);
+
+/// Storm control: a per-key budget per second; what exceeds it is counted, then reported.
+#[derive(Default)]
+struct Storm {
+    /// key → (second, written in that second, suppressed in that second)
+    keys: std::collections::HashMap<StormKey, (u64, u32, u64)>,
+}
+
+/// Written instead of the events a storm suppressed (one per key and second).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct Suppressed {
+    pub schema: String,
+    /// Always `suppressed`.
+    pub kind: String,
+    /// Kind of the suppressed events (`drop`, `send_reset`, …).
+    pub event_kind: String,
+    pub reason: String,
+    pub namespace: String,
+    pub pod: String,
+    /// Events not written in that second (all are counted in /metrics).
+    pub count: u64,
+    /// Unix second the count covers.
+    pub second: u64,
+}
+
+fn storm_key(e: &Event) -> StormKey {
+    let reason = e
+        .drop
+        .as_ref()
+        .map(|d| d.reason.clone())
+        .or_else(|| e.error.as_ref().map(|x| x.name.clone()))
+        .unwrap_or_default();
+    let peer = e
+        .destination
+        .as_ref()
+        .filter(|p| p.pod.is_some())
+        .or(e.source.as_ref());
+    (
+        serde_json::to_value(e.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        reason,
+        peer.and_then(|p| p.namespace.clone()).unwrap_or_default(),
+        peer.and_then(|p| p.pod.clone()).unwrap_or_default(),
+    )
+}
+
+impl Storm {
+    /// Whether to write this event now.
+    fn admit(&mut self, key: StormKey, second: u64, limit: u32) -> bool {
+        let slot = self.keys.entry(key).or_insert((second, 0, 0));
+        if slot.0 != second {
+            // A new second: the previous one's suppressed count is flushed by `flush` first.
+            *slot = (second, 0, 0);
+        }
+        if slot.1 < limit {
+            slot.1 += 1;
+            true
+        } else {
+            slot.2 += 1;
+            false
+        }
+    }
+
+    /// Suppressed counts of seconds before `second`, once each.
+    fn flush(&mut self, second: u64) -> Vec<Suppressed> {
+        let mut out = Vec::new();
+        self.keys.retain(|(kind, reason, ns, pod), slot| {
+            if slot.0 < second {
+                if slot.2 > 0 {
+                    out.push(Suppressed {
+                        schema: crate::events::SCHEMA.into(),
+                        kind: "suppressed".into(),
+                        event_kind: kind.clone(),
+                        reason: reason.clone(),
+                        namespace: ns.clone(),
+                        pod: pod.clone(),
+                        count: slot.2,
+                        second: slot.0,
+                    });
+                }
+                return false;
+            }
+            true
+        });
+        out
+    }
+}
+
+fn unix_second() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Always-on keeps what explains failures; handshakes that work are not news.
@@ -267,6 +369,12 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("installing SIGTERM handler", e))?;
     let mut write_err = None;
+    let mut storm = Storm::default();
+    let write_line = |out: &mut dyn Write, v: &dyn erased::Json| -> std::io::Result<()> {
+        v.write_json(out)?;
+        out.write_all(b"\n")?;
+        out.flush()
+    };
     loop {
         tokio::select! {
             r = reader.next_batch(|raw| {
@@ -278,12 +386,25 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
                     p.annotate_event(&mut e);
                 }
                 metrics.lock().expect("metrics lock").count(&e);
-                if let Err(err) = serde_json::to_writer(&mut out, &e).map_err(std::io::Error::from).and_then(|_| out.write_all(b"\n")).and_then(|_| out.flush()) {
+                let second = unix_second();
+                for s in storm.flush(second) {
+                    if let Err(err) = write_line(&mut out, &s) {
+                        write_err.get_or_insert(err);
+                    }
+                }
+                if storm.admit(storm_key(&e), second, opts.rate_limit)
+                    && let Err(err) = write_line(&mut out, &e)
+                {
                     write_err.get_or_insert(err);
                 }
             }) => r?,
             _ = tick.tick() => {
                 ticks += 1;
+                for s in storm.flush(unix_second()) {
+                    if let Err(err) = write_line(&mut out, &s) {
+                        write_err.get_or_insert(err);
+                    }
+                }
                 // New veths (new pods) within 200 ms; their namespaces join the filter.
                 let n = attach_new(&mut probes, &node, &enricher, &mut attached).unwrap_or(attached.len());
                 for ns in netns::veth_peers().unwrap_or_default() {
@@ -307,6 +428,53 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
         }
     }
     metrics.lock().expect("metrics lock").ready = false;
+    for s in storm.flush(u64::MAX) {
+        let _ = write_line(&mut out, &s);
+    }
     probes.detach_tc();
     Ok(())
+}
+
+/// Serializing events and suppression records through one writer.
+mod erased {
+    pub trait Json {
+        fn write_json(&self, out: &mut dyn std::io::Write) -> std::io::Result<()>;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn write_json(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+            serde_json::to_writer(out, self).map_err(std::io::Error::from)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(pod: &str) -> StormKey {
+        (
+            "drop".into(),
+            "NETFILTER_DROP".into(),
+            "default".into(),
+            pod.into(),
+        )
+    }
+
+    #[test]
+    fn storm_control_writes_the_budget_and_counts_the_rest_once() {
+        let mut s = Storm::default();
+        let written = (0..100).filter(|_| s.admit(key("a-0"), 10, 5)).count();
+        assert_eq!(written, 5);
+        assert!(s.admit(key("b-0"), 10, 5), "budgets are per key");
+        assert!(s.flush(10).is_empty(), "the current second is still open");
+        let sup = s.flush(11);
+        assert_eq!(sup.len(), 1);
+        assert_eq!(
+            (sup[0].pod.as_str(), sup[0].count, sup[0].second),
+            ("a-0", 95, 10)
+        );
+        assert!(s.flush(12).is_empty(), "reported once");
+        assert!(s.admit(key("a-0"), 12, 5), "a new second, a new budget");
+    }
 }

@@ -35,6 +35,10 @@ enum Command {
         /// This node's name: the inventory then lists only this node's pods.
         #[arg(long, env = "NODE_NAME")]
         node_name: Option<String>,
+        /// Events per second written per (kind, reason, pod); the rest become `suppressed`
+        /// records with their count (and are all counted in /metrics).
+        #[arg(long, env = "RATE_LIMIT", default_value_t = 20)]
+        rate_limit: u32,
         /// Create this file once all probes are attached.
         #[arg(long, hide = true)]
         ready_file: Option<PathBuf>,
@@ -147,11 +151,13 @@ fn main() -> ExitCode {
         Command::Agent {
             metrics_addr,
             node_name,
+            rate_limit,
             ready_file,
         } => {
             let opts = netprobe::agent::AgentOptions {
                 metrics_addr,
                 node_name,
+                rate_limit,
                 ready_file,
             };
             let rt = match tokio::runtime::Builder::new_current_thread()

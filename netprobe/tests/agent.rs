@@ -34,6 +34,155 @@ fn metric_sum(body: &str, name: &str, label: &str) -> u64 {
         .sum()
 }
 
+struct Agent {
+    child: std::process::Child,
+    port: u16,
+}
+
+fn start_agent(lab: &Lab, extra: &[&str]) -> Agent {
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let ready = std::env::temp_dir().join(format!(
+        "netprobe-agent-ready-{}-{port}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&ready);
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.node(),
+            env!("CARGO_BIN_EXE_netprobe"),
+            "agent",
+            "--metrics-addr",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--ready-file")
+        .arg(&ready)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !ready.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("agent exited ({st}): {err}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "agent not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_file(&ready);
+    Agent { child, port }
+}
+
+fn tc_programs_loaded() -> bool {
+    let progs = Command::new("bpftool")
+        .args(["prog", "show", "name", "tc_ingress"])
+        .output()
+        .unwrap();
+    !String::from_utf8_lossy(&progs.stdout).trim().is_empty()
+}
+
+/// A drop storm: the NDJSON stream stays within the budget, the rest is reported as
+/// `suppressed` counts, and stream + suppressed = what /metrics counted (nothing lost silently).
+#[test]
+fn agent_storm_is_rate_limited_and_nothing_is_lost_silently() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("storm").unwrap();
+    let a = lab
+        .add_pod("default", "a-0", "10.42.0.61".parse().unwrap())
+        .unwrap();
+    let _server = lab
+        .add_pod("default", "server-0", "10.42.0.62".parse().unwrap())
+        .unwrap();
+    lab.sh(
+        lab.node(),
+        "iptables -A FORWARD -p tcp --dport 9004 -j DROP",
+    )
+    .unwrap();
+    let agent = start_agent(&lab, &["--rate-limit", "5"]);
+    // ~2000 SYNs per second for 2 seconds.
+    let _ = lab.sh(
+        &a.netns,
+        "timeout 2 hping3 -q -S -p 9004 -i u500 10.42.0.62 || true",
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let (_, metrics) = http_get(&lab, agent.port, "/metrics");
+    let counted = metric_sum(
+        &metrics,
+        "netprobe_drops_total",
+        "reason=\"NETFILTER_DROP\"",
+    );
+    let lost = metric_sum(&metrics, "netprobe_lost_events_total", "");
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
+    let out = agent.child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let written = lines
+        .iter()
+        .filter(|e| e["drop"]["reason"] == "NETFILTER_DROP")
+        .count() as u64;
+    let suppressed: u64 = lines
+        .iter()
+        .filter(|e| e["kind"] == "suppressed" && e["reason"] == "NETFILTER_DROP")
+        .map(|e| e["count"].as_u64().unwrap())
+        .sum();
+    assert!(
+        counted > 1000,
+        "a storm happened: {counted} drops\n{metrics}"
+    );
+    assert!(
+        written <= 5 * 6,
+        "at most 5 per second per key were written, got {written}"
+    );
+    assert_eq!(
+        written + suppressed,
+        counted,
+        "every drop is written or counted as suppressed (lost: {lost})"
+    );
+}
+
+/// SIGKILL leaves nothing behind (tcx links die with the process), a restarted agent works, and
+/// SIGTERM after that leaves nothing either.
+#[test]
+fn agent_sigkill_restart_sigterm_leaves_no_tc_program() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("agentkill").unwrap();
+    let _a = lab
+        .add_pod("default", "a-0", "10.42.0.71".parse().unwrap())
+        .unwrap();
+    let mut first = start_agent(&lab, &[]);
+    assert!(tc_programs_loaded());
+    unsafe { libc::kill(first.child.id() as i32, libc::SIGKILL) };
+    let _ = first.child.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!tc_programs_loaded(), "a killed agent leaves no tc program");
+    let second = start_agent(&lab, &[]);
+    assert_eq!(http_get(&lab, second.port, "/readyz").0, 200);
+    unsafe { libc::kill(second.child.id() as i32, libc::SIGTERM) };
+    assert!(second.child.wait_with_output().unwrap().status.success());
+    assert!(
+        !tc_programs_loaded(),
+        "a stopped agent leaves no tc program"
+    );
+    let tables = lab.sh(lab.node(), "nft list tables").unwrap();
+    assert!(
+        !tables.contains("netprobe"),
+        "the agent installs no rule: {tables}"
+    );
+}
+
 #[test]
 fn agent_exports_drops_as_ndjson_and_metrics_attaches_new_veths_and_cleans_up() {
     netprobe_lab::require_root();

@@ -111,6 +111,7 @@ pub fn json_schemas() -> serde_json::Value {
         crate::events::SCHEMA: schemars::schema_for!(Event),
         crate::verdict::SCHEMA: schemars::schema_for!(Verdict),
         "summary": schemars::schema_for!(Summary),
+        "suppressed": schemars::schema_for!(crate::agent::Suppressed),
     })
 }
 
