@@ -51,6 +51,8 @@ struct State {
     log: Vec<(u64, Kind, &'static str, Value)>,
     /// While down, every request is answered 503 and watches end.
     down: bool,
+    /// Objects POSTed or PATCHed (Kubernetes Events from the agent).
+    posted: Vec<Value>,
 }
 
 #[derive(Clone)]
@@ -136,6 +138,11 @@ impl FakeKube {
         self.shared.1.notify_all();
     }
 
+    /// What clients created (events.k8s.io Events).
+    pub fn posted(&self) -> Vec<Value> {
+        self.shared.0.lock().unwrap().posted.clone()
+    }
+
     /// A kubeconfig pointing at this server (plain HTTP on loopback, no credentials).
     pub fn kubeconfig(&self) -> String {
         format!(
@@ -152,12 +159,37 @@ impl FakeKube {
             if reader.read_line(&mut request)? == 0 {
                 return Ok(());
             }
-            // Headers (no request bodies: the client only GETs).
+            let mut length = 0usize;
             loop {
                 let mut h = String::new();
                 if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
                     break;
                 }
+                if let Some((k, v)) = h.split_once(':')
+                    && k.eq_ignore_ascii_case("content-length")
+                {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; length];
+            std::io::Read::read_exact(&mut reader, &mut body)?;
+            let method = request
+                .split_whitespace()
+                .next()
+                .unwrap_or("GET")
+                .to_string();
+            if method == "POST" || method == "PATCH" {
+                let mut obj: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                {
+                    let mut st = self.shared.0.lock().unwrap();
+                    st.rv += 1;
+                    if obj.is_object() {
+                        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                    }
+                    st.posted.push(obj.clone());
+                }
+                respond(&mut out, if method == "POST" { 201 } else { 200 }, &obj)?;
+                continue;
             }
             let target = request.split_whitespace().nth(1).unwrap_or("/").to_string();
             let (path, query) = target.split_once('?').unwrap_or((&target, ""));
@@ -276,6 +308,7 @@ fn respond(out: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> 
     let body = body.to_string();
     let reason = match code {
         200 => "OK",
+        201 => "Created",
         404 => "Not Found",
         _ => "Service Unavailable",
     };

@@ -232,6 +232,72 @@ fn unix_second() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Kubernetes Events for drops that hit a known pod: at most one per (pod, reason) per minute,
+/// so a storm never turns into an API storm.
+#[derive(Default)]
+struct EventRateLimit {
+    last: std::collections::HashMap<(String, String, String), std::time::Instant>,
+}
+
+impl EventRateLimit {
+    fn admit(&mut self, key: (String, String, String), now: std::time::Instant) -> bool {
+        match self.last.get(&key) {
+            Some(t) if now.duration_since(*t) < std::time::Duration::from_secs(60) => false,
+            _ => {
+                self.last.insert(key, now);
+                true
+            }
+        }
+    }
+}
+
+/// The Kubernetes Event for a drop that hit a known pod (the destination if known, else the
+/// source), with the key it is rate-limited by.
+fn pod_event(
+    e: &Event,
+    inventory: &crate::enrich::pods::Inventory,
+    node: Option<&str>,
+) -> Option<(
+    kube::runtime::events::Event,
+    k8s_openapi::api::core::v1::ObjectReference,
+    (String, String, String),
+)> {
+    let d = e.drop.as_ref()?;
+    let peer = [&e.destination, &e.source]
+        .into_iter()
+        .flatten()
+        .find(|p| p.pod.is_some())?;
+    let (ns, name) = (peer.namespace.clone()?, peer.pod.clone()?);
+    let pod = inventory.find_pod(Some(&ns), &name).into_iter().next()?;
+    let note = format!(
+        "netprobe: {} {}:{} > {}:{} dropped by the kernel: {} at {}{}",
+        e.protocol,
+        e.src,
+        e.sport,
+        e.dst,
+        e.dport,
+        d.reason,
+        d.location,
+        node.map(|n| format!(" on node {n}")).unwrap_or_default()
+    );
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(name.clone()),
+        namespace: Some(ns.clone()),
+        uid: Some(pod.uid.clone()),
+        ..Default::default()
+    };
+    let ev = kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Warning,
+        reason: "PacketDropped".into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Drop".into(),
+        secondary: None,
+    };
+    Some((ev, reference, (ns, name, d.reason.clone())))
+}
+
 /// Always-on keeps what explains failures; handshakes that work are not news.
 fn interesting(e: &Event) -> bool {
     match e.kind {
@@ -370,6 +436,10 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
         .map_err(|e| Error::io("installing SIGTERM handler", e))?;
     let mut write_err = None;
     let mut storm = Storm::default();
+    let mut event_limit = EventRateLimit::default();
+    let recorder = pods
+        .as_ref()
+        .map(|p| p.kube.recorder(opts.node_name.as_deref()));
     let write_line = |out: &mut dyn Write, v: &dyn erased::Json| -> std::io::Result<()> {
         v.write_json(out)?;
         out.write_all(b"\n")?;
@@ -386,6 +456,17 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
                     p.annotate_event(&mut e);
                 }
                 metrics.lock().expect("metrics lock").count(&e);
+                if let (Some(rec), Some(p)) = (&recorder, &pods)
+                    && let Some((ev, reference, key)) = pod_event(&e, &p.inventory, opts.node_name.as_deref())
+                    && event_limit.admit(key, std::time::Instant::now())
+                {
+                    let rec = rec.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = rec.publish(&ev, &reference).await {
+                            log::warn!("publishing a Kubernetes Event failed: {err}");
+                        }
+                    });
+                }
                 let second = unix_second();
                 for s in storm.flush(second) {
                     if let Err(err) = write_line(&mut out, &s) {

@@ -54,8 +54,8 @@ pub struct TraceOptions {
 
 /// Pods and Services from the API, bound to this node's network namespaces.
 pub(crate) struct PodContext {
-    kube: KubeSource,
-    inventory: Inventory,
+    pub(crate) kube: KubeSource,
+    pub(crate) inventory: Inventory,
     /// netns inode → its addresses (pods are bound to namespaces by IP).
     addrs: Vec<(u64, Vec<IpAddr>)>,
     /// netns name → inode (verdicts carry names).

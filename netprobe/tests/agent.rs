@@ -312,3 +312,116 @@ fn agent_exports_drops_as_ndjson_and_metrics_attaches_new_veths_and_cleans_up() 
     );
     let _ = std::fs::remove_file(ready);
 }
+
+/// A drop hitting a known pod becomes a Kubernetes Event on that pod (through the real kube-rs
+/// client, against the API stand-in), once per pod and reason however many packets drop.
+#[test]
+fn agent_publishes_a_rate_limited_kubernetes_event_on_the_affected_pod() {
+    use netprobe_lab::kubeapi::{FakeKube, Kind, pod};
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("agentev").unwrap();
+    let a = lab
+        .add_pod("default", "a-0", "10.42.0.81".parse().unwrap())
+        .unwrap();
+    let server = lab
+        .add_pod("default", "server-0", "10.42.0.82".parse().unwrap())
+        .unwrap();
+    netprobe_lab::serve(
+        lab.listen(&server.netns, "10.42.0.82:9004".parse().unwrap())
+            .unwrap(),
+    );
+    lab.sh(
+        lab.node(),
+        "iptables -A FORWARD -p tcp --dport 9004 -j DROP",
+    )
+    .unwrap();
+    let kube = FakeKube::start(
+        lab.listen(lab.node(), "127.0.0.1:0".parse().unwrap())
+            .unwrap(),
+    );
+    let kubeconfig =
+        std::env::temp_dir().join(format!("netprobe-agent-kubeconfig-{}", std::process::id()));
+    std::fs::write(&kubeconfig, kube.kubeconfig()).unwrap();
+    kube.apply(
+        Kind::Pod,
+        pod(
+            "default",
+            "a-0",
+            "lab-node",
+            "10.42.0.81",
+            &[("c", "a1a1a1a1a1a1a1a1", &[])],
+        ),
+    );
+    kube.apply(
+        Kind::Pod,
+        pod(
+            "default",
+            "server-0",
+            "lab-node",
+            "10.42.0.82",
+            &[("s", "d1d1d1d1d1d1d1d1", &[9004])],
+        ),
+    );
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let ready =
+        std::env::temp_dir().join(format!("netprobe-agent-ev-ready-{}", std::process::id()));
+    let _ = std::fs::remove_file(&ready);
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.node(),
+            env!("CARGO_BIN_EXE_netprobe"),
+            "agent",
+            "--metrics-addr",
+        ])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--ready-file")
+        .arg(&ready)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("NODE_NAME", "lab-node")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !ready.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "agent exited early");
+        assert!(start.elapsed() < Duration::from_secs(60), "agent not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        lab.connect(
+            &a.netns,
+            "10.42.0.82:9004".parse().unwrap(),
+            Duration::from_millis(2500)
+        ),
+        Connect::TimedOut
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let events: Vec<serde_json::Value> = kube
+        .posted()
+        .into_iter()
+        .filter(|e| e["reason"] == "PacketDropped")
+        .collect();
+    assert_eq!(
+        events.len(),
+        1,
+        "one Event for several dropped SYNs: {events:#?}"
+    );
+    let e = &events[0];
+    assert_eq!(e["regarding"]["kind"], "Pod");
+    assert_eq!(
+        e["regarding"]["name"], "server-0",
+        "the pod the packets were for: {e:#}"
+    );
+    assert_eq!(e["type"], "Warning");
+    assert!(
+        e["note"].as_str().unwrap().contains("NETFILTER_DROP"),
+        "{e:#}"
+    );
+    let _ = std::fs::remove_file(kubeconfig);
+    let _ = std::fs::remove_file(ready);
+}

@@ -20,6 +20,7 @@ use crate::{
 };
 
 pub struct KubeSource {
+    client: Client,
     pods: Store<Pod>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
@@ -78,10 +79,11 @@ impl KubeSource {
             watcher::Config::default(),
         );
         let (slices, t3) = reflect(
-            Api::<EndpointSlice>::all(client),
+            Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
         );
         Ok(Self {
+            client,
             pods,
             services,
             slices,
@@ -102,6 +104,15 @@ impl KubeSource {
                 what: "listing pods, services and endpointslices".into(),
                 reason: format!("no answer within {timeout:?}"),
             })
+    }
+
+    /// A recorder of Kubernetes Events (reported by `netprobe` on `node`).
+    pub fn recorder(&self, node: Option<&str>) -> kube::runtime::events::Recorder {
+        let reporter = kube::runtime::events::Reporter {
+            controller: "netprobe".into(),
+            instance: node.map(|n| format!("netprobe-{n}")),
+        };
+        kube::runtime::events::Recorder::new(self.client.clone(), reporter)
     }
 
     /// The current state as an inventory (namespaces are bound by the caller).
