@@ -1,68 +1,224 @@
-//! `cargo xtask demo`: the S1 and S2 labs, traced by the real binary, which prints its verdicts.
+//! `cargo xtask demo`: k3s-node-shaped labs (netprobe-lab), traced by the real binary, which
+//! prints what it saw. One function per scenario; each returns a [`Report`].
 
 use std::{
-    path::Path,
-    process::{Command, Stdio},
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use netprobe_lab::{Lab, rules, serve};
+use netprobe_lab::{Connect, Lab, rules, serve};
 
-use crate::build::repo_root;
+use crate::build::netprobe_bin;
 
-/// Starts `netprobe trace` in `netns`, runs `traffic` once it is ready, and returns its output.
-fn traced(netns: &str, args: &[&str], traffic: impl FnOnce() -> String) -> Result<String> {
-    let bin = repo_root().join("target/debug/netprobe");
-    let ready = std::env::temp_dir().join(format!("netprobe-demo-ready-{}", std::process::id()));
+/// How long `netprobe trace` may take to attach its probes.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long it may run past its own `--duration`.
+const EXIT_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// S2: connection refused on localhost (server on 127.0.0.1:9000, client dials 9500).
+    S2,
+    /// Pod → pod through the node, dropped by `iptables -A FORWARD … -j DROP`.
+    ForwardDrop,
+    /// S1: Service (kube-proxy DNAT) → pod, dropped by a Calico ingress policy.
+    S1,
+}
+
+impl Scenario {
+    fn title(self) -> &'static str {
+        match self {
+            Self::S2 => "S2: connection refused on localhost",
+            Self::ForwardDrop => "FORWARD DROP: pod → pod dropped by an iptables rule on the node",
+            Self::S1 => "S1: i/o timeout to a Service after a Flannel→Calico migration",
+        }
+    }
+
+    fn run(self, lab: &mut Lab) -> Result<Report> {
+        match self {
+            Self::S2 => s2(lab),
+            Self::ForwardDrop => forward_drop(lab),
+            Self::S1 => s1(lab),
+        }
+    }
+}
+
+/// What a scenario did and what netprobe printed.
+pub struct Report {
+    /// The client's attempt, in words.
+    pub attempt: String,
+    pub got: Connect,
+    pub expected: Connect,
+    pub trace: TraceOutput,
+}
+
+pub struct TraceOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn reader(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+/// Waits for `child` until `deadline`; kills it then.
+fn wait_until(child: &mut Child, deadline: Instant) -> Result<Option<ExitStatus>> {
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(Some(s));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `ip netns exec NETNS netprobe trace --ready-file F ARGS…`, waits until its probes are
+/// attached, runs `traffic`, then waits for the trace to end (`--duration` in ARGS) and
+/// returns both.
+pub fn traced<T>(
+    netns: &str,
+    args: &[&str],
+    duration: Duration,
+    traffic: impl FnOnce() -> T,
+) -> Result<(T, TraceOutput)> {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let bin = netprobe_bin(false);
+    if !bin.exists() {
+        bail!("{} is missing: run `cargo xtask build`", bin.display());
+    }
+    let ready = std::env::temp_dir().join(format!(
+        "netprobe-demo-ready-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_file(&ready);
-    let child = Command::new("ip")
+    struct RemoveOnDrop(PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _ready_guard = RemoveOnDrop(ready.clone());
+
+    println!(
+        "$ ip netns exec {netns} {} trace {}",
+        bin.display(),
+        args.join(" ")
+    );
+    let mut child = Command::new("ip")
         .args(["netns", "exec", netns])
         .arg(&bin)
         .args(["trace", "--ready-file"])
         .arg(&ready)
         .args(args)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("start netprobe trace")?;
+    let out = reader(child.stdout.take().expect("piped"));
+    let err = reader(child.stderr.take().expect("piped"));
+    let collect = |status| TraceOutput {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    };
+
     let start = Instant::now();
     while !Path::new(&ready).exists() {
-        if start.elapsed() > Duration::from_secs(60) {
-            bail!("netprobe trace did not become ready");
+        if let Some(status) = child.try_wait()? {
+            let t = collect(status);
+            bail!(
+                "netprobe trace exited ({status}) before it was ready:\n{}{}",
+                t.stderr,
+                t.stdout
+            );
+        }
+        if start.elapsed() > READY_TIMEOUT {
+            let _ = child.kill();
+            let status = child.wait()?;
+            let t = collect(status);
+            bail!(
+                "netprobe trace was not ready after {READY_TIMEOUT:?}:\n{}{}",
+                t.stderr,
+                t.stdout
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    println!(
+        "  (probes attached after {:.1}s)",
+        start.elapsed().as_secs_f64()
+    );
+
     let what = traffic();
-    let out = child.wait_with_output()?;
-    let _ = std::fs::remove_file(&ready);
-    Ok(format!(
-        "{what}\n{}{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    ))
+    let status = wait_until(&mut child, Instant::now() + duration + EXIT_GRACE)?;
+    let Some(status) = status else {
+        let t = collect(ExitStatus::default());
+        bail!(
+            "netprobe trace did not exit within {:?} of its --duration; killed:\n{}{}",
+            EXIT_GRACE,
+            t.stderr,
+            t.stdout
+        );
+    };
+    Ok((what, collect(status)))
 }
 
-fn s2(lab: &mut Lab) -> Result<String> {
+/// S2: in `financial-ml/mlserver-0` the server listens on 127.0.0.1:9000; a client in the same
+/// pod dials 127.0.0.1:9500 and is refused. Traced from the node with `--netns <pod>`.
+pub fn s2(lab: &mut Lab) -> Result<Report> {
     let pod = lab.add_pod("financial-ml", "mlserver-0", "10.42.0.10".parse()?)?;
-    let _l = lab.listen(&pod.netns, "127.0.0.1:9000".parse()?)?;
-    traced(
+    let _server = lab.listen(&pod.netns, "127.0.0.1:9000".parse()?)?;
+    let duration = Duration::from_secs(4);
+    let (got, trace) = traced(
         lab.node(),
-        &["--port", "9500", "--netns", &pod.netns, "--duration", "3s"],
+        &[
+            "--port",
+            "9500",
+            "--netns",
+            &pod.netns,
+            "--duration",
+            "4s",
+            "-o",
+            "text",
+        ],
+        duration,
         || {
-            let r = lab.connect(
+            lab.connect(
                 &pod.netns,
-                "127.0.0.1:9500".parse().unwrap(),
+                "127.0.0.1:9500".parse().expect("addr"),
                 Duration::from_secs(2),
-            );
-            format!(
-                "agent → 127.0.0.1:9500 in financial-ml/mlserver-0 (server listens on 127.0.0.1:9000): {r}"
             )
         },
-    )
+    )?;
+    Ok(Report {
+        attempt: "financial-ml/mlserver-0 → 127.0.0.1:9500 (the server listens on 127.0.0.1:9000)"
+            .into(),
+        got,
+        expected: Connect::Refused,
+        trace,
+    })
 }
 
-fn s1(lab: &mut Lab) -> Result<String> {
+/// FORWARD DROP: `financial-inference/client-0` (10.42.0.20) → `seldon-scheduler-0`
+/// (10.42.0.30:9004, listening) while the node has `iptables -A FORWARD -p tcp --dport 9004
+/// -j DROP`; the client times out. Traced in the node namespace.
+pub fn forward_drop(lab: &mut Lab) -> Result<Report> {
     let client = lab.add_pod("financial-inference", "client-0", "10.42.0.20".parse()?)?;
     let server = lab.add_pod(
         "financial-inference",
@@ -70,7 +226,42 @@ fn s1(lab: &mut Lab) -> Result<String> {
         "10.42.0.30".parse()?,
     )?;
     serve(lab.listen(&server.netns, "10.42.0.30:9004".parse()?)?);
-    // kube-proxy's ClusterIP, and Calico's policy for the scheduler: admits 9005 only.
+    lab.sh(
+        lab.node(),
+        "iptables -A FORWARD -p tcp --dport 9004 -j DROP",
+    )?;
+    let (got, trace) = traced(
+        lab.node(),
+        &["--port", "9004", "--duration", "5s", "-o", "text"],
+        Duration::from_secs(5),
+        || {
+            lab.connect(
+                &client.netns,
+                "10.42.0.30:9004".parse().expect("addr"),
+                Duration::from_secs(3),
+            )
+        },
+    )?;
+    Ok(Report {
+        attempt: "financial-inference/client-0 → seldon-scheduler-0 10.42.0.30:9004 \
+                  (node: iptables -A FORWARD -p tcp --dport 9004 -j DROP)"
+            .into(),
+        got,
+        expected: Connect::TimedOut,
+        trace,
+    })
+}
+
+/// S1: client-0 → the seldon-scheduler Service (kube-proxy DNAT to 10.42.0.30:9004), dropped
+/// by Calico's ingress policy for the scheduler (admits 9005 only).
+pub fn s1(lab: &mut Lab) -> Result<Report> {
+    let client = lab.add_pod("financial-inference", "client-0", "10.42.0.20".parse()?)?;
+    let server = lab.add_pod(
+        "financial-inference",
+        "seldon-scheduler-0",
+        "10.42.0.30".parse()?,
+    )?;
+    serve(lab.listen(&server.netns, "10.42.0.30:9004".parse()?)?);
     rules::restore(
         lab,
         "iptables-restore",
@@ -81,35 +272,66 @@ fn s1(lab: &mut Lab) -> Result<String> {
         "iptables-restore",
         &rules::calico_filter(&server.host_if, &client.host_if),
     )?;
-    traced(lab.node(), &["--port", "9004", "--duration", "5s"], || {
-        let r = lab.connect(
-            &client.netns,
-            format!("{}:9004", rules::CLUSTER_IP).parse().unwrap(),
-            Duration::from_secs(3),
-        );
-        format!(
-            "client-0 → seldon-scheduler Service {}:9004 (financial-inference): {r}",
-            rules::CLUSTER_IP
-        )
+    let service = format!("{}:9004", rules::CLUSTER_IP);
+    let (got, trace) = traced(
+        lab.node(),
+        &["--port", "9004", "--duration", "5s", "-o", "text"],
+        Duration::from_secs(5),
+        || {
+            lab.connect(
+                &client.netns,
+                service.parse().expect("addr"),
+                Duration::from_secs(3),
+            )
+        },
+    )?;
+    Ok(Report {
+        attempt: format!(
+            "financial-inference/client-0 → seldon-scheduler Service {service} (kube-proxy DNAT, Calico policy admits 9005 only)"
+        ),
+        got,
+        expected: Connect::TimedOut,
+        trace,
     })
 }
 
-pub fn run() -> Result<()> {
-    crate::setup::run()?;
+pub fn run(skip_setup: bool, only: &[Scenario]) -> Result<()> {
+    if !netprobe_lab::is_root() {
+        bail!("the demo builds network-namespace labs and loads eBPF programs: run it as root");
+    }
+    if !skip_setup {
+        crate::setup::run()?;
+    }
     crate::build::build(false)?;
-    for (title, scenario) in [
-        (
-            "S2: connection refused on localhost",
-            s2 as fn(&mut Lab) -> Result<String>,
-        ),
-        (
-            "S1: i/o timeout to a Service after a Flannel→Calico migration",
-            s1,
-        ),
-    ] {
+    let scenarios = if only.is_empty() {
+        vec![Scenario::S2, Scenario::ForwardDrop, Scenario::S1]
+    } else {
+        only.to_vec()
+    };
+    let mut unexpected = Vec::new();
+    for scenario in scenarios {
+        println!("\n===== {} =====", scenario.title());
+        // A fresh lab per scenario, torn down (processes, namespaces) when it goes out of scope.
         let mut lab = Lab::new("demo")?;
-        println!("\n===== {title} =====");
-        println!("{}", scenario(&mut lab)?);
+        let r = scenario
+            .run(&mut lab)
+            .with_context(|| format!("scenario {scenario:?}"))?;
+        drop(lab);
+        let verdict = if r.got == r.expected {
+            "as expected".to_string()
+        } else {
+            unexpected.push(scenario);
+            format!("UNEXPECTED: the lab should give `{}`", r.expected)
+        };
+        println!("client: {}: {} ({verdict})", r.attempt, r.got);
+        println!("--- netprobe ({}) ---", r.trace.status);
+        if !r.trace.stderr.trim().is_empty() {
+            println!("{}", r.trace.stderr.trim_end());
+        }
+        println!("{}", r.trace.stdout.trim_end());
+    }
+    if !unexpected.is_empty() {
+        bail!("the lab misbehaved in {unexpected:?} (see above)");
     }
     Ok(())
 }
