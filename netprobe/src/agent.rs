@@ -442,8 +442,7 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
         .map(|p| p.kube.recorder(opts.node_name.as_deref()));
     let write_line = |out: &mut dyn Write, v: &dyn erased::Json| -> std::io::Result<()> {
         v.write_json(out)?;
-        out.write_all(b"\n")?;
-        out.flush()
+        out.write_all(b"\n")
     };
     loop {
         tokio::select! {
@@ -504,6 +503,10 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
+        // One flush per batch, not per event.
+        if let Err(e) = out.flush() {
+            write_err.get_or_insert(e);
+        }
         if let Some(e) = write_err.take() {
             return Err(Error::io("writing events to stdout", e));
         }
@@ -512,6 +515,7 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     for s in storm.flush(u64::MAX) {
         let _ = write_line(&mut out, &s);
     }
+    let _ = out.flush();
     probes.detach_tc();
     Ok(())
 }

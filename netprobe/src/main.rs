@@ -170,7 +170,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
-            match rt.block_on(netprobe::agent::run(opts, std::io::stdout().lock())) {
+            // Buffered: the agent flushes once per batch of events.
+            let out = std::io::BufWriter::new(std::io::stdout().lock());
+            match rt.block_on(netprobe::agent::run(opts, out)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("netprobe: {:#}", anyhow::Error::from(e));

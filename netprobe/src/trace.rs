@@ -95,8 +95,11 @@ impl PodContext {
 
     pub(crate) fn annotate_event(&self, e: &mut crate::events::Event) {
         let ns = e.netns.as_ref().map(|n| n.inode);
-        // The process is known in process context (connect()): its cgroup names the container.
-        let cgroup = e.process.as_ref().and_then(|p| cgroup_of(p.pid));
+        // The process is only meaningful in process context (connect() → SYN_SENT): its cgroup
+        // names the container. Elsewhere (softirq) it is whoever ran; no /proc read per event.
+        let cgroup = (e.kind == crate::events::Kind::StateChange)
+            .then(|| e.process.as_ref().and_then(|p| cgroup_of(p.pid)))
+            .flatten();
         e.source = Some(self.inventory.peer(e.src, e.sport, ns, cgroup.as_deref()));
         e.destination = Some(self.inventory.peer(e.dst, e.dport, ns, None));
     }
