@@ -1,14 +1,21 @@
 //! deploy/ is checked like code: every manifest parses into the Kubernetes API types, the
 //! DaemonSet keeps its least-privilege promises (each capability justified in a comment), RBAC
-//! only reads, and every agent flag or environment variable the manifests use exists in
-//! `netprobe agent --help` (the manifests cannot drift from the binary).
+//! is exactly the reviewed least-privilege set, only the TLS kube-rbac-proxy listens off loopback
+//! and it forwards /metrics only, the Helm chart (rendered and linted by the real Helm engine)
+//! produces the same objects as the kustomize base, and every agent flag or environment variable
+//! the manifests use exists in `netprobe agent --help` (the manifests cannot drift from the
+//! binary).
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
-    core::v1::{ConfigMap, Namespace, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
+    core::v1::{ConfigMap, Container, Namespace, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
 };
 use serde::Deserialize;
 
@@ -54,6 +61,7 @@ fn every_manifest_parses_into_its_kubernetes_type() {
                 "ServiceAccount" => serde_json::from_value::<ServiceAccount>(json).is_ok(),
                 "ClusterRole" => serde_json::from_value::<ClusterRole>(json).is_ok(),
                 "ClusterRoleBinding" => serde_json::from_value::<ClusterRoleBinding>(json).is_ok(),
+                "Role" => serde_json::from_value::<Role>(json).is_ok(),
                 "ConfigMap" => serde_json::from_value::<ConfigMap>(json).is_ok(),
                 "Namespace" => serde_json::from_value::<Namespace>(json).is_ok(),
                 other => panic!("unexpected kind {other} in {}", file.display()),
@@ -67,6 +75,7 @@ fn every_manifest_parses_into_its_kubernetes_type() {
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
         "ConfigMap",
         "Namespace",
     ] {
@@ -81,13 +90,32 @@ fn every_manifest_parses_into_its_kubernetes_type() {
     }
 }
 
-#[test]
-fn the_daemonset_keeps_least_privilege_and_justifies_each_capability() {
-    let path = deploy().join("base/daemonset.yaml");
-    let ds: DaemonSet =
-        serde_json::from_value(serde_json::to_value(&docs(&path)[0]).unwrap()).unwrap();
-    let pod = ds.spec.unwrap().template.spec.unwrap();
-    let c = &pod.containers[0];
+/// Every object of the kustomize base, in file order.
+fn base_objects() -> Vec<serde_yaml::Value> {
+    resources(&deploy().join("base/kustomization.yaml"))
+        .iter()
+        .flat_map(|f| docs(f))
+        .collect()
+}
+
+fn find<'a>(objs: &'a [serde_yaml::Value], kind: &str, name: &str) -> &'a serde_yaml::Value {
+    objs.iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: &serde_yaml::Value) -> T {
+    serde_json::from_value(serde_json::to_value(v).unwrap()).unwrap()
+}
+
+fn pod_containers(objs: &[serde_yaml::Value]) -> Vec<Container> {
+    let ds: DaemonSet = typed(find(objs, "DaemonSet", "netprobe"));
+    ds.spec.unwrap().template.spec.unwrap().containers
+}
+
+/// The agent's container keeps least privilege; each capability it adds is in the reviewed set
+/// and has a justification comment on the line above it in `source` (the manifest's text).
+fn check_agent_container(c: &Container, source: &Path) {
     let sc = c.security_context.as_ref().unwrap();
     assert_eq!(sc.read_only_root_filesystem, Some(true));
     assert_eq!(sc.allow_privilege_escalation, Some(false));
@@ -103,7 +131,7 @@ fn the_daemonset_keeps_least_privilege_and_justifies_each_capability() {
         "SYS_PTRACE",
         "SYS_RESOURCE",
     ];
-    let text = std::fs::read_to_string(&path).unwrap();
+    let text = std::fs::read_to_string(source).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     for cap in &added {
         assert!(
@@ -113,12 +141,24 @@ fn the_daemonset_keeps_least_privilege_and_justifies_each_capability() {
         let i = lines
             .iter()
             .position(|l| l.trim() == format!("- {cap}"))
-            .unwrap();
+            .unwrap_or_else(|| panic!("{cap} not listed in {}", source.display()));
         assert!(
             lines[i - 1].trim().starts_with('#'),
-            "capability {cap} has no justification comment"
+            "capability {cap} has no justification comment in {}",
+            source.display()
         );
     }
+}
+
+#[test]
+fn the_daemonset_keeps_least_privilege_and_justifies_each_capability() {
+    let path = deploy().join("base/daemonset.yaml");
+    let containers = pod_containers(&base_objects());
+    let agent = containers.iter().find(|c| c.name == "agent").unwrap();
+    check_agent_container(agent, &path);
+    // The Helm template carries the same comments (its rendering is compared in
+    // `the_helm_chart_renders_the_kustomize_objects`).
+    check_agent_container(agent, &chart().join("templates/daemonset.yaml"));
     // Metrics on loopback only (hostNetwork): nothing unauthenticated on the node network.
     let cm = docs(&deploy().join("base/configmap.yaml"));
     assert!(
@@ -129,23 +169,479 @@ fn the_daemonset_keeps_least_privilege_and_justifies_each_capability() {
     );
 }
 
-#[test]
-fn rbac_only_reads_and_writes_events() {
-    for doc in docs(&deploy().join("base/rbac.yaml")) {
-        if doc["kind"] == "ClusterRole" {
-            let role: ClusterRole =
-                serde_json::from_value(serde_json::to_value(&doc).unwrap()).unwrap();
-            for rule in role.rules.unwrap() {
-                // Reads everywhere; writes only Events (the agent reports drops on pods).
-                let events = rule.resources.as_deref() == Some(&["events".to_string()][..]);
-                for verb in rule.verbs {
-                    let ok = ["get", "list", "watch"].contains(&verb.as_str())
-                        || (events && ["create", "patch"].contains(&verb.as_str()));
-                    assert!(ok, "verb {verb} on {:?}", rule.resources);
+/// (apiGroup, resource, verb) of every resource rule; panics on wildcards, resourceNames and
+/// non-resource URLs (asserted separately where they belong).
+fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for r in rules {
+        assert!(r.non_resource_urls.is_none(), "nonResourceURLs in {r:?}");
+        assert!(r.resource_names.is_none(), "resourceNames in {r:?}");
+        for g in r.api_groups.as_deref().unwrap_or_default() {
+            for res in r.resources.as_deref().unwrap_or_default() {
+                for v in &r.verbs {
+                    assert!(
+                        !(g == "*" || res.contains('*') || v == "*"),
+                        "wildcard in {r:?}"
+                    );
+                    out.insert((g.clone(), res.clone(), v.clone()));
                 }
             }
         }
     }
+    out
+}
+
+fn set(items: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
+    items
+        .iter()
+        .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The reviewed least-privilege RBAC (deploy/SECURITY.md), exactly: the agent reads pods,
+/// services and endpointslices, writes only Events, and (for kube-rbac-proxy) creates
+/// TokenReviews and SubjectAccessReviews; the tracer may find pods and port-forward to the agent
+/// pods in `namespace`; the metrics reader may GET /metrics. Only the agent is bound.
+fn check_rbac(objs: &[serde_yaml::Value], namespace: &str) {
+    let read = ["get", "list", "watch"];
+    let mut agent = Vec::new();
+    for (g, r) in [
+        ("", "pods"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+    ] {
+        agent.extend(read.iter().map(|v| (g, r, *v)));
+    }
+    agent.extend([
+        ("events.k8s.io", "events", "create"),
+        ("events.k8s.io", "events", "patch"),
+        ("authentication.k8s.io", "tokenreviews", "create"),
+        ("authorization.k8s.io", "subjectaccessreviews", "create"),
+    ]);
+    let role: ClusterRole = typed(find(objs, "ClusterRole", "netprobe-agent"));
+    assert_eq!(grants(&role.rules.unwrap()), set(&agent), "netprobe-agent");
+
+    let tracer: ClusterRole = typed(find(objs, "ClusterRole", "netprobe-tracer"));
+    assert_eq!(
+        grants(&tracer.rules.unwrap()),
+        set(&[("", "pods", "get"), ("", "pods", "list")]),
+        "ClusterRole netprobe-tracer"
+    );
+    let tracer: Role = typed(find(objs, "Role", "netprobe-tracer"));
+    assert_eq!(tracer.metadata.namespace.as_deref(), Some(namespace));
+    assert_eq!(
+        grants(&tracer.rules.unwrap()),
+        set(&[
+            ("", "pods", "get"),
+            ("", "pods/portforward", "create"),
+            ("", "pods/portforward", "get"),
+        ]),
+        "Role netprobe-tracer"
+    );
+
+    let reader: ClusterRole = typed(find(objs, "ClusterRole", "netprobe-metrics-reader"));
+    let rules = reader.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].non_resource_urls.as_deref(),
+        Some(&["/metrics".to_string()][..])
+    );
+    assert_eq!(rules[0].verbs, ["get"]);
+    assert!(rules[0].resources.is_none() && rules[0].api_groups.is_none());
+
+    let mut roles = Vec::new();
+    let mut bindings = Vec::new();
+    for o in objs {
+        match o["kind"].as_str().unwrap() {
+            "ClusterRole" | "Role" => roles.push(o["metadata"]["name"].as_str().unwrap()),
+            "ClusterRoleBinding" => {
+                let b: ClusterRoleBinding = typed(o);
+                bindings.push((b.role_ref, b.subjects.unwrap_or_default()));
+            }
+            "RoleBinding" => {
+                let b: RoleBinding = typed(o);
+                bindings.push((b.role_ref, b.subjects.unwrap_or_default()));
+            }
+            _ => {}
+        }
+    }
+    roles.sort();
+    assert_eq!(
+        roles,
+        [
+            "netprobe-agent",
+            "netprobe-metrics-reader",
+            "netprobe-tracer",
+            "netprobe-tracer"
+        ],
+        "no other role"
+    );
+    // Nobody is bound to the tracer or metrics-reader roles by default.
+    assert_eq!(bindings.len(), 1, "only the agent is bound");
+    let (role_ref, subjects) = &bindings[0];
+    assert_eq!(
+        (role_ref.kind.as_str(), role_ref.name.as_str()),
+        ("ClusterRole", "netprobe-agent")
+    );
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(
+        (
+            subjects[0].kind.as_str(),
+            subjects[0].name.as_str(),
+            subjects[0].namespace.as_deref()
+        ),
+        ("ServiceAccount", "netprobe", Some(namespace))
+    );
+}
+
+#[test]
+fn rbac_is_the_reviewed_least_privilege_set() {
+    check_rbac(&base_objects(), "netprobe");
+}
+
+/// Where the agent listens: `--metrics-addr` in its args, else METRICS_ADDR from its env or the
+/// ConfigMap it reads (the binary's own default is 0.0.0.0:9965, so the manifests must set it).
+fn agent_listen_addr(objs: &[serde_yaml::Value], agent: &Container) -> SocketAddr {
+    let args = agent.args.clone().unwrap_or_default();
+    if let Some(a) = args.iter().find_map(|a| a.strip_prefix("--metrics-addr=")) {
+        return a.parse().unwrap();
+    }
+    assert!(
+        !args.iter().any(|a| a == "--metrics-addr"),
+        "use --metrics-addr=ADDR"
+    );
+    if let Some(e) = agent
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "METRICS_ADDR")
+    {
+        return e.value.as_deref().unwrap().parse().unwrap();
+    }
+    let cm_name = agent
+        .env_from
+        .iter()
+        .flatten()
+        .find_map(|e| e.config_map_ref.as_ref())
+        .expect("the agent reads its ConfigMap")
+        .name
+        .clone();
+    let cm: ConfigMap = typed(find(objs, "ConfigMap", &cm_name));
+    cm.data.unwrap()["METRICS_ADDR"]
+        .parse()
+        .expect("METRICS_ADDR set in the ConfigMap")
+}
+
+/// kube-rbac-proxy forwards /metrics only, to the agent's loopback address, and is the only
+/// listener off loopback: TLS, no insecure listener, no capability, non-root, read-only root.
+/// `proxy_port` is its node port.
+fn check_listeners(objs: &[serde_yaml::Value], proxy_port: u16) {
+    let ds: DaemonSet = typed(find(objs, "DaemonSet", "netprobe"));
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    let agent = pod.containers.iter().find(|c| c.name == "agent").unwrap();
+    let addr = agent_listen_addr(objs, agent);
+    assert!(addr.ip().is_loopback(), "the agent listens on {addr}");
+    for probe in [&agent.liveness_probe, &agent.readiness_probe] {
+        let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.host.as_deref(), Some("127.0.0.1"));
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(addr.port().into())
+        );
+    }
+    assert!(
+        agent.ports.is_none(),
+        "hostNetwork: a containerPort is a node port"
+    );
+
+    let proxy = pod
+        .containers
+        .iter()
+        .find(|c| c.name == "kube-rbac-proxy")
+        .expect("kube-rbac-proxy sidecar");
+    assert!(
+        proxy
+            .image
+            .as_deref()
+            .unwrap()
+            .starts_with("quay.io/brancz/kube-rbac-proxy:v0.18.")
+    );
+    let args: BTreeSet<String> = proxy.args.clone().unwrap().into_iter().collect();
+    let expected: BTreeSet<String> = [
+        format!("--secure-listen-address=0.0.0.0:{proxy_port}"),
+        format!("--upstream=http://{addr}/"),
+        "--allow-paths=/metrics".to_string(),
+    ]
+    .into_iter()
+    .collect();
+    // Exactly these: no --insecure-listen-address, no --ignore-paths (which skip authorization),
+    // no static authorization config, no second path.
+    assert_eq!(args, expected);
+    assert!(proxy.command.is_none(), "the image's entrypoint");
+    let ports: Vec<i32> = proxy
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| p.container_port)
+        .collect();
+    assert_eq!(ports, [i32::from(proxy_port)]);
+    let sc = proxy.security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.run_as_user, Some(65534));
+    assert_ne!(sc.privileged, Some(true));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert!(caps.add.as_deref().unwrap_or_default().is_empty());
+
+    // No other container, and no init container, declares or opens a port.
+    for c in pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+    {
+        assert!(
+            ["agent", "kube-rbac-proxy"].contains(&c.name.as_str()),
+            "unreviewed container {}",
+            c.name
+        );
+    }
+}
+
+#[test]
+fn only_the_tls_proxy_listens_off_loopback_and_it_forwards_only_metrics() {
+    check_listeners(&base_objects(), 9966);
+}
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/helm/netprobe")
+}
+
+/// Renders and lints the chart with the real Helm engine (Helm's Go SDK in `libhelm_c`, shipped
+/// by the PyPI wheel `helm-python-sdk`; no helm binary or Go toolchain is needed).
+const HELM_SCRIPT: &str = r#"
+import json, sys
+import helm_python as helm
+chart, values = sys.argv[1], json.loads(sys.argv[2])
+lint = helm.lint(chart, values, strict=True, namespace="netprobe")
+try:
+    with helm.Chart.load(chart) as c:
+        out = {"manifests": c.render(values, name="netprobe", namespace="netprobe")}
+except helm.HelmError as e:
+    out = {"error": str(e)}
+out["lint"] = lint
+print(json.dumps(out))
+"#;
+
+const HELM_INSTALL: &str =
+    "python3 -m pip install --no-deps --target .tools/helm-python helm-python-sdk==0.2.2";
+
+struct Rendered {
+    objects: Vec<serde_yaml::Value>,
+    error: Option<String>,
+    lint: serde_json::Value,
+}
+
+fn helm(values: serde_json::Value) -> Rendered {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let pythonpath = std::env::var_os("NETPROBE_HELM_PYTHONPATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".tools/helm-python"));
+    assert!(
+        pythonpath.join("helm_python").is_dir(),
+        "the Helm engine is not installed at {}: run `{HELM_INSTALL}` in the repository root \
+         (or set NETPROBE_HELM_PYTHONPATH)",
+        pythonpath.display()
+    );
+    let out = std::process::Command::new("python3")
+        .env("PYTHONPATH", &pythonpath)
+        .args(["-c", HELM_SCRIPT])
+        .arg(chart())
+        .arg(values.to_string())
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "helm: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut objects = Vec::new();
+    if let Some(m) = v["manifests"].as_object() {
+        let mut files: Vec<_> = m.iter().filter(|(k, _)| k.ends_with(".yaml")).collect();
+        files.sort_by_key(|(k, _)| k.as_str());
+        for (_, text) in files {
+            for d in serde_yaml::Deserializer::from_str(text.as_str().unwrap()) {
+                let d = serde_yaml::Value::deserialize(d).unwrap();
+                if !d.is_null() {
+                    objects.push(d);
+                }
+            }
+        }
+    }
+    Rendered {
+        objects,
+        error: v["error"].as_str().map(str::to_string),
+        lint: v["lint"].clone(),
+    }
+}
+
+/// What may differ between the chart and kustomize: labels, annotations (Helm's standard
+/// labels, the config checksum), the selector (Helm adds the instance label) and pull policies.
+fn comparable(o: &serde_yaml::Value) -> serde_json::Value {
+    let mut v = serde_json::to_value(o).unwrap();
+    for m in [v.pointer_mut("/metadata")].into_iter().flatten() {
+        let m = m.as_object_mut().unwrap();
+        m.remove("labels");
+        m.remove("annotations");
+    }
+    if let Some(spec) = v.pointer_mut("/spec").and_then(|s| s.as_object_mut()) {
+        spec.remove("selector");
+        if let Some(t) = spec.get_mut("template").and_then(|t| t.as_object_mut()) {
+            t.remove("metadata");
+            for c in t["spec"]["containers"].as_array_mut().unwrap() {
+                c.as_object_mut().unwrap().remove("imagePullPolicy");
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn the_helm_chart_renders_the_kustomize_objects() {
+    let r = helm(serde_json::json!({"namespace": {"create": true}}));
+    assert_eq!(r.error, None);
+    // `helm lint --strict`: no warning, no error (info such as "icon is recommended" allowed).
+    for m in r.lint["messages"].as_array().unwrap() {
+        assert!(m["severity"].as_i64().unwrap() < 2, "helm lint: {m}");
+    }
+    assert!(
+        r.lint["errors"].as_array().unwrap().is_empty(),
+        "{}",
+        r.lint
+    );
+
+    // Each rendered object parses into its Kubernetes type...
+    for o in &r.objects {
+        let json = serde_json::to_value(o).unwrap();
+        let kind = o["kind"].as_str().unwrap();
+        let ok = match kind {
+            "DaemonSet" => serde_json::from_value::<DaemonSet>(json).is_ok(),
+            "ServiceAccount" => serde_json::from_value::<ServiceAccount>(json).is_ok(),
+            "ClusterRole" => serde_json::from_value::<ClusterRole>(json).is_ok(),
+            "ClusterRoleBinding" => serde_json::from_value::<ClusterRoleBinding>(json).is_ok(),
+            "Role" => serde_json::from_value::<Role>(json).is_ok(),
+            "ConfigMap" => serde_json::from_value::<ConfigMap>(json).is_ok(),
+            "Namespace" => serde_json::from_value::<Namespace>(json).is_ok(),
+            other => panic!("unexpected kind {other} rendered by the chart"),
+        };
+        assert!(ok, "rendered {kind} does not parse");
+    }
+    // ...and is the kustomize base's object: same kinds, names, namespaces, security context,
+    // capabilities, probes, volumes, RBAC rules, configuration (labels aside).
+    let base = base_objects();
+    let key = |o: &serde_yaml::Value| {
+        format!(
+            "{}/{}/{}",
+            o["kind"].as_str().unwrap(),
+            o["metadata"]["namespace"].as_str().unwrap_or(""),
+            o["metadata"]["name"].as_str().unwrap()
+        )
+    };
+    let mut a: Vec<String> = base.iter().map(key).collect();
+    let mut b: Vec<String> = r.objects.iter().map(key).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(
+        a, b,
+        "the chart renders the same objects as the kustomize base"
+    );
+    for o in &base {
+        let h = r.objects.iter().find(|h| key(h) == key(o)).unwrap();
+        assert_eq!(comparable(h), comparable(o), "{} differs", key(o));
+    }
+    // The same properties, checked on the rendering itself.
+    check_rbac(&r.objects, "netprobe");
+    check_listeners(&r.objects, 9966);
+    let containers = pod_containers(&r.objects);
+    check_agent_container(
+        containers.iter().find(|c| c.name == "agent").unwrap(),
+        &chart().join("templates/daemonset.yaml"),
+    );
+}
+
+#[test]
+fn the_helm_chart_values_change_only_what_they_name() {
+    // Defaults: no Namespace object (helm install --create-namespace + a label, see README).
+    let r = helm(serde_json::json!({}));
+    assert_eq!(r.error, None);
+    assert!(!r.objects.iter().any(|o| o["kind"] == "Namespace"));
+
+    let r = helm(serde_json::json!({
+        "image": {"repository": "registry.local/netprobe", "tag": "dev"},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "resources": {"limits": {"memory": "512Mi"}},
+        "rateLimit": 5,
+        "logLevel": "info",
+        "metrics": {"address": "127.0.0.1:19965", "rbacProxy": {"port": 19966}},
+    }));
+    assert_eq!(r.error, None);
+    let cm: ConfigMap = typed(find(&r.objects, "ConfigMap", "netprobe"));
+    let data = cm.data.unwrap();
+    assert_eq!(data["RATE_LIMIT"], "5");
+    assert_eq!(data["RUST_LOG"], "info");
+    assert_eq!(data["METRICS_ADDR"], "127.0.0.1:19965");
+    let ds: DaemonSet = typed(find(&r.objects, "DaemonSet", "netprobe"));
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(
+        pod.containers[0].image.as_deref(),
+        Some("registry.local/netprobe:dev")
+    );
+    assert_eq!(pod.node_selector.unwrap()["kubernetes.io/os"], "linux");
+    assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("gpu"));
+    check_listeners(&r.objects, 19966);
+    check_rbac(&r.objects, "netprobe");
+
+    // A metrics address off loopback is refused: it would be unauthenticated on the node network.
+    for addr in ["0.0.0.0:9965", "10.0.0.1:9965", ":9965"] {
+        let r = helm(serde_json::json!({"metrics": {"address": addr}}));
+        let err = r.error.unwrap_or_else(|| panic!("{addr} accepted"));
+        assert!(err.contains("must be 127.x.x.x:PORT"), "{err}");
+    }
+
+    // Without the proxy: no sidecar, no review rights, no metrics-reader role; still loopback.
+    let r = helm(
+        serde_json::json!({"metrics": {"rbacProxy": {"enabled": false}},
+                                    "rbac": {"tracer": {"create": false}}}),
+    );
+    assert_eq!(r.error, None);
+    let containers = pod_containers(&r.objects);
+    assert_eq!(containers.len(), 1);
+    let role: ClusterRole = typed(find(&r.objects, "ClusterRole", "netprobe-agent"));
+    let g = grants(&role.rules.unwrap());
+    assert!(
+        !g.iter().any(
+            |(grp, _, _)| grp.starts_with("authentication") || grp.starts_with("authorization")
+        )
+    );
+    assert!(
+        r.objects.iter().all(
+            |o| o["kind"] == "ClusterRoleBinding" || o["metadata"]["name"] != "netprobe-tracer"
+        )
+    );
+    assert!(
+        !r.objects
+            .iter()
+            .any(|o| o["metadata"]["name"] == "netprobe-metrics-reader")
+    );
+    assert!(
+        agent_listen_addr(&r.objects, &containers[0])
+            .ip()
+            .is_loopback()
+    );
 }
 
 #[test]
@@ -155,37 +651,31 @@ fn manifests_use_only_flags_and_variables_the_agent_has() {
         .output()
         .unwrap();
     let help = String::from_utf8(help.stdout).unwrap();
-    let ds = &docs(&deploy().join("base/daemonset.yaml"))[0];
-    let c = &ds["spec"]["template"]["spec"]["containers"][0];
-    let args: Vec<&str> = c["args"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    assert_eq!(args[0], "agent");
-    for a in args.iter().filter(|a| a.starts_with("--")) {
-        assert!(help.contains(a), "flag {a} not in `netprobe agent --help`");
-    }
-    let mut vars: Vec<String> = c["env"]
-        .as_sequence()
-        .into_iter()
-        .flatten()
-        .map(|e| e["name"].as_str().unwrap().to_string())
-        .collect();
-    let cm = docs(&deploy().join("base/configmap.yaml"));
-    vars.extend(
-        cm[0]["data"]
-            .as_mapping()
-            .unwrap()
-            .keys()
-            .map(|k| k.as_str().unwrap().to_string())
-            .filter(|k| k != "RUST_LOG"),
-    );
-    for v in vars {
-        assert!(
-            help.contains(&format!("env: {v}")),
-            "variable {v} not read by the agent:\n{help}"
-        );
+    let base = base_objects();
+    let rendered = helm(serde_json::json!({})).objects;
+    for objs in [&base, &rendered] {
+        let agent = pod_containers(objs)
+            .into_iter()
+            .find(|c| c.name == "agent")
+            .unwrap();
+        let args = agent.args.clone().unwrap_or_default();
+        assert_eq!(args[0], "agent");
+        for a in args.iter().filter(|a| a.starts_with("--")) {
+            let flag = a.split('=').next().unwrap();
+            assert!(
+                help.contains(flag),
+                "flag {flag} not in `netprobe agent --help`"
+            );
+        }
+        let mut vars: Vec<String> = agent.env.iter().flatten().map(|e| e.name.clone()).collect();
+        let cm: ConfigMap = typed(find(objs, "ConfigMap", "netprobe"));
+        vars.extend(cm.data.unwrap().into_keys().filter(|k| k != "RUST_LOG"));
+        assert!(vars.iter().any(|v| v == "METRICS_ADDR"));
+        for v in vars {
+            assert!(
+                help.contains(&format!("env: {v}")),
+                "variable {v} not read by the agent:\n{help}"
+            );
+        }
     }
 }

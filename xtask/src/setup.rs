@@ -17,6 +17,8 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     // Lab tools.
     "iproute2",
+    // pip installs the Helm engine (below).
+    "python3-pip",
     "iptables",
     "nftables",
     "conntrack",
@@ -25,6 +27,9 @@ const PACKAGES: &[&str] = &[
     "hping3",
     "tcpdump",
 ];
+
+/// Helm's engine for `helm lint`/`helm template` in the chart tests (netprobe/tests/deploy.rs).
+const HELM_PYTHON_SDK: &str = "0.2.2";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The LLVM bpf-linker is built against; Debian's rustc must use the same major.
@@ -145,7 +150,22 @@ pub fn run() -> Result<()> {
         summary.push(format!("bpf-linker: built ({v}, {})", linker.display()));
     }
 
-    // 4. tracefs, for classic tracepoints and tracing tools (netprobe itself uses tp_btf).
+    // 4. The Helm engine for the chart tests: Helm's own Go code as a library, from the PyPI
+    //    wheel helm-python-sdk (Helm v4; no helm binary or Go toolchain reaches these machines).
+    let helm = tools_dir().join("helm-python");
+    if helm.join("helm_python").is_dir() {
+        summary.push(format!("helm engine: present ({})", helm.display()));
+    } else {
+        println!("setup: installing the Helm engine (PyPI helm-python-sdk {HELM_PYTHON_SDK})");
+        let mut cmd = Command::new("/usr/bin/python3");
+        cmd.args(["-m", "pip", "install", "-q", "--no-deps", "--target"])
+            .arg(&helm)
+            .arg(format!("helm-python-sdk=={HELM_PYTHON_SDK}"));
+        run_checked(cmd, "pip install helm-python-sdk")?;
+        summary.push(format!("helm engine: installed ({})", helm.display()));
+    }
+
+    // 5. tracefs, for classic tracepoints and tracing tools (netprobe itself uses tp_btf).
     if tracefs_mounted() {
         summary.push("tracefs: mounted at /sys/kernel/tracing".into());
     } else {
