@@ -53,7 +53,14 @@ struct State {
     down: bool,
     /// Objects POSTed or PATCHed (Kubernetes Events from the agent).
     posted: Vec<Value>,
+    /// (namespace, pod) → how to reach its ports (port-forward targets).
+    forward: BTreeMap<(String, String), Forward>,
+    /// Port-forwards opened: (namespace, pod, port).
+    forwarded: Vec<(String, String, u16)>,
 }
+
+/// Opens a connection to a pod's port (for the stand-in's `pods/portforward`).
+pub type Forward = Arc<dyn Fn(u16) -> std::io::Result<TcpStream> + Send + Sync>;
 
 #[derive(Clone)]
 pub struct FakeKube {
@@ -143,6 +150,26 @@ impl FakeKube {
         self.shared.0.lock().unwrap().posted.clone()
     }
 
+    /// Makes `pods/portforward` of namespace/pod reach what `connect` opens (the kubelet's part).
+    pub fn port_forward(
+        &self,
+        namespace: &str,
+        pod: &str,
+        connect: impl Fn(u16) -> std::io::Result<TcpStream> + Send + Sync + 'static,
+    ) {
+        self.shared
+            .0
+            .lock()
+            .unwrap()
+            .forward
+            .insert((namespace.into(), pod.into()), Arc::new(connect));
+    }
+
+    /// Port-forwards clients opened: (namespace, pod, port).
+    pub fn forwarded(&self) -> Vec<(String, String, u16)> {
+        self.shared.0.lock().unwrap().forwarded.clone()
+    }
+
     /// A kubeconfig pointing at this server (plain HTTP on loopback, no credentials).
     pub fn kubeconfig(&self) -> String {
         format!(
@@ -160,15 +187,17 @@ impl FakeKube {
                 return Ok(());
             }
             let mut length = 0usize;
+            let mut headers = BTreeMap::new();
             loop {
                 let mut h = String::new();
                 if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
                     break;
                 }
-                if let Some((k, v)) = h.split_once(':')
-                    && k.eq_ignore_ascii_case("content-length")
-                {
-                    length = v.trim().parse().unwrap_or(0);
+                if let Some((k, v)) = h.split_once(':') {
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                    if k.eq_ignore_ascii_case("content-length") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
                 }
             }
             let mut body = vec![0u8; length];
@@ -206,6 +235,38 @@ impl FakeKube {
                 )?;
                 continue;
             }
+            if let Some(rest) = path.strip_suffix("/portforward") {
+                let (ns, pod) = namespace_and_name(rest);
+                let port: u16 = params
+                    .get("ports")
+                    .and_then(|p| p.split(',').next()?.parse().ok())
+                    .unwrap_or(0);
+                return self.port_forward_session(reader, out, &headers, &ns, &pod, port);
+            }
+            // GET of one object: .../namespaces/NS/pods/NAME
+            if Kind::of_path(path).is_none()
+                && let Some((coll, name)) = path.rsplit_once('/')
+                && let Some(kind) = Kind::of_path(coll)
+            {
+                let (ns, _) = namespace_and_name(&format!("{coll}/x"));
+                let obj = self
+                    .shared
+                    .0
+                    .lock()
+                    .unwrap()
+                    .objects
+                    .get(&(kind, ns, name.to_string()))
+                    .cloned();
+                match obj {
+                    Some(o) => respond(&mut out, 200, &o)?,
+                    None => respond(
+                        &mut out,
+                        404,
+                        &json!({"kind":"Status","apiVersion":"v1","status":"Failure","code":404,"reason":"NotFound","message":format!("{name} not found")}),
+                    )?,
+                }
+                continue;
+            }
             let Some(kind) = Kind::of_path(path) else {
                 respond(
                     &mut out,
@@ -218,11 +279,24 @@ impl FakeKube {
                 .get("fieldSelector")
                 .and_then(|f| f.strip_prefix("spec.nodeName="))
                 .map(str::to_string);
+            let label = params
+                .get("labelSelector")
+                .and_then(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()));
+            let namespace = path
+                .split_once("/namespaces/")
+                .map(|(_, r)| r.split('/').next().unwrap_or_default().to_string());
             let matches = |k: Kind, o: &Value| {
                 k == kind
                     && node
                         .as_ref()
                         .is_none_or(|n| o["spec"]["nodeName"].as_str() == Some(n))
+                    && label
+                        .as_ref()
+                        .is_none_or(|(k, v)| o["metadata"]["labels"][k].as_str() == Some(v))
+                    && namespace
+                        .as_ref()
+                        .is_none_or(|n| o["metadata"]["namespace"].as_str() == Some(n))
             };
             if params.get("watch").map(String::as_str) == Some("true")
                 || params.get("watch").map(String::as_str) == Some("1")
@@ -304,11 +378,178 @@ impl FakeKube {
     }
 }
 
+/// (namespace, name) of `…/namespaces/NS/pods/NAME`.
+fn namespace_and_name(path: &str) -> (String, String) {
+    let mut parts = path.rsplit('/');
+    let name = parts.next().unwrap_or_default().to_string();
+    let _collection = parts.next();
+    let ns = parts.next().unwrap_or_default().to_string();
+    (ns, name)
+}
+
+fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                s.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}
+
+/// A server → client WebSocket frame (unmasked).
+fn ws_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(n as u8),
+        n if n < 65536 => {
+            f.push(126);
+            f.extend((n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(127);
+            f.extend((n as u64).to_be_bytes());
+        }
+    }
+    f.extend(payload);
+    f
+}
+
+/// Reads one client → server frame: (opcode, unmasked payload).
+fn ws_read(r: &mut impl std::io::Read) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    r.read_exact(&mut h)?;
+    let mut len = u64::from(h[1] & 0x7f);
+    if len == 126 {
+        let mut b = [0u8; 2];
+        r.read_exact(&mut b)?;
+        len = u64::from(u16::from_be_bytes(b));
+    } else if len == 127 {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        len = u64::from_be_bytes(b);
+    }
+    let mut mask = [0u8; 4];
+    if h[1] & 0x80 != 0 {
+        r.read_exact(&mut mask)?;
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)?;
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b ^= mask[i % 4];
+    }
+    Ok((h[0] & 0x0f, payload))
+}
+
+impl FakeKube {
+    /// `pods/portforward` the way the API server and kubelet do it for kube-rs: a WebSocket
+    /// with the `v4.channel.k8s.io` protocol; per port a data and an error channel, each opened
+    /// by a frame carrying the port number (little-endian), then `[channel, bytes…]` frames.
+    fn port_forward_session(
+        &self,
+        mut reader: BufReader<TcpStream>,
+        mut out: TcpStream,
+        headers: &BTreeMap<String, String>,
+        namespace: &str,
+        pod: &str,
+        port: u16,
+    ) -> std::io::Result<()> {
+        let forward = {
+            let mut st = self.shared.0.lock().unwrap();
+            st.forwarded.push((namespace.into(), pod.into(), port));
+            st.forward.get(&(namespace.into(), pod.into())).cloned()
+        };
+        let Some(key) = headers.get("sec-websocket-key") else {
+            return respond(
+                &mut out,
+                400,
+                &json!({"kind":"Status","code":400,"message":"upgrade required"}),
+            );
+        };
+        let Some(forward) = forward else {
+            return respond(
+                &mut out,
+                404,
+                &json!({"kind":"Status","apiVersion":"v1","status":"Failure","code":404,"reason":"NotFound"}),
+            );
+        };
+        let mut sha = sha1_smol::Sha1::new();
+        sha.update(key.as_bytes());
+        sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+        write!(
+            out,
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\nSec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n",
+            base64(&sha.digest().bytes())
+        )?;
+        let p = port.to_le_bytes();
+        out.write_all(&ws_frame(2, &[0, p[0], p[1]]))?;
+        out.write_all(&ws_frame(2, &[1, p[0], p[1]]))?;
+        let target = match forward(port) {
+            Ok(t) => t,
+            Err(e) => {
+                let mut msg = vec![1u8];
+                msg.extend(format!("error forwarding port {port}: {e}").bytes());
+                out.write_all(&ws_frame(2, &msg))?;
+                return out.write_all(&ws_frame(8, &[]));
+            }
+        };
+        // pod → client
+        let mut to_client = out.try_clone()?;
+        let mut from_pod = target.try_clone()?;
+        let pump = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 16384];
+            loop {
+                match std::io::Read::read(&mut from_pod, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut msg = vec![0u8];
+                        msg.extend(&buf[..n]);
+                        if to_client.write_all(&ws_frame(2, &msg)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = to_client.write_all(&ws_frame(8, &[]));
+            let _ = to_client.shutdown(std::net::Shutdown::Write);
+        });
+        // client → pod
+        let mut to_pod = target;
+        loop {
+            match ws_read(&mut reader) {
+                Ok((2, m)) if m.first() == Some(&0) => {
+                    if to_pod.write_all(&m[1..]).is_err() {
+                        break;
+                    }
+                }
+                Ok((9, m)) => {
+                    let _ = out.write_all(&ws_frame(10, &m));
+                }
+                Ok((8, _)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        // The client went away: close the pod side too (the agent sees the disconnect).
+        let _ = to_pod.shutdown(std::net::Shutdown::Both);
+        let _ = pump.join();
+        Ok(())
+    }
+}
+
 fn respond(out: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
     let body = body.to_string();
     let reason = match code {
         200 => "OK",
         201 => "Created",
+        400 => "Bad Request",
         404 => "Not Found",
         _ => "Service Unavailable",
     };
@@ -408,4 +649,20 @@ pub fn endpoint_slice(
         })).collect::<Vec<_>>(),
         "ports": ports.iter().map(|(n, p)| json!({"name": n, "port": p, "protocol": "TCP"})).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn websocket_accept_key_is_rfc6455s() {
+        // The example of RFC 6455 section 1.3.
+        let mut sha = sha1_smol::Sha1::new();
+        sha.update(b"dGhlIHNhbXBsZSBub25jZQ==258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+        assert_eq!(
+            super::base64(&sha.digest().bytes()),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+        assert_eq!(super::base64(b"ab"), "YWI=");
+        assert_eq!(super::base64(b"a"), "YQ==");
+    }
 }

@@ -2,7 +2,8 @@
 //! watches the node's namespace and every pod namespace behind its veths (new veths are attached
 //! within 200 ms, by polling the link list), writes the events that matter — drops, resets sent,
 //! application errors, SYN retransmits — as NDJSON on stdout (schema `netprobe.event/v1`), and
-//! serves `/metrics` (Prometheus), `/healthz` and `/readyz`. SIGTERM/SIGINT: detach and exit.
+//! serves `/metrics` (Prometheus), `/healthz`, `/readyz` and `/v1/trace` (cluster-mode trace,
+//! see [`crate::remote`]) on a loopback address. SIGTERM/SIGINT: detach and exit.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -309,17 +310,27 @@ fn interesting(e: &Event) -> bool {
     }
 }
 
-async fn serve_http(listener: tokio::net::TcpListener, metrics: Arc<Mutex<Metrics>>) {
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Mutex<Metrics>>,
+    traces: crate::remote::TraceServer,
+) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
         let metrics = metrics.clone();
+        let traces = traces.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             let n = sock.read(&mut buf).await.unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let req = String::from_utf8_lossy(&buf[..n]).to_string();
+            let target = req.split_whitespace().nth(1).unwrap_or("/");
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            if path == crate::remote::TRACE_PATH {
+                traces.serve(sock, query).await;
+                return;
+            }
             let (code, body) = {
                 let m = metrics.lock().expect("metrics lock");
                 match path {
@@ -379,7 +390,11 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
         .await
         .map_err(|e| Error::io(format!("listening on {}", opts.metrics_addr), e))?;
-    tokio::spawn(serve_http(listener, metrics.clone()));
+    tokio::spawn(serve_http(
+        listener,
+        metrics.clone(),
+        crate::remote::TraceServer::new()?,
+    ));
 
     let kbtf = KernelBtf::load()?;
     let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Btf {
@@ -387,6 +402,8 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
         reason: e.to_string(),
     })?;
     let node = NetnsRef::current()?;
+    // Leftovers of traces whose process was killed (the agent's own remote traces included).
+    crate::probes::nft_trace::remove_stale_in(&node)?;
     let enricher = Enricher::new(&kbtf)?;
     // Every port; the namespace filter keeps the host's other namespaces out.
     let mut probes = Probes::load(

@@ -79,6 +79,12 @@ pub enum Error {
         "pod {namespace}/{name} has no network namespace on this node (is it scheduled here and running?)"
     )]
     PodNotHere { namespace: String, name: String },
+    #[error(
+        "no running netprobe agent on node {node} (label app.kubernetes.io/name=netprobe in namespace {namespace}); is the DaemonSet installed there? (--agent-namespace)"
+    )]
+    NoAgent { node: String, namespace: String },
+    #[error("cluster-mode trace: {reason}")]
+    Remote { reason: String },
     #[error("invalid address `{0}`")]
     BadAddress(String),
 }

@@ -16,6 +16,7 @@ pub mod netlink;
 pub mod netns;
 pub mod outputs;
 pub mod probes;
+pub mod remote;
 pub mod trace;
 pub mod verdict;
 

@@ -29,8 +29,11 @@ enum Command {
     /// the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics,
     /// /healthz and /readyz on --metrics-addr. Installs no firewall rule.
     Agent {
-        /// Address of the metrics/health endpoint. Example: --metrics-addr 127.0.0.1:9965
-        #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9965")]
+        /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /v1/trace). Loopback by
+        /// default: nothing unauthenticated on the node network; Prometheus scrapes through the
+        /// authenticating proxy of deploy/ (kube-rbac-proxy), cluster-mode traces arrive through
+        /// pods/portforward. Example: --metrics-addr 127.0.0.1:9965
+        #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9965")]
         metrics_addr: std::net::SocketAddr,
         /// This node's name: the inventory then lists only this node's pods.
         #[arg(long, env = "NODE_NAME")]
@@ -118,7 +121,31 @@ enum Command {
         /// Create this file once all probes are attached (for scripts and tests).
         #[arg(long, hide = true)]
         ready_file: Option<PathBuf>,
+        /// Cluster mode (from a laptop): find --pod's node through the Kubernetes API and run
+        /// the trace there by the node's netprobe agent, reached through a port-forward to the
+        /// agent pod (RBAC: `create` on pods/portforward in the agent's namespace). Default when
+        /// run as `kubectl netprobe` (the binary installed as kubectl-netprobe).
+        #[arg(long, requires = "pod", conflicts_with_all = ["netns", "record", "ready_file"])]
+        cluster: bool,
+        /// Cluster mode: namespace of the netprobe DaemonSet.
+        #[arg(long, env = "NETPROBE_NAMESPACE", default_value = "netprobe")]
+        agent_namespace: String,
+        /// Cluster mode: the agent's loopback port (the port of its --metrics-addr).
+        #[arg(long, default_value_t = 9965)]
+        agent_port: u16,
     },
+}
+
+/// Installed as `kubectl-netprobe`, `kubectl netprobe trace …` works in cluster mode.
+fn invoked_as_kubectl_plugin() -> bool {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().starts_with("kubectl-netprobe"))
+        })
+        .unwrap_or(false)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -144,6 +171,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// The single-threaded runtime every command runs on; `None` (after saying why) if it can't start.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("netprobe: cannot start runtime: {e}"))
+        .ok()
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -160,15 +196,8 @@ fn main() -> ExitCode {
                 rate_limit,
                 ready_file,
             };
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("netprobe: cannot start runtime: {e}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
+            let Some(rt) = runtime() else {
+                return ExitCode::from(EXIT_USAGE);
             };
             // Buffered: the agent flushes once per batch of events.
             let out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -236,7 +265,45 @@ fn main() -> ExitCode {
             from_pod,
             no_rule_trace,
             ready_file,
+            cluster,
+            agent_namespace,
+            agent_port,
         } => {
+            if cluster || invoked_as_kubectl_plugin() {
+                let Some(pod) = pod else {
+                    eprintln!("netprobe: cluster mode needs --pod");
+                    return ExitCode::from(EXIT_USAGE);
+                };
+                let opts = netprobe::remote::RemoteOptions {
+                    pod,
+                    namespace,
+                    agent_namespace,
+                    agent_port,
+                    request: netprobe::remote::TraceRequest {
+                        port,
+                        pod: String::new(),
+                        addr,
+                        duration,
+                        count,
+                        from_pod,
+                        events,
+                        json: output == Format::Json,
+                        no_rule_trace,
+                    },
+                };
+                let Some(rt) = runtime() else {
+                    return ExitCode::from(EXIT_USAGE);
+                };
+                let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr());
+                let run = netprobe::remote::run(opts, &mut stdout, &mut stderr);
+                return match rt.block_on(run) {
+                    Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(EXIT_USAGE)),
+                    Err(e) => {
+                        eprintln!("netprobe: {:#}", anyhow::Error::from(e));
+                        ExitCode::from(EXIT_USAGE)
+                    }
+                };
+            }
             let opts = trace::TraceOptions {
                 port,
                 addr,
@@ -253,15 +320,8 @@ fn main() -> ExitCode {
                 node_name,
                 from_pod,
             };
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("netprobe: cannot start runtime: {e}");
-                    return ExitCode::from(EXIT_USAGE);
-                }
+            let Some(rt) = runtime() else {
+                return ExitCode::from(EXIT_USAGE);
             };
             let events_mode = opts.events;
             match rt.block_on(trace::run(opts, std::io::stdout().lock())) {

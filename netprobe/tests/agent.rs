@@ -7,6 +7,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod support;
+
 use netprobe_lab::{Connect, Lab, in_netns};
 
 fn http_get(lab: &Lab, port: u16, path: &str) -> (u16, String) {
@@ -41,44 +43,7 @@ struct Agent {
 
 fn start_agent(lab: &Lab, extra: &[&str]) -> Agent {
     let port = 20000 + (std::process::id() % 20000) as u16;
-    let ready = std::env::temp_dir().join(format!(
-        "netprobe-agent-ready-{}-{port}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&ready);
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            lab.node(),
-            env!("CARGO_BIN_EXE_netprobe"),
-            "agent",
-            "--metrics-addr",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--ready-file")
-        .arg(&ready)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !ready.exists() {
-        if let Some(st) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("agent exited ({st}): {err}");
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "agent not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = std::fs::remove_file(&ready);
+    let child = support::start_agent(lab.node(), port, extra, &[], true);
     Agent { child, port }
 }
 
@@ -168,7 +133,20 @@ fn agent_sigkill_restart_sigterm_leaves_no_tc_program() {
     let _ = first.child.wait();
     std::thread::sleep(Duration::from_millis(300));
     assert!(!tc_programs_loaded(), "a killed agent leaves no tc program");
+    // What a remote trace killed with its agent leaves: its trace table (pid beyond pid_max,
+    // so surely dead). The next agent removes it at start.
+    lab.sh(
+        lab.node(),
+        "nft add table inet netprobe_4999999; nft add table inet keep_me",
+    )
+    .unwrap();
     let second = start_agent(&lab, &[]);
+    let tables = lab.sh(lab.node(), "nft list tables").unwrap();
+    assert!(
+        !tables.contains("netprobe_4999999") && tables.contains("keep_me"),
+        "stale trace tables removed at start, nothing else: {tables}"
+    );
+    lab.sh(lab.node(), "nft delete table inet keep_me").unwrap();
     assert_eq!(http_get(&lab, second.port, "/readyz").0, 200);
     unsafe { libc::kill(second.child.id() as i32, libc::SIGTERM) };
     assert!(second.child.wait_with_output().unwrap().status.success());
@@ -363,33 +341,16 @@ fn agent_publishes_a_rate_limited_kubernetes_event_on_the_affected_pod() {
         ),
     );
     let port = 20000 + (std::process::id() % 20000) as u16;
-    let ready =
-        std::env::temp_dir().join(format!("netprobe-agent-ev-ready-{}", std::process::id()));
-    let _ = std::fs::remove_file(&ready);
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            lab.node(),
-            env!("CARGO_BIN_EXE_netprobe"),
-            "agent",
-            "--metrics-addr",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--ready-file")
-        .arg(&ready)
-        .env("KUBECONFIG", &kubeconfig)
-        .env("NODE_NAME", "lab-node")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !ready.exists() {
-        assert!(child.try_wait().unwrap().is_none(), "agent exited early");
-        assert!(start.elapsed() < Duration::from_secs(60), "agent not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = support::start_agent(
+        lab.node(),
+        port,
+        &[],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", "lab-node"),
+        ],
+        false,
+    );
     assert_eq!(
         lab.connect(
             &a.netns,
@@ -423,5 +384,4 @@ fn agent_publishes_a_rate_limited_kubernetes_event_on_the_affected_pod() {
         "{e:#}"
     );
     let _ = std::fs::remove_file(kubeconfig);
-    let _ = std::fs::remove_file(ready);
 }

@@ -224,3 +224,54 @@ pub fn s1_lab(tag: &str) -> S1 {
         server,
     }
 }
+
+/// Starts `ip netns exec <node> netprobe agent --metrics-addr 127.0.0.1:<port> <extra>` with
+/// `env` and waits until its probes are attached; panics with its stderr if it exits early.
+/// stdout (the NDJSON stream) is piped when `capture_stdout`, discarded otherwise.
+pub fn start_agent(
+    node: &str,
+    port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    capture_stdout: bool,
+) -> Child {
+    let ready = std::env::temp_dir().join(format!(
+        "netprobe-agent-ready-{}-{port}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&ready);
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            node,
+            env!("CARGO_BIN_EXE_netprobe"),
+            "agent",
+        ])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--ready-file")
+        .arg(&ready)
+        .args(extra)
+        .envs(env.iter().copied())
+        .stdout(if capture_stdout {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !ready.exists() {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("agent exited ({st}): {err}");
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "agent not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = std::fs::remove_file(&ready);
+    child
+}

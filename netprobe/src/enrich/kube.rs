@@ -56,19 +56,24 @@ where
     (store, task)
 }
 
+/// An API client from `KUBECONFIG` (or ~/.kube/config) or the in-cluster service account.
+pub async fn client() -> Result<Client> {
+    // kube's rustls needs a process-wide provider; a second install is a harmless no-op.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = Config::infer().await.map_err(|e| Error::Kube {
+        what: "reading the kubeconfig / in-cluster config".into(),
+        reason: e.to_string(),
+    })?;
+    Client::try_from(config).map_err(|e| Error::Kube {
+        what: "building the API client".into(),
+        reason: e.to_string(),
+    })
+}
+
 impl KubeSource {
     /// Starts the reflectors. `node`: only this node's pods (from NODE_NAME).
     pub async fn start(node: Option<&str>) -> Result<Self> {
-        // kube's rustls needs a process-wide provider; a second install is a harmless no-op.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let config = Config::infer().await.map_err(|e| Error::Kube {
-            what: "reading the kubeconfig / in-cluster config".into(),
-            reason: e.to_string(),
-        })?;
-        let client = Client::try_from(config).map_err(|e| Error::Kube {
-            what: "building the API client".into(),
-            reason: e.to_string(),
-        })?;
+        let client = client().await?;
         let pod_cfg = match node {
             Some(n) => watcher::Config::default().fields(&format!("spec.nodeName={n}")),
             None => watcher::Config::default(),

@@ -119,6 +119,11 @@ impl Drop for TraceTable {
     }
 }
 
+/// Removes `netprobe_<pid>` tables whose process is gone (a killed trace) from `netns`.
+pub fn remove_stale_in(netns: &NetnsRef) -> Result<()> {
+    netns.run(remove_stale)
+}
+
 /// Removes `netprobe_<pid>` tables whose process is gone (a killed trace). Runs in the namespace.
 fn remove_stale() {
     let Ok(out) = nft("", &["list", "tables", "inet"]) else {
