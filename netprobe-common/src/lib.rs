@@ -100,7 +100,11 @@ pub struct Filter {
     pub netns_enabled: u8,
     /// 0: no address filter; [`AF_INET`] / [`AF_INET6`]: either address must equal `addr`.
     pub addr_family: u8,
-    pub _pad: u32,
+    /// 1 (always-on agent): emit only failure signals — drops, resets, socket errors,
+    /// retransmits, RST and ICMP-unreachable packets — not SYNs or state changes, so healthy
+    /// traffic costs no event at all.
+    pub failures_only: u8,
+    pub _pad: [u8; 3],
     pub addr: [u8; 16],
 }
 const _: () = assert!(size_of::<Filter>() == 24);

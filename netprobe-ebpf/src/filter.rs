@@ -9,7 +9,8 @@ static FILTER: Global<Filter> = Global::new(Filter {
     port: 0,
     netns_enabled: 0,
     addr_family: 0,
-    _pad: 0,
+    failures_only: 0,
+    _pad: [0; 3],
     addr: [0; 16],
 });
 
@@ -56,6 +57,12 @@ fn prefix_eq(a: &[u8; 16], b: &[u8; 16], n: usize) -> bool {
         i += 1;
     }
     true
+}
+
+/// Always-on mode: only failure signals are emitted.
+#[inline(always)]
+pub fn failures_only() -> bool {
+    FILTER.load().failures_only != 0
 }
 
 /// Is this namespace in scope? Always true when the netns filter is off.

@@ -13,6 +13,9 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    if filter::failures_only() {
+        return Ok(());
+    }
     let sk: u64 = ctx.arg(0);
     let o = kernel::offsets();
     let mut ev = RawEvent {

@@ -49,6 +49,9 @@ fn try_tc(ctx: &TcContext, direction: u8) -> Result<(), i64> {
             if ev.tcp_flags & (tcp_flags::SYN | tcp_flags::RST) == 0 {
                 return Ok(());
             }
+            if ev.tcp_flags & tcp_flags::RST == 0 && filter::failures_only() {
+                return Ok(());
+            }
             ev.sport = u16::from_be(ctx.load::<u16>(l4)?);
             ev.dport = u16::from_be(ctx.load::<u16>(l4 + 2)?);
             ev.seq = u32::from_be(ctx.load::<u32>(l4 + 4)?);

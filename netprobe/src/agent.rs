@@ -1,7 +1,7 @@
 //! `netprobe agent`: always-on mode for a DaemonSet. Loads the probes once for every port,
 //! watches the node's namespace and every pod namespace behind its veths (new veths are attached
-//! within 200 ms, by polling the link list), writes the events that matter — drops, resets sent,
-//! application errors, SYN retransmits — as NDJSON on stdout (schema `netprobe.event/v1`), and
+//! when rtnetlink announces them, with a 200 ms poll as a safety net), writes the events that
+//! matter — drops, resets sent, application errors, SYN retransmits — as NDJSON on stdout (schema `netprobe.event/v1`), and
 //! serves `/metrics` (Prometheus), `/healthz`, `/readyz` and `/v1/trace` (cluster-mode trace,
 //! see [`crate::remote`]) on a loopback address. SIGTERM/SIGINT: detach and exit.
 
@@ -28,6 +28,8 @@ use crate::{
 };
 
 pub struct AgentOptions {
+    /// Size of the kernel → agent ring buffer in bytes (power of two, ≥ 4096).
+    pub ring_bytes: u32,
     pub metrics_addr: SocketAddr,
     /// Events per second per (kind, reason, pod) written to stdout; the rest are counted and
     /// reported as `suppressed` records, so the log pipeline is never flooded and nothing is lost
@@ -49,8 +51,13 @@ struct Metrics {
     syn_retransmits: u64,
     lost: u64,
     emitted: u64,
+    /// Drops in scope counted in the kernel (per-CPU counters), by reason: every drop, also
+    /// those whose event was lost or never written.
+    kernel_drops: BTreeMap<String, u64>,
     interfaces: usize,
     namespaces: usize,
+    /// Probes the kernel refused: (program, reason). The agent runs without them.
+    degraded: Vec<(String, String)>,
 }
 
 fn label(v: &str) -> String {
@@ -88,6 +95,13 @@ impl Metrics {
         ));
         s.push_str("# HELP netprobe_lost_events_total Events the kernel could not queue (ring buffer full).\n# TYPE netprobe_lost_events_total counter\n");
         s.push_str(&format!("netprobe_lost_events_total {}\n", self.lost));
+        s.push_str("# HELP netprobe_kernel_drops_total Drops in the watched namespaces counted in the kernel, by reason (events lost or not).\n# TYPE netprobe_kernel_drops_total counter\n");
+        for (reason, n) in &self.kernel_drops {
+            s.push_str(&format!(
+                "netprobe_kernel_drops_total{{reason=\"{}\"}} {n}\n",
+                label(reason)
+            ));
+        }
         s.push_str("# HELP netprobe_events_total Events the kernel queued.\n# TYPE netprobe_events_total counter\n");
         s.push_str(&format!("netprobe_events_total {}\n", self.emitted));
         s.push_str("# HELP netprobe_attached_interfaces Interfaces with tc programs attached.\n# TYPE netprobe_attached_interfaces gauge\n");
@@ -104,6 +118,14 @@ impl Metrics {
             "# TYPE netprobe_ready gauge\nnetprobe_ready {}\n",
             u8::from(self.ready)
         ));
+        s.push_str("# HELP netprobe_probe_up Whether each kernel probe is attached (0: refused by this kernel, see /readyz).\n# TYPE netprobe_probe_up gauge\n");
+        for &(program, _) in crate::probes::TRACEPOINTS {
+            let up = !self.degraded.iter().any(|(p, _)| p == program);
+            s.push_str(&format!(
+                "netprobe_probe_up{{probe=\"{program}\"}} {}\n",
+                u8::from(up)
+            ));
+        }
         s
     }
 
@@ -336,7 +358,19 @@ async fn serve_http(
                 match path {
                     "/metrics" => (200, m.render()),
                     "/healthz" => (200, "ok\n".to_string()),
-                    "/readyz" if m.ready => (200, "ready\n".to_string()),
+                    "/readyz" if m.ready && m.degraded.is_empty() => (200, "ready\n".to_string()),
+                    // Still useful (drops or resets are still seen): ready, and says what is missing.
+                    "/readyz" if m.ready => (
+                        200,
+                        format!(
+                            "ready, degraded: {}\n",
+                            m.degraded
+                                .iter()
+                                .map(|(p, why)| format!("probe {p} refused by the kernel ({why})"))
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        ),
+                    ),
                     "/readyz" => (503, "probes not attached yet\n".to_string()),
                     _ => (404, "not found\n".to_string()),
                 }
@@ -368,16 +402,27 @@ fn attach_new(
         .filter(|l| l.up && l.name != "lo" && !attached.contains(&(l.index, l.name.clone())))
         .map(|l| (l.index, l.name.clone()))
         .collect();
-    for (ix, name) in &fresh {
-        enricher.add_interface(node.inode, *ix, name);
-        let target = name.clone();
-        // A link that vanished between listing and attaching is not an error.
-        if let Ok(atts) = probes.attach_tc(node, |l| l.name == target) {
-            for a in atts {
-                enricher.add_tc(&a);
-            }
+    if !fresh.is_empty() {
+        for (ix, name) in &fresh {
+            enricher.add_interface(node.inode, *ix, name);
         }
-        attached.insert((*ix, name.clone()));
+        let names: HashSet<&str> = fresh.iter().map(|(_, n)| n.as_str()).collect();
+        // One pass for all new links (one link dump, one namespace entry). A link that vanished
+        // between listing and attaching is not an error.
+        let atts = probes
+            .attach_tc(node, |l| names.contains(l.name.as_str()))
+            .unwrap_or_else(|_| {
+                // One link failed (gone meanwhile): the others one by one.
+                names
+                    .iter()
+                    .filter_map(|n| probes.attach_tc(node, |l| l.name == *n).ok())
+                    .flatten()
+                    .collect()
+            });
+        for a in atts {
+            enricher.add_tc(&a);
+        }
+        attached.extend(fresh);
     }
     let present: HashSet<(u32, String)> = links.iter().map(|l| (l.index, l.name.clone())).collect();
     attached.retain(|k| present.contains(k));
@@ -397,21 +442,21 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     ));
 
     let kbtf = KernelBtf::load()?;
-    let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Btf {
-        path: crate::probes::btf::VMLINUX_BTF.into(),
-        reason: e.to_string(),
-    })?;
+    let btf = kbtf.aya().clone();
     let node = NetnsRef::current()?;
     // Leftovers of traces whose process was killed (the agent's own remote traces included).
     crate::probes::nft_trace::remove_stale_in(&node)?;
     let enricher = Enricher::new(&kbtf)?;
     // Every port; the namespace filter keeps the host's other namespaces out.
-    let mut probes = Probes::load(
+    let mut probes = Probes::load_with_ring(
         &kbtf,
         Filter {
             netns_enabled: 1,
+            // Healthy handshakes cost no event: only failure signals reach userspace.
+            failures_only: 1,
             ..Default::default()
         },
+        opts.ring_bytes,
     )?;
     let mut scope: HashSet<u64> = HashSet::new();
     let add_scope = |probes: &mut Probes, ns: &NetnsRef, scope: &mut HashSet<u64>| -> Result<()> {
@@ -425,7 +470,10 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     for ns in netns::veth_peers()? {
         add_scope(&mut probes, &ns, &mut scope)?;
     }
-    probes.attach_tracepoints(&btf)?;
+    let missing = probes.attach_tracepoints_degradable(&btf)?;
+    for (program, why) in &missing {
+        eprintln!("netprobe agent: DEGRADED: probe {program} refused, running without it: {why}");
+    }
     let mut attached = HashSet::new();
     let interfaces = attach_new(&mut probes, &node, &enricher, &mut attached)?;
     let mut reader = EventReader::new(probes.take_events()?)?;
@@ -433,6 +481,10 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     {
         let mut m = metrics.lock().expect("metrics lock");
         m.ready = true;
+        m.degraded = missing
+            .iter()
+            .map(|(p, why)| (p.to_string(), why.clone()))
+            .collect();
         m.interfaces = interfaces;
         m.namespaces = scope.len();
     }
@@ -447,6 +499,11 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
         opts.metrics_addr
     );
 
+    // New veths are attached as soon as the kernel announces them; the 200 ms poll stays as a
+    // safety net (and for the pod namespaces behind them).
+    // SAFETY: LinkMonitor owns its fd and closes it only when dropped, with the AsyncFd.
+    let links = unsafe { tokio::io::unix::AsyncFd::register(netlink::LinkMonitor::open()?) }
+        .map_err(|e| Error::io("watching link notifications", e.into()))?;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
     let mut ticks = 0u64;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -495,6 +552,20 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
                     write_err.get_or_insert(err);
                 }
             }) => r?,
+            r = links.readable() => {
+                if let Ok(mut guard) = r {
+                    let changed = guard.get_inner().drain();
+                    guard.clear_ready();
+                    if changed {
+                        let n = attach_new(&mut probes, &node, &enricher, &mut attached)
+                            .unwrap_or(attached.len());
+                        for ns in netns::veth_peers().unwrap_or_default() {
+                            add_scope(&mut probes, &ns, &mut scope)?;
+                        }
+                        metrics.lock().expect("metrics lock").interfaces = n;
+                    }
+                }
+            }
             _ = tick.tick() => {
                 ticks += 1;
                 for s in storm.flush(unix_second()) {
@@ -516,6 +587,11 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
                 m.namespaces = scope.len();
                 m.lost = c.lost;
                 m.emitted = c.emitted;
+                m.kernel_drops = c
+                    .drops_matched
+                    .iter()
+                    .map(|(r, n)| (enricher.drop_reason_name(*r), *n))
+                    .collect();
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,

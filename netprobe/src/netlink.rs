@@ -331,6 +331,62 @@ pub fn addresses() -> Result<Vec<std::net::IpAddr>> {
     Ok(out)
 }
 
+/// Link notifications (RTMGRP_LINK) of the calling thread's network namespace: new, changed and
+/// removed interfaces, so new veths are attached when they appear instead of at the next poll.
+pub struct LinkMonitor(Socket);
+
+impl LinkMonitor {
+    pub fn open() -> Result<Self> {
+        let err = |source| Error::Netlink {
+            what: "RTMGRP_LINK subscription",
+            source,
+        };
+        let sock = Socket::route().map_err(err)?;
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        // SAFETY: valid address of the right size.
+        let rc = unsafe {
+            libc::bind(
+                sock.0,
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        // SAFETY: plain fcntl on our fd.
+        if rc != 0 || unsafe { libc::fcntl(sock.0, libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        Ok(Self(sock))
+    }
+
+    /// Reads every pending notification; true if there was any (or the socket overflowed,
+    /// which means "something changed, look again" too).
+    pub fn drain(&self) -> bool {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut any = false;
+        loop {
+            // SAFETY: valid buffer.
+            let n = unsafe { libc::recv(self.0.0, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n > 0 {
+                any = true;
+                continue;
+            }
+            if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOBUFS) {
+                any = true;
+                continue;
+            }
+            return any;
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for LinkMonitor {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.0
+    }
+}
+
 /// Every link of the calling thread's network namespace.
 pub fn links() -> Result<Vec<Link>> {
     let err = |source| Error::Netlink {
