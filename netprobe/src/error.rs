@@ -54,6 +54,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "network namespace `{name}` ({path}) was deleted during the trace (pod deleted or restarted?); what was seen until then is above"
+    )]
+    NetnsVanished { name: String, path: PathBuf },
     #[error("netlink {what} failed")]
     Netlink {
         what: &'static str,

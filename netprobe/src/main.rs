@@ -45,6 +45,10 @@ enum Command {
         /// Create this file once all probes are attached.
         #[arg(long, hide = true)]
         ready_file: Option<PathBuf>,
+        /// Size of the kernel → agent ring buffer in KiB (a power of two). Events that find it
+        /// full are counted as lost (netprobe_lost_events_total), never dropped silently.
+        #[arg(long, env = "NETPROBE_RING_KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
+        ring_buffer_kib: u32,
     },
     /// Print the JSON Schemas of the objects `trace -o json` prints (events, verdicts, summary),
     /// keyed by their `schema` value.
@@ -121,6 +125,10 @@ enum Command {
         /// Create this file once all probes are attached (for scripts and tests).
         #[arg(long, hide = true)]
         ready_file: Option<PathBuf>,
+        /// Size of the kernel → netprobe ring buffer in KiB (a power of two). Events that find
+        /// it full are counted and reported as lost in the summary, never dropped silently.
+        #[arg(long, env = "NETPROBE_RING_KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
+        ring_buffer_kib: u32,
         /// Cluster mode (from a laptop): find --pod's node through the Kubernetes API and run
         /// the trace there by the node's netprobe agent, reached through a port-forward to the
         /// agent pod (RBAC: `create` on pods/portforward in the agent's namespace). Default when
@@ -146,6 +154,18 @@ fn invoked_as_kubectl_plugin() -> bool {
                 .map(|n| n.to_string_lossy().starts_with("kubectl-netprobe"))
         })
         .unwrap_or(false)
+}
+
+fn parse_ring_kib(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("invalid size `{s}` (KiB, e.g. 4096)"))?;
+    if n < 4 || !n.is_power_of_two() || n > 1 << 20 {
+        return Err(format!(
+            "ring buffer size {n} KiB: must be a power of two between 4 and 1048576"
+        ));
+    }
+    Ok(n)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -189,8 +209,10 @@ fn main() -> ExitCode {
             node_name,
             rate_limit,
             ready_file,
+            ring_buffer_kib,
         } => {
             let opts = netprobe::agent::AgentOptions {
+                ring_bytes: ring_buffer_kib * 1024,
                 metrics_addr,
                 node_name,
                 rate_limit,
@@ -268,6 +290,7 @@ fn main() -> ExitCode {
             cluster,
             agent_namespace,
             agent_port,
+            ring_buffer_kib,
         } => {
             if cluster || invoked_as_kubectl_plugin() {
                 let Some(pod) = pod else {
@@ -305,6 +328,7 @@ fn main() -> ExitCode {
                 };
             }
             let opts = trace::TraceOptions {
+                ring_bytes: ring_buffer_kib * 1024,
                 port,
                 addr,
                 netns,
@@ -353,6 +377,9 @@ mod tests {
         assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
+        assert_eq!(parse_ring_kib("4096").unwrap(), 4096);
+        assert!(parse_ring_kib("3").is_err());
+        assert!(parse_ring_kib("1000").is_err());
     }
 
     #[test]

@@ -23,6 +23,13 @@ pub struct NetnsRef {
 }
 
 impl NetnsRef {
+    /// Does the namespace still exist under its path (a deleted name, or a new namespace
+    /// mounted under it, is a different one)?
+    pub fn exists(&self) -> bool {
+        std::fs::metadata(&self.path)
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == self.inode)
+    }
+
     /// `NAME` (looked up in /run/netns) or a path such as `/proc/1234/ns/net`.
     pub fn resolve(name_or_path: &str) -> Result<Self> {
         let path = if name_or_path.contains('/') {

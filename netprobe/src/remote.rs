@@ -337,13 +337,24 @@ impl TraceServer {
     }
 
     async fn relay(&self, sock: &mut TcpStream, req: &TraceRequest) -> std::io::Result<()> {
-        let mut child = tokio::process::Command::new(&self.exe)
+        let mut child = tokio::process::Command::new(&self.exe);
+        child
             .args(req.argv())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn();
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe. If the agent dies (even SIGKILL), the trace gets
+        // SIGINT and removes its table and programs instead of running on as an orphan.
+        unsafe {
+            child.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = child.spawn();
         let head =
             "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n";
         sock.write_all(head.as_bytes()).await?;

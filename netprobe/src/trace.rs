@@ -25,6 +25,8 @@ use crate::{
 };
 
 pub struct TraceOptions {
+    /// Size of the kernel → netprobe ring buffer in bytes (power of two, ≥ 4096).
+    pub ring_bytes: u32,
     pub port: u16,
     pub addr: Option<IpAddr>,
     /// Restrict to these namespaces (names in /run/netns or paths); empty = this namespace and
@@ -302,10 +304,7 @@ fn filter_for(opts: &TraceOptions) -> Filter {
 pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     require_root()?;
     let kbtf = KernelBtf::load()?;
-    let btf = aya::Btf::from_sys_fs().map_err(|e| Error::Btf {
-        path: crate::probes::btf::VMLINUX_BTF.into(),
-        reason: e.to_string(),
-    })?;
+    let btf = kbtf.aya().clone();
 
     let current = NetnsRef::current()?;
     let mut pods = pod_context(
@@ -367,7 +366,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     };
 
     let enricher = Enricher::new(&kbtf)?;
-    let mut probes = Probes::load(&kbtf, filter_for(&opts))?;
+    let mut probes = Probes::load_with_ring(&kbtf, filter_for(&opts), opts.ring_bytes)?;
     probes.set_netns_filter(&scope.iter().map(|n| n.inode).collect::<Vec<_>>())?;
     for ns in &scope {
         enricher.add_netns(ns.inode, &ns.name);
@@ -547,6 +546,8 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
         && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("installing SIGTERM handler", e))?;
+    // A traced namespace that is deleted (pod gone, `ip netns del`) ends the trace with an error.
+    let mut vanished: Option<&NetnsRef> = None;
     loop {
         tokio::select! {
             r = reader.next_batch(|raw| emit(raw, &mut printer)) => r?,
@@ -555,6 +556,12 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             _ = sigterm.recv() => break,
             _ = tick.tick() => {
                 ticks += 1;
+                if ticks.is_multiple_of(5) {
+                    vanished = attach_in.iter().find(|ns| !ns.exists());
+                    if vanished.is_some() {
+                        break;
+                    }
+                }
                 if progress && ticks.is_multiple_of(10) {
                     eprint!("\r\x1b[Kwaiting for connections to port {} … {}s, {} attempts", opts.port, ticks / 10, attempts.get());
                 }
@@ -623,6 +630,12 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for r in readers {
         let _ = r.join();
+    }
+    if let Some(ns) = vanished {
+        return Err(Error::NetnsVanished {
+            name: ns.name.clone(),
+            path: ns.path.clone(),
+        });
     }
     let mut warnings = Vec::new();
     for (ns, rs) in attach_in.iter().zip(rulesets.borrow().iter()) {

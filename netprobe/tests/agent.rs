@@ -1,32 +1,17 @@
 //! Privileged tests of `netprobe agent`: always-on in a lab node, real drops, real HTTP.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
+    io::Read,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 mod support;
 
-use netprobe_lab::{Connect, Lab, in_netns};
+use netprobe_lab::{Connect, Lab};
 
 fn http_get(lab: &Lab, port: u16, path: &str) -> (u16, String) {
-    in_netns(lab.node(), || {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let code = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-        (
-            code,
-            resp.split("\r\n\r\n")
-                .nth(1)
-                .unwrap_or_default()
-                .to_string(),
-        )
-    })
-    .unwrap()
+    support::http_get(lab.node(), port, path)
 }
 
 fn metric_sum(body: &str, name: &str, label: &str) -> u64 {

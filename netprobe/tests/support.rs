@@ -6,7 +6,8 @@
 )]
 
 use std::{
-    io::Read,
+    io::{Read, Write},
+    net::TcpStream,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -142,6 +143,16 @@ impl TraceRun {
 }
 
 impl TraceRun {
+    /// Waits for a trace that must fail with `code`; returns its stderr (no summary expected).
+    pub fn finish_error(mut self, code: i32) -> String {
+        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
+            .wait_with_output()
+            .expect("netprobe output");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(code), "exit code; stderr: {stderr}");
+        stderr
+    }
+
     /// SIGKILLs netprobe (`ip netns exec` execs it, so the child is netprobe itself).
     pub fn kill9(mut self) {
         // SAFETY: plain kill(2) on our child.
@@ -274,4 +285,22 @@ pub fn start_agent(
     }
     let _ = std::fs::remove_file(&ready);
     child
+}
+
+/// GET `path` from the agent on 127.0.0.1:`port` inside `node`: (status, body).
+pub fn http_get(node: &str, port: u16, path: &str) -> (u16, String) {
+    netprobe_lab::in_netns(node, || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("agent endpoint");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let code = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = resp
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        (code, body)
+    })
+    .unwrap()
 }

@@ -11,21 +11,38 @@ use crate::error::{Error, Result};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// The running kernel's BTF: `NETPROBE_BTF` if set (a vmlinux BTF file for a kernel built
+/// without CONFIG_DEBUG_INFO_BTF, e.g. from BTFHub), else /sys/kernel/btf/vmlinux.
+pub fn vmlinux_path() -> std::path::PathBuf {
+    std::env::var_os("NETPROBE_BTF")
+        .map(Into::into)
+        .unwrap_or_else(|| VMLINUX_BTF.into())
+}
+
 pub struct KernelBtf {
     btf: Btf,
+    /// The same BTF as aya reads it (program loading, tp_btf attach targets).
+    aya: aya::Btf,
 }
 
 impl KernelBtf {
     pub fn load() -> Result<Self> {
-        Self::from_path(Path::new(VMLINUX_BTF))
+        Self::from_path(&vmlinux_path())
     }
 
     pub fn from_path(path: &Path) -> Result<Self> {
-        let btf = Btf::from_file(path).map_err(|e| Error::Btf {
+        let err = |reason: String| Error::Btf {
             path: path.into(),
-            reason: e.to_string(),
-        })?;
-        Ok(Self { btf })
+            reason,
+        };
+        let btf = Btf::from_file(path).map_err(|e| err(e.to_string()))?;
+        let aya = aya::Btf::parse_file(path, aya::Endianness::default())
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Self { btf, aya })
+    }
+
+    pub fn aya(&self) -> &aya::Btf {
+        &self.aya
     }
 
     fn strukt(&self, name: &str) -> Option<btf_rs::Struct> {

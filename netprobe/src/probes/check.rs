@@ -47,7 +47,7 @@ impl Report {
     }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
@@ -90,7 +90,12 @@ pub fn run() -> Report {
         "kernel BTF",
         true,
         kbtf.offsets()
-            .map(|_| format!("{} (struct offsets resolved)", super::btf::VMLINUX_BTF))
+            .map(|_| {
+                format!(
+                    "{} (struct offsets resolved)",
+                    super::btf::vmlinux_path().display()
+                )
+            })
             .map_err(|e| chain(&e)),
     );
     r.add(
@@ -120,7 +125,7 @@ pub fn run() -> Report {
                 true,
                 Ok("loaded (ring buffer, per-CPU counters, filter maps)".into()),
             );
-            match aya::Btf::from_sys_fs() {
+            match aya::Btf::parse_file(super::btf::vmlinux_path(), aya::Endianness::default()) {
                 Err(e) => r.add("tp_btf", true, Err(e.to_string())),
                 Ok(btf) => {
                     for &(program, tp) in TRACEPOINTS {

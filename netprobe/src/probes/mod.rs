@@ -67,6 +67,16 @@ pub struct Probes {
     pub attachments: Vec<TcAttachment>,
 }
 
+/// Fault injection for the fault tests: `NETPROBE_FAULT_PROBE=<program>` loads that program
+/// against `inet_sk_error_report`, a tracepoint with a single argument, so the kernel's verifier
+/// really refuses a program that reads more (e.g. `kfree_skb`).
+fn fault_target(program: &str, tp: &str) -> String {
+    match std::env::var("NETPROBE_FAULT_PROBE") {
+        Ok(p) if p == program => "inet_sk_error_report".into(),
+        _ => tp.into(),
+    }
+}
+
 /// Totals of the per-CPU counters.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Counters {
@@ -84,9 +94,16 @@ impl Probes {
     /// Loads the object with the filter and the kernel's structure offsets. Programs are loaded
     /// (verified) individually by the attach calls, so a refusal names the program.
     pub fn load(kbtf: &KernelBtf, filter: Filter) -> Result<Self> {
+        Self::load_with_ring(kbtf, filter, netprobe_common::RING_BYTES)
+    }
+
+    /// [`Probes::load`] with a ring buffer of `ring_bytes` (a power of two, at least a page).
+    pub fn load_with_ring(kbtf: &KernelBtf, filter: Filter, ring_bytes: u32) -> Result<Self> {
         raise_memlock_rlimit();
         let offsets = kbtf.offsets()?;
         let ebpf = EbpfLoader::new()
+            .btf(Some(kbtf.aya()))
+            .map_max_entries("EVENTS", ring_bytes)
             .override_global("FILTER", &filter, true)
             .override_global("OFFSETS", &offsets, true)
             .load(OBJECT)
@@ -125,6 +142,26 @@ impl Probes {
         Ok(())
     }
 
+    /// Like [`Probes::attach_tracepoints`], but a probe the kernel refuses is reported, not
+    /// fatal: returns (program, reason) of each one missing. Fails only if none attaches.
+    pub fn attach_tracepoints_degradable(
+        &mut self,
+        btf: &aya::Btf,
+    ) -> Result<Vec<(&'static str, String)>> {
+        let mut missing = Vec::new();
+        let mut last = None;
+        for &(program, tp) in TRACEPOINTS {
+            if let Err(e) = self.attach_tracepoint(btf, program, tp) {
+                missing.push((program, check::chain(&e)));
+                last = Some(e);
+            }
+        }
+        match last {
+            Some(e) if missing.len() == TRACEPOINTS.len() => Err(e),
+            _ => Ok(missing),
+        }
+    }
+
     pub fn attach_tracepoint(
         &mut self,
         btf: &aya::Btf,
@@ -137,7 +174,7 @@ impl Probes {
             .ok_or(Error::ProgramMissing { program })?
             .try_into()
             .map_err(|source| Error::ProgramLoad { program, source })?;
-        prog.load(tp, btf)
+        prog.load(&fault_target(program, tp), btf)
             .map_err(|source| Error::ProgramLoad { program, source })?;
         prog.attach().map_err(|source| Error::Attach {
             program,

@@ -126,7 +126,14 @@ struct Attempt {
     events: Vec<Event>,
     /// Userspace clock (caller's) when a terminal event was seen.
     terminal_at: Option<u64>,
+    /// The client's SYN dropped on this node, counting retransmissions.
+    syn_drops: u32,
 }
+
+/// A SYN dropped this many times (the first try and its retransmission, ~1 s apart) is a
+/// persistent drop: the verdict need not wait for the client to give up (Go's dial timeout,
+/// the kernel's ~2 minutes).
+pub const PERSISTENT_SYN_DROPS: u32 = 2;
 
 /// Time given to other sources (the netfilter trace arrives on another channel) after a
 /// terminal event before the verdict is final.
@@ -229,6 +236,11 @@ impl Engine {
             self.order.push(key);
             Attempt::default()
         });
+        let (syn, ack, _) = flags(&e);
+        if e.kind == Kind::Drop && syn && !ack {
+            a.syn_drops += 1;
+        }
+        let terminal = terminal || a.syn_drops >= PERSISTENT_SYN_DROPS;
         a.events.push(e);
         if terminal && a.terminal_at.is_none() {
             a.terminal_at = Some(now);

@@ -1,0 +1,329 @@
+//! Privileged fault tests: what netprobe does when the machine misbehaves — a probe the kernel
+//! refuses, a ring buffer too small for a storm, no BTF, a traced namespace deleted mid-trace,
+//! an agent killed while it runs a remote trace. Each must end in a clear message, counted losses
+//! and an unchanged ruleset, never a silent gap.
+
+mod support;
+
+use std::{
+    io::Write,
+    net::TcpStream,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use netprobe_lab::{
+    Lab, in_netns,
+    kubeapi::{FakeKube, Kind, pod},
+};
+
+fn metric(body: &str, name_and_labels: &str) -> u64 {
+    body.lines()
+        .filter(|l| l.starts_with(name_and_labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn port() -> u16 {
+    22000 + (std::process::id() % 20000) as u16
+}
+
+fn stop(agent: std::process::Child) -> (String, String) {
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let out = agent.wait_with_output().unwrap();
+    assert!(out.status.success(), "agent exit {}", out.status);
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The kernel refuses one probe (its verifier rejects `kfree_skb` loaded against a tracepoint
+/// with one argument): the agent runs without it, says which and why on stderr, in /readyz and
+/// in /metrics, and still reports what the other probes see.
+#[test]
+fn agent_runs_degraded_when_the_kernel_refuses_one_probe() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("degraded").unwrap();
+    let p = lab
+        .add_pod("financial-ml", "mlserver-0", "10.42.0.10".parse().unwrap())
+        .unwrap();
+    let port = port();
+    let agent = support::start_agent(
+        lab.node(),
+        port,
+        &[],
+        &[("NETPROBE_FAULT_PROBE", "kfree_skb")],
+        true,
+    );
+    let (code, body) = support::http_get(lab.node(), port, "/readyz");
+    assert_eq!(code, 200, "degraded is still useful: {body}");
+    assert!(
+        body.contains("degraded") && body.contains("probe kfree_skb refused by the kernel"),
+        "{body}"
+    );
+    let (_, m) = support::http_get(lab.node(), port, "/metrics");
+    assert_eq!(
+        metric(&m, "netprobe_probe_up{probe=\"kfree_skb\"}"),
+        0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "netprobe_probe_up{probe=\"tcp_send_reset\"}"),
+        1,
+        "{m}"
+    );
+    // S2 in the pod: the reset is still seen (the NO_SOCKET drop is not: kfree_skb is off).
+    let refused = in_netns(&p.netns, || {
+        TcpStream::connect_timeout(&"127.0.0.1:9500".parse().unwrap(), Duration::from_secs(2))
+    })
+    .unwrap();
+    assert!(refused.is_err());
+    std::thread::sleep(Duration::from_millis(500));
+    let (stdout, stderr) = stop(agent);
+    assert!(
+        stderr.contains("DEGRADED: probe kfree_skb refused"),
+        "{stderr}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("\"kind\":\"send_reset\"")),
+        "the other probes still report: {stdout}"
+    );
+    assert!(
+        !stdout.lines().any(|l| l.contains("\"kind\":\"drop\"")),
+        "{stdout}"
+    );
+}
+
+/// A ring buffer far too small for a burst of drops: every drop is still counted in the kernel,
+/// what could not be queued is counted as lost, and delivered + lost adds up to what happened.
+#[test]
+fn ring_buffer_overflow_is_counted_in_metrics_and_trace_output() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("overflow").unwrap();
+    let a = lab
+        .add_pod("default", "a-0", "10.42.0.91".parse().unwrap())
+        .unwrap();
+    let _b = lab
+        .add_pod("default", "b-0", "10.42.0.92".parse().unwrap())
+        .unwrap();
+    lab.sh(
+        lab.node(),
+        "iptables -N NP_FLOOD; iptables -A NP_FLOOD -j DROP; iptables -A FORWARD -p tcp --dport 9999 -j NP_FLOOD",
+    )
+    .unwrap();
+    let port = port() + 1;
+    // 4 KiB: room for a few dozen events. Outputs go to files: 20000 events and verdicts must
+    // not block on a pipe nobody reads.
+    let agent = support::start_agent(
+        lab.node(),
+        port,
+        &["--ring-buffer-kib", "4", "--rate-limit", "1000000"],
+        &[],
+        false,
+    );
+    let dir = std::env::temp_dir().join(format!("netprobe-overflow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ready = dir.join("ready");
+    let mut trace = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            lab.node(),
+            env!("CARGO_BIN_EXE_netprobe"),
+            "trace",
+        ])
+        .args([
+            "--port",
+            "9999",
+            "--duration",
+            "8s",
+            "--ring-buffer-kib",
+            "4",
+        ])
+        .args(["--no-rule-trace", "-o", "json", "--ready-file"])
+        .arg(&ready)
+        .stdout(std::fs::File::create(dir.join("out")).unwrap())
+        .stderr(std::fs::File::create(dir.join("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !ready.exists() {
+        assert!(trace.try_wait().unwrap().is_none(), "trace exited early");
+        assert!(start.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lab.sh(
+        &a.netns,
+        "hping3 -q -S -p 9999 -i u20 -c 20000 10.42.0.92 >/dev/null 2>&1 || true",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let generated: u64 = lab
+        .sh(lab.node(), "iptables -L NP_FLOOD -v -x -n")
+        .unwrap()
+        .lines()
+        .find(|l| l.contains("DROP"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    assert!(generated >= 19000, "hping3 sent {generated}");
+    let (_, m) = support::http_get(lab.node(), port, "/metrics");
+    let counted = metric(&m, "netprobe_kernel_drops_total{reason=\"NETFILTER_DROP\"}");
+    let delivered = metric(&m, "netprobe_drops_total{reason=\"NETFILTER_DROP\"");
+    let lost = metric(&m, "netprobe_lost_events_total");
+    assert_eq!(counted, generated, "every drop counted in the kernel:\n{m}");
+    assert!(lost > 0, "a 4 KiB ring must overflow:\n{m}");
+    assert_eq!(delivered + lost, generated, "nothing lost silently:\n{m}");
+    let (_, _) = stop(agent);
+    let st = trace.wait().unwrap();
+    let out = std::fs::read_to_string(dir.join("out")).unwrap();
+    let err = std::fs::read_to_string(dir.join("err")).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(st.code(), Some(1), "drops diagnosed: {err}");
+    let summary: serde_json::Value = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["kind"] == "summary")
+        .unwrap_or_else(|| panic!("no summary: {err}"));
+    assert!(summary["lost"].as_u64().unwrap() > 0, "{summary:#}");
+    assert!(err.contains("events lost (ring buffer full)"), "{err}");
+}
+
+/// No BTF: a clear error naming the file and the kernel option, exit 2 (agent and trace).
+#[test]
+fn missing_btf_is_a_clear_error() {
+    netprobe_lab::require_root();
+    let lab = Lab::new("nobtf").unwrap();
+    for args in [
+        vec!["trace", "--port", "1", "--duration", "1s"],
+        vec!["agent", "--metrics-addr", "127.0.0.1:0"],
+    ] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", lab.node(), env!("CARGO_BIN_EXE_netprobe")])
+            .args(&args)
+            .env("NETPROBE_BTF", "/nonexistent/vmlinux")
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("cannot read kernel BTF from /nonexistent/vmlinux")
+                && err.contains("CONFIG_DEBUG_INFO_BTF"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// The traced namespace is deleted mid-trace: a clear message, exit 2, the ruleset of the node
+/// unchanged and no trace table left.
+#[test]
+fn traced_namespace_deleted_mid_trace_is_a_clear_error() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("nsgone").unwrap();
+    let p = lab
+        .add_pod("default", "gone-0", "10.42.0.95".parse().unwrap())
+        .unwrap();
+    let before = lab.sh(lab.node(), "nft -s list ruleset").unwrap();
+    let trace = support::start_verdict_trace_env(
+        lab.node(),
+        &["--netns", &p.netns, "--port", "9500", "--duration", "20s"],
+        &[],
+    );
+    let t = Instant::now();
+    Command::new("ip")
+        .args(["netns", "del", &p.netns])
+        .status()
+        .unwrap();
+    let stderr = trace.finish_error(2);
+    assert!(t.elapsed() < Duration::from_secs(10), "noticed promptly");
+    assert!(
+        stderr.contains(&format!("network namespace `{}`", p.netns))
+            && stderr.contains("was deleted during the trace"),
+        "{stderr}"
+    );
+    let after = lab.sh(lab.node(), "nft -s list ruleset").unwrap();
+    assert_eq!(before, after, "ruleset unchanged");
+    let _ = lab.remove_pod(&p);
+}
+
+/// The agent is SIGKILLed while it runs a remote trace: the trace does not run on as an orphan
+/// (it gets SIGINT through PR_SET_PDEATHSIG) and removes its nftables table.
+#[test]
+fn agent_sigkill_mid_remote_trace_leaves_no_orphan_and_no_table() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("killmid").unwrap();
+    let _p = lab
+        .add_pod("financial-ml", "mlserver-0", "10.42.0.10".parse().unwrap())
+        .unwrap();
+    let kube = FakeKube::start(
+        lab.listen(lab.node(), "127.0.0.1:0".parse().unwrap())
+            .unwrap(),
+    );
+    kube.apply(
+        Kind::Pod,
+        pod(
+            "financial-ml",
+            "mlserver-0",
+            "lab-node",
+            "10.42.0.10",
+            &[("mlserver", "3a3a3a3a3a3a3a3a", &[9500])],
+        ),
+    );
+    let kubeconfig =
+        std::env::temp_dir().join(format!("netprobe-faults-kubeconfig-{}", std::process::id()));
+    std::fs::write(&kubeconfig, kube.kubeconfig()).unwrap();
+    let port = port() + 2;
+    let mut agent = support::start_agent(
+        lab.node(),
+        port,
+        &[],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", "lab-node"),
+        ],
+        false,
+    );
+    // A remote trace, as the port-forward would ask for it (root on the node).
+    let node = lab.node().to_string();
+    let mut sock = in_netns(&node, || TcpStream::connect(("127.0.0.1", port)))
+        .unwrap()
+        .unwrap();
+    write!(
+        sock,
+        "GET /v1/trace?port=9500&pod=financial-ml/mlserver-0&duration_ms=600000 HTTP/1.1\r\n\r\n"
+    )
+    .unwrap();
+    // Wait until the trace runs: its table is in place.
+    let start = Instant::now();
+    let child: u32 = loop {
+        let tables = lab.sh(lab.node(), "nft list tables").unwrap();
+        if let Some(pid) = tables
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("table inet netprobe_"))
+        {
+            break pid.parse().unwrap();
+        }
+        assert!(
+            agent.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(30),
+            "the remote trace never installed its table"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    unsafe { libc::kill(agent.id() as i32, libc::SIGKILL) };
+    let _ = agent.wait();
+    let start = Instant::now();
+    while std::path::Path::new(&format!("/proc/{child}")).exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "trace {child} still runs 10 s after its agent was killed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(sock);
+    let _ = std::fs::remove_file(kubeconfig);
+    let tables = lab.sh(lab.node(), "nft list tables").unwrap();
+    assert!(!tables.contains("netprobe"), "{tables}");
+}
