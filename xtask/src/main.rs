@@ -1,5 +1,6 @@
-//! netprobe's task runner: `cargo xtask setup | build | test | demo`.
+//! netprobe's task runner: `cargo xtask setup | build | test | demo | bench`.
 
+mod bench;
 mod build;
 mod demo;
 mod setup;
@@ -46,6 +47,24 @@ enum Cmd {
         #[arg(long, value_enum)]
         scenario: Vec<demo::Scenario>,
     },
+    /// Measure what leaving netprobe on costs, side by side in one run inside a lab: throughput
+    /// and connection rate without / with the agent, a drop storm, attach times, verdict
+    /// latency. Writes bench/results/latest.json and updates BENCHMARKS.md. Root only.
+    Bench {
+        /// Skip `setup` (when you know the machine is ready).
+        #[arg(long)]
+        skip_setup: bool,
+        /// Seconds per throughput / connection-rate sample (3 rounds × each mode).
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Seconds of the drop storm.
+        #[arg(long, default_value_t = 5)]
+        storm_seconds: u64,
+        /// Also run a soak: a drop storm this long with the agent's RSS sampled every second
+        /// (e.g. 600 for the 10-minute soak).
+        #[arg(long, default_value_t = 0)]
+        soak_seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,6 +87,19 @@ fn run(command: Cmd) -> anyhow::Result<()> {
             skip_setup,
             scenario,
         } => demo::run(skip_setup, &scenario),
+        Cmd::Bench {
+            skip_setup,
+            seconds,
+            storm_seconds,
+            soak_seconds,
+        } => bench::run(
+            skip_setup,
+            &bench::Options {
+                seconds,
+                storm_seconds,
+                soak_seconds,
+            },
+        ),
     }
 }
 

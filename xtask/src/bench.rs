@@ -1,0 +1,734 @@
+//! `cargo xtask bench`: what leaving netprobe on costs, measured side by side in one run inside a
+//! lab (namespaces only): throughput and connection rate without / with the agent (and with an
+//! active trace), a drop storm (generated vs counted in the kernel vs delivered vs lost, agent CPU
+//! and memory), attach time for 250 veths, time from a new veth to its attachment, and time from
+//! a dropped SYN to `trace`'s verdict. Writes `bench/results/latest.json` and the numbers section
+//! of `BENCHMARKS.md`.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use netprobe_lab::{Lab, in_netns};
+use serde_json::{Value, json};
+
+use crate::build::{netprobe_bin, repo_root};
+
+/// Rounds per comparison; modes alternate within a round so drift hits both sides alike.
+const ROUNDS: usize = 3;
+
+pub struct Options {
+    /// Seconds per throughput / connection-rate sample.
+    pub seconds: u64,
+    /// Seconds of the drop storm.
+    pub storm_seconds: u64,
+    /// Soak: a drop storm of this many seconds with the agent's RSS sampled (0: none).
+    pub soak_seconds: u64,
+}
+
+struct Agent {
+    child: Child,
+    port: u16,
+}
+
+impl Agent {
+    fn start(node: &str, port: u16, extra: &[&str]) -> Result<Self> {
+        let ready = std::env::temp_dir().join(format!("netprobe-bench-ready-{port}"));
+        let _ = std::fs::remove_file(&ready);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", node])
+            .arg(netprobe_bin(true))
+            .args(["agent", "--metrics-addr", &format!("127.0.0.1:{port}")])
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(extra)
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start netprobe agent")?;
+        let start = Instant::now();
+        while !ready.exists() {
+            if let Some(st) = child.try_wait()? {
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                bail!("agent exited ({st}): {err}");
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                bail!("agent not ready after 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = std::fs::remove_file(&ready);
+        Ok(Self { child, port })
+    }
+
+    fn metrics(&self, node: &str) -> Result<String> {
+        let port = self.port;
+        in_netns(node, move || -> Result<String> {
+            use std::io::Write;
+            let mut s = TcpStream::connect(("127.0.0.1", port))?;
+            write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut r = String::new();
+            s.read_to_string(&mut r)?;
+            Ok(r.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+        })?
+    }
+
+    /// utime + stime in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        proc_cpu(self.child.id())
+    }
+
+    fn rss_mib(&self) -> f64 {
+        proc_status_kib(self.child.id(), "VmRSS:") / 1024.0
+    }
+
+    fn stop(mut self) -> Result<()> {
+        // SAFETY: plain kill(2) on our child (`ip netns exec` execs netprobe: same pid).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let st = self.child.wait()?;
+        if !st.success() {
+            let mut err = String::new();
+            let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
+            bail!("agent exit {st}: {err}");
+        }
+        Ok(())
+    }
+}
+
+fn proc_cpu(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)`: state is field 3; utime 14, stime 15.
+    let rest = stat.rsplit_once(") ").map(|x| x.1).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn proc_status_kib(pid: u32, key: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn metric_sum(body: &str, name: &str, label: &str) -> u64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return 0.0;
+    }
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The three modes compared.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Without,
+    Agent,
+    AgentAndTrace,
+}
+
+struct Bench<'a> {
+    lab: &'a mut Lab,
+    a: netprobe_lab::Pod,
+    b: netprobe_lab::Pod,
+    port: u16,
+}
+
+/// A running `netprobe trace` (release) on a port nobody uses in the measurements.
+struct Trace(Child);
+
+impl Trace {
+    fn start(
+        node: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<(Self, BufReader<std::process::ChildStdout>)> {
+        let ready = std::env::temp_dir().join(format!("netprobe-bench-trace-{port}"));
+        let _ = std::fs::remove_file(&ready);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", node])
+            .arg(netprobe_bin(true))
+            .args(["trace", "--port", &port.to_string(), "-o", "json"])
+            .args(extra)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let start = Instant::now();
+        while !ready.exists() {
+            if let Some(st) = child.try_wait()? {
+                let mut err = String::new();
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                bail!("trace exited ({st}): {err}");
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                let _ = child.kill();
+                bail!("trace not ready after 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = std::fs::remove_file(&ready);
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Ok((Self(child), out))
+    }
+
+    fn stop(mut self) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let _ = self.0.wait();
+    }
+}
+
+impl Bench<'_> {
+    fn node(&self) -> String {
+        self.lab.node().to_string()
+    }
+
+    /// Runs `sample` in `mode` (agent / trace started before and stopped after).
+    fn in_mode<T>(&mut self, mode: Mode, sample: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let node = self.node();
+        let agent = match mode {
+            Mode::Without => None,
+            _ => Some(Agent::start(&node, self.port, &[])?),
+        };
+        let trace = match mode {
+            Mode::AgentAndTrace => Some(Trace::start(&node, 9977, &["--duration", "10m"])?.0),
+            _ => None,
+        };
+        let events = |a: &Option<Agent>| {
+            a.as_ref()
+                .and_then(|a| a.metrics(&node).ok())
+                .map(|m| metric_sum(&m, "netprobe_events_total", ""))
+                .unwrap_or(0)
+        };
+        let before = events(&agent);
+        let r = sample(self);
+        if agent.is_some() {
+            // What healthy traffic costs in events: should be none (failures only).
+            println!(
+                "bench:   agent received {} events during the sample",
+                events(&agent) - before
+            );
+        }
+        if let Some(t) = trace {
+            t.stop();
+        }
+        if let Some(a) = agent {
+            a.stop()?;
+        }
+        r
+    }
+
+    fn iperf(&mut self, seconds: u64) -> Result<f64> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.a.netns, "iperf3", "-J", "-c"])
+            .arg(self.b.ip.to_string())
+            .args(["-p", "5201", "-t", &seconds.to_string()])
+            .output()
+            .context("iperf3 (package iperf3; `cargo xtask setup` installs it)")?;
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .with_context(|| format!("iperf3 gave no result: {}", v["error"]))
+    }
+
+    /// Short connections per second: connect, read until the server closes, drop.
+    fn connect_rate(&mut self, seconds: u64) -> Result<f64> {
+        let to: SocketAddr = SocketAddr::new(self.b.ip.into(), 7000);
+        let ns = self.a.netns.clone();
+        let n = in_netns(&ns, move || -> Result<u64> {
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            let mut n = 0u64;
+            let mut buf = [0u8; 16];
+            while Instant::now() < deadline {
+                let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(1))?;
+                let _ = s.read(&mut buf);
+                n += 1;
+            }
+            Ok(n)
+        })??;
+        Ok(n as f64 / seconds as f64)
+    }
+}
+
+fn compare(
+    bench: &mut Bench,
+    what: &str,
+    modes: &[Mode],
+    sample: &dyn Fn(&mut Bench) -> Result<f64>,
+) -> Result<Vec<(Mode, f64)>> {
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for round in 0..ROUNDS {
+        // Alternate the order each round.
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..modes.len()).collect()
+        } else {
+            (0..modes.len()).rev().collect()
+        };
+        for i in order {
+            let v = bench.in_mode(modes[i], |b| sample(b))?;
+            println!("bench: {what} round {} {:?}: {v:.0}", round + 1, modes[i]);
+            samples[i].push(v);
+        }
+    }
+    Ok(modes
+        .iter()
+        .zip(samples)
+        .map(|(m, s)| (*m, median(s)))
+        .collect())
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let mem_gib = proc_meminfo_kib("MemTotal:") / 1024.0 / 1024.0;
+    json!({
+        "kernel": kernel,
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory_gib": (mem_gib * 10.0).round() / 10.0,
+    })
+}
+
+fn proc_meminfo_kib(key: &str) -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// SYNs into a DROP rule at the highest rate hping3 makes, with the agent on.
+fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Value> {
+    let node = bench.node();
+    bench.lab.sh(
+        &node,
+        "iptables -N NP_BENCH_STORM 2>/dev/null; iptables -F NP_BENCH_STORM; \
+         iptables -A NP_BENCH_STORM -j DROP; \
+         iptables -C FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM 2>/dev/null || \
+         iptables -I FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM",
+    )?;
+    let agent = Agent::start(&node, bench.port, &[])?;
+    let before = agent.metrics(&node)?;
+    let kernel0 = metric_sum(&before, "netprobe_kernel_drops_total", "NETFILTER_DROP");
+    let delivered0 = metric_sum(&before, "netprobe_drops_total", "NETFILTER_DROP");
+    let lost0 = metric_sum(&before, "netprobe_lost_events_total", "");
+    let cpu0 = agent.cpu_seconds();
+    let rss_start = agent.rss_mib();
+    let t0 = Instant::now();
+    let mut flood = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &bench.a.netns,
+            "hping3",
+            "--flood",
+            "-q",
+            "-S",
+            "-p",
+            "9999",
+        ])
+        .arg(bench.b.ip.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("hping3 (package hping3)")?;
+    let mut rss = Vec::new();
+    while t0.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_secs(1).min(Duration::from_secs(seconds)));
+        if rss_samples {
+            rss.push((t0.elapsed().as_secs(), agent.rss_mib()));
+        }
+    }
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(flood.id() as i32, libc::SIGINT) };
+    let _ = flood.wait();
+    let storm_wall = t0.elapsed().as_secs_f64();
+    let cpu = agent.cpu_seconds() - cpu0;
+    // Let the agent drain its ring buffer and refresh the kernel counters (200 ms tick).
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = agent.metrics(&node)?;
+    let counters = bench.lab.sh(&node, "iptables -L NP_BENCH_STORM -v -x -n")?;
+    let generated: u64 = counters
+        .lines()
+        .find(|l| l.contains("DROP"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let counted = metric_sum(&after, "netprobe_kernel_drops_total", "NETFILTER_DROP") - kernel0;
+    let delivered = metric_sum(&after, "netprobe_drops_total", "NETFILTER_DROP") - delivered0;
+    let lost = metric_sum(&after, "netprobe_lost_events_total", "") - lost0;
+    let rss_end = agent.rss_mib();
+    let hwm = proc_status_kib(agent.child.id(), "VmHWM:") / 1024.0;
+    agent.stop()?;
+    bench.lab.sh(
+        &node,
+        "iptables -D FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM; iptables -F NP_BENCH_STORM; iptables -X NP_BENCH_STORM",
+    )?;
+    let mut v = json!({
+        "seconds": (storm_wall * 10.0).round() / 10.0,
+        "generated": generated,
+        "counted": counted,
+        "delivered": delivered,
+        "lost": lost,
+        "rate_per_s": (generated as f64 / storm_wall).round(),
+        "agent_cpu_percent": (cpu / storm_wall * 1000.0).round() / 10.0,
+        "agent_rss_start_mib": (rss_start * 10.0).round() / 10.0,
+        "agent_rss_end_mib": (rss_end * 10.0).round() / 10.0,
+        "agent_rss_peak_mib": (hwm * 10.0).round() / 10.0,
+    });
+    if rss_samples {
+        v["rss_samples_mib"] = json!(rss);
+    }
+    Ok(v)
+}
+
+/// Attach time for 250 veths (agent start to ready, minus the start time with the lab's few
+/// veths), and time from a new veth's creation to its attachment.
+fn attach(bench: &mut Bench, baseline_start_s: f64) -> Result<(f64, usize, f64)> {
+    let node = bench.node();
+    let peers = format!("{node}-peers");
+    // From here, not from inside `ip netns exec` (whose private mount namespace would keep the
+    // new namespace's bind mount to itself).
+    let st = Command::new("ip").args(["netns", "add", &peers]).status()?;
+    if !st.success() {
+        bail!("ip netns add {peers} failed");
+    }
+    let cleanup = |lab: &Lab| {
+        let _ = lab.sh(
+            &node,
+            "for i in $(seq 0 250); do ip link del npb$i 2>/dev/null; done; true",
+        );
+        let _ = Command::new("ip").args(["netns", "del", &peers]).status();
+    };
+    let mut batch = String::new();
+    for i in 0..250 {
+        batch.push_str(&format!(
+            "link add npb{i} type veth peer name npp{i} netns {peers}\nlink set npb{i} up\n"
+        ));
+    }
+    let file = std::env::temp_dir().join(format!("netprobe-bench-veths-{}", std::process::id()));
+    std::fs::write(&file, batch)?;
+    let made = bench
+        .lab
+        .sh(&node, &format!("ip -batch {}", file.display()));
+    let _ = std::fs::remove_file(&file);
+    if let Err(e) = made {
+        cleanup(bench.lab);
+        return Err(e);
+    }
+    let result = (|| -> Result<(f64, usize, f64)> {
+        let t0 = Instant::now();
+        let agent = Agent::start(&node, bench.port, &[])?;
+        let start_s = t0.elapsed().as_secs_f64();
+        let m = agent.metrics(&node)?;
+        let attached = metric_sum(&m, "netprobe_attached_interfaces", "") as usize;
+        // A new veth: how long until the agent has attached to it.
+        let mut lat = Vec::new();
+        for k in 0..5 {
+            let before = metric_sum(&agent.metrics(&node)?, "netprobe_attached_interfaces", "");
+            let t = Instant::now();
+            bench.lab.sh(
+                &node,
+                &format!("ip link add npn{k} type veth peer name npq{k} netns {peers} && ip link set npn{k} up"),
+            )?;
+            loop {
+                let now = metric_sum(&agent.metrics(&node)?, "netprobe_attached_interfaces", "");
+                if now > before {
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    break;
+                }
+                if t.elapsed() > Duration::from_secs(5) {
+                    bail!("new veth npn{k} not attached within 5 s");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        agent.stop()?;
+        for k in 0..5 {
+            let _ = bench.lab.sh(&node, &format!("ip link del npn{k}"));
+        }
+        Ok(((start_s - baseline_start_s).max(0.0), attached, median(lat)))
+    })();
+    cleanup(bench.lab);
+    result
+}
+
+/// Time from the first dropped SYN to the verdict `trace` prints.
+fn verdict_latency(bench: &mut Bench) -> Result<(f64, String)> {
+    let node = bench.node();
+    bench
+        .lab
+        .sh(&node, "iptables -I FORWARD -p tcp --dport 9998 -j DROP")?;
+    let r = (|| -> Result<(f64, String)> {
+        let (trace, mut out) = Trace::start(&node, 9998, &["--count", "1", "--duration", "60s"])?;
+        let to: SocketAddr = SocketAddr::new(bench.b.ip.into(), 9998);
+        let ns = bench.a.netns.clone();
+        let t0 = Instant::now();
+        let client = std::thread::spawn(move || {
+            let _ = in_netns(&ns, move || {
+                TcpStream::connect_timeout(&to, Duration::from_secs(10))
+            });
+        });
+        let mut line = String::new();
+        let found = loop {
+            line.clear();
+            if out.read_line(&mut line)? == 0 {
+                break None;
+            }
+            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            if v["kind"] == "verdict" {
+                break Some((
+                    t0.elapsed().as_secs_f64(),
+                    v["outcome"].as_str().unwrap_or("").to_string(),
+                ));
+            }
+        };
+        trace.stop();
+        let _ = client.join();
+        found.context("trace ended without a verdict")
+    })();
+    bench
+        .lab
+        .sh(&node, "iptables -D FORWARD -p tcp --dport 9998 -j DROP")?;
+    r
+}
+
+pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
+    netprobe_lab::require_root();
+    if !skip_setup {
+        crate::setup::run()?;
+    }
+    crate::build::build(true)?;
+    Lab::cleanup_stale("np-bench");
+    let mut lab = Lab::new("bench")?;
+    let a = lab.add_pod("default", "bench-a", "10.42.0.2".parse()?)?;
+    let b = lab.add_pod("default", "bench-b", "10.42.0.3".parse()?)?;
+    lab.spawn(&b.netns, &["iperf3", "-s", "-p", "5201"])?;
+    netprobe_lab::serve(lab.listen(&b.netns, SocketAddr::new(b.ip.into(), 7000))?);
+    // Short connections from one client: every ephemeral port, reused quickly.
+    lab.sh(
+        &a.netns,
+        "sysctl -qw net.ipv4.ip_local_port_range='1024 65535' net.ipv4.tcp_tw_reuse=1",
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let port = 29965;
+    let mut bench = Bench {
+        lab: &mut lab,
+        a,
+        b,
+        port,
+    };
+    let machine = machine();
+    println!("bench: machine {machine}");
+
+    // Agent start time with the lab's few veths (baseline for the 250-veth attach time).
+    let node = bench.node();
+    let t = Instant::now();
+    Agent::start(&node, port, &[])?.stop()?;
+    let baseline_start_s = t.elapsed().as_secs_f64();
+
+    let modes = [Mode::Without, Mode::Agent, Mode::AgentAndTrace];
+    let secs = opts.seconds;
+    let tput = compare(&mut bench, "throughput bit/s", &modes, &|b| b.iperf(secs))?;
+    let rate = compare(&mut bench, "connects/s", &modes[..2], &|b| {
+        b.connect_rate(secs)
+    })?;
+    let storm = drop_storm(&mut bench, opts.storm_seconds, false)?;
+    println!("bench: storm {storm}");
+    let (attach_250_s, attached, new_veth_ms) = attach(&mut bench, baseline_start_s)?;
+    let (verdict_s, outcome) = verdict_latency(&mut bench)?;
+    let soak = if opts.soak_seconds > 0 {
+        let s = drop_storm(&mut bench, opts.soak_seconds, true)?;
+        Some(s)
+    } else {
+        None
+    };
+
+    let ratio = |v: &[(Mode, f64)], m: Mode| {
+        let base = v
+            .iter()
+            .find(|x| x.0 == Mode::Without)
+            .map(|x| x.1)
+            .unwrap_or(0.0);
+        let with = v.iter().find(|x| x.0 == m).map(|x| x.1).unwrap_or(0.0);
+        if base > 0.0 {
+            (with / base * 1000.0).round() / 1000.0
+        } else {
+            0.0
+        }
+    };
+    let get = |v: &[(Mode, f64)], m: Mode| v.iter().find(|x| x.0 == m).map(|x| x.1).unwrap_or(0.0);
+    let mut results = json!({
+        "date": Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%M:%SZ").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
+        "machine": machine,
+        "commit": Command::new("git").args(["rev-parse", "--short", "HEAD"]).current_dir(repo_root()).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default(),
+        "sample_seconds": secs,
+        "rounds": ROUNDS,
+        "throughput_ratio": ratio(&tput, Mode::Agent),
+        "throughput_ratio_with_trace": ratio(&tput, Mode::AgentAndTrace),
+        "throughput_gbit_s": {
+            "without": (get(&tput, Mode::Without) / 1e7).round() / 100.0,
+            "agent": (get(&tput, Mode::Agent) / 1e7).round() / 100.0,
+            "agent_and_trace": (get(&tput, Mode::AgentAndTrace) / 1e7).round() / 100.0,
+        },
+        "connect_rate_ratio": ratio(&rate, Mode::Agent),
+        "connects_per_s": {
+            "without": get(&rate, Mode::Without).round(),
+            "agent": get(&rate, Mode::Agent).round(),
+        },
+        "storm": storm,
+        "agent_rss_mib": storm["agent_rss_peak_mib"],
+        "agent_start_s": (baseline_start_s * 1000.0).round() / 1000.0,
+        "attach_250_s": (attach_250_s * 1000.0).round() / 1000.0,
+        "attached_interfaces": attached,
+        "new_veth_attach_ms": (new_veth_ms * 10.0).round() / 10.0,
+        "verdict_latency_s": (verdict_s * 1000.0).round() / 1000.0,
+        "verdict_outcome": outcome,
+    });
+    if let Some(s) = soak {
+        results["soak"] = s;
+    }
+    drop(bench);
+    drop(lab);
+
+    let dir = repo_root().join("bench/results");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("latest.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")?;
+    let table = table(&results);
+    println!("\n{table}");
+    println!("bench: wrote {}", path.display());
+    update_benchmarks_md(&repo_root().join("BENCHMARKS.md"), &table)?;
+    Ok(())
+}
+
+fn table(r: &Value) -> String {
+    let s = &r["storm"];
+    let m = &r["machine"];
+    let mut t = format!(
+        "Measured {} on {} ({} cores, {} GiB, kernel {}), commit {}; medians of {} alternating rounds of {} s.\n\n",
+        r["date"].as_str().unwrap_or(""),
+        m["cpu"].as_str().unwrap_or(""),
+        m["cores"],
+        m["memory_gib"],
+        m["kernel"].as_str().unwrap_or(""),
+        r["commit"].as_str().unwrap_or(""),
+        r["rounds"],
+        r["sample_seconds"],
+    );
+    t.push_str("| measure | without netprobe | with `netprobe agent` | ratio (goal) |\n|---|---|---|---|\n");
+    t.push_str(&format!(
+        "| iperf3 TCP over veths, Gbit/s | {} | {} | **{}** (≥ 0.98) |\n",
+        r["throughput_gbit_s"]["without"], r["throughput_gbit_s"]["agent"], r["throughput_ratio"]
+    ));
+    t.push_str(&format!(
+        "| … with an active `trace` on another port | {} | {} | **{}** |\n",
+        r["throughput_gbit_s"]["without"],
+        r["throughput_gbit_s"]["agent_and_trace"],
+        r["throughput_ratio_with_trace"]
+    ));
+    t.push_str(&format!(
+        "| short TCP connections per second | {} | {} | **{}** (≥ 0.95) |\n\n",
+        r["connects_per_s"]["without"], r["connects_per_s"]["agent"], r["connect_rate_ratio"]
+    ));
+    t.push_str("| drop storm (hping3 --flood SYNs into an iptables DROP) | value |\n|---|---|\n");
+    for (k, label) in [
+        ("generated", "drops generated (rule counter)"),
+        (
+            "counted",
+            "counted in the kernel by netprobe (must equal generated)",
+        ),
+        ("delivered", "drop events delivered to the agent"),
+        ("lost", "events reported lost (ring buffer full)"),
+        ("rate_per_s", "storm rate, drops/s"),
+        (
+            "agent_cpu_percent",
+            "agent CPU during the storm, % of one core",
+        ),
+        ("agent_rss_peak_mib", "agent peak RSS, MiB"),
+    ] {
+        t.push_str(&format!("| {label} | {} |\n", s[k]));
+    }
+    t.push_str("\n| timing | value |\n|---|---|\n");
+    t.push_str(&format!(
+        "| agent start to ready (lab with 2 veths), s | {} |\n",
+        r["agent_start_s"]
+    ));
+    t.push_str(&format!(
+        "| extra start time with 250 more veths (`attach_250_s`), s | {} ({} interfaces attached) |\n",
+        r["attach_250_s"], r["attached_interfaces"]
+    ));
+    t.push_str(&format!(
+        "| new veth to attached (median of 5), ms | {} |\n",
+        r["new_veth_attach_ms"]
+    ));
+    t.push_str(&format!(
+        "| first dropped SYN to `trace` verdict (`{}`), s | {} |\n",
+        r["verdict_outcome"].as_str().unwrap_or(""),
+        r["verdict_latency_s"]
+    ));
+    if let Some(soak) = r.get("soak") {
+        t.push_str(&format!(
+            "\nSoak: {} s drop storm, {} drops generated, {} counted, {} delivered, {} lost; agent RSS {} MiB at start, {} MiB at end, peak {} MiB.\n",
+            soak["seconds"], soak["generated"], soak["counted"], soak["delivered"], soak["lost"],
+            soak["agent_rss_start_mib"], soak["agent_rss_end_mib"], soak["agent_rss_peak_mib"]
+        ));
+    }
+    t
+}
+
+const BEGIN: &str = "<!-- bench:begin (written by `cargo xtask bench`) -->";
+const END: &str = "<!-- bench:end -->";
+
+fn update_benchmarks_md(path: &Path, table: &str) -> Result<()> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let block = format!("{BEGIN}\n{table}{END}");
+    let new = match (text.find(BEGIN), text.find(END)) {
+        (Some(b), Some(e)) if e > b => format!("{}{block}{}", &text[..b], &text[e + END.len()..]),
+        _ => format!("# Benchmarks\n\n{block}\n"),
+    };
+    std::fs::write(path, new)?;
+    println!("bench: updated {}", path.display());
+    Ok(())
+}
