@@ -3,7 +3,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use netprobe_common::{MAX_DROP_REASONS, RING_BYTES, RawEvent, counter};
 
@@ -21,6 +21,20 @@ static DROPS_ALL: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REAS
 /// Drops that matched the active filter, by reason: equals what the trace should have received.
 #[map]
 static DROPS_MATCHED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REASONS, 0);
+
+/// Drop reasons that are routine teardown, not failures (set by userspace from BTF names, e.g.
+/// QUEUE_PURGE: a closing socket discarding a FIN still queued). Counted, but in always-on mode
+/// not emitted.
+#[map]
+static QUIET_REASONS: Array<u8> = Array::with_max_entries(MAX_DROP_REASONS, 0);
+
+/// A routine drop the always-on agent counts but does not emit.
+#[inline(always)]
+pub fn quiet_drop(reason: u32) -> bool {
+    QUIET_REASONS
+        .get(reason_slot(reason))
+        .is_some_and(|v| *v != 0)
+}
 
 #[inline(always)]
 fn bump(map: &PerCpuArray<u64>, index: u32) {

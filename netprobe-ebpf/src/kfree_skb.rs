@@ -41,6 +41,9 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     emit::count_matched_drop(reason);
+    if filter::failures_only() && emit::quiet_drop(reason) {
+        return Ok(());
+    }
     ev.location = ctx.arg(1);
     emit::submit(ev, true);
     Ok(())

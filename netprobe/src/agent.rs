@@ -27,6 +27,9 @@ use crate::{
     trace::{pod_context, require_root},
 };
 
+/// Drop reasons of routine socket teardown, by name (numbers differ between kernels).
+const QUIET_DROP_REASONS: &[&str] = &["QUEUE_PURGE", "SOCKET_CLOSE"];
+
 pub struct AgentOptions {
     /// Size of the kernel → agent ring buffer in bytes (power of two, ≥ 4096).
     pub ring_bytes: u32,
@@ -328,6 +331,9 @@ fn interesting(e: &Event) -> bool {
         Kind::SendReset | Kind::ReceiveReset => true,
         Kind::SocketError => e.error.as_ref().is_some_and(|x| x.errno != 0),
         Kind::Retransmit => !e.tcp_flags.is_empty(),
+        // What the tc programs see in always-on mode (the kernel emits nothing else there): a
+        // reset or an ICMP unreachable crossing a veth, e.g. from another node's firewall.
+        Kind::Packet => e.tcp_flags.iter().any(|f| f == "RST") || e.protocol.starts_with("icmp"),
         _ => false,
     }
 }
@@ -458,6 +464,15 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
         },
         opts.ring_bytes,
     )?;
+    // Routine socket teardown (a closing socket purging a queued FIN) is counted in
+    // netprobe_kernel_drops_total but is not an event: it would cost one per connection.
+    let quiet: Vec<u32> = kbtf
+        .enum_names("skb_drop_reason", "SKB_DROP_REASON_")?
+        .into_iter()
+        .filter(|(_, name)| QUIET_DROP_REASONS.contains(&name.as_str()))
+        .map(|(code, _)| code)
+        .collect();
+    probes.set_quiet_reasons(&quiet)?;
     let mut scope: HashSet<u64> = HashSet::new();
     let add_scope = |probes: &mut Probes, ns: &NetnsRef, scope: &mut HashSet<u64>| -> Result<()> {
         if scope.insert(ns.inode) {

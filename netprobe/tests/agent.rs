@@ -370,3 +370,48 @@ fn agent_publishes_a_rate_limited_kubernetes_event_on_the_affected_pod() {
     );
     let _ = std::fs::remove_file(kubeconfig);
 }
+
+/// Healthy traffic costs the always-on agent no event at all: handshakes, state changes and the
+/// routine drops of socket teardown (QUEUE_PURGE: a closing socket discarding a queued FIN) are
+/// not emitted by the kernel; the teardown drops are still counted in the kernel.
+#[test]
+fn healthy_connections_cost_the_agent_no_event() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("agentquiet").unwrap();
+    let a = lab
+        .add_pod("default", "a-0", "10.42.0.61".parse().unwrap())
+        .unwrap();
+    let b = lab
+        .add_pod("default", "b-0", "10.42.0.62".parse().unwrap())
+        .unwrap();
+    // The server closes first; the client reads the FIN and closes with it still queued.
+    netprobe_lab::serve(
+        lab.listen(&b.netns, "10.42.0.62:7000".parse().unwrap())
+            .unwrap(),
+    );
+    let agent = start_agent(&lab, &[]);
+    let n = 200;
+    netprobe_lab::in_netns(&a.netns, || {
+        for _ in 0..n {
+            let mut s = std::net::TcpStream::connect("10.42.0.62:7000").unwrap();
+            let mut buf = [0u8; 8];
+            let _ = s.read(&mut buf);
+        }
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let (_, m) = http_get(&lab, agent.port, "/metrics");
+    assert_eq!(metric_sum(&m, "netprobe_events_total", ""), 0, "{m}");
+    assert!(
+        metric_sum(&m, "netprobe_kernel_drops_total", "QUEUE_PURGE") >= n,
+        "teardown drops are counted, not emitted:\n{m}"
+    );
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
+    let out = agent.child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

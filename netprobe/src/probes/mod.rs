@@ -115,6 +115,30 @@ impl Probes {
         })
     }
 
+    /// Drop reasons (numbers of this kernel) counted but not emitted in failures-only mode.
+    pub fn set_quiet_reasons(&mut self, reasons: &[u32]) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut("QUIET_REASONS")
+            .ok_or(Error::MapMissing {
+                map: "QUIET_REASONS",
+            })?;
+        let mut arr: aya::maps::Array<_, u8> =
+            aya::maps::Array::try_from(map).map_err(|source| Error::Map {
+                map: "QUIET_REASONS",
+                source,
+            })?;
+        for &r in reasons {
+            if r < netprobe_common::MAX_DROP_REASONS {
+                arr.set(r, 1, 0).map_err(|source| Error::Map {
+                    map: "QUIET_REASONS",
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Restricts tracepoint events to these namespaces (inode numbers).
     pub fn set_netns_filter(&mut self, inodes: &[u64]) -> Result<()> {
         let map = self.ebpf.map_mut("NETNS_FILTER").ok_or(Error::MapMissing {
