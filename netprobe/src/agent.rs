@@ -59,8 +59,21 @@ struct Metrics {
     kernel_drops: BTreeMap<String, u64>,
     interfaces: usize,
     namespaces: usize,
+    /// Longest kernel-to-agent delay of an event in the last second.
+    delay_max_s: f64,
     /// Probes the kernel refused: (program, reason). The agent runs without them.
     degraded: Vec<(String, String)>,
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn label(v: &str) -> String {
@@ -116,6 +129,10 @@ impl Metrics {
         s.push_str(&format!(
             "netprobe_watched_namespaces {}\n",
             self.namespaces
+        ));
+        s.push_str(&format!(
+            "# HELP netprobe_event_delay_max_seconds Longest time from the kernel's timestamp of an event to the agent reading it, over the last second.\n# TYPE netprobe_event_delay_max_seconds gauge\nnetprobe_event_delay_max_seconds {:.6}\n",
+            self.delay_max_s
         ));
         s.push_str(&format!(
             "# TYPE netprobe_ready gauge\nnetprobe_ready {}\n",
@@ -448,7 +465,7 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     ));
 
     let kbtf = KernelBtf::load()?;
-    let btf = kbtf.aya().clone();
+    let btf = kbtf.aya();
     let node = NetnsRef::current()?;
     // Leftovers of traces whose process was killed (the agent's own remote traces included).
     crate::probes::nft_trace::remove_stale_in(&node)?;
@@ -485,10 +502,14 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     for ns in netns::veth_peers()? {
         add_scope(&mut probes, &ns, &mut scope)?;
     }
-    let missing = probes.attach_tracepoints_degradable(&btf)?;
+    let missing = probes.attach_tracepoints_degradable(btf)?;
     for (program, why) in &missing {
         eprintln!("netprobe agent: DEGRADED: probe {program} refused, running without it: {why}");
     }
+    // The parsed kernel BTF (tens of MiB) was only needed to load and attach: give it back.
+    drop(kbtf);
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe { libc::malloc_trim(0) };
     let mut attached = HashSet::new();
     let interfaces = attach_new(&mut probes, &node, &enricher, &mut attached)?;
     let mut reader = EventReader::new(probes.take_events()?)?;
@@ -524,6 +545,8 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::io("installing SIGTERM handler", e))?;
     let mut write_err = None;
+    let mut delay_max_ns = 0u64;
+    let mut delay_window = std::time::Instant::now();
     let mut storm = Storm::default();
     let mut event_limit = EventRateLimit::default();
     let recorder = pods
@@ -536,6 +559,8 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     loop {
         tokio::select! {
             r = reader.next_batch(|raw| {
+                // Kernel timestamp (CLOCK_MONOTONIC) to now: how far behind the agent runs.
+                delay_max_ns = delay_max_ns.max(monotonic_ns().saturating_sub(raw.ts_ns));
                 let Some(mut e) = enricher.enrich(&raw) else { return };
                 if !interesting(&e) {
                     return;
@@ -598,6 +623,11 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
                 }
                 let c = probes.counters()?;
                 let mut m = metrics.lock().expect("metrics lock");
+                if delay_window.elapsed() >= std::time::Duration::from_secs(1) {
+                    m.delay_max_s = delay_max_ns as f64 / 1e9;
+                    delay_max_ns = 0;
+                    delay_window = std::time::Instant::now();
+                }
                 m.interfaces = n;
                 m.namespaces = scope.len();
                 m.lost = c.lost;

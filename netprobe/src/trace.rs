@@ -304,7 +304,7 @@ fn filter_for(opts: &TraceOptions) -> Filter {
 pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     require_root()?;
     let kbtf = KernelBtf::load()?;
-    let btf = kbtf.aya().clone();
+    let btf = kbtf.aya();
 
     let current = NetnsRef::current()?;
     let mut pods = pod_context(
@@ -374,7 +374,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             enricher.add_interface(ns.inode, link.index, &link.name);
         }
     }
-    probes.attach_tracepoints(&btf)?;
+    probes.attach_tracepoints(btf)?;
     for (i, ns) in attach_in.iter().enumerate() {
         // lo has ifindex 1 in every namespace: with a pod's namespace attached too, the node's lo
         // is left out so that tc events on lo name their namespace unambiguously.

@@ -375,10 +375,20 @@ fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Valu
         .spawn()
         .context("hping3 (package hping3)")?;
     let mut rss = Vec::new();
+    let mut delays_ms = Vec::new();
     while t0.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(Duration::from_secs(1).min(Duration::from_secs(seconds)));
         if rss_samples {
             rss.push((t0.elapsed().as_secs(), agent.rss_mib()));
+        }
+        // The agent's longest kernel-to-userspace event delay of the last second.
+        if let Ok(m) = agent.metrics(&node)
+            && let Some(v) = m
+                .lines()
+                .find_map(|l| l.strip_prefix("netprobe_event_delay_max_seconds "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        {
+            delays_ms.push(v * 1000.0);
         }
     }
     // SAFETY: plain kill(2) on our child.
@@ -416,6 +426,15 @@ fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Valu
         "agent_rss_start_mib": (rss_start * 10.0).round() / 10.0,
         "agent_rss_end_mib": (rss_end * 10.0).round() / 10.0,
         "agent_rss_peak_mib": (hwm * 10.0).round() / 10.0,
+    });
+    delays_ms.sort_by(|a, b| a.total_cmp(b));
+    let p99 = delays_ms
+        .get((delays_ms.len() * 99 / 100).min(delays_ms.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0);
+    v["event_delay_ms"] = json!({
+        "p99_of_1s_maxima": (p99 * 100.0).round() / 100.0,
+        "max": (delays_ms.last().copied().unwrap_or(0.0) * 100.0).round() / 100.0,
     });
     if rss_samples {
         v["rss_samples_mib"] = json!(rss);
@@ -690,6 +709,10 @@ fn table(r: &Value) -> String {
     ] {
         t.push_str(&format!("| {label} | {} |\n", s[k]));
     }
+    t.push_str(&format!(
+        "| kernel-to-agent event delay, max, ms | {} |\n",
+        s["event_delay_ms"]["max"]
+    ));
     t.push_str("\n| timing | value |\n|---|---|\n");
     t.push_str(&format!(
         "| agent start to ready (lab with 2 veths), s | {} |\n",
@@ -710,9 +733,10 @@ fn table(r: &Value) -> String {
     ));
     if let Some(soak) = r.get("soak") {
         t.push_str(&format!(
-            "\nSoak: {} s drop storm, {} drops generated, {} counted, {} delivered, {} lost; agent RSS {} MiB at start, {} MiB at end, peak {} MiB.\n",
+            "\nSoak: {} s drop storm, {} drops generated, {} counted, {} delivered, {} lost; agent RSS {} MiB at start, {} MiB at end, peak {} MiB; kernel-to-agent event delay: max {} ms, p99 of the per-second maxima {} ms.\n",
             soak["seconds"], soak["generated"], soak["counted"], soak["delivered"], soak["lost"],
-            soak["agent_rss_start_mib"], soak["agent_rss_end_mib"], soak["agent_rss_peak_mib"]
+            soak["agent_rss_start_mib"], soak["agent_rss_end_mib"], soak["agent_rss_peak_mib"],
+            soak["event_delay_ms"]["max"], soak["event_delay_ms"]["p99_of_1s_maxima"]
         ));
     }
     t
