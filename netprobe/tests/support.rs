@@ -127,6 +127,8 @@ impl TraceRun {
             summary["kind"], "summary",
             "last line is the summary: {summary}"
         );
+        assert_schema_valid(&lines);
+        assert_schema_valid(std::slice::from_ref(&summary));
         for e in &lines {
             let schema = e["schema"].as_str().unwrap_or_default();
             assert!(
@@ -303,4 +305,43 @@ pub fn http_get(node: &str, port: u16, path: &str) -> (u16, String) {
         (code, body)
     })
     .unwrap()
+}
+
+/// Validates every NDJSON record against the JSON Schemas `netprobe schema` prints (generated
+/// from the code): events and verdicts by their `schema`, summaries and suppressed-counts by
+/// their `kind`.
+pub fn assert_schema_valid(records: &[Value]) {
+    static VALIDATORS: std::sync::OnceLock<
+        std::collections::HashMap<String, jsonschema::Validator>,
+    > = std::sync::OnceLock::new();
+    let validators = VALIDATORS.get_or_init(|| {
+        let out = Command::new(env!("CARGO_BIN_EXE_netprobe"))
+            .arg("schema")
+            .output()
+            .expect("netprobe schema");
+        let all: Value = serde_json::from_slice(&out.stdout).expect("schema JSON");
+        all.as_object()
+            .expect("schemas by name")
+            .iter()
+            .map(|(k, s)| {
+                let v = jsonschema::validator_for(s)
+                    .unwrap_or_else(|e| panic!("schema {k} does not compile: {e}"));
+                (k.clone(), v)
+            })
+            .collect()
+    });
+    for r in records {
+        let key = match r["kind"].as_str() {
+            Some(k @ ("summary" | "suppressed")) => k.to_string(),
+            _ => r["schema"].as_str().unwrap_or_default().to_string(),
+        };
+        let v = validators
+            .get(&key)
+            .unwrap_or_else(|| panic!("no schema `{key}` for {r}"));
+        let errors: Vec<String> = v.iter_errors(r).map(|e| e.to_string()).collect();
+        assert!(
+            errors.is_empty(),
+            "{r}\ndoes not match schema {key}: {errors:#?}"
+        );
+    }
 }
