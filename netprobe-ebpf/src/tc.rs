@@ -31,8 +31,39 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// The per-packet fast path: a few loads decide whether the packet can be an event at all
+/// (TCP SYN or RST — only RST in always-on mode — or ICMP), before an event is built. Bulk data
+/// and ACKs, nearly every packet, leave here.
+#[inline(always)]
+fn candidate(ctx: &TcContext) -> Result<bool, i64> {
+    let (proto, l4) = match u16::from_be(ctx.load::<u16>(12)?) {
+        ETH_P_IP => {
+            let ihl = (ctx.load::<u8>(ETH_HLEN)? & 0x0f) as usize * 4;
+            (ctx.load::<u8>(ETH_HLEN + 9)?, ETH_HLEN + ihl)
+        }
+        ETH_P_IPV6 => (ctx.load::<u8>(ETH_HLEN + 6)?, ETH_HLEN + 40),
+        _ => return Ok(false),
+    };
+    match proto {
+        IPPROTO_TCP => {
+            let flags = ctx.load::<u8>(l4 + 13)?;
+            let wanted = if filter::failures_only() {
+                tcp_flags::RST
+            } else {
+                tcp_flags::SYN | tcp_flags::RST
+            };
+            Ok(flags & wanted != 0)
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => Ok(true),
+        _ => Ok(false),
+    }
+}
+
 fn try_tc(ctx: &TcContext, direction: u8) -> Result<(), i64> {
     emit::count(counter::TC_SEEN);
+    if !candidate(ctx)? {
+        return Ok(());
+    }
     let mut ev = RawEvent {
         kind: direction,
         ..Default::default()
