@@ -647,6 +647,9 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
     });
     if let Some(s) = soak {
         results["soak"] = s;
+    } else if let Some(prev) = previous_soak(&repo_root().join("bench/results/latest.json")) {
+        // A run without --soak-seconds keeps the last soak, saying where it came from.
+        results["soak"] = prev;
     }
     drop(bench);
     drop(lab);
@@ -660,6 +663,16 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
     println!("bench: wrote {}", path.display());
     update_benchmarks_md(&repo_root().join("BENCHMARKS.md"), &table)?;
     Ok(())
+}
+
+/// The soak of the previous results file, tagged with that run's date and commit.
+fn previous_soak(path: &Path) -> Option<Value> {
+    let prev: Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    let mut soak = prev.get("soak")?.clone();
+    if soak.get("from").is_none() {
+        soak["from"] = json!({"date": prev["date"], "commit": prev["commit"]});
+    }
+    Some(soak)
 }
 
 fn table(r: &Value) -> String {
@@ -733,7 +746,8 @@ fn table(r: &Value) -> String {
     ));
     if let Some(soak) = r.get("soak") {
         t.push_str(&format!(
-            "\nSoak: {} s drop storm, {} drops generated, {} counted, {} delivered, {} lost; agent RSS {} MiB at start, {} MiB at end, peak {} MiB; kernel-to-agent event delay: max {} ms, p99 of the per-second maxima {} ms.\n",
+            "\nSoak{}: {} s drop storm, {} drops generated, {} counted, {} delivered, {} lost; agent RSS {} MiB at start, {} MiB at end, peak {} MiB; kernel-to-agent event delay: max {} ms, p99 of the per-second maxima {} ms.\n",
+            soak.get("from").map(|f| format!(" (run of {}, commit {})", f["date"].as_str().unwrap_or(""), f["commit"].as_str().unwrap_or(""))).unwrap_or_default(),
             soak["seconds"], soak["generated"], soak["counted"], soak["delivered"], soak["lost"],
             soak["agent_rss_start_mib"], soak["agent_rss_end_mib"], soak["agent_rss_peak_mib"],
             soak["event_delay_ms"]["max"], soak["event_delay_ms"]["p99_of_1s_maxima"]
