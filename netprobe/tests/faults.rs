@@ -327,3 +327,85 @@ fn agent_sigkill_mid_remote_trace_leaves_no_orphan_and_no_table() {
     let tables = lab.sh(lab.node(), "nft list tables").unwrap();
     assert!(!tables.contains("netprobe"), "{tables}");
 }
+
+/// The API server is down for 30 s and a pod's veth is deleted while attached: the agent keeps
+/// running (healthy and ready), drops the vanished interface, and still reports drops after.
+#[test]
+fn agent_survives_a_30s_api_outage_and_a_vanishing_veth() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("apidown").unwrap();
+    let a = lab
+        .add_pod("default", "a-0", "10.42.0.97".parse().unwrap())
+        .unwrap();
+    let b = lab
+        .add_pod("default", "b-0", "10.42.0.98".parse().unwrap())
+        .unwrap();
+    let kube = FakeKube::start(
+        lab.listen(lab.node(), "127.0.0.1:0".parse().unwrap())
+            .unwrap(),
+    );
+    for p in [&a, &b] {
+        kube.apply(
+            Kind::Pod,
+            pod(
+                &p.namespace,
+                &p.name,
+                "lab-node",
+                &p.ip.to_string(),
+                &[("c", "c0c0c0c0c0c0c0c0", &[])],
+            ),
+        );
+    }
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "netprobe-apidown-kubeconfig-{}",
+        std::process::id()
+    ));
+    std::fs::write(&kubeconfig, kube.kubeconfig()).unwrap();
+    lab.sh(
+        lab.node(),
+        "iptables -A FORWARD -p tcp --dport 9009 -j DROP",
+    )
+    .unwrap();
+    let port = port() + 3;
+    let agent = support::start_agent(
+        lab.node(),
+        port,
+        &[],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", "lab-node"),
+        ],
+        true,
+    );
+    let attached = |m: &str| metric(m, "netprobe_attached_interfaces");
+    let before = attached(&support::http_get(lab.node(), port, "/metrics").1);
+    kube.set_down(true);
+    lab.remove_pod(&b).unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_secs(5));
+        assert_eq!(support::http_get(lab.node(), port, "/healthz").0, 200);
+        assert_eq!(support::http_get(lab.node(), port, "/readyz").0, 200);
+    }
+    let m = support::http_get(lab.node(), port, "/metrics").1;
+    assert_eq!(
+        attached(&m),
+        before - 1,
+        "the deleted veth is dropped:\n{m}"
+    );
+    kube.set_down(false);
+    let _ = lab.connect(
+        &a.netns,
+        "10.42.0.99:9009".parse().unwrap(),
+        Duration::from_millis(1500),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (stdout, _) = stop(agent);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("NETFILTER_DROP") && l.contains("\"dport\":9009")),
+        "drops are still reported after the outage:\n{stdout}"
+    );
+    let _ = std::fs::remove_file(kubeconfig);
+}
