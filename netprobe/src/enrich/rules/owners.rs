@@ -67,6 +67,20 @@ pub fn calico_policy_name(comment: &str) -> Option<String> {
 
 /// Policy chains a Calico endpoint chain jumps to, named by the first rule of each.
 fn calico_policies(rs: &Ruleset, family: &str, table: &str, chain: &str) -> Vec<String> {
+    calico_policies_at(rs, family, table, chain, 0)
+}
+
+/// Policy groups nest one level (cali-gi/go → cali-pi/po); a ruleset with deeper nesting or a
+/// cycle (seen by the fuzzer: a chain jumping to itself) must not recurse without end.
+const MAX_POLICY_NESTING: u32 = 2;
+
+fn calico_policies_at(
+    rs: &Ruleset,
+    family: &str,
+    table: &str,
+    chain: &str,
+    depth: u32,
+) -> Vec<String> {
     let mut out = Vec::new();
     for r in rs.rules_of(family, table, chain) {
         let target = r
@@ -92,9 +106,9 @@ fn calico_policies(rs: &Ruleset, family: &str, table: &str, chain: &str) -> Vec<
                 }
             }
         }
-        if !named {
-            // Policy groups (cali-gi/go) hold several policies: follow one level down.
-            for p in calico_policies(rs, family, table, &target) {
+        if !named && depth < MAX_POLICY_NESTING {
+            // Policy groups (cali-gi/go) hold several policies: follow them down.
+            for p in calico_policies_at(rs, family, table, &target, depth + 1) {
                 out.push(p);
                 named = true;
             }
@@ -320,6 +334,30 @@ pub fn owner_of(rs: &Ruleset, rule: &RuleRef, dst: Option<(std::net::IpAddr, u16
 
 #[cfg(test)]
 mod tests {
+
+    /// Found by the fuzzer: a Calico policy chain that jumps to itself made owner translation
+    /// recurse until the stack overflowed.
+    #[test]
+    fn a_policy_chain_cycle_does_not_recurse_forever() {
+        // The fuzzer's input, run through what the fuzz target does.
+        let text = String::from_utf8_lossy(include_bytes!(
+            "../../../../fuzz/corpus/ruleset/regression-policy-cycle"
+        ));
+        let rs = super::super::ruleset::Ruleset::from_outputs(&text, &text, "");
+        let mut owners = 0;
+        for ((family, table), t) in &rs.tables {
+            for (chain, c) in &t.chains {
+                for h in &c.handles {
+                    if let Some(rule) = rs.rule(family, table, chain, *h) {
+                        let _ = owner_of(&rs, &rule, None);
+                        owners += 1;
+                    }
+                }
+            }
+        }
+        assert!(owners > 0, "the input has rules");
+    }
+
     use super::*;
 
     #[test]
