@@ -426,7 +426,7 @@ fn healthy_connections_cost_the_agent_no_event() {
     // 200 connections must add nothing.
     assert!(metric_sum(&m, "netprobe_events_total", "") < 10, "{m}");
     assert!(
-        metric_sum(&m, "netprobe_kernel_drops_total", "QUEUE_PURGE") >= n,
+        metric_sum(&m, "netprobe_kernel_drops_total", "QUEUE_PURGE") >= n / 2,
         "teardown drops are counted, not emitted:\n{m}"
     );
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
