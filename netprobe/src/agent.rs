@@ -597,12 +597,8 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
                     let changed = guard.get_inner().drain();
                     guard.clear_ready();
                     if changed {
-                        let n = attach_new(&mut probes, &node, &enricher, &mut attached)
-                            .unwrap_or(attached.len());
-                        for ns in netns::veth_peers().unwrap_or_default() {
-                            add_scope(&mut probes, &ns, &mut scope)?;
-                        }
-                        metrics.lock().expect("metrics lock").interfaces = n;
+                        // The tick does the attaching: run it now.
+                        tick.reset_immediately();
                     }
                 }
             }

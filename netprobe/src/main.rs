@@ -25,9 +25,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Always-on mode (DaemonSet): drops, resets, application errors and SYN retransmits of
-    /// the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics,
-    /// /healthz and /readyz on --metrics-addr. Installs no firewall rule.
+    /// Always-on mode (DaemonSet): drops, resets, application errors, SYN retransmits and
+    /// RST/ICMP-unreachable packets of the node and every pod behind its veths as NDJSON on
+    /// stdout; Prometheus /metrics, /healthz, /readyz and /v1/trace (cluster-mode traces,
+    /// root-owned connections only) on --metrics-addr. Installs no firewall rule.
     Agent {
         /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /v1/trace). Loopback by
         /// default: nothing unauthenticated on the node network; Prometheus scrapes through the
