@@ -29,6 +29,17 @@ pub mod kind {
     pub const MAX: u8 = 8;
 }
 
+/// Values of the `QUIET_REASONS` map (indexed by drop reason): which drops of that reason the
+/// always-on agent counts without emitting.
+pub mod quiet {
+    /// Emit (the default).
+    pub const NEVER: u8 = 0;
+    /// Never emit: routine socket teardown (QUEUE_PURGE, SOCKET_CLOSE).
+    pub const ALWAYS: u8 = 1;
+    /// Do not emit TCP segments without SYN: teardown segments a TIME_WAIT socket consumes.
+    pub const TCP_EXCEPT_SYN: u8 = 2;
+}
+
 /// TCP flag bits as they appear in byte 13 of the TCP header.
 pub mod tcp_flags {
     pub const FIN: u8 = 0x01;

@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
 };
-use netprobe_common::{MAX_DROP_REASONS, RING_BYTES, RawEvent, counter};
+use netprobe_common::{IPPROTO_TCP, MAX_DROP_REASONS, RING_BYTES, RawEvent, counter, quiet};
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
@@ -22,18 +22,23 @@ static DROPS_ALL: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REAS
 #[map]
 static DROPS_MATCHED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_REASONS, 0);
 
-/// Drop reasons that are routine teardown, not failures (set by userspace from BTF names, e.g.
-/// QUEUE_PURGE: a closing socket discarding a FIN still queued). Counted, but in always-on mode
-/// not emitted.
+/// Drop reasons that are routine teardown, not failures (set by userspace from BTF names).
+/// Counted, but in always-on mode not emitted. Values: see [`netprobe_common::quiet`].
 #[map]
 static QUIET_REASONS: Array<u8> = Array::with_max_entries(MAX_DROP_REASONS, 0);
 
 /// A routine drop the always-on agent counts but does not emit.
 #[inline(always)]
-pub fn quiet_drop(reason: u32) -> bool {
-    QUIET_REASONS
-        .get(reason_slot(reason))
-        .is_some_and(|v| *v != 0)
+pub fn quiet_drop(reason: u32, ev: &RawEvent) -> bool {
+    match QUIET_REASONS.get(reason_slot(reason)) {
+        Some(&quiet::ALWAYS) => true,
+        // A TIME_WAIT socket consuming a late FIN or ACK frees it as NOT_SPECIFIED; a SYN
+        // dropped there (port reuse) is a failed connect and still goes out.
+        Some(&quiet::TCP_EXCEPT_SYN) => {
+            ev.proto == IPPROTO_TCP && ev.tcp_flags & netprobe_common::tcp_flags::SYN == 0
+        }
+        _ => false,
+    }
 }
 
 #[inline(always)]

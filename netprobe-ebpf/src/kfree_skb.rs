@@ -41,7 +41,7 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     emit::count_matched_drop(reason);
-    if filter::failures_only() && emit::quiet_drop(reason) {
+    if filter::failures_only() && emit::quiet_drop(reason, &ev) {
         return Ok(());
     }
     ev.location = ctx.arg(1);

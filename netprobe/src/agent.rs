@@ -13,7 +13,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use netprobe_common::Filter;
+use netprobe_common::{Filter, quiet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
@@ -27,8 +27,14 @@ use crate::{
     trace::{pod_context, require_root},
 };
 
-/// Drop reasons of routine socket teardown, by name (numbers differ between kernels).
-const QUIET_DROP_REASONS: &[&str] = &["QUEUE_PURGE", "SOCKET_CLOSE"];
+/// Drop reasons of routine socket teardown, by name (numbers differ between kernels), and which
+/// of their drops are routine. NOT_SPECIFIED covers a TIME_WAIT socket freeing the late FIN or
+/// ACK of a connection that closed normally.
+const QUIET_DROP_REASONS: &[(&str, u8)] = &[
+    ("QUEUE_PURGE", quiet::ALWAYS),
+    ("SOCKET_CLOSE", quiet::ALWAYS),
+    ("NOT_SPECIFIED", quiet::TCP_EXCEPT_SYN),
+];
 
 pub struct AgentOptions {
     /// Size of the kernel → agent ring buffer in bytes (power of two, ≥ 4096).
@@ -483,11 +489,15 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     )?;
     // Routine socket teardown (a closing socket purging a queued FIN) is counted in
     // netprobe_kernel_drops_total but is not an event: it would cost one per connection.
-    let quiet: Vec<u32> = kbtf
+    let quiet: Vec<(u32, u8)> = kbtf
         .enum_names("skb_drop_reason", "SKB_DROP_REASON_")?
         .into_iter()
-        .filter(|(_, name)| QUIET_DROP_REASONS.contains(&name.as_str()))
-        .map(|(code, _)| code)
+        .filter_map(|(code, name)| {
+            QUIET_DROP_REASONS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|&(_, mode)| (code, mode))
+        })
         .collect();
     probes.set_quiet_reasons(&quiet)?;
     let mut scope: HashSet<u64> = HashSet::new();

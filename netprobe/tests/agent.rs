@@ -393,8 +393,10 @@ fn agent_publishes_a_rate_limited_kubernetes_event_on_the_affected_pod() {
 }
 
 /// Healthy traffic costs the always-on agent no event at all: handshakes, state changes and the
-/// routine drops of socket teardown (QUEUE_PURGE: a closing socket discarding a queued FIN) are
-/// not emitted by the kernel; the teardown drops are still counted in the kernel.
+/// routine drops of socket teardown (QUEUE_PURGE: a closing socket discarding a queued FIN;
+/// NOT_SPECIFIED: a TIME_WAIT socket consuming the peer's late FIN, which happens when the FIN
+/// arrives after the server's orphaned socket became a FIN_WAIT2 timewait socket) are not emitted
+/// by the kernel; the teardown drops are still counted in the kernel.
 #[test]
 fn healthy_connections_cost_the_agent_no_event() {
     netprobe_lab::require_root();
@@ -412,11 +414,20 @@ fn healthy_connections_cost_the_agent_no_event() {
     );
     let agent = start_agent(&lab, &[]);
     let n = 200;
+    const LATE: usize = 20;
     netprobe_lab::in_netns(&a.netns, || {
         for _ in 0..n {
             let mut s = std::net::TcpStream::connect("10.42.0.62:7000").unwrap();
             let mut buf = [0u8; 8];
             let _ = s.read(&mut buf);
+        }
+        // Closing late: the ACK of the server's FIN goes out alone, the server's orphaned socket
+        // becomes a FIN_WAIT2 timewait socket, and that one consumes our FIN (NOT_SPECIFIED).
+        for _ in 0..LATE {
+            let mut s = std::net::TcpStream::connect("10.42.0.62:7000").unwrap();
+            let mut buf = [0u8; 8];
+            let _ = s.read(&mut buf);
+            std::thread::sleep(Duration::from_millis(50));
         }
     })
     .unwrap();
@@ -428,6 +439,10 @@ fn healthy_connections_cost_the_agent_no_event() {
     assert!(
         metric_sum(&m, "netprobe_kernel_drops_total", "QUEUE_PURGE") >= n / 2,
         "teardown drops are counted, not emitted:\n{m}"
+    );
+    assert!(
+        metric_sum(&m, "netprobe_kernel_drops_total", "NOT_SPECIFIED") >= LATE as u64 / 2,
+        "late FINs consumed by timewait sockets are counted, not emitted:\n{m}"
     );
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
     let out = agent.output();

@@ -115,8 +115,9 @@ impl Probes {
         })
     }
 
-    /// Drop reasons (numbers of this kernel) counted but not emitted in failures-only mode.
-    pub fn set_quiet_reasons(&mut self, reasons: &[u32]) -> Result<()> {
+    /// Drop reasons (numbers of this kernel) counted but not emitted in failures-only mode, each
+    /// with its [`netprobe_common::quiet`] mode.
+    pub fn set_quiet_reasons(&mut self, reasons: &[(u32, u8)]) -> Result<()> {
         let map = self
             .ebpf
             .map_mut("QUIET_REASONS")
@@ -128,9 +129,9 @@ impl Probes {
                 map: "QUIET_REASONS",
                 source,
             })?;
-        for &r in reasons {
+        for &(r, mode) in reasons {
             if r < netprobe_common::MAX_DROP_REASONS {
-                arr.set(r, 1, 0).map_err(|source| Error::Map {
+                arr.set(r, mode, 0).map_err(|source| Error::Map {
                     map: "QUIET_REASONS",
                     source,
                 })?;
