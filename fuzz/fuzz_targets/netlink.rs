@@ -7,6 +7,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = netprobe::netlink::parse_link(body);
         let _ = netprobe::netlink::parse_addr(body);
         let _ = netprobe::netlink::parse_inet_diag(body);
+        let _ = netprobe::netlink::parse_route(body);
     }
     let _ = netprobe::netlink::parse_link(data);
     let _ = netprobe::netlink::attrs(data).count();

@@ -133,7 +133,9 @@ enum Command {
         /// Cluster mode (from a laptop): find --pod's node through the Kubernetes API and run
         /// the trace there by the node's netprobe agent, reached through a port-forward to the
         /// agent pod (RBAC: `create` on pods/portforward in the agent's namespace). Default when
-        /// run as `kubectl netprobe` (the binary installed as kubectl-netprobe).
+        /// run as `kubectl netprobe` (the binary installed as kubectl-netprobe). With --addr
+        /// (ClusterIP or pod IP) whose pods run on other nodes, those nodes' agents trace too and
+        /// each attempt gets one verdict joined from both nodes.
         #[arg(long, requires = "pod", conflicts_with_all = ["netns", "record", "ready_file"])]
         cluster: bool,
         /// Cluster mode: namespace of the netprobe DaemonSet.

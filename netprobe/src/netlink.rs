@@ -16,9 +16,20 @@ const RTM_GETLINK: u16 = 18;
 const RTM_NEWNSID: u16 = 88;
 const RTM_GETNSID: u16 = 90;
 const IFLA_IFNAME: u16 = 3;
+const IFLA_MTU: u16 = 4;
 const IFLA_LINK: u16 = 5;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+// IFLA_VXLAN_* and IFLA_IPTUN_* (include/uapi/linux/if_link.h, if_tunnel.h).
+const IFLA_VXLAN_ID: u16 = 1;
+const IFLA_VXLAN_GROUP: u16 = 2;
+const IFLA_VXLAN_LINK: u16 = 3;
+const IFLA_VXLAN_LOCAL: u16 = 4;
+const IFLA_VXLAN_PORT: u16 = 15;
+const IFLA_IPTUN_LINK: u16 = 1;
+const IFLA_IPTUN_LOCAL: u16 = 2;
+const IFLA_IPTUN_REMOTE: u16 = 3;
 const IFLA_LINK_NETNSID: u16 = 37;
 const NETNSA_NSID: u16 = 1;
 const NETNSA_FD: u16 = 3;
@@ -38,6 +49,23 @@ pub struct Link {
     /// Id (in this namespace) of the namespace the peer lives in.
     pub link_netnsid: Option<i32>,
     pub up: bool,
+    pub mtu: Option<u32>,
+    /// Encapsulation parameters of a VXLAN or IPIP device (the overlay of Flannel and Calico).
+    pub tunnel: Option<Tunnel>,
+}
+
+/// What an overlay device wraps packets in, and over which underlay device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tunnel {
+    /// VXLAN network identifier.
+    pub vni: Option<u32>,
+    /// VXLAN UDP destination port (Flannel: 8472, Calico: 4789).
+    pub port: Option<u16>,
+    /// Ifindex of the underlay device the encapsulated packets leave on.
+    pub underlay: Option<u32>,
+    pub local: Option<std::net::IpAddr>,
+    /// A fixed remote endpoint (point-to-point devices; Flannel uses per-peer FDB entries).
+    pub remote: Option<std::net::IpAddr>,
 }
 
 fn align4(n: usize) -> usize {
@@ -71,6 +99,50 @@ fn u32_of(b: &[u8]) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(..4)?.try_into().ok()?))
 }
 
+/// An IPv4 (4 bytes) or IPv6 (16 bytes) address attribute; `0.0.0.0` counts as absent.
+fn ip_of(b: &[u8]) -> Option<std::net::IpAddr> {
+    let ip: std::net::IpAddr = match b.len() {
+        4 => std::net::Ipv4Addr::from(<[u8; 4]>::try_from(b).ok()?).into(),
+        16 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?).into(),
+        _ => return None,
+    };
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// `IFLA_INFO_DATA` of a "vxlan" or "ipip" link.
+fn parse_tunnel(kind: &str, data: &[u8]) -> Option<Tunnel> {
+    let mut t = Tunnel::default();
+    match kind {
+        "vxlan" => {
+            for (ty, p) in attrs(data) {
+                match ty {
+                    IFLA_VXLAN_ID => t.vni = u32_of(p),
+                    IFLA_VXLAN_GROUP => t.remote = ip_of(p),
+                    IFLA_VXLAN_LINK => t.underlay = u32_of(p).filter(|i| *i != 0),
+                    IFLA_VXLAN_LOCAL => t.local = ip_of(p),
+                    // Network byte order.
+                    IFLA_VXLAN_PORT => {
+                        t.port = p.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        "ipip" => {
+            for (ty, p) in attrs(data) {
+                match ty {
+                    IFLA_IPTUN_LINK => t.underlay = u32_of(p).filter(|i| *i != 0),
+                    IFLA_IPTUN_LOCAL => t.local = ip_of(p),
+                    IFLA_IPTUN_REMOTE => t.remote = ip_of(p),
+                    _ => {}
+                }
+            }
+        }
+        _ => return None,
+    }
+    Some(t)
+}
+
 /// Parses the body of an RTM_NEWLINK message (ifinfomsg + attributes).
 pub fn parse_link(body: &[u8]) -> Option<Link> {
     if body.len() < IFINFOMSG_LEN {
@@ -85,17 +157,26 @@ pub fn parse_link(body: &[u8]) -> Option<Link> {
         peer_index: None,
         link_netnsid: None,
         up: flags & IFF_UP != 0,
+        mtu: None,
+        tunnel: None,
     };
     for (ty, p) in attrs(&body[IFINFOMSG_LEN..]) {
         match ty {
             IFLA_IFNAME => link.name = c_string(p),
+            IFLA_MTU => link.mtu = u32_of(p),
             IFLA_LINK => link.peer_index = u32_of(p),
             IFLA_LINK_NETNSID => link.link_netnsid = u32_of(p).map(|v| v as i32),
             IFLA_LINKINFO => {
+                let mut data = None;
                 for (ity, ip) in attrs(p) {
-                    if ity == IFLA_INFO_KIND {
-                        link.kind = Some(c_string(ip));
+                    match ity {
+                        IFLA_INFO_KIND => link.kind = Some(c_string(ip)),
+                        IFLA_INFO_DATA => data = Some(ip),
+                        _ => {}
                     }
+                }
+                if let (Some(kind), Some(data)) = (&link.kind, data) {
+                    link.tunnel = parse_tunnel(kind, data);
                 }
             }
             _ => {}
@@ -408,6 +489,72 @@ pub fn links() -> Result<Vec<Link>> {
     Ok(out)
 }
 
+const RTM_NEWROUTE: u16 = 24;
+const RTM_GETROUTE: u16 = 26;
+const RTMSG_LEN: usize = 12;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RTA_PREFSRC: u16 = 7;
+
+/// Where the calling thread's namespace sends packets for an address (`ip route get`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub oif: Option<u32>,
+    pub gateway: Option<std::net::IpAddr>,
+    pub prefsrc: Option<std::net::IpAddr>,
+}
+
+/// Parses the body of an RTM_NEWROUTE answer (rtmsg + attributes).
+pub fn parse_route(body: &[u8]) -> Option<Route> {
+    let attrs_at = body.get(RTMSG_LEN..)?;
+    let mut r = Route {
+        oif: None,
+        gateway: None,
+        prefsrc: None,
+    };
+    for (ty, p) in attrs(attrs_at) {
+        match ty {
+            RTA_OIF => r.oif = u32_of(p),
+            RTA_GATEWAY => r.gateway = ip_of(p),
+            RTA_PREFSRC => r.prefsrc = ip_of(p),
+            _ => {}
+        }
+    }
+    Some(r)
+}
+
+/// The route the calling thread's namespace uses toward `dst` (RTM_GETROUTE, as `ip route get`).
+pub fn route_to(dst: std::net::IpAddr) -> Result<Option<Route>> {
+    let err = |source| Error::Netlink {
+        what: "RTM_GETROUTE",
+        source,
+    };
+    let sock = Socket::route().map_err(err)?;
+    let (family, bytes, bits) = match dst {
+        std::net::IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec(), 32u8),
+        std::net::IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec(), 128u8),
+    };
+    let mut payload = vec![0u8; RTMSG_LEN];
+    payload[0] = family;
+    payload[1] = bits;
+    payload.extend_from_slice(&((4 + bytes.len()) as u16).to_ne_bytes());
+    payload.extend_from_slice(&RTA_DST.to_ne_bytes());
+    payload.extend_from_slice(&bytes);
+    sock.send(RTM_GETROUTE, 0, &payload).map_err(err)?;
+    let mut route = None;
+    match sock.recv_all(true, |ty, body| {
+        if ty == RTM_NEWROUTE {
+            route = parse_route(body);
+        }
+    }) {
+        Ok(()) => Ok(route),
+        // No route at all (ENETUNREACH) is an answer, not a failure.
+        Err(e) if e.raw_os_error() == Some(libc::ENETUNREACH) => Ok(None),
+        Err(e) => Err(err(e)),
+    }
+}
+
 /// The id the calling thread's namespace gives the namespace behind `fd`; `None` if it has none.
 pub fn nsid_of(fd: RawFd) -> Result<Option<i32>> {
     let err = |source| Error::Netlink {
@@ -472,6 +619,64 @@ mod tests {
         assert_eq!(link.peer_index, Some(3));
         assert_eq!(link.link_netnsid, Some(5));
         assert!(link.up);
+    }
+
+    #[test]
+    fn parses_vxlan_and_ipip_parameters_and_the_mtu() {
+        let mut body = vec![0u8; IFINFOMSG_LEN];
+        body.extend(attr(IFLA_IFNAME, b"flannel.1\0"));
+        body.extend(attr(IFLA_MTU, &1450u32.to_ne_bytes()));
+        let mut data = attr(IFLA_VXLAN_ID, &1u32.to_ne_bytes());
+        data.extend(attr(IFLA_VXLAN_LINK, &2u32.to_ne_bytes()));
+        data.extend(attr(IFLA_VXLAN_LOCAL, &[192, 168, 77, 1]));
+        data.extend(attr(IFLA_VXLAN_GROUP, &[0, 0, 0, 0]));
+        data.extend(attr(IFLA_VXLAN_PORT, &8472u16.to_be_bytes()));
+        let mut info = attr(IFLA_INFO_KIND, b"vxlan\0");
+        info.extend(attr(IFLA_INFO_DATA, &data));
+        body.extend(attr(IFLA_LINKINFO, &info));
+        let link = parse_link(&body).unwrap();
+        assert_eq!(link.mtu, Some(1450));
+        let t = link.tunnel.unwrap();
+        assert_eq!((t.vni, t.port, t.underlay), (Some(1), Some(8472), Some(2)));
+        assert_eq!(t.local, Some("192.168.77.1".parse().unwrap()));
+        assert_eq!(t.remote, None, "0.0.0.0 is no remote");
+
+        let mut body = vec![0u8; IFINFOMSG_LEN];
+        body.extend(attr(IFLA_IFNAME, b"tunl0\0"));
+        let mut info = attr(IFLA_INFO_KIND, b"ipip\0");
+        info.extend(attr(
+            IFLA_INFO_DATA,
+            &attr(IFLA_IPTUN_REMOTE, &[10, 0, 0, 2]),
+        ));
+        body.extend(attr(IFLA_LINKINFO, &info));
+        let t = parse_link(&body).unwrap().tunnel.unwrap();
+        assert_eq!(t.remote, Some("10.0.0.2".parse().unwrap()));
+        assert_eq!(t.vni, None);
+    }
+
+    #[test]
+    fn parses_a_route_answer() {
+        let mut body = vec![0u8; RTMSG_LEN];
+        body.extend(attr(RTA_DST, &[10, 42, 1, 5]));
+        body.extend(attr(RTA_OIF, &3u32.to_ne_bytes()));
+        body.extend(attr(RTA_GATEWAY, &[192, 168, 77, 2]));
+        let r = parse_route(&body).unwrap();
+        assert_eq!(r.oif, Some(3));
+        assert_eq!(r.gateway, Some("192.168.77.2".parse().unwrap()));
+        assert!(parse_route(&[0u8; 3]).is_none());
+    }
+
+    #[test]
+    fn looks_up_the_route_to_loopback() {
+        // The real kernel (no root needed): 127.0.0.1 goes out on lo.
+        let r = route_to("127.0.0.1".parse().unwrap()).unwrap().unwrap();
+        let lo = links()
+            .unwrap()
+            .into_iter()
+            .find(|l| l.name == "lo")
+            .unwrap();
+        assert_eq!(r.oif, Some(lo.index));
+        assert_eq!(r.gateway, None);
     }
 
     #[test]

@@ -30,7 +30,10 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    verdict::{Verdict, join},
+};
 
 /// The agent's HTTP path for trace requests.
 pub const TRACE_PATH: &str = "/v1/trace";
@@ -42,6 +45,12 @@ pub const DEFAULT_DURATION: Duration = Duration::from_secs(60);
 pub const MAX_CONCURRENT: usize = 4;
 /// Label of the agent pods (deploy/).
 pub const AGENT_LABEL: &str = "app.kubernetes.io/name=netprobe";
+/// Sent by a client on an open trace stream: end the trace now, but send its final verdicts.
+pub const STOP: &[u8] = b"stop\n";
+/// Longest wait for the server nodes' traces to start, and to finish after a stop.
+const PEER_WAIT: Duration = Duration::from_secs(30);
+/// Server nodes traced at most per cross-node trace (each loads probes on its node).
+const MAX_PEER_NODES: usize = 3;
 
 /// What a client asks an agent to trace; the node-side `netprobe trace` flags.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -372,6 +381,7 @@ impl TraceServer {
         let (mut rd, mut wr) = sock.split();
         let mut probe = [0u8; 64];
         let mut gone = false;
+        let mut stopping = false;
         while out_open || err_open {
             let frame = tokio::select! {
                 l = out.next_line(), if out_open => match l? {
@@ -382,10 +392,19 @@ impl TraceServer {
                     Some(l) => Frame::Stderr(l),
                     None => { err_open = false; continue; }
                 },
-                // The client closed the connection: stop the trace cleanly.
+                // The client closed the connection: stop the trace cleanly. A line from the
+                // client ([`STOP`]) ends the trace too, but its last verdicts still come back.
                 n = rd.read(&mut probe) => {
-                    if matches!(n, Ok(0) | Err(_)) { gone = true; break; }
-                    continue;
+                    match n {
+                        Ok(0) | Err(_) => { gone = true; break; }
+                        Ok(n) => {
+                            if !stopping && probe[..n].contains(&b'\n') {
+                                stopping = true;
+                                interrupt(child);
+                            }
+                            continue;
+                        }
+                    }
                 }
             };
             if write_frame(&mut wr, &frame).await.is_err() {
@@ -406,12 +425,17 @@ impl TraceServer {
     }
 }
 
-/// SIGINT (the trace removes its table and programs), then SIGKILL after 5 s.
-async fn stop_child(child: &mut &mut tokio::process::Child) {
+/// SIGINT: the trace prints what it has, removes its table and programs, and exits.
+fn interrupt(child: &tokio::process::Child) {
     if let Some(pid) = child.id() {
-        // SAFETY: plain kill(2) on our own child.
+        // SAFETY: plain kill(2) on our own, not yet reaped child.
         unsafe { libc::kill(pid as i32, libc::SIGINT) };
     }
+}
+
+/// SIGINT (the trace removes its table and programs), then SIGKILL after 5 s.
+async fn stop_child(child: &mut &mut tokio::process::Child) {
+    interrupt(child);
     if tokio::time::timeout(Duration::from_secs(5), child.wait())
         .await
         .is_err()
@@ -440,7 +464,9 @@ pub struct RemoteOptions {
     pub request: TraceRequest,
 }
 
-/// Runs a trace on the pod's node through its agent; returns the node-side exit code.
+/// Runs a trace on the pod's node through its agent; returns the node-side exit code. When
+/// `--addr` names a destination (a Service's ClusterIP or a pod IP) whose pods run on other
+/// nodes, the agents of those nodes trace too and each attempt gets one joined verdict.
 pub async fn run(
     mut opts: RemoteOptions,
     stdout: &mut dyn Write,
@@ -451,12 +477,6 @@ pub async fn run(
         .namespace
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_string());
-    let kube_err = |what: String| {
-        move |e: kube::Error| Error::Kube {
-            what,
-            reason: e.to_string(),
-        }
-    };
     let pod = Api::<Pod>::namespaced(client.clone(), &namespace)
         .get_opt(&opts.pod)
         .await
@@ -465,15 +485,101 @@ pub async fn run(
             namespace: Some(namespace.clone()),
             name: opts.pod.clone(),
         })?;
-    let node = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .ok_or_else(|| Error::Kube {
-            what: format!("pod {namespace}/{}", opts.pod),
-            reason: "not scheduled on a node yet".into(),
-        })?;
+    let node = node_of(&pod).ok_or_else(|| Error::Kube {
+        what: format!("pod {namespace}/{}", opts.pod),
+        reason: "not scheduled on a node yet".into(),
+    })?;
+    let agent = find_agent(&client, &opts.agent_namespace, &node).await?;
+    opts.request.pod = format!("{namespace}/{}", opts.pod);
+    let _ = writeln!(
+        stderr,
+        "netprobe: pod {namespace}/{} runs on node {node}; tracing through agent {}/{agent}",
+        opts.pod, opts.agent_namespace
+    );
+    let mut peers = Vec::new();
+    if let (Some(addr), false) = (opts.request.addr, opts.request.events) {
+        match backends(&client, addr, opts.request.port).await {
+            Ok(found) => {
+                for b in found.into_iter().filter(|b| b.node != node) {
+                    if let Some(p) = peers.iter_mut().find(|p: &&mut Peer| p.node == b.node) {
+                        p.ips.push(b.ip);
+                        continue;
+                    }
+                    if peers.len() == MAX_PEER_NODES {
+                        continue;
+                    }
+                    match find_agent(&client, &opts.agent_namespace, &b.node).await {
+                        Ok(agent) => {
+                            let _ = writeln!(
+                                stderr,
+                                "netprobe: {addr} leads to pod {} on node {}; tracing there too through agent {}/{agent}",
+                                b.pod, b.node, opts.agent_namespace
+                            );
+                            peers.push(Peer {
+                                node: b.node,
+                                agent,
+                                pod: b.pod,
+                                ips: vec![b.ip],
+                                port: b.port,
+                                state: PeerState::Starting,
+                                verdicts: Vec::new(),
+                            });
+                        }
+                        Err(e) => {
+                            let _ = writeln!(
+                                stderr,
+                                "netprobe: WARNING: {e}; attempts to {} are judged from node {node} alone",
+                                b.pod
+                            );
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    stderr,
+                    "netprobe: WARNING: cannot find where {addr} leads ({e}); tracing node {node} alone"
+                );
+            }
+        }
+    }
     let agents = Api::<Pod>::namespaced(client.clone(), &opts.agent_namespace);
+    let (agent_ns, agent_port) = (opts.agent_namespace.clone(), opts.agent_port);
+    let forward = |agent: String| {
+        let agents = agents.clone();
+        let (ns, port) = (agent_ns.clone(), agent_port);
+        async move {
+            let mut pf = agents
+                .portforward(&agent, &[port])
+                .await
+                .map_err(kube_err(format!("port-forward to agent {ns}/{agent}")))?;
+            let stream = pf.take_stream(port).expect("requested port");
+            Ok::<_, Error>((pf, stream))
+        }
+    };
+    if peers.is_empty() {
+        let (pf, stream) = forward(agent).await?;
+        let code = exchange(stream, &opts.request, stdout, stderr).await;
+        pf.abort();
+        return code;
+    }
+    cross_node(opts, node, agent, peers, &forward, stdout, stderr).await
+}
+
+fn kube_err(what: String) -> impl FnOnce(kube::Error) -> Error {
+    move |e: kube::Error| Error::Kube {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+fn node_of(pod: &Pod) -> Option<String> {
+    pod.spec.as_ref().and_then(|s| s.node_name.clone())
+}
+
+/// The Running agent pod on `node`.
+async fn find_agent(client: &kube::Client, agent_namespace: &str, node: &str) -> Result<String> {
+    let agents = Api::<Pod>::namespaced(client.clone(), agent_namespace);
     let list = agents
         .list(
             &ListParams::default()
@@ -482,36 +588,396 @@ pub async fn run(
         )
         .await
         .map_err(kube_err(format!(
-            "listing netprobe agents in namespace {}",
-            opts.agent_namespace
+            "listing netprobe agents in namespace {agent_namespace}"
         )))?;
-    let agent = list
-        .items
+    list.items
         .iter()
-        .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str()))
+        .filter(|p| node_of(p).as_deref() == Some(node))
         .find(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
         .and_then(|p| p.metadata.name.clone())
         .ok_or_else(|| Error::NoAgent {
-            node: node.clone(),
-            namespace: opts.agent_namespace.clone(),
-        })?;
-    opts.request.pod = format!("{namespace}/{}", opts.pod);
-    let _ = writeln!(
-        stderr,
-        "netprobe: pod {namespace}/{} runs on node {node}; tracing through agent {}/{agent}",
-        opts.pod, opts.agent_namespace
-    );
-    let mut pf = agents
-        .portforward(&agent, &[opts.agent_port])
+            node: node.into(),
+            namespace: agent_namespace.into(),
+        })
+}
+
+/// A pod behind a destination address.
+#[derive(Debug, Clone, PartialEq)]
+struct Backend {
+    /// NAMESPACE/NAME.
+    pod: String,
+    node: String,
+    ip: IpAddr,
+    /// The port the pod receives on (a Service's targetPort).
+    port: u16,
+}
+
+/// The pods behind `addr:port`: a Service's ready endpoints (by ClusterIP), or the pod with that
+/// IP.
+async fn backends(client: &kube::Client, addr: IpAddr, port: u16) -> Result<Vec<Backend>> {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    let ip = addr.to_string();
+    let services = Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
         .await
-        .map_err(kube_err(format!(
-            "port-forward to agent {}/{agent}",
-            opts.agent_namespace
-        )))?;
-    let stream = pf.take_stream(opts.agent_port).expect("requested port");
-    let code = exchange(stream, &opts.request, stdout, stderr).await;
-    pf.abort();
-    code
+        .map_err(kube_err("listing Services".into()))?;
+    let service = services.items.into_iter().find(|s| {
+        s.spec.as_ref().is_some_and(|sp| {
+            sp.cluster_ip.as_deref() == Some(ip.as_str())
+                || sp.cluster_ips.iter().flatten().any(|c| c == &ip)
+        })
+    });
+    let mut out = Vec::new();
+    if let Some(svc) = service {
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let name = svc.metadata.name.clone().unwrap_or_default();
+        let sport = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|ps| ps.iter().find(|p| p.port == i32::from(port)).cloned());
+        let slices = Api::<EndpointSlice>::namespaced(client.clone(), &ns)
+            .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={name}")))
+            .await
+            .map_err(kube_err(format!("listing EndpointSlices of {ns}/{name}")))?;
+        for slice in slices.items {
+            // The slice's port of the Service port (same name), else the targetPort number.
+            let target = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name == sport.as_ref().and_then(|s| s.name.clone()))
+                .and_then(|p| p.port)
+                .or_else(
+                    || match sport.as_ref().and_then(|s| s.target_port.as_ref()) {
+                        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => {
+                            Some(*n)
+                        }
+                        _ => None,
+                    },
+                )
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or(port);
+            for ep in slice.endpoints {
+                let Some(r) = ep.target_ref.filter(|r| r.kind.as_deref() == Some("Pod")) else {
+                    continue;
+                };
+                let (Some(pod_ns), Some(pod_name)) = (r.namespace.or(Some(ns.clone())), r.name)
+                else {
+                    continue;
+                };
+                let node = match ep.node_name {
+                    Some(n) => Some(n),
+                    None => Api::<Pod>::namespaced(client.clone(), &pod_ns)
+                        .get_opt(&pod_name)
+                        .await
+                        .map_err(kube_err(format!("reading pod {pod_ns}/{pod_name}")))?
+                        .as_ref()
+                        .and_then(node_of),
+                };
+                let (Some(node), Some(ip)) = (
+                    node,
+                    ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()),
+                ) else {
+                    continue;
+                };
+                out.push(Backend {
+                    pod: format!("{pod_ns}/{pod_name}"),
+                    node,
+                    ip,
+                    port: target,
+                });
+            }
+        }
+        return Ok(out);
+    }
+    let pods = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default().fields(&format!("status.podIP={ip}")))
+        .await
+        .map_err(kube_err(format!("looking up the pod with IP {ip}")))?;
+    for p in pods.items {
+        let host_network = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
+        if host_network || p.status.as_ref().and_then(|s| s.pod_ip.as_deref()) != Some(ip.as_str())
+        {
+            continue;
+        }
+        if let (Some(node), Some(ns), Some(name)) = (
+            node_of(&p),
+            p.metadata.namespace.clone(),
+            p.metadata.name.clone(),
+        ) {
+            out.push(Backend {
+                pod: format!("{ns}/{name}"),
+                node,
+                ip: addr,
+                port,
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PeerState {
+    Starting,
+    Ready,
+    /// Ended with this exit code (after a stop, or by itself).
+    Ended(i32),
+}
+
+/// A server node traced for a cross-node trace.
+struct Peer {
+    node: String,
+    agent: String,
+    /// The backend pod traced there (NAMESPACE/NAME).
+    pod: String,
+    ips: Vec<IpAddr>,
+    port: u16,
+    state: PeerState,
+    verdicts: Vec<Verdict>,
+}
+
+/// What the node-side trace prints once its probes are attached (trace.rs).
+const READY_LINE: &str = "netprobe: waiting for connections";
+
+/// Traces the server nodes first, then the client's node; joins each attempt's verdicts.
+async fn cross_node<F, Fut, P, S>(
+    opts: RemoteOptions,
+    node: String,
+    agent: String,
+    mut peers: Vec<Peer>,
+    forward: &F,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<i32>
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(P, S)>>,
+    P: Abort,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use crate::outputs::{Format, Printer};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Frame)>();
+    let mut forwards = Vec::new();
+    let mut stops = Vec::new();
+    let spawn = |i: usize, req: TraceRequest, stream: S| {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let r = session(
+                stream,
+                &req,
+                |f| {
+                    let _ = tx.send((i, f));
+                },
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await;
+            let code = r.unwrap_or_else(|e| {
+                let _ = tx.send((i, Frame::Stderr(format!("netprobe: {e}"))));
+                2
+            });
+            let _ = tx.send((i, Frame::Exit(code)));
+        });
+        stop_tx
+    };
+    // Server nodes first: "never arrived" is only said of attempts made while they watched.
+    for (i, p) in peers.iter().enumerate() {
+        let req = TraceRequest {
+            port: p.port,
+            pod: p.pod.clone(),
+            addr: None,
+            duration: opts.request.duration,
+            count: None,
+            from_pod: None,
+            events: false,
+            json: true,
+            no_rule_trace: opts.request.no_rule_trace,
+        };
+        let (pf, stream) = forward(p.agent.clone()).await?;
+        forwards.push(pf);
+        stops.push(spawn(i + 1, req, stream));
+    }
+    let deadline = tokio::time::Instant::now() + PEER_WAIT;
+    while peers.iter().any(|p| p.state == PeerState::Starting) {
+        let Ok(Some((i, f))) = tokio::time::timeout_at(deadline, rx.recv()).await else {
+            for p in peers.iter_mut().filter(|p| p.state == PeerState::Starting) {
+                let _ = writeln!(
+                    stderr,
+                    "netprobe: WARNING: the trace on node {} did not start in time; judging from node {node} alone",
+                    p.node
+                );
+                p.state = PeerState::Ended(2);
+            }
+            break;
+        };
+        on_peer_frame(&mut peers[i - 1], f, stderr);
+    }
+    // Then the client's node. Its addr filter would hide the SYN after DNAT: the verdicts are
+    // matched to the destination here instead.
+    let mut req = opts.request.clone();
+    req.json = true;
+    req.addr = None;
+    let (pf, stream) = forward(agent).await?;
+    forwards.push(pf);
+    // The client node's trace ends by itself (duration, --count); only the servers' are
+    // stopped. (Dropping a stop sender would stop its trace: this one is kept to the end.)
+    let _client_stop = spawn(0, req, stream);
+    let format = if opts.request.json {
+        Format::Json
+    } else {
+        Format::Text
+    };
+    let mut printer = Printer::new(stdout, format);
+    let mut held: Vec<(usize, Verdict)> = Vec::new();
+    let mut summary = None;
+    let mut code = None;
+    let io = |e| Error::io("writing the trace output", e);
+    while code.is_none() {
+        let Some((i, f)) = rx.recv().await else { break };
+        if i > 0 {
+            on_peer_frame(&mut peers[i - 1], f, stderr);
+            continue;
+        }
+        match f {
+            Frame::Stderr(l) => {
+                let _ = writeln!(stderr, "{l}");
+            }
+            Frame::Exit(c) => code = Some(c),
+            Frame::Stdout(l) => match serde_json::from_str::<Verdict>(&l) {
+                Ok(v) => {
+                    let wanted = v.dialed.as_ref().map_or(v.server.addr, |d| d.addr);
+                    if opts.request.addr.is_some_and(|a| {
+                        a != wanted
+                            && a != v.server.addr
+                            && !peers.iter().any(|p| p.ips.contains(&v.server.addr))
+                    }) {
+                        continue;
+                    }
+                    let Some(pi) = peer_of(&peers, &v) else {
+                        printer.verdict(&v).map_err(io)?;
+                        continue;
+                    };
+                    match find_verdict(&peers[pi], &v) {
+                        Some(s) => {
+                            let j = join(v, &node, Some(&s), &peers[pi].node);
+                            printer.verdict(&j).map_err(io)?;
+                        }
+                        None => held.push((pi, v)),
+                    }
+                }
+                // The summary (the only other record of a verdict stream) comes last.
+                Err(_) => summary = serde_json::from_str::<serde_json::Value>(&l).ok(),
+            },
+        }
+    }
+    // Stop the server nodes' traces; their last verdicts (attempts still open) come back.
+    for s in stops {
+        let _ = s.send(());
+    }
+    let deadline = tokio::time::Instant::now() + PEER_WAIT;
+    while peers
+        .iter()
+        .any(|p| !matches!(p.state, PeerState::Ended(_)))
+    {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((i, f))) if i > 0 => on_peer_frame(&mut peers[i - 1], f, stderr),
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    for (pi, v) in held {
+        let p = &peers[pi];
+        let out = match (find_verdict(p, &v), p.state) {
+            (Some(s), _) => join(v, &node, Some(&s), &p.node),
+            // Only a trace that ran to its end can say "never arrived".
+            (None, PeerState::Ended(0 | 1 | 3)) => join(v, &node, None, &p.node),
+            (None, state) => {
+                let _ = writeln!(
+                    stderr,
+                    "netprobe: WARNING: the trace on node {} {}; this attempt is judged from node {node} alone",
+                    p.node,
+                    match state {
+                        PeerState::Ended(c) => format!("failed (exit {c})"),
+                        _ => "did not end in time".into(),
+                    }
+                );
+                v
+            }
+        };
+        printer.verdict(&out).map_err(io)?;
+    }
+    if let Some(s) = summary {
+        match format {
+            Format::Json => printer.raw_line(&s.to_string()).map_err(io)?,
+            Format::Text => printer
+                .raw_line(&format!(
+                    "-- {} attempts ({} failed) seen from node {node}; server node(s): {}",
+                    s["attempts"],
+                    s["failed"],
+                    peers
+                        .iter()
+                        .map(|p| p.node.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .map_err(io)?,
+        }
+    }
+    for pf in forwards {
+        pf.abort();
+    }
+    Ok(code.unwrap_or(2))
+}
+
+/// Port-forwards end when the cross-node trace does.
+pub trait Abort {
+    fn abort(self);
+}
+
+impl Abort for kube::api::Portforwarder {
+    fn abort(self) {
+        kube::api::Portforwarder::abort(&self)
+    }
+}
+
+fn on_peer_frame(p: &mut Peer, f: Frame, stderr: &mut dyn Write) {
+    match f {
+        Frame::Stderr(l) => {
+            if p.state == PeerState::Starting && l.starts_with(READY_LINE) {
+                p.state = PeerState::Ready;
+            }
+            let _ = writeln!(stderr, "[{}] {l}", p.node);
+        }
+        Frame::Stdout(l) => {
+            if let Ok(v) = serde_json::from_str::<Verdict>(&l) {
+                p.verdicts.push(v);
+            }
+        }
+        Frame::Exit(c) => p.state = PeerState::Ended(c),
+    }
+}
+
+/// The server node an attempt went to (by its address after DNAT; the only one if unsure).
+fn peer_of(peers: &[Peer], v: &Verdict) -> Option<usize> {
+    peers
+        .iter()
+        .position(|p| p.ips.contains(&v.server.addr))
+        .or_else(|| (peers.len() == 1).then_some(0))
+}
+
+/// The server node's verdict of the same attempt: the client's address and port survive DNAT.
+fn find_verdict(p: &Peer, v: &Verdict) -> Option<Verdict> {
+    p.verdicts
+        .iter()
+        .find(|s| s.client.addr == v.client.addr && s.client.port == v.client.port)
+        .cloned()
 }
 
 /// Sends the request over `stream` and relays the agent's frames; returns the exit code.
@@ -520,6 +986,37 @@ pub async fn exchange(
     req: &TraceRequest,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
+) -> Result<i32> {
+    let mut failed = None;
+    let code = session(
+        stream,
+        req,
+        |f| {
+            let w = match f {
+                Frame::Stdout(l) => writeln!(stdout, "{l}").and_then(|_| stdout.flush()),
+                Frame::Stderr(l) => writeln!(stderr, "{l}"),
+                Frame::Exit(_) => Ok(()),
+            };
+            if let Err(e) = w {
+                failed.get_or_insert(e);
+            }
+        },
+        std::future::pending(),
+    )
+    .await?;
+    match failed {
+        Some(e) => Err(Error::io("writing the trace output", e)),
+        None => Ok(code),
+    }
+}
+
+/// Sends the request over `stream` and hands each frame to `on_frame` until the exit frame;
+/// when `stop` completes, asks the agent to end the trace (its final output still comes).
+pub async fn session(
+    stream: impl AsyncRead + AsyncWrite + Unpin,
+    req: &TraceRequest,
+    mut on_frame: impl FnMut(Frame),
+    stop: impl std::future::Future<Output = ()>,
 ) -> Result<i32> {
     let io = |what: &str| {
         let what = what.to_string();
@@ -564,13 +1061,24 @@ pub async fn exchange(
             reason: format!("agent answered {code}: {}", body.trim()),
         });
     }
+    let mut stop = std::pin::pin!(stop);
+    let mut stopped = false;
     let mut line = String::new();
     loop {
-        line.clear();
-        let n = stream
-            .read_line(&mut line)
-            .await
-            .map_err(io("reading the agent's stream"))?;
+        // read_line keeps what it read before a stop interrupted it: `line` is cleared only
+        // after a whole line.
+        let n = tokio::select! {
+            n = stream.read_line(&mut line) => n.map_err(io("reading the agent's stream"))?,
+            _ = &mut stop, if !stopped => {
+                stopped = true;
+                stream
+                    .get_mut()
+                    .write_all(STOP)
+                    .await
+                    .map_err(io("asking the agent to stop the trace"))?;
+                continue;
+            }
+        };
         if n == 0 {
             return Err(Error::Remote {
                 reason: "the agent closed the stream before the trace ended".into(),
@@ -579,12 +1087,11 @@ pub async fn exchange(
         let frame: Frame = serde_json::from_str(line.trim_end()).map_err(|e| Error::Remote {
             reason: format!("unreadable record from the agent: {e}"),
         })?;
-        let w = match frame {
-            Frame::Stdout(l) => writeln!(stdout, "{l}").and_then(|_| stdout.flush()),
-            Frame::Stderr(l) => writeln!(stderr, "{l}"),
-            Frame::Exit(c) => return Ok(c),
-        };
-        w.map_err(io("writing the trace output"))?;
+        line.clear();
+        if let Frame::Exit(c) = frame {
+            return Ok(c);
+        }
+        on_frame(frame);
     }
 }
 

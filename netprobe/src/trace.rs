@@ -208,6 +208,15 @@ fn print_verdicts<W: Write>(
             // Leftovers of connections that started before the trace (e.g. a FIN): not attempts.
             continue;
         }
+        if v.outcome == crate::verdict::Outcome::TimedOut
+            && v.route.is_none()
+            && let Ok(Some(r)) = crate::enrich::route::route_hint(v.server.addr)
+        {
+            // The trace runs in the node's namespace: this is the node's own route.
+            v.explanation
+                .push_str(&format!(" This node routes {} {}.", r.dst, r.describe()));
+            v.route = Some(r);
+        }
         attempts.set(attempts.get() + 1);
         if v.outcome.is_failure() {
             failed.set(failed.get() + 1);

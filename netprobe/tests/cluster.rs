@@ -6,7 +6,7 @@ use std::{
     io::Read,
     net::TcpStream,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 mod support;
@@ -63,23 +63,6 @@ fn cli_as(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-fn wait_output(mut child: std::process::Child, limit: Duration) -> (i32, String, String) {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]
@@ -184,7 +167,7 @@ fn cluster_mode_trace_runs_on_the_pods_node_through_a_port_forward_to_its_agent(
             std::thread::sleep(Duration::from_millis(400));
         }
     });
-    let (code, stdout, stderr) = wait_output(trace, Duration::from_secs(40));
+    let (code, stdout, stderr) = support::wait_output(trace, Duration::from_secs(40));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     traffic.join().unwrap();
     assert_eq!(
@@ -227,7 +210,7 @@ fn cluster_mode_trace_runs_on_the_pods_node_through_a_port_forward_to_its_agent(
     let plugin = plugin_dir.join("kubectl-netprobe");
     let _ = std::fs::remove_file(&plugin);
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_netprobe"), &plugin).unwrap();
-    let (code, _, err) = wait_output(
+    let (code, _, err) = support::wait_output(
         cli_as(
             &lab,
             &kc,
@@ -251,7 +234,7 @@ fn cluster_mode_trace_runs_on_the_pods_node_through_a_port_forward_to_its_agent(
         "{err}"
     );
     kube.delete(Kind::Pod, "netprobe", "netprobe-x1");
-    let (code, _, err) = wait_output(
+    let (code, _, err) = support::wait_output(
         cli(
             &lab,
             &kc,

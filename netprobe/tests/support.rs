@@ -345,3 +345,21 @@ pub fn assert_schema_valid(records: &[Value]) {
         );
     }
 }
+
+/// Waits for a child at most `limit` (then kills it): (exit code or -1, stdout, stderr).
+pub fn wait_output(mut child: std::process::Child, limit: Duration) -> (i32, String, String) {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -6,6 +6,7 @@ pub mod kallsyms;
 pub mod kube;
 pub mod listeners;
 pub mod pods;
+pub mod route;
 pub mod rules;
 
 use std::collections::HashMap;

@@ -68,6 +68,12 @@ impl<W: Write> Printer<W> {
         self.out.flush()
     }
 
+    /// A line as it is (a record relayed from another node's trace).
+    pub fn raw_line(&mut self, line: &str) -> std::io::Result<()> {
+        writeln!(self.out, "{line}")?;
+        self.out.flush()
+    }
+
     pub fn summary(&mut self, s: &Summary) -> std::io::Result<()> {
         match self.format {
             Format::Json => {
@@ -160,8 +166,16 @@ pub fn verdict_text(v: &Verdict) -> String {
         s.push_str(&format!(" (dialled {})", endpoint(&d.addr, d.port)));
     }
     s.push('\n');
-    let t0 = v.timeline.first().map_or(0, |c| c.time_ns);
+    // A joined cross-node timeline has one clock per node ("[node] …" checkpoints).
+    let clock = |c: &crate::verdict::Checkpoint| {
+        c.what
+            .strip_prefix('[')
+            .and_then(|r| r.split_once("] "))
+            .map(|(n, _)| n.to_string())
+    };
+    let mut t0 = std::collections::HashMap::new();
     for c in &v.timeline {
+        let t0 = *t0.entry(clock(c)).or_insert(c.time_ns);
         s.push_str(&format!(
             "    +{:>9.3} ms  {}\n",
             (c.time_ns.saturating_sub(t0)) as f64 / 1e6,
@@ -169,6 +183,25 @@ pub fn verdict_text(v: &Verdict) -> String {
         ));
     }
     s.push_str(&format!("  why: {}\n", v.explanation));
+    if let Some(x) = &v.cross_node {
+        let hop = |h: &Option<crate::verdict::Hop>| {
+            h.as_ref()
+                .map_or_else(|| "?".to_string(), |h| h.interface.clone())
+        };
+        s.push_str(&format!(
+            "  path: {} (left via {}) → {}\n",
+            x.client_node,
+            hop(&x.left_via),
+            if x.arrived {
+                format!("{} (arrived via {})", x.server_node, hop(&x.arrived_via))
+            } else {
+                format!("never reached {}", x.server_node)
+            }
+        ));
+    }
+    if let Some(r) = &v.route {
+        s.push_str(&format!("  route: {} {}\n", r.dst, r.describe()));
+    }
     if let Some(nf) = &v.netfilter {
         s.push_str(&format!(
             "  rule: {} {} {} chain {} #{}: {}\n",

@@ -37,6 +37,9 @@ pub enum Outcome {
     ResetByPeer,
     /// SYNs left and nothing came back, and nothing on this node dropped them.
     TimedOut,
+    /// The SYN left the client's node toward the server's node and never arrived there
+    /// (cross-node trace: both nodes' agents watched).
+    LostBetweenNodes,
     /// Not enough evidence (the trace ended before anything decisive).
     Unknown,
 }
@@ -57,6 +60,9 @@ impl Outcome {
             Self::Unreachable => "unreachable (ICMP error)",
             Self::ResetByPeer => "reset by the peer",
             Self::TimedOut => "timed out, with no drop on this node",
+            Self::LostBetweenNodes => {
+                "lost between the nodes (left the client's node, never reached the server's)"
+            }
             Self::Unknown => "undetermined",
         }
     }
@@ -76,6 +82,82 @@ pub struct Endpoint {
     /// fields it cannot name stay null).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<crate::enrich::pods::Peer>,
+}
+
+/// An interface a SYN crossed, and the namespace it is in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Hop {
+    pub interface: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+}
+
+/// The route this node uses toward the server, and what the egress device is (for timeouts:
+/// what lies beyond this node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct RouteHint {
+    pub dst: IpAddr,
+    /// Output device (`ip route get` of this node).
+    pub dev: String,
+    /// Link kind: "vxlan", "ipip", "veth", … (none for physical devices).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<IpAddr>,
+    /// Overlay encapsulation (VXLAN, IPIP) of `dev`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encap: Option<Encap>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Encap {
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    /// VXLAN UDP port (Flannel 8472, Calico 4789).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The underlay device the encapsulated packets leave on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub underlay: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<IpAddr>,
+}
+
+/// A cross-node attempt as both nodes saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct CrossNode {
+    pub client_node: String,
+    pub server_node: String,
+    /// Where the SYN last left the client's node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub left_via: Option<Hop>,
+    /// The server's node saw the attempt.
+    pub arrived: bool,
+    /// Where the SYN entered the server's node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arrived_via: Option<Hop>,
+    /// The server node's own verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_node_outcome: Option<Outcome>,
+}
+
+impl Endpoint {
+    /// An address and port with nothing else known yet.
+    pub fn at(addr: IpAddr, port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            netns: None,
+            process: None,
+            pid: None,
+            peer: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -110,6 +192,18 @@ pub struct Verdict {
     /// The errno the application got, if seen.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub app_error: Option<String>,
+    /// Where the SYN first entered this node (or pod) namespace, by the tc programs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrived_via: Option<Hop>,
+    /// Where the SYN last left, by the tc programs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left_via: Option<Hop>,
+    /// For timeouts: the route toward the server and its device (filled in by the trace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<RouteHint>,
+    /// Set by a cluster-mode trace that asked the agents of both nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_node: Option<CrossNode>,
 }
 
 /// What the engine knows besides events: the traced port, and listeners by namespace name.
@@ -456,6 +550,15 @@ pub fn classify(
         .iter()
         .rev()
         .find(|e| e.kind == Kind::Packet && is_syn(e) && e.direction.as_deref() == Some("egress"));
+    let first_ingress = events
+        .iter()
+        .find(|e| e.kind == Kind::Packet && is_syn(e) && e.direction.as_deref() == Some("ingress"));
+    let hop = |e: &Event| {
+        e.interface.as_ref().map(|i| Hop {
+            interface: i.name.clone().unwrap_or_else(|| i.ifindex.to_string()),
+            netns: ns_name(e),
+        })
+    };
 
     // Known only where the server side showed itself: its kernel answered, or its socket moved.
     let server_ns = no_socket.and_then(ns_name).or_else(|| {
@@ -662,23 +765,12 @@ pub fn classify(
         })
         .collect();
     let server = Endpoint {
-        addr: server_addr.0,
-        port: server_addr.1,
         netns: server_ns,
-        process: None,
-        pid: None,
-        peer: None,
+        ..Endpoint::at(server_addr.0, server_addr.1)
     };
     let dialed = dialed_addr
         .filter(|d| *d != server_addr)
-        .map(|(addr, port)| Endpoint {
-            addr,
-            port,
-            netns: None,
-            process: None,
-            pid: None,
-            peer: None,
-        });
+        .map(|(addr, port)| Endpoint::at(addr, port));
     Verdict {
         schema: SCHEMA.into(),
         kind: "verdict".into(),
@@ -704,8 +796,15 @@ pub fn classify(
         listeners,
         syn_retransmits: retransmits,
         app_error,
+        arrived_via: first_ingress.and_then(hop),
+        left_via: last_egress.and_then(hop),
+        route: None,
+        cross_node: None,
     }
 }
+
+mod join;
+pub use join::join;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,316 @@
+//! Joining what two nodes saw of one attempt (cluster-mode trace across nodes): the client's
+//! node knows where the SYN left, the server's node whether it arrived and what happened there.
+//! Pure logic, like the rest of the verdict engine.
+
+use super::{CrossNode, Hop, Outcome, RouteHint, Verdict};
+
+impl RouteHint {
+    /// "dev flannel.1 (vxlan VNI 1, UDP 8472 over eth0, mtu 1450)", "via 192.168.77.2 dev eth0
+    /// (mtu 1500)".
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(e) = &self.encap {
+            let mut p = e.kind.clone();
+            if let Some(v) = e.vni {
+                p.push_str(&format!(" VNI {v}"));
+            }
+            if let Some(port) = e.port {
+                p.push_str(&format!(", UDP {port}"));
+            }
+            if let Some(u) = &e.underlay {
+                p.push_str(&format!(" over {u}"));
+            }
+            if let Some(r) = e.remote {
+                p.push_str(&format!(" to {r}"));
+            }
+            parts.push(p);
+        } else if let Some(k) = &self.kind {
+            parts.push(k.clone());
+        }
+        if let Some(m) = self.mtu {
+            parts.push(format!("mtu {m}"));
+        }
+        format!(
+            "{}dev {}{}",
+            self.gateway
+                .map(|g| format!("via {g} "))
+                .unwrap_or_default(),
+            self.dev,
+            if parts.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", parts.join(", "))
+            }
+        )
+    }
+
+    /// What must let the traffic through between the nodes.
+    fn underlay_needs(&self) -> String {
+        match &self.encap {
+            Some(e) if e.kind == "vxlan" => format!(
+                "VXLAN (UDP {}) between the nodes' underlay addresses",
+                e.port.unwrap_or(4789)
+            ),
+            Some(e) if e.kind == "ipip" => "IP-in-IP (IP protocol 4) between the nodes".into(),
+            _ => format!("routed pod traffic to {}", self.dst),
+        }
+    }
+}
+
+fn hop_str(h: &Option<Hop>) -> String {
+    match h {
+        Some(Hop {
+            interface,
+            netns: Some(ns),
+        }) => format!("{interface} (in {ns})"),
+        Some(Hop { interface, .. }) => interface.clone(),
+        None => "an interface netprobe does not watch".into(),
+    }
+}
+
+/// Joins the client node's verdict with the server node's verdict of the same attempt (`None`:
+/// the server's node never saw it).
+pub fn join(
+    mut client: Verdict,
+    client_node: &str,
+    server: Option<&Verdict>,
+    server_node: &str,
+) -> Verdict {
+    let left = hop_str(&client.left_via);
+    let arrived_via = server.and_then(|s| s.arrived_via.clone());
+    client.cross_node = Some(CrossNode {
+        client_node: client_node.into(),
+        server_node: server_node.into(),
+        left_via: client.left_via.clone(),
+        arrived: server.is_some(),
+        arrived_via: arrived_via.clone(),
+        server_node_outcome: server.map(|s| s.outcome),
+    });
+    // Only what the client's node could not explain by itself is explained by the other node.
+    let undecided = matches!(
+        client.outcome,
+        Outcome::TimedOut | Outcome::Unknown | Outcome::ResetByPeer | Outcome::Unreachable
+    );
+    if !undecided {
+        return client;
+    }
+    let mark = |node: &str, v: &mut Verdict| {
+        for c in &mut v.timeline {
+            c.what = format!("[{node}] {}", c.what);
+        }
+    };
+    mark(client_node, &mut client);
+    match server {
+        Some(s) if s.outcome.is_failure() && s.outcome != Outcome::TimedOut => {
+            let mut s = s.clone();
+            mark(server_node, &mut s);
+            client.outcome = s.outcome;
+            client.headline = s.headline.clone();
+            client.explanation = format!(
+                "The SYN left node {client_node} via {left} and arrived at node {server_node} via {}. There: {}",
+                hop_str(&arrived_via),
+                s.explanation
+            );
+            client.next_steps = s.next_steps.clone();
+            client.netfilter = s.netfilter.clone();
+            client.drop = s.drop.clone();
+            client.listeners = s.listeners.clone();
+            // The server's node names the server's namespace and pod.
+            client.server = s.server.clone();
+            client.timeline.extend(s.timeline);
+        }
+        Some(s) => {
+            let mut s = s.clone();
+            mark(server_node, &mut s);
+            let answered = s.outcome == Outcome::Connected;
+            client.explanation = format!(
+                "The SYN left node {client_node} via {left} and arrived at node {server_node} via {}, where nothing dropped it. {}",
+                hop_str(&arrived_via),
+                if answered {
+                    format!(
+                        "The server answered (SYN-ACK){}, but the answer never reached the client: look at the way back ({server_node} → {client_node}), e.g. asymmetric routing or a firewall on the return path.",
+                        s.left_via
+                            .as_ref()
+                            .map(|h| format!(" and it left {server_node} via {}", h.interface))
+                            .unwrap_or_default()
+                    )
+                } else {
+                    format!("Nothing answered it there ({}).", s.explanation)
+                }
+            );
+            if s.server.netns.is_some() {
+                client.server.netns = s.server.netns.clone();
+            }
+            client.timeline.extend(s.timeline);
+        }
+        None if client.outcome == Outcome::TimedOut => {
+            client.outcome = Outcome::LostBetweenNodes;
+            client.headline = Outcome::LostBetweenNodes.headline().into();
+            let between = client
+                .route
+                .as_ref()
+                .map(|r| {
+                    format!(
+                        " What lies between: {client_node} routes {} {}.",
+                        r.dst,
+                        r.describe()
+                    )
+                })
+                .unwrap_or_default();
+            client.explanation = format!(
+                "The SYN left node {client_node} via {left} toward node {server_node} and never arrived there: nothing on {server_node} saw it, nothing on {client_node} dropped it.{between}"
+            );
+            client.next_steps = vec![match &client.route {
+                Some(r) => format!(
+                    "check the underlay between {client_node} and {server_node}: firewalls and security groups must allow {}",
+                    r.underlay_needs()
+                ),
+                None => format!(
+                    "check the underlay between {client_node} and {server_node} (firewalls, routes)"
+                ),
+            }];
+            if let Some(r) = &client.route {
+                if r.encap.is_some() {
+                    client.next_steps.push(format!(
+                        "compare MTUs along the path ({} mtu {}): encapsulation adds 50 bytes (VXLAN) or 20 (IPIP)",
+                        r.dev,
+                        r.mtu.map_or_else(|| "?".to_string(), |m| m.to_string())
+                    ));
+                }
+                client.next_steps.push(format!(
+                    "on {client_node}: ip route get {} (here: {})",
+                    r.dst,
+                    r.describe()
+                ));
+            }
+        }
+        None => {}
+    }
+    client
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verdict::{Checkpoint, Encap, Endpoint, SCHEMA};
+
+    fn verdict(outcome: Outcome) -> Verdict {
+        Verdict {
+            schema: SCHEMA.into(),
+            kind: "verdict".into(),
+            outcome,
+            headline: outcome.headline().into(),
+            client: Endpoint::at("10.42.0.5".parse().unwrap(), 40000),
+            server: Endpoint::at("10.42.1.7".parse().unwrap(), 9004),
+            dialed: None,
+            timeline: vec![Checkpoint {
+                time_ns: 1,
+                what: "SYN egress".into(),
+            }],
+            explanation: "x".into(),
+            next_steps: vec![],
+            drop: None,
+            netfilter: None,
+            listeners: vec![],
+            syn_retransmits: 2,
+            app_error: None,
+            arrived_via: None,
+            left_via: Some(Hop {
+                interface: "flannel.1".into(),
+                netns: Some("node-a".into()),
+            }),
+            route: Some(RouteHint {
+                dst: "10.42.1.7".parse().unwrap(),
+                dev: "flannel.1".into(),
+                kind: Some("vxlan".into()),
+                mtu: Some(1450),
+                gateway: Some("10.42.1.0".parse().unwrap()),
+                encap: Some(Encap {
+                    kind: "vxlan".into(),
+                    vni: Some(1),
+                    port: Some(8472),
+                    underlay: Some("eth0".into()),
+                    local: None,
+                    remote: None,
+                }),
+            }),
+            cross_node: None,
+        }
+    }
+
+    #[test]
+    fn a_drop_on_the_server_node_decides_and_names_both_nodes() {
+        let mut b = verdict(Outcome::DroppedByRule);
+        b.explanation = "Calico policy financial-inference/deny dropped it.".into();
+        b.next_steps = vec!["check the policy".into()];
+        b.arrived_via = Some(Hop {
+            interface: "eth0".into(),
+            netns: Some("node-b".into()),
+        });
+        let j = join(verdict(Outcome::TimedOut), "a", Some(&b), "b");
+        assert_eq!(j.outcome, Outcome::DroppedByRule);
+        assert!(
+            j.explanation.starts_with(
+                "The SYN left node a via flannel.1 (in node-a) and arrived at node b via eth0 (in node-b). There: Calico policy"
+            ),
+            "{}",
+            j.explanation
+        );
+        assert_eq!(j.next_steps, ["check the policy"]);
+        let x = j.cross_node.unwrap();
+        assert!(x.arrived);
+        assert_eq!(x.server_node_outcome, Some(Outcome::DroppedByRule));
+        assert!(j.timeline.iter().any(|c| c.what.starts_with("[b] ")));
+        assert!(j.timeline.iter().any(|c| c.what.starts_with("[a] ")));
+    }
+
+    #[test]
+    fn never_arriving_is_lost_between_the_nodes_with_the_underlay_named() {
+        let j = join(verdict(Outcome::TimedOut), "node-a", None, "node-b");
+        assert_eq!(j.outcome, Outcome::LostBetweenNodes);
+        assert!(
+            j.explanation.contains("never arrived there")
+                && j.explanation.contains(
+                    "via 10.42.1.0 dev flannel.1 (vxlan VNI 1, UDP 8472 over eth0, mtu 1450)"
+                ),
+            "{}",
+            j.explanation
+        );
+        assert!(
+            j.next_steps[0].contains("VXLAN (UDP 8472)"),
+            "{:?}",
+            j.next_steps
+        );
+        assert!(!j.cross_node.unwrap().arrived);
+    }
+
+    #[test]
+    fn what_the_client_node_decided_stays() {
+        let mut a = verdict(Outcome::DroppedByRule);
+        a.explanation = "local rule".into();
+        let j = join(a, "a", None, "b");
+        assert_eq!(j.outcome, Outcome::DroppedByRule);
+        assert_eq!(j.explanation, "local rule");
+        assert!(!j.cross_node.unwrap().arrived);
+        // A connected attempt that the server node did not see is still connected.
+        let j = join(verdict(Outcome::Connected), "a", None, "b");
+        assert_eq!(j.outcome, Outcome::Connected);
+    }
+
+    #[test]
+    fn an_answer_lost_on_the_way_back_is_a_timeout_that_says_so() {
+        let mut b = verdict(Outcome::Connected);
+        b.left_via = Some(Hop {
+            interface: "eth0".into(),
+            netns: None,
+        });
+        let j = join(verdict(Outcome::TimedOut), "a", Some(&b), "b");
+        assert_eq!(j.outcome, Outcome::TimedOut);
+        assert!(
+            j.explanation.contains("never reached the client")
+                && j.explanation.contains("left b via eth0"),
+            "{}",
+            j.explanation
+        );
+    }
+}
