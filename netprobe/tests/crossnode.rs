@@ -376,4 +376,6 @@ fn cross_node_syn_lost_on_the_vxlan_underlay_is_left_a_never_reached_b() {
         "{v:#}"
     );
     assert_eq!(v["client"]["peer"]["pod"], "client-0", "{v:#}");
+    // The client's node names the backend on the other node from its EndpointSlice.
+    assert_eq!(v["server"]["peer"]["pod"], "seldon-scheduler-0", "{v:#}");
 }

@@ -69,10 +69,13 @@ pub struct Inventory {
     netns_pod: HashMap<u64, usize>,
     /// pod index → netns inode
     pod_netns: HashMap<usize, u64>,
+    /// Pods of other nodes, known as Service endpoints (the pod watch is this node's only):
+    /// a backend on another node still gets its name and node.
+    endpoints: HashMap<IpAddr, Peer>,
 }
 
 impl Inventory {
-    pub fn build(pods: &[Pod], services: &[Service], _slices: &[EndpointSlice]) -> Self {
+    pub fn build(pods: &[Pod], services: &[Service], slices: &[EndpointSlice]) -> Self {
         let mut inv = Self::default();
         for p in pods {
             let (Some(name), Some(namespace)) =
@@ -151,6 +154,26 @@ impl Inventory {
                 }
             }
         }
+        for ep in slices.iter().flat_map(|s| s.endpoints.iter()) {
+            let Some(r) = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+            else {
+                continue;
+            };
+            for ip in ep.addresses.iter().filter_map(|a| a.parse().ok()) {
+                inv.endpoints.insert(
+                    ip,
+                    Peer {
+                        namespace: r.namespace.clone(),
+                        pod: r.name.clone(),
+                        node: ep.node_name.clone(),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
         inv
     }
 
@@ -215,7 +238,11 @@ impl Inventory {
                 .find(|p| !p.host_network && p.ips.contains(&ip))
         };
         let Some(pod) = pod else {
-            return Peer::default();
+            return if ip.is_loopback() {
+                Peer::default()
+            } else {
+                self.endpoints.get(&ip).cloned().unwrap_or_default()
+            };
         };
         let container = cgroup
             .and_then(container_of_cgroup)
@@ -301,9 +328,26 @@ mod tests {
             "spec": {"clusterIP": "10.43.51.131", "ports": [{"name": "xds", "port": 9004}]}
         }))
         .unwrap();
-        let mut inv = Inventory::build(&[pod], &[svc], &[]);
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "seldon-scheduler-x", "namespace": "financial-inference"},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.42.1.7"], "nodeName": "node-b",
+                           "targetRef": {"kind": "Pod", "namespace": "financial-inference", "name": "seldon-scheduler-0"}}]
+        }))
+        .unwrap();
+        let mut inv = Inventory::build(&[pod], &[svc], &[slice]);
         inv.bind_netns(4026532000, &["10.42.0.10".parse().unwrap()]);
         inv
+    }
+
+    #[test]
+    fn a_backend_on_another_node_is_named_from_its_endpointslice() {
+        let p = inventory().peer("10.42.1.7".parse().unwrap(), 9004, None, None);
+        assert_eq!(
+            (p.pod.as_deref(), p.node.as_deref()),
+            (Some("seldon-scheduler-0"), Some("node-b"))
+        );
+        assert!(p.container.is_none(), "not guessed");
     }
 
     #[test]
