@@ -497,9 +497,11 @@ pub async fn run(
         opts.pod, opts.agent_namespace
     );
     let mut peers = Vec::new();
+    let mut all_remote = false;
     if let (Some(addr), false) = (opts.request.addr, opts.request.events) {
         match backends(&client, addr, opts.request.port).await {
             Ok(found) => {
+                all_remote = found.iter().all(|b| b.node != node);
                 for b in found.into_iter().filter(|b| b.node != node) {
                     if let Some(p) = peers.iter_mut().find(|p: &&mut Peer| p.node == b.node) {
                         p.ips.push(b.ip);
@@ -563,7 +565,19 @@ pub async fn run(
         pf.abort();
         return code;
     }
-    cross_node(opts, node, agent, peers, &forward, stdout, stderr).await
+    cross_node(
+        opts,
+        Plan {
+            node,
+            agent,
+            peers,
+            all_remote,
+        },
+        &forward,
+        stdout,
+        stderr,
+    )
+    .await
 }
 
 fn kube_err(what: String) -> impl FnOnce(kube::Error) -> Error {
@@ -741,15 +755,24 @@ struct Peer {
     verdicts: Vec<Verdict>,
 }
 
+/// Who traces what in a cross-node trace.
+struct Plan {
+    /// The client pod's node and its agent.
+    node: String,
+    agent: String,
+    /// The server pods' other nodes.
+    peers: Vec<Peer>,
+    /// Every backend of the destination is on another node.
+    all_remote: bool,
+}
+
 /// What the node-side trace prints once its probes are attached (trace.rs).
 const READY_LINE: &str = "netprobe: waiting for connections";
 
 /// Traces the server nodes first, then the client's node; joins each attempt's verdicts.
 async fn cross_node<F, Fut, P, S>(
     opts: RemoteOptions,
-    node: String,
-    agent: String,
-    mut peers: Vec<Peer>,
+    plan: Plan,
     forward: &F,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
@@ -761,6 +784,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     use crate::outputs::{Format, Printer};
+    let Plan {
+        node,
+        agent,
+        mut peers,
+        all_remote,
+    } = plan;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Frame)>();
     let mut forwards = Vec::new();
     let mut stops = Vec::new();
@@ -860,7 +889,7 @@ where
                     }) {
                         continue;
                     }
-                    let Some(pi) = peer_of(&peers, &v) else {
+                    let Some(pi) = peer_of(&peers, &v, opts.request.addr, all_remote) else {
                         printer.verdict(&v).map_err(io)?;
                         continue;
                     };
@@ -965,11 +994,13 @@ fn on_peer_frame(p: &mut Peer, f: Frame, stderr: &mut dyn Write) {
 }
 
 /// The server node an attempt went to (by its address after DNAT; the only one if unsure).
-fn peer_of(peers: &[Peer], v: &Verdict) -> Option<usize> {
+fn peer_of(peers: &[Peer], v: &Verdict, dialed: Option<IpAddr>, all_remote: bool) -> Option<usize> {
     peers
         .iter()
         .position(|p| p.ips.contains(&v.server.addr))
-        .or_else(|| (peers.len() == 1).then_some(0))
+        // No DNAT seen (the SYN never got past the ClusterIP here): only sure if every backend
+        // is on that one other node.
+        .or_else(|| (all_remote && peers.len() == 1 && Some(v.server.addr) == dialed).then_some(0))
 }
 
 /// The server node's verdict of the same attempt: the client's address and port survive DNAT.
@@ -1175,6 +1206,36 @@ mod tests {
             ),
             Some(7)
         );
+    }
+
+    #[test]
+    fn attempts_are_matched_to_the_server_node_by_their_backend_address() {
+        let peer = Peer {
+            node: "node-b".into(),
+            agent: "netprobe-b".into(),
+            pod: "ns/server-0".into(),
+            ips: vec!["10.42.1.7".parse().unwrap()],
+            port: 9004,
+            state: PeerState::Ready,
+            verdicts: Vec::new(),
+        };
+        let peers = [peer];
+        let cluster_ip: IpAddr = "10.43.51.131".parse().unwrap();
+        let mut v = crate::verdict::classify(
+            &[],
+            ("10.42.0.5".parse().unwrap(), 40000),
+            &Default::default(),
+            &Default::default(),
+        );
+        v.server.addr = "10.42.1.7".parse().unwrap();
+        assert_eq!(peer_of(&peers, &v, Some(cluster_ip), false), Some(0));
+        // A local backend is not the other node's business.
+        v.server.addr = "10.42.0.9".parse().unwrap();
+        assert_eq!(peer_of(&peers, &v, Some(cluster_ip), true), None);
+        // Still the ClusterIP (no DNAT seen): the other node only if every backend is there.
+        v.server.addr = cluster_ip;
+        assert_eq!(peer_of(&peers, &v, Some(cluster_ip), true), Some(0));
+        assert_eq!(peer_of(&peers, &v, Some(cluster_ip), false), None);
     }
 
     #[tokio::test]
