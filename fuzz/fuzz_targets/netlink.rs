@@ -1,4 +1,4 @@
-//! rtnetlink and sock_diag replies.
+//! rtnetlink, sock_diag and ctnetlink (conntrack) replies.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -8,6 +8,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = netprobe::netlink::parse_addr(body);
         let _ = netprobe::netlink::parse_inet_diag(body);
         let _ = netprobe::netlink::parse_route(body);
+        let _ = netprobe::enrich::conntrack::parse_entry(body);
     }
     let _ = netprobe::netlink::parse_link(data);
     let _ = netprobe::netlink::attrs(data).count();

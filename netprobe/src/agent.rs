@@ -57,7 +57,8 @@ struct Metrics {
     drops: BTreeMap<(String, String, String, String), u64>,
     resets: u64,
     app_errors: BTreeMap<String, u64>,
-    syn_retransmits: u64,
+    /// By the node of the destination pod (after DNAT; "" when unknown): a node-to-node view.
+    syn_retransmits: BTreeMap<String, u64>,
     lost: u64,
     emitted: u64,
     /// Drops in scope counted in the kernel (per-CPU counters), by reason: every drop, also
@@ -110,11 +111,13 @@ impl Metrics {
                 label(errno)
             ));
         }
-        s.push_str("# HELP netprobe_syn_retransmits_total SYN retransmissions (silent drops somewhere).\n# TYPE netprobe_syn_retransmits_total counter\n");
-        s.push_str(&format!(
-            "netprobe_syn_retransmits_total {}\n",
-            self.syn_retransmits
-        ));
+        s.push_str("# HELP netprobe_syn_retransmits_total SYN retransmissions (silent drops somewhere), by the node of the destination pod (after DNAT, \"\" if unknown).\n# TYPE netprobe_syn_retransmits_total counter\n");
+        for (node, n) in &self.syn_retransmits {
+            s.push_str(&format!(
+                "netprobe_syn_retransmits_total{{dst_node=\"{}\"}} {n}\n",
+                label(node)
+            ));
+        }
         s.push_str("# HELP netprobe_lost_events_total Events the kernel could not queue (ring buffer full).\n# TYPE netprobe_lost_events_total counter\n");
         s.push_str(&format!("netprobe_lost_events_total {}\n", self.lost));
         s.push_str("# HELP netprobe_kernel_drops_total Drops in the watched namespaces counted in the kernel, by reason (events lost or not).\n# TYPE netprobe_kernel_drops_total counter\n");
@@ -177,7 +180,16 @@ impl Metrics {
                 let name = e.error.as_ref().map(|x| x.name.clone()).unwrap_or_default();
                 *self.app_errors.entry(name).or_default() += 1;
             }
-            Kind::Retransmit => self.syn_retransmits += 1,
+            Kind::Retransmit => {
+                let node = e
+                    .translated
+                    .as_ref()
+                    .and_then(|t| t.peer.as_ref())
+                    .or(e.destination.as_ref())
+                    .and_then(|p| p.node.clone())
+                    .unwrap_or_default();
+                *self.syn_retransmits.entry(node).or_default() += 1;
+            }
             _ => {}
         }
     }
@@ -347,6 +359,34 @@ fn pod_event(
     Some((ev, reference, (ns, name, d.reason.clone())))
 }
 
+/// A SYN retransmitted or a socket error toward a Service: where the connection really went,
+/// from this node's conntrack (the socket only knows the ClusterIP). Names the backend pod and
+/// its node — across nodes, "SYNs to pods on node-b go unanswered" shows up here.
+fn translate(e: &mut Event, inventory: &crate::enrich::pods::Inventory) {
+    use crate::enrich::conntrack;
+    let to_service = e.destination.as_ref().is_some_and(|d| d.service.is_some());
+    if !to_service || e.protocol != "tcp" || !matches!(e.kind, Kind::Retransmit | Kind::SocketError)
+    {
+        return;
+    }
+    let tuple = conntrack::Tuple {
+        src: e.src,
+        sport: e.sport,
+        dst: e.dst,
+        dport: e.dport,
+    };
+    // The agent runs in the node's namespace, where kube-proxy's DNAT keeps its entries.
+    if let Ok(Some(entry)) = conntrack::lookup(libc::IPPROTO_TCP as u8, &tuple)
+        && let Some((dst, dport)) = entry.translated_destination()
+    {
+        e.translated = Some(crate::events::Translated {
+            dst,
+            dport,
+            peer: Some(inventory.peer(dst, dport, None, None)),
+        });
+    }
+}
+
 /// Always-on keeps what explains failures; handshakes that work are not news.
 fn interesting(e: &Event) -> bool {
     match e.kind {
@@ -373,8 +413,18 @@ async fn serve_http(
         let metrics = metrics.clone();
         let traces = traces.clone();
         tokio::spawn(async move {
+            // A request head may arrive in pieces: read up to its end (or 4 KiB, or 5 s).
             let mut buf = vec![0u8; 4096];
-            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let mut n = 0;
+            let head = async {
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), head).await;
             let req = String::from_utf8_lossy(&buf[..n]).to_string();
             let target = req.split_whitespace().nth(1).unwrap_or("/");
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
@@ -577,6 +627,7 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
                 }
                 if let Some(p) = &pods {
                     p.annotate_event(&mut e);
+                    translate(&mut e, &p.inventory);
                 }
                 metrics.lock().expect("metrics lock").count(&e);
                 if let (Some(rec), Some(p)) = (&recorder, &pods)

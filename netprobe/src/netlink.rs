@@ -100,7 +100,7 @@ fn u32_of(b: &[u8]) -> Option<u32> {
 }
 
 /// An IPv4 (4 bytes) or IPv6 (16 bytes) address attribute; `0.0.0.0` counts as absent.
-fn ip_of(b: &[u8]) -> Option<std::net::IpAddr> {
+pub(crate) fn ip_of(b: &[u8]) -> Option<std::net::IpAddr> {
     let ip: std::net::IpAddr = match b.len() {
         4 => std::net::Ipv4Addr::from(<[u8; 4]>::try_from(b).ok()?).into(),
         16 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?).into(),
@@ -202,7 +202,7 @@ pub fn messages(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     })
 }
 
-struct Socket(RawFd);
+pub(crate) struct Socket(RawFd);
 
 impl Drop for Socket {
     fn drop(&mut self) {
@@ -216,7 +216,7 @@ impl Socket {
         Self::open(libc::NETLINK_ROUTE)
     }
 
-    fn open(protocol: i32) -> io::Result<Self> {
+    pub(crate) fn open(protocol: i32) -> io::Result<Self> {
         // SAFETY: plain socket(2).
         let fd = unsafe {
             libc::socket(
@@ -231,7 +231,7 @@ impl Socket {
         Ok(Self(fd))
     }
 
-    fn send(&self, ty: u16, flags: u16, payload: &[u8]) -> io::Result<()> {
+    pub(crate) fn send(&self, ty: u16, flags: u16, payload: &[u8]) -> io::Result<()> {
         let len = NLMSG_HDRLEN + payload.len();
         let mut msg = Vec::with_capacity(len);
         msg.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -261,7 +261,7 @@ impl Socket {
     }
 
     /// Receives replies, handing each message to `f` until DONE (dump) or one reply (`single`).
-    fn recv_all(&self, single: bool, mut f: impl FnMut(u16, &[u8])) -> io::Result<()> {
+    pub(crate) fn recv_all(&self, single: bool, mut f: impl FnMut(u16, &[u8])) -> io::Result<()> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             // SAFETY: valid buffer.
@@ -581,8 +581,7 @@ pub fn nsid_of(fd: RawFd) -> Result<Option<i32>> {
     Ok(id)
 }
 
-/// Encodes one attribute (for tests of the parsers built on [`attrs`]).
-#[cfg(test)]
+/// Encodes one attribute (requests, and tests of the parsers built on [`attrs`]).
 pub(crate) fn encode_attr(ty: u16, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
     v.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());

@@ -48,6 +48,8 @@ struct TwoNodes {
     kube: FakeKube,
     kubeconfig: std::path::PathBuf,
     agents: Vec<Child>,
+    /// What the client node's agent wrote (NDJSON).
+    agent_out: Arc<std::sync::Mutex<String>>,
     port: u16,
 }
 
@@ -126,29 +128,42 @@ impl TwoNodes {
                 &[("xds", 9004, 9004)],
             ),
         );
-        kube.apply(
-            Kind::EndpointSlice,
-            endpoint_slice(
-                "financial-inference",
-                "seldon-scheduler",
-                &[(SERVER_IP, "seldon-scheduler-0")],
-                &[("xds", 9004)],
-            ),
+        let mut slice = endpoint_slice(
+            "financial-inference",
+            "seldon-scheduler",
+            &[(SERVER_IP, "seldon-scheduler-0")],
+            &[("xds", 9004)],
         );
+        slice["endpoints"][0]["nodeName"] = json!(NODES[1]);
+        kube.apply(Kind::EndpointSlice, slice);
         // One agent per node, same loopback port (separate namespaces), as a DaemonSet runs.
         let port = 22000 + (std::process::id() % 20000) as u16;
         let kc = kubeconfig.to_str().unwrap().to_string();
         let mut agents = Vec::new();
+        let agent_out = Arc::new(std::sync::Mutex::new(String::new()));
         for (lab, node) in [(&a, NODES[0]), (&b, NODES[1])] {
             let name = format!("netprobe-{node}");
             kube.apply(Kind::Pod, agent_pod(&name, node));
-            agents.push(support::start_agent(
+            let mut agent = support::start_agent(
                 lab.node(),
                 port,
                 &[],
                 &[("KUBECONFIG", &kc), ("NODE_NAME", node)],
-                false,
-            ));
+                node == NODES[0],
+            );
+            // The client node's always-on NDJSON, read as it comes (a full pipe would stall it).
+            if let Some(mut stdout) = agent.stdout.take() {
+                let out = agent_out.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
+                        out.lock()
+                            .unwrap()
+                            .push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                });
+            }
+            agents.push(agent);
             let ns = lab.node().to_string();
             kube.port_forward("netprobe", &name, move |p| {
                 netprobe_lab::in_netns(&ns, || TcpStream::connect(("127.0.0.1", p)))
@@ -163,6 +178,7 @@ impl TwoNodes {
             kube,
             kubeconfig,
             agents,
+            agent_out,
             port,
         }
     }
@@ -236,7 +252,14 @@ impl Drop for TwoNodes {
         for a in &mut self.agents {
             // SAFETY: plain kill(2) on our child.
             unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
-            let _ = a.wait();
+            let status = a.wait();
+            if std::thread::panicking() {
+                let mut err = String::new();
+                if let Some(mut e) = a.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                eprintln!("agent {status:?}:\n{err}");
+            }
         }
         let _ = std::fs::remove_file(&self.kubeconfig);
     }
@@ -378,4 +401,33 @@ fn cross_node_syn_lost_on_the_vxlan_underlay_is_left_a_never_reached_b() {
     assert_eq!(v["client"]["peer"]["pod"], "client-0", "{v:#}");
     // The client's node names the backend on the other node from its EndpointSlice.
     assert_eq!(v["server"]["peer"]["pod"], "seldon-scheduler-0", "{v:#}");
+
+    // Always on: the client node's agent saw the SYN retransmits and, from its conntrack, that
+    // they went to the scheduler pod on node-b.
+    let (_, metrics) = support::http_get(lab.labs[0].node(), lab.port, "/metrics");
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("netprobe_syn_retransmits_total{dst_node=\"node-b\"}"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(
+        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap() >= 1,
+        "{line}"
+    );
+    let out = lab.agent_out.lock().unwrap().clone();
+    let events: Vec<Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    support::assert_schema_valid(&events);
+    let r = events
+        .iter()
+        .find(|e| e["kind"] == "retransmit" && e["dst"] == rules::CLUSTER_IP)
+        .unwrap_or_else(|| panic!("no SYN retransmit to the Service:\n{out}"));
+    assert_eq!(r["translated"]["dst"], SERVER_IP, "{r:#}");
+    assert_eq!(
+        r["translated"]["peer"]["pod"], "seldon-scheduler-0",
+        "{r:#}"
+    );
+    assert_eq!(r["translated"]["peer"]["node"], "node-b", "{r:#}");
+    assert_eq!(r["source"]["pod"], "client-0", "{r:#}");
 }

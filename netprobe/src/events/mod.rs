@@ -107,6 +107,16 @@ pub struct Process {
     pub comm: String,
 }
 
+/// A destination after DNAT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Translated {
+    pub dst: IpAddr,
+    pub dport: u16,
+    /// The backend's pod and node, when the inventory knows them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<crate::enrich::pods::Peer>,
+}
+
 /// One observation, enriched. For ICMP errors the addresses and ports are those of the packet
 /// the error quotes (so the event matches the connection it answers). For `send_reset` they are
 /// those of the segment that caused the reset.
@@ -150,6 +160,10 @@ pub struct Event {
     pub source: Option<crate::enrich::pods::Peer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<crate::enrich::pods::Peer>,
+    /// Where a connection to a Service really went: the destination after DNAT, from the
+    /// node's conntrack (always-on agent, for SYN retransmits and socket errors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub translated: Option<Translated>,
     /// Kernel `sk_buff` address: equal values are the same packet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skb: Option<String>,
@@ -264,6 +278,7 @@ pub fn netfilter(
         netfilter: Some(nf),
         source: None,
         destination: None,
+        translated: None,
         skb: None,
         sock: None,
     }
@@ -318,6 +333,7 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
         netfilter: None,
         source: None,
         destination: None,
+        translated: None,
         skb: (ev.skb != 0).then(|| format!("{:#x}", ev.skb)),
         sock: (ev.sk != 0).then(|| format!("{:#x}", ev.sk)),
     })
