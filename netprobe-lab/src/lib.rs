@@ -27,6 +27,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod kubeapi;
 pub mod rules;
+pub mod two_nodes;
 pub mod underlay;
 
 /// Every lab namespace starts with this.

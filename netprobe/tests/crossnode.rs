@@ -3,266 +3,37 @@
 //! stand-in serving both nodes' pods and port-forwarding to each agent. The CLI ("the laptop",
 //! unprivileged) asks both agents and joins what they saw of each attempt.
 
-use std::{
-    net::TcpStream,
-    process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::path::Path;
 
 mod support;
 
 use netprobe_lab::{
-    Lab, Pod,
-    kubeapi::{FakeKube, Kind, endpoint_slice, pod, service},
+    kubeapi::FakeKube,
     rules,
-    underlay::{NODE_IPS, Overlay, Underlay},
+    two_nodes::{SERVER_IP, TwoNodes},
+    underlay::Overlay,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
-const NODES: [&str; 2] = ["node-a", "node-b"];
-const CLIENT_IP: &str = "10.42.0.5";
-const SERVER_IP: &str = "10.42.1.7";
-
-fn agent_pod(name: &str, node: &str) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "netprobe", "uid": format!("0a0a0a0a-0000-4000-8000-00000000000{}", name.len()),
-                     "labels": {"app.kubernetes.io/name": "netprobe"}},
-        "spec": {"nodeName": node, "hostNetwork": true, "containers": [{"name": "agent", "image": "netprobe"}]},
-        "status": {"phase": "Running", "podIP": "192.0.2.1"},
-    })
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_netprobe"))
 }
 
-/// Two nodes, the S1 client on the first and the Seldon scheduler on the second, an agent on
-/// each, kube-proxy's DNAT for the scheduler's ClusterIP on the client's node.
-struct TwoNodes {
-    labs: [Lab; 2],
-    server: Pod,
-    client: Pod,
-    underlay: Underlay,
-    kube: FakeKube,
-    kubeconfig: std::path::PathBuf,
-    agents: Vec<Child>,
-    /// What the client node's agent wrote (NDJSON).
-    agent_out: Arc<std::sync::Mutex<String>>,
-    port: u16,
+fn two_nodes(tag: &str, overlay: Overlay) -> TwoNodes {
+    netprobe_lab::require_root();
+    TwoNodes::new(tag, overlay, bin()).unwrap()
 }
 
-impl TwoNodes {
-    fn new(tag: &str, overlay: Overlay) -> Self {
-        netprobe_lab::require_root();
-        let mut a = Lab::new(&format!("{tag}a")).unwrap();
-        let mut b = Lab::new(&format!("{tag}b")).unwrap();
-        let client = a
-            .add_pod(
-                "financial-inference",
-                "client-0",
-                CLIENT_IP.parse().unwrap(),
-            )
-            .unwrap();
-        let server = b
-            .add_pod(
-                "financial-inference",
-                "seldon-scheduler-0",
-                SERVER_IP.parse().unwrap(),
-            )
-            .unwrap();
-        let underlay = Underlay::connect(&a, "10.42.0.0/24", &b, "10.42.1.0/24", overlay).unwrap();
-        netprobe_lab::serve(
-            b.listen(&server.netns, format!("{SERVER_IP}:9004").parse().unwrap())
-                .unwrap(),
-        );
-        rules::restore(&a, "iptables-restore", &rules::kube_proxy_dnat(SERVER_IP)).unwrap();
-
-        // The API stand-in lives on the first node's underlay address: both nodes reach it.
-        let kube = FakeKube::start(
-            a.listen(a.node(), format!("{}:0", NODE_IPS[0]).parse().unwrap())
-                .unwrap(),
-        );
-        let kubeconfig = std::env::temp_dir().join(format!(
-            "netprobe-crossnode-kubeconfig-{}-{tag}",
-            std::process::id()
-        ));
-        std::fs::write(
-            &kubeconfig,
-            kube.kubeconfig()
-                .replace("http://127.0.0.1:", &format!("http://{}:", NODE_IPS[0])),
-        )
-        .unwrap();
-        std::fs::set_permissions(
-            &kubeconfig,
-            std::os::unix::fs::PermissionsExt::from_mode(0o644),
-        )
-        .unwrap();
-        kube.apply(
-            Kind::Pod,
-            pod(
-                "financial-inference",
-                "client-0",
-                NODES[0],
-                CLIENT_IP,
-                &[("main", "1b1b1b1b1b1b1b1b", &[])],
-            ),
-        );
-        kube.apply(
-            Kind::Pod,
-            pod(
-                "financial-inference",
-                "seldon-scheduler-0",
-                NODES[1],
-                SERVER_IP,
-                &[("scheduler", "2c2c2c2c2c2c2c2c", &[9004, 9005])],
-            ),
-        );
-        kube.apply(
-            Kind::Service,
-            service(
-                "financial-inference",
-                "seldon-scheduler",
-                rules::CLUSTER_IP,
-                &[("xds", 9004, 9004)],
-            ),
-        );
-        let mut slice = endpoint_slice(
-            "financial-inference",
-            "seldon-scheduler",
-            &[(SERVER_IP, "seldon-scheduler-0")],
-            &[("xds", 9004)],
-        );
-        slice["endpoints"][0]["nodeName"] = json!(NODES[1]);
-        kube.apply(Kind::EndpointSlice, slice);
-        // One agent per node, same loopback port (separate namespaces), as a DaemonSet runs.
-        let port = 22000 + (std::process::id() % 20000) as u16;
-        let kc = kubeconfig.to_str().unwrap().to_string();
-        let mut agents = Vec::new();
-        let agent_out = Arc::new(std::sync::Mutex::new(String::new()));
-        for (lab, node) in [(&a, NODES[0]), (&b, NODES[1])] {
-            let name = format!("netprobe-{node}");
-            kube.apply(Kind::Pod, agent_pod(&name, node));
-            let mut agent = support::start_agent(
-                lab.node(),
-                port,
-                &[],
-                &[("KUBECONFIG", &kc), ("NODE_NAME", node)],
-                node == NODES[0],
-            );
-            // The client node's always-on NDJSON, read as it comes (a full pipe would stall it).
-            if let Some(mut stdout) = agent.stdout.take() {
-                let out = agent_out.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
-                        out.lock()
-                            .unwrap()
-                            .push_str(&String::from_utf8_lossy(&buf[..n]));
-                    }
-                });
-            }
-            agents.push(agent);
-            let ns = lab.node().to_string();
-            kube.port_forward("netprobe", &name, move |p| {
-                netprobe_lab::in_netns(&ns, || TcpStream::connect(("127.0.0.1", p)))
-                    .map_err(std::io::Error::other)?
-            });
-        }
-        Self {
-            labs: [a, b],
-            server,
-            client,
-            underlay,
-            kube,
-            kubeconfig,
-            agents,
-            agent_out,
-            port,
-        }
-    }
-
-    /// `netprobe trace --cluster` as nobody on the first node, while the client pod dials the
-    /// Service every second (3 s connect timeout, like a Go dialer with a short timeout).
-    fn trace(&self) -> (i32, Vec<Value>, String) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", self.labs[0].node()])
-            .args([
-                "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-            ])
-            .arg(env!("CARGO_BIN_EXE_netprobe"))
-            .args([
-                "trace",
-                "--cluster",
-                "--agent-port",
-                &self.port.to_string(),
-                "--pod",
-                "client-0",
-                "-n",
-                "financial-inference",
-                "--port",
-                "9004",
-                "--addr",
-                rules::CLUSTER_IP,
-                "--duration",
-                "40s",
-                "--count",
-                "1",
-                "-o",
-                "json",
-            ])
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env_remove("NODE_NAME")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let ns = self.client.netns.clone();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let traffic = std::thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                let _ = netprobe_lab::in_netns(&ns, || {
-                    TcpStream::connect_timeout(
-                        &format!("{}:9004", rules::CLUSTER_IP).parse().unwrap(),
-                        Duration::from_secs(3),
-                    )
-                });
-                std::thread::sleep(Duration::from_millis(1000));
-            }
-        });
-        let (code, stdout, stderr) = support::wait_output(child, Duration::from_secs(90));
-        stop.store(true, Ordering::Relaxed);
-        traffic.join().unwrap();
-        let records: Vec<Value> = stdout
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{stderr}")))
-            .collect();
-        support::assert_schema_valid(&records);
-        (code, records, stderr)
-    }
-}
-
-impl Drop for TwoNodes {
-    fn drop(&mut self) {
-        for a in &mut self.agents {
-            // SAFETY: plain kill(2) on our child.
-            unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
-            let status = a.wait();
-            if std::thread::panicking() {
-                let mut err = String::new();
-                if let Some(mut e) = a.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
-                eprintln!("agent {status:?}:\n{err}");
-            }
-        }
-        let _ = std::fs::remove_file(&self.kubeconfig);
-    }
+/// Runs the cluster-mode trace (JSON); every record is checked against the schema.
+fn trace(lab: &TwoNodes) -> (i32, Vec<Value>, String) {
+    let t = lab.trace(bin(), "json").unwrap();
+    let records: Vec<Value> = t
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{}", t.stderr)))
+        .collect();
+    support::assert_schema_valid(&records);
+    (t.code, records, t.stderr)
 }
 
 fn verdict<'a>(records: &'a [Value], stderr: &str) -> &'a Value {
@@ -274,7 +45,7 @@ fn verdict<'a>(records: &'a [Value], stderr: &str) -> &'a Value {
 
 #[test]
 fn cross_node_syn_dropped_by_calico_on_the_server_node_names_both_pods_and_the_rule() {
-    let lab = TwoNodes::new("xdrop", Overlay::Routed);
+    let lab = two_nodes("xdrop", Overlay::Routed);
     // Calico on the scheduler's node admits 9005 only.
     let b = &lab.labs[1];
     rules::restore(
@@ -283,7 +54,7 @@ fn cross_node_syn_dropped_by_calico_on_the_server_node_names_both_pods_and_the_r
         &rules::calico_filter(&lab.server.host_if, "cali00000000000"),
     )
     .unwrap();
-    let (code, records, stderr) = lab.trace();
+    let (code, records, stderr) = trace(&lab);
     assert_eq!(
         code, 1,
         "a diagnosed failure is exit 1:\n{records:#?}\n{stderr}"
@@ -351,9 +122,9 @@ fn kube_forwarded(kube: &FakeKube) -> Vec<String> {
 
 #[test]
 fn cross_node_syn_lost_on_the_vxlan_underlay_is_left_a_never_reached_b() {
-    let lab = TwoNodes::new("xlost", Overlay::Vxlan);
+    let lab = two_nodes("xlost", Overlay::Vxlan);
     // First the path works: the same trace says connected (so the test can fail both ways).
-    let (code, records, stderr) = lab.trace();
+    let (code, records, stderr) = trace(&lab);
     let v = verdict(&records, &stderr);
     assert_eq!(code, 0, "{v:#}\n{stderr}");
     assert_eq!(v["outcome"], "connected", "{v:#}");
@@ -370,7 +141,7 @@ fn cross_node_syn_lost_on_the_vxlan_underlay_is_left_a_never_reached_b() {
             &format!("udp dport {}", netprobe_lab::underlay::VXLAN_PORT),
         )
         .unwrap();
-    let (code, records, stderr) = lab.trace();
+    let (code, records, stderr) = trace(&lab);
     assert_eq!(code, 1, "{records:#?}\n{stderr}");
     let v = verdict(&records, &stderr);
     assert_eq!(v["outcome"], "lost_between_nodes", "{v:#}\n{stderr}");

@@ -28,6 +28,9 @@ pub enum Scenario {
     ForwardDrop,
     /// S1: Service (kube-proxy DNAT) → pod, dropped by a Calico ingress policy.
     S1,
+    /// S1 across nodes: the scheduler on another node, VXLAN between the nodes blocked by a
+    /// firewall; cluster-mode trace through both nodes' agents.
+    S1AcrossNodes,
 }
 
 impl Scenario {
@@ -36,6 +39,9 @@ impl Scenario {
             Self::S2 => "S2: connection refused on localhost",
             Self::ForwardDrop => "FORWARD DROP: pod → pod dropped by an iptables rule on the node",
             Self::S1 => "S1: i/o timeout to a Service after a Flannel→Calico migration",
+            Self::S1AcrossNodes => {
+                "S1 across nodes: the scheduler runs on node-b, a firewall between the nodes drops VXLAN (UDP 8472)"
+            }
         }
     }
 
@@ -44,6 +50,7 @@ impl Scenario {
             Self::S2 => s2(lab),
             Self::ForwardDrop => forward_drop(lab),
             Self::S1 => s1(lab),
+            Self::S1AcrossNodes => s1_across_nodes(),
         }
     }
 }
@@ -295,6 +302,39 @@ pub fn s1(lab: &mut Lab) -> Result<Report> {
     })
 }
 
+/// S1 across nodes: two node namespaces joined by a Flannel-style VXLAN underlay, an agent on
+/// each (with the Kubernetes API stand-in of the tests playing the API server), and the
+/// cluster-mode CLI run as an unprivileged user on node-a, as from a laptop.
+pub fn s1_across_nodes() -> Result<Report> {
+    use netprobe_lab::{
+        two_nodes::TwoNodes,
+        underlay::{Overlay, VXLAN_PORT},
+    };
+    let bin = netprobe_bin(false);
+    let nodes = TwoNodes::new("demox", Overlay::Vxlan, &bin)?;
+    nodes
+        .underlay
+        .block(&nodes.labs[0], &format!("udp dport {VXLAN_PORT}"))?;
+    println!(
+        "$ kubectl netprobe trace --pod client-0 -n financial-inference --port 9004 --addr {} --count 1",
+        rules::CLUSTER_IP
+    );
+    let t = nodes.trace(&bin, "text")?;
+    Ok(Report {
+        attempt: format!(
+            "financial-inference/client-0 (node-a) → seldon-scheduler Service {}:9004 → pod on node-b",
+            rules::CLUSTER_IP
+        ),
+        got: t.client,
+        expected: Connect::TimedOut,
+        trace: TraceOutput {
+            status: std::os::unix::process::ExitStatusExt::from_raw(t.code.max(0) << 8),
+            stdout: t.stdout,
+            stderr: t.stderr,
+        },
+    })
+}
+
 pub fn run(skip_setup: bool, only: &[Scenario]) -> Result<()> {
     if !netprobe_lab::is_root() {
         bail!("the demo builds network-namespace labs and loads eBPF programs: run it as root");
@@ -304,7 +344,12 @@ pub fn run(skip_setup: bool, only: &[Scenario]) -> Result<()> {
     }
     crate::build::build(false)?;
     let scenarios = if only.is_empty() {
-        vec![Scenario::S2, Scenario::ForwardDrop, Scenario::S1]
+        vec![
+            Scenario::S2,
+            Scenario::ForwardDrop,
+            Scenario::S1,
+            Scenario::S1AcrossNodes,
+        ]
     } else {
         only.to_vec()
     };

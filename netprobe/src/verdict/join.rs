@@ -178,9 +178,8 @@ pub fn join(
                     ));
                 }
                 client.next_steps.push(format!(
-                    "on {client_node}: ip route get {} (here: {})",
-                    r.dst,
-                    r.describe()
+                    "on {client_node}: ip route get {}; ip -d link show {}",
+                    r.dst, r.dev
                 ));
             }
         }
