@@ -555,6 +555,61 @@ pub fn route_to(dst: std::net::IpAddr) -> Result<Option<Route>> {
     }
 }
 
+const RTM_NEWNEIGH: u16 = 28;
+const RTM_GETNEIGH: u16 = 30;
+const NDMSG_LEN: usize = 12;
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+
+/// A neighbour entry (ARP/NDP), or with `AF_BRIDGE` a forwarding-database entry (a VXLAN
+/// device's FDB: MAC → remote VTEP address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub dst: Option<std::net::IpAddr>,
+    pub lladdr: Option<Vec<u8>>,
+}
+
+/// Parses the body of an RTM_NEWNEIGH message (ndmsg + attributes).
+pub fn parse_neighbour(body: &[u8]) -> Option<Neighbour> {
+    let ifindex = u32::from_ne_bytes(body.get(4..8)?.try_into().ok()?);
+    let mut n = Neighbour {
+        ifindex,
+        dst: None,
+        lladdr: None,
+    };
+    for (ty, p) in attrs(body.get(NDMSG_LEN..)?) {
+        match ty {
+            NDA_DST => n.dst = ip_of(p),
+            NDA_LLADDR => n.lladdr = Some(p.to_vec()),
+            _ => {}
+        }
+    }
+    Some(n)
+}
+
+/// Neighbour entries of one family (`AF_INET`, `AF_INET6`, or `AF_BRIDGE` for FDB entries).
+pub fn neighbours(family: u8) -> Result<Vec<Neighbour>> {
+    let err = |source| Error::Netlink {
+        what: "RTM_GETNEIGH dump",
+        source,
+    };
+    let sock = Socket::route().map_err(err)?;
+    let mut req = [0u8; NDMSG_LEN];
+    req[0] = family;
+    sock.send(RTM_GETNEIGH, NLM_F_DUMP, &req).map_err(err)?;
+    let mut out = Vec::new();
+    sock.recv_all(false, |ty, body| {
+        if ty == RTM_NEWNEIGH
+            && let Some(n) = parse_neighbour(body)
+        {
+            out.push(n);
+        }
+    })
+    .map_err(err)?;
+    Ok(out)
+}
+
 /// The id the calling thread's namespace gives the namespace behind `fd`; `None` if it has none.
 pub fn nsid_of(fd: RawFd) -> Result<Option<i32>> {
     let err = |source| Error::Netlink {
@@ -663,6 +718,19 @@ mod tests {
         assert_eq!(r.oif, Some(3));
         assert_eq!(r.gateway, Some("192.168.77.2".parse().unwrap()));
         assert!(parse_route(&[0u8; 3]).is_none());
+    }
+
+    #[test]
+    fn parses_neighbour_and_fdb_entries() {
+        let mut body = vec![0u8; NDMSG_LEN];
+        body[4..8].copy_from_slice(&9u32.to_ne_bytes());
+        body.extend(attr(NDA_LLADDR, &[2, 0, 0, 0x77, 0, 2]));
+        body.extend(attr(NDA_DST, &[192, 168, 77, 2]));
+        let n = parse_neighbour(&body).unwrap();
+        assert_eq!(n.ifindex, 9);
+        assert_eq!(n.dst, Some("192.168.77.2".parse().unwrap()));
+        assert_eq!(n.lladdr.as_deref(), Some(&[2, 0, 0, 0x77, 0, 2][..]));
+        assert!(parse_neighbour(&[0u8; 7]).is_none());
     }
 
     #[test]

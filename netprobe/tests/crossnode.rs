@@ -155,6 +155,12 @@ fn cross_node_syn_lost_on_the_vxlan_underlay_is_left_a_never_reached_b() {
     assert_eq!(r["encap"]["vni"], 1, "{v:#}");
     assert_eq!(r["encap"]["port"], 8472, "{v:#}");
     assert_eq!(r["encap"]["underlay"], "eth0", "{v:#}");
+    // The other node's VTEP, from flannel.1's neighbour and FDB entries.
+    assert_eq!(
+        r["encap"]["remote"],
+        netprobe_lab::underlay::NODE_IPS[1],
+        "{v:#}"
+    );
     let why = v["explanation"].as_str().unwrap();
     assert!(
         why.contains("left node node-a via flannel.1")

@@ -48,8 +48,11 @@ impl RouteHint {
     fn underlay_needs(&self) -> String {
         match &self.encap {
             Some(e) if e.kind == "vxlan" => format!(
-                "VXLAN (UDP {}) between the nodes' underlay addresses",
-                e.port.unwrap_or(4789)
+                "VXLAN (UDP {}) between the nodes' underlay addresses{}",
+                e.port.unwrap_or(4789),
+                e.remote
+                    .map(|r| format!(" (here to {r})"))
+                    .unwrap_or_default()
             ),
             Some(e) if e.kind == "ipip" => "IP-in-IP (IP protocol 4) between the nodes".into(),
             _ => format!("routed pod traffic to {}", self.dst),

@@ -124,6 +124,8 @@ pub struct Encap {
     pub underlay: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local: Option<IpAddr>,
+    /// Where the encapsulated packets go: the device's fixed remote, or for Flannel's VXLAN the
+    /// next hop's VTEP from the FDB (the other node's underlay address).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote: Option<IpAddr>,
 }
