@@ -9,6 +9,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = netprobe::netlink::parse_inet_diag(body);
         let _ = netprobe::netlink::parse_route(body);
         let _ = netprobe::netlink::parse_neighbour(body);
+        let _ = netprobe::probes::leftovers::parse_filter(body);
         let _ = netprobe::enrich::conntrack::parse_entry(body);
     }
     let _ = netprobe::netlink::parse_link(data);

@@ -525,6 +525,7 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     let node = NetnsRef::current()?;
     // Leftovers of traces whose process was killed (the agent's own remote traces included).
     crate::probes::nft_trace::remove_stale_in(&node)?;
+    crate::probes::leftovers::remove_orphans_in(&node)?;
     let enricher = Enricher::new(&kbtf)?;
     // Every port; the namespace filter keeps the host's other namespaces out.
     let mut probes = Probes::load_with_ring(

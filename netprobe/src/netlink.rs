@@ -212,7 +212,7 @@ impl Drop for Socket {
 }
 
 impl Socket {
-    fn route() -> io::Result<Self> {
+    pub(crate) fn route() -> io::Result<Self> {
         Self::open(libc::NETLINK_ROUTE)
     }
 

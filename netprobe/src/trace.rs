@@ -384,6 +384,10 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
         }
     }
     probes.attach_tracepoints(btf)?;
+    for ns in &attach_in {
+        // Pre-6.6 kernels: filters of a netprobe killed earlier would run on beside ours.
+        crate::probes::leftovers::remove_orphans_in(ns)?;
+    }
     for (i, ns) in attach_in.iter().enumerate() {
         // lo has ifindex 1 in every namespace: with a pod's namespace attached too, the node's lo
         // is left out so that tc events on lo name their namespace unambiguously.

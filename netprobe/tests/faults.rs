@@ -409,3 +409,54 @@ fn agent_survives_a_30s_api_outage_and_a_vanishing_veth() {
     );
     let _ = std::fs::remove_file(kubeconfig);
 }
+
+/// Pre-6.6 kernels attach with clsact filters, which outlive a SIGKILLed process (forced here
+/// with NETPROBE_TC_MODE=clsact). The next start removes the orphans — programs no live process
+/// holds — and leaves the filters of a netprobe that still runs.
+#[test]
+fn clsact_filters_of_a_killed_netprobe_are_removed_at_next_start_and_live_ones_kept() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("clsact").unwrap();
+    let p = lab
+        .add_pod("default", "c-0", "10.42.0.97".parse().unwrap())
+        .unwrap();
+    let ours = |lab: &Lab| {
+        lab.sh(
+            lab.node(),
+            &format!("tc filter show dev {} ingress", p.host_if),
+        )
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("name tc_ingress"))
+        .count()
+    };
+    let clsact = [("NETPROBE_TC_MODE", "clsact")];
+    let args = ["--port", "9500", "--duration", "60s"];
+    let live = support::start_verdict_trace_env(lab.node(), &args, &clsact);
+    assert_eq!(ours(&lab), 1, "clsact mode attached a filter");
+    let killed = support::start_verdict_trace_env(lab.node(), &args, &clsact);
+    assert_eq!(ours(&lab), 2);
+    killed.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ours(&lab), 2, "a SIGKILLed clsact trace leaves its filter");
+
+    // The next netprobe (tcx, as on this kernel) removes only the orphan.
+    let next =
+        support::start_verdict_trace_env(lab.node(), &["--port", "9500", "--duration", "1s"], &[]);
+    assert_eq!(
+        ours(&lab),
+        1,
+        "the orphan is gone, the live trace's filter stays"
+    );
+    let out = next.finish_with_code(3);
+    assert!(
+        out.stderr
+            .contains("tc filter(s) a killed netprobe left on"),
+        "{}",
+        out.stderr
+    );
+    // The live trace still works, and removes its own filters at its end.
+    live.interrupt();
+    let _ = live.finish_with_code(3);
+    assert_eq!(ours(&lab), 0);
+}

@@ -156,6 +156,12 @@ impl TraceRun {
     }
 
     /// SIGKILLs netprobe (`ip netns exec` execs it, so the child is netprobe itself).
+    /// Ctrl-C: the trace ends as at the end of its duration.
+    pub fn interrupt(&self) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+    }
+
     pub fn kill9(mut self) {
         // SAFETY: plain kill(2) on our child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };

@@ -3,6 +3,7 @@
 
 pub mod btf;
 pub mod check;
+pub mod leftovers;
 pub mod nft_trace;
 
 use aya::{
@@ -75,6 +76,11 @@ fn fault_target(program: &str, tp: &str) -> String {
         Ok(p) if p == program => "inet_sk_error_report".into(),
         _ => tp.into(),
     }
+}
+
+/// For the tests of the pre-6.6 path on newer kernels: `NETPROBE_TC_MODE=clsact` skips tcx.
+fn tcx_allowed() -> bool {
+    std::env::var("NETPROBE_TC_MODE").as_deref() != Ok("clsact")
 }
 
 /// Totals of the per-CPU counters.
@@ -292,13 +298,19 @@ impl Probes {
                         .map_err(|source| Error::ProgramLoad { program, source })?;
                     let target =
                         || format!("{} {attach_type:?} in netns {}", link.name, netns.name);
-                    let id = match prog.attach_with_options(
-                        &link.name,
-                        attach_type,
-                        TcAttachOptions::TcxOrder(LinkOrder::first()),
-                    ) {
-                        Ok(id) => id,
-                        Err(_) => {
+                    let tcx = if tcx_allowed() {
+                        prog.attach_with_options(
+                            &link.name,
+                            attach_type,
+                            TcAttachOptions::TcxOrder(LinkOrder::first()),
+                        )
+                        .ok()
+                    } else {
+                        None
+                    };
+                    let id = match tcx {
+                        Some(id) => id,
+                        None => {
                             // Kernels before 6.6: classic clsact qdisc + filter.
                             mode = TcMode::Clsact;
                             let _ = tc::qdisc_add_clsact(&link.name);
