@@ -244,6 +244,8 @@ pub struct Engine {
     sock_process: HashMap<String, (String, u32)>,
     /// Kernel socket → attempt: state changes after close report port 0.
     sock_key: HashMap<String, Key>,
+    /// Kernel sockets seen entering SYN_SENT (their connect() happened during the trace).
+    syn_sent: HashSet<String>,
 }
 
 fn flags(e: &Event) -> (bool, bool, bool) {
@@ -260,6 +262,7 @@ impl Engine {
             done: HashSet::new(),
             sock_process: HashMap::new(),
             sock_key: HashMap::new(),
+            syn_sent: HashSet::new(),
         }
     }
 
@@ -306,11 +309,14 @@ impl Engine {
     /// Adds an event; `now` is the caller's clock (ns). Returns verdicts that became final.
     pub fn push(&mut self, e: Event, now: u64) -> Vec<Verdict> {
         if e.kind == Kind::StateChange
-            && let (Some(sock), Some(p)) = (&e.sock, &e.process)
+            && let Some(sock) = &e.sock
             && e.state.as_ref().is_some_and(|s| s.new == "SYN_SENT")
         {
-            self.sock_process
-                .insert(sock.clone(), (format!("{} (pid {})", p.comm, p.pid), p.pid));
+            self.syn_sent.insert(sock.clone());
+            if let Some(p) = &e.process {
+                self.sock_process
+                    .insert(sock.clone(), (format!("{} (pid {})", p.comm, p.pid), p.pid));
+            }
         }
         let key = match (self.key(&e), &e.sock) {
             (Some(k), Some(sock)) => {
@@ -372,8 +378,31 @@ impl Engine {
         self.done.insert(key);
         let mut events = a.events;
         events.sort_by_key(|e| e.time_ns);
+        if began_before_the_trace(&events, key, &self.syn_sent) {
+            return None;
+        }
         Some(classify(&events, key, &self.ctx, &self.sock_process))
     }
+}
+
+/// The client's socket is watched (its retransmits or state changes are here) but its
+/// `SYN_SENT` was not seen: the attempt began before the probes were attached, and what was
+/// missed (the first SYN, the interfaces it crossed) would make the verdict a guess. Not judged.
+fn began_before_the_trace(events: &[Event], client: Key, syn_sent: &HashSet<String>) -> bool {
+    let own: Vec<&Event> = events
+        .iter()
+        .filter(|e| {
+            (e.src, e.sport) == client
+                && matches!(
+                    e.kind,
+                    Kind::StateChange | Kind::Retransmit | Kind::SocketError
+                )
+        })
+        .collect();
+    !own.is_empty()
+        && !own
+            .iter()
+            .any(|e| e.sock.as_ref().is_some_and(|s| syn_sent.contains(s)))
 }
 
 fn endpoint_str(addr: IpAddr, port: u16) -> String {

@@ -173,6 +173,23 @@ fn plain_success_is_connected() {
 }
 
 #[test]
+fn an_attempt_that_began_before_the_trace_is_not_judged() {
+    // The same recording without the client's CLOSE → SYN_SENT: its connect() came before the
+    // probes, so the first SYN and its path were missed.
+    let mut engine = Engine::new(ctx(9005, "client", vec![]));
+    let mut out = Vec::new();
+    for (i, e) in load("success")
+        .into_iter()
+        .filter(|e| !e.state.as_ref().is_some_and(|s| s.new == "SYN_SENT"))
+        .enumerate()
+    {
+        out.extend(engine.push(e, i as u64));
+    }
+    out.extend(engine.finish());
+    assert!(out.is_empty(), "{out:#?}");
+}
+
+#[test]
 fn verdicts_wait_for_the_settle_time_then_come_once() {
     let events = load("s2_refused");
     let mut engine = Engine::new(ctx(9500, "pod", vec![]));
