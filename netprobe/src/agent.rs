@@ -568,10 +568,10 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     };
     loop {
         tokio::select! {
-            r = reader.next_batch(|raw| {
+            r = reader.next_batch(|rec| {
                 // Kernel timestamp (CLOCK_MONOTONIC) to now: how far behind the agent runs.
-                delay_max_ns = delay_max_ns.max(monotonic_ns().saturating_sub(raw.ts_ns));
-                let Some(mut e) = enricher.enrich(&raw) else { return };
+                delay_max_ns = delay_max_ns.max(monotonic_ns().saturating_sub(rec.ev.ts_ns));
+                let Some(mut e) = enricher.enrich_record(&rec) else { return };
                 if !interesting(&e) {
                     return;
                 }

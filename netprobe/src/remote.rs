@@ -47,6 +47,8 @@ pub const AGENT_LABEL: &str = "app.kubernetes.io/name=netprobe";
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TraceRequest {
     pub port: u16,
+    /// UDP (DNS at port 53) instead of TCP.
+    pub udp: bool,
     /// NAMESPACE/NAME of the pod to trace.
     pub pod: String,
     pub addr: Option<IpAddr>,
@@ -114,6 +116,7 @@ impl TraceRequest {
         }
         for (flag, name) in [
             (self.events, "events"),
+            (self.udp, "udp"),
             (self.json, "json"),
             (self.no_rule_trace, "no_rule_trace"),
         ] {
@@ -142,6 +145,7 @@ impl TraceRequest {
                 "count" => r.count = Some(v.parse().map_err(|_| bad("count"))?),
                 "from_pod" => r.from_pod = Some(v),
                 "events" => r.events = v == "1",
+                "udp" => r.udp = v == "1",
                 "json" => r.json = v == "1",
                 "no_rule_trace" => r.no_rule_trace = v == "1",
                 other => return Err(format!("unknown parameter `{other}`")),
@@ -176,6 +180,8 @@ impl TraceRequest {
             "trace".into(),
             "--port".into(),
             self.port.to_string(),
+            "--proto".into(),
+            if self.udp { "udp" } else { "tcp" }.into(),
             "--pod".into(),
             name.into(),
             "-n".into(),
@@ -596,6 +602,7 @@ mod tests {
     fn requests_round_trip_through_the_query() {
         let r = TraceRequest {
             port: 9500,
+            udp: true,
             pod: "financial-ml/mlserver-0".into(),
             addr: Some("10.43.51.131".parse().unwrap()),
             duration: Some(Duration::from_millis(1500)),
@@ -609,7 +616,7 @@ mod tests {
         let argv = r.argv().join(" ");
         assert!(
             argv.starts_with(
-                "trace --port 9500 --pod mlserver-0 -n financial-ml --duration 1500ms -o json"
+                "trace --port 9500 --proto udp --pod mlserver-0 -n financial-ml --duration 1500ms -o json"
             ),
             "{argv}"
         );

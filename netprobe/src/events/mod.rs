@@ -1,6 +1,7 @@
 //! The public event: what `trace -o json` prints, one object per line. Versioned by
 //! [`SCHEMA`]; fields are only ever added within a version.
 
+pub mod dns;
 pub mod raw;
 
 use std::net::IpAddr;
@@ -150,6 +151,10 @@ pub struct Event {
     pub source: Option<crate::enrich::pods::Peer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<crate::enrich::pods::Peer>,
+    /// Header and question of the DNS message of a UDP datagram to or from port 53 (as far as
+    /// the kernel captured it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<dns::Dns>,
     /// Kernel `sk_buff` address: equal values are the same packet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skb: Option<String>,
@@ -227,9 +232,11 @@ pub fn errno_name(e: i32) -> String {
     }
 }
 
-/// A netfilter verdict event (from the nftables trace, not from a kernel program).
+/// A netfilter verdict event (from the nftables trace, not from a kernel program), for a flow
+/// of `protocol` (`tcp` or `udp`, the traced one).
 pub fn netfilter(
     time_ns: u64,
+    protocol: &str,
     netns: Option<Netns>,
     interface: Option<Interface>,
     tuple: Option<(IpAddr, u16, IpAddr, u16)>,
@@ -249,7 +256,7 @@ pub fn netfilter(
         } else {
             "ipv6".into()
         },
-        protocol: "tcp".into(),
+        protocol: protocol.into(),
         src,
         sport,
         dst,
@@ -264,6 +271,7 @@ pub fn netfilter(
         netfilter: Some(nf),
         source: None,
         destination: None,
+        dns: None,
         skb: None,
         sock: None,
     }
@@ -318,6 +326,7 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
         netfilter: None,
         source: None,
         destination: None,
+        dns: None,
         skb: (ev.skb != 0).then(|| format!("{:#x}", ev.skb)),
         sock: (ev.sk != 0).then(|| format!("{:#x}", ev.sk)),
     })

@@ -160,6 +160,22 @@ pub fn verdict_text(v: &Verdict) -> String {
         s.push_str(&format!(" (dialled {})", endpoint(&d.addr, d.port)));
     }
     s.push('\n');
+    if let Some(u) = &v.udp {
+        let reply = match (u.replied, u.dns.as_ref().and_then(|d| d.rcode.as_deref())) {
+            (true, Some(rcode)) => format!("reply {rcode}"),
+            (true, None) => "a reply came back".to_string(),
+            (false, _) => "no reply came back".to_string(),
+        };
+        match &u.dns {
+            Some(d) => s.push_str(&format!(
+                "  DNS {} (id {}), {} datagram(s), {reply}\n",
+                d.describe(),
+                d.id,
+                u.requests
+            )),
+            None => s.push_str(&format!("  UDP, {} datagram(s), {reply}\n", u.requests)),
+        }
+    }
     let t0 = v.timeline.first().map_or(0, |c| c.time_ns);
     for c in &v.timeline {
         s.push_str(&format!(
@@ -185,16 +201,7 @@ pub fn verdict_text(v: &Verdict) -> String {
         let l: Vec<String> = v
             .listeners
             .iter()
-            .map(|l| {
-                format!(
-                    "{}{}",
-                    l.endpoint(),
-                    l.comm
-                        .as_ref()
-                        .map(|c| format!(" ({c})"))
-                        .unwrap_or_default()
-                )
-            })
+            .map(crate::enrich::listeners::Listener::describe)
             .collect();
         s.push_str(&format!("  listening there: {}\n", l.join(", ")));
     }
@@ -253,6 +260,9 @@ pub fn text_line(e: &Event) -> String {
     }
     if let Some(i) = &e.icmp {
         s.push_str(&format!(" icmp type={} code={}", i.icmp_type, i.code));
+    }
+    if let Some(d) = &e.dns {
+        s.push_str(&format!(" dns id={} {}", d.id, d.summary()));
     }
     if let Some(nf) = &e.netfilter {
         s.push_str(&format!(
