@@ -25,9 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Always-on mode (DaemonSet): drops, resets, application errors, SYN retransmits and
-    /// RST/ICMP-unreachable packets of the node and every pod behind its veths as NDJSON on
-    /// stdout; Prometheus /metrics, /healthz, /readyz and /v1/trace (cluster-mode traces,
+    /// Always-on mode (DaemonSet): drops, resets, application errors, SYN retransmits,
+    /// RST/ICMP-unreachable packets and failed DNS lookups (dropped, rejected, unanswered,
+    /// SERVFAIL) of the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics, /healthz, /readyz and /v1/trace (cluster-mode traces,
     /// root-owned connections only) on --metrics-addr. Installs no firewall rule.
     Agent {
         /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /v1/trace). Loopback by

@@ -122,7 +122,7 @@ impl PodContext {
                 .is_none_or(|n| peer.namespace.as_ref() == Some(n))
     }
 
-    fn annotate_verdict(&self, v: &mut crate::verdict::Verdict) {
+    pub(crate) fn annotate_verdict(&self, v: &mut crate::verdict::Verdict) {
         let inode = |n: &Option<String>| n.as_ref().and_then(|n| self.inodes.get(n)).copied();
         let cgroup = v.client.pid.and_then(cgroup_of);
         v.client.peer = Some(self.inventory.peer(

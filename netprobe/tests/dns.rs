@@ -343,3 +343,87 @@ fn udp_to_a_port_without_socket_is_no_listener_with_the_udp_listeners() {
     assert_eq!(v["client"]["addr"], "10.42.0.20");
     assert_eq!(v["server"]["port"], 9999);
 }
+
+/// Always-on: a blocked lookup is a `dns_failure` record in the agent's NDJSON (naming the
+/// query, the client pod and the reason; schema-valid) and counts in
+/// `netprobe_dns_failures_total` for that pod; the lookup before the policy changed, admitted,
+/// is only counted (`netprobe_dns_queries_total`), never written.
+#[test]
+fn agent_reports_a_blocked_lookup_as_a_dns_failure_of_the_pod() {
+    let d = dns_lab("dnsagent", true, Some(true));
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let mut agent = support::start_agent(
+        d.lab.node(),
+        port,
+        &[],
+        &[("KUBECONFIG", d.kubeconfig.to_str().unwrap())],
+        true,
+    );
+    let dns_ip: SocketAddr = format!("{KUBE_DNS_IP}:53").parse().unwrap();
+    // Admitted by the policy: answered, counted, not written.
+    assert!(ask(&d.client.netns, dns_ip, &a_query(0x0101, NAME)).is_some());
+    // The policy changes: UDP 53 no longer admitted.
+    d.lab
+        .sh(
+            d.lab.node(),
+            "iptables -D cali-po-_rBbcmGd2jTnKVqUxcT0 -p udp -m comment --comment cali:Dn5aLw0Pp1QeZ3rT -m multiport --dports 53 -j MARK --set-xmark 0x10000/0x10000",
+        )
+        .unwrap();
+    assert_eq!(ask(&d.client.netns, dns_ip, &a_query(0x7777, NAME)), None);
+    let failures = "netprobe_dns_failures_total{namespace=\"financial-inference\",pod=\"client-0\",reason=\"dropped\"} 1";
+    let start = std::time::Instant::now();
+    let metrics = loop {
+        let (_, m) = support::http_get(d.lab.node(), port, "/metrics");
+        if m.contains(failures) || start.elapsed() > Duration::from_secs(8) {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let out = std::mem::replace(
+        &mut agent,
+        std::process::Command::new("true").spawn().unwrap(),
+    )
+    .wait_with_output()
+    .unwrap();
+    let _ = agent.wait();
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    support::assert_schema_valid(&lines);
+    let dump = lines
+        .iter()
+        .map(|l| l.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(metrics.contains(failures), "{metrics}\n{dump}");
+    assert!(
+        metrics.contains("netprobe_dns_queries_total{rcode=\"NOERROR\"} 1"),
+        "{metrics}"
+    );
+    let fails: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["kind"] == "dns_failure")
+        .collect();
+    assert_eq!(
+        fails.len(),
+        1,
+        "one failure, the answered lookup is not written:\n{dump}"
+    );
+    let f = fails[0];
+    assert_eq!(f["dns"]["name"], NAME, "{f:#}");
+    assert_eq!(f["dns"]["type"], "A", "{f:#}");
+    assert_eq!(f["dns"]["id"], 0x7777, "{f:#}");
+    assert_eq!(f["dns_failure"]["reason"], "dropped", "{f:#}");
+    assert_eq!(f["dns_failure"]["replied"], false, "{f:#}");
+    assert_eq!(f["source"]["pod"], "client-0", "{f:#}");
+    assert_eq!(f["dst"], KUBE_DNS_IP, "{f:#}");
+    assert_eq!(
+        f["destination"]["service"], "kube-system/kube-dns:dns",
+        "{f:#}"
+    );
+    assert_eq!(f["dns_failure"]["backend"]["addr"], "10.42.0.3", "{f:#}");
+}

@@ -222,6 +222,7 @@ pub fn text_line(e: &Event) -> String {
         Kind::StateChange => "STATE".into(),
         Kind::SocketError => "SOCK ERR".into(),
         Kind::Netfilter => "NETFILTER".into(),
+        Kind::DnsFailure => "DNS FAIL".into(),
     };
     let mut s = format!("{} {what:<12}", hms(e.time_ns));
     let ns = e
@@ -263,6 +264,9 @@ pub fn text_line(e: &Event) -> String {
     }
     if let Some(d) = &e.dns {
         s.push_str(&format!(" dns id={} {}", d.id, d.summary()));
+    }
+    if let Some(f) = &e.dns_failure {
+        s.push_str(&format!(" {}: {}", f.reason, f.explanation));
     }
     if let Some(nf) = &e.netfilter {
         s.push_str(&format!(

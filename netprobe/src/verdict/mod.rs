@@ -432,6 +432,13 @@ fn checkpoint(e: &Event) -> String {
             "application gets {}{at}",
             e.error.as_ref().map(|x| x.name.clone()).unwrap_or_default()
         ),
+        Kind::DnsFailure => format!(
+            "DNS lookup failed: {}{at}",
+            e.dns_failure
+                .as_ref()
+                .map(|f| f.reason.clone())
+                .unwrap_or_default()
+        ),
         Kind::Netfilter => {
             let n = e.netfilter.as_ref().expect("netfilter");
             format!(
