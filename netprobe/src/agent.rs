@@ -406,15 +406,23 @@ fn report_dns(
         else {
             continue;
         };
+        *metrics
+            .lock()
+            .expect("metrics lock")
+            .dns_queries
+            .entry(rcode)
+            .or_default() += 1;
+        if crate::events::dns_failure(&v).is_none() {
+            // Healthy lookups (NXDOMAIN included) are only counted: no name lookup either.
+            continue;
+        }
         if let Some(p) = pods {
             p.annotate_verdict(&mut v);
         }
-        let failure = crate::events::dns_failure(&v);
-        let mut m = metrics.lock().expect("metrics lock");
-        *m.dns_queries.entry(rcode).or_default() += 1;
-        let Some(e) = failure else { continue };
-        m.count(&e);
-        drop(m);
+        let Some(e) = crate::events::dns_failure(&v) else {
+            continue;
+        };
+        metrics.lock().expect("metrics lock").count(&e);
         if storm.admit(storm_key(&e), unix_second(), rate_limit) {
             serde_json::to_writer(&mut *out, &e).map_err(std::io::Error::from)?;
             out.write_all(b"\n")?;

@@ -300,3 +300,68 @@ fn udp_without_socket_is_no_listener_with_the_udp_listeners() {
     let u = v.udp.as_ref().unwrap();
     assert!(!u.replied && u.dns.is_none());
 }
+
+#[test]
+fn dns_verdicts_become_agent_failure_events_only_when_they_failed() {
+    let blocked = &run("dns_calico_egress", udp_ctx(53, vec![]))[0];
+    let e = crate::events::dns_failure(blocked).expect("a failure");
+    assert_eq!(e.kind, Kind::DnsFailure);
+    let f = e.dns_failure.as_ref().unwrap();
+    assert_eq!((f.reason.as_str(), f.replied), ("dropped", false));
+    assert_eq!(
+        f.backend.as_ref().map(|b| b.addr.to_string()).as_deref(),
+        Some("10.42.0.3")
+    );
+    let d = e.dns.as_ref().unwrap();
+    assert_eq!((d.name.as_deref(), d.id), (Some(DNS_NAME), 0x4242));
+    assert_eq!(
+        (e.src.to_string(), e.dst.to_string(), e.dport),
+        ("10.42.0.20".into(), "10.43.0.10".into(), 53)
+    );
+    assert_eq!(e.time_ns, blocked.timeline[0].time_ns, "timed at the query");
+    let unanswered = &run("dns_unanswered", udp_ctx(53, vec![]))[0];
+    assert_eq!(
+        crate::events::dns_failure(unanswered)
+            .unwrap()
+            .dns_failure
+            .unwrap()
+            .reason,
+        "unanswered"
+    );
+    let mut answered = run("dns_answered", udp_ctx(53, vec![])).remove(0);
+    assert_eq!(crate::events::dns_failure(&answered), None);
+    // Answered, but SERVFAIL: the server was reached and failed.
+    if let Some(d) = answered.udp.as_mut().and_then(|u| u.dns.as_mut()) {
+        d.rcode = Some("SERVFAIL".into());
+    }
+    assert_eq!(
+        crate::events::dns_failure(&answered)
+            .unwrap()
+            .dns_failure
+            .unwrap()
+            .reason,
+        "servfail"
+    );
+    // Not DNS: no DNS failure.
+    let udp = &run(
+        "udp_no_listener",
+        udp_ctx(9999, vec![("server", vec![listener("0.0.0.0", 9001)])]),
+    )[0];
+    assert_eq!(crate::events::dns_failure(udp), None);
+}
+
+#[test]
+fn dns_verdict_text_names_the_query_and_the_reply() {
+    let v = &run("dns_calico_egress", udp_ctx(53, vec![]))[0];
+    let text = crate::outputs::verdict_text(v);
+    assert!(
+        text.contains(&format!(
+            "DNS A {DNS_NAME} (id 16962), 1 datagram(s), no reply came back"
+        )),
+        "{text}"
+    );
+    let v = &run("dns_answered", udp_ctx(53, vec![]))[0];
+    let text = crate::outputs::verdict_text(v);
+    assert!(text.starts_with("✓ answered: NOERROR"), "{text}");
+    assert!(text.contains("reply NOERROR"), "{text}");
+}
