@@ -404,10 +404,17 @@ fn agent_reports_a_blocked_lookup_as_a_dns_failure_of_the_pod() {
         metrics.contains("netprobe_dns_queries_total{rcode=\"NOERROR\"} 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("netprobe_dns_queries_total{rcode=\"none\"} 1"),
+        "the blocked lookup got no answer: {metrics}"
+    );
+    // Healthy DNS costs no NDJSON line: only the failure carries a DNS message.
+    let with_dns = lines.iter().filter(|l| l.get("dns").is_some()).count();
     let fails: Vec<&Value> = lines
         .iter()
         .filter(|l| l["kind"] == "dns_failure")
         .collect();
+    assert_eq!(with_dns, fails.len(), "{dump}");
     assert_eq!(
         fails.len(),
         1,
