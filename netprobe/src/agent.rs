@@ -457,8 +457,18 @@ async fn serve_http(
         let metrics = metrics.clone();
         let traces = traces.clone();
         tokio::spawn(async move {
+            // A request head may arrive in pieces: read up to its end (or 4 KiB, or 5 s).
             let mut buf = vec![0u8; 4096];
-            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let mut n = 0;
+            let head = async {
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), head).await;
             let req = String::from_utf8_lossy(&buf[..n]).to_string();
             let target = req.split_whitespace().nth(1).unwrap_or("/");
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
