@@ -101,6 +101,26 @@ pub struct RawEvent {
 }
 const _: () = assert!(size_of::<RawEvent>() == 112);
 
+/// The DNS port: UDP datagrams to or from it carry the start of their DNS message.
+pub const DNS_PORT: u16 = 53;
+/// Bytes of a DNS message kept in a [`RawDnsEvent`]: the header and the question of any
+/// ordinary lookup (a 100-character name fits).
+pub const DNS_CAPTURE: usize = 128;
+
+/// A [`RawEvent`] of a UDP datagram to or from [`DNS_PORT`], followed by the first bytes of its
+/// DNS message. A record of its own size in the same ring buffer: userspace tells the two
+/// apart by length, and ordinary events stay 112 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawDnsEvent {
+    pub ev: RawEvent,
+    /// Bytes of `payload` the kernel filled (≤ [`DNS_CAPTURE`]); the rest is not meaningful.
+    pub len: u16,
+    pub _pad: [u8; 6],
+    pub payload: [u8; DNS_CAPTURE],
+}
+const _: () = assert!(size_of::<RawDnsEvent>() == 248);
+
 /// The in-kernel filter. Zero fields match anything. Set once at load time.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -115,7 +135,11 @@ pub struct Filter {
     /// retransmits, RST and ICMP-unreachable packets — not SYNs or state changes, so healthy
     /// traffic costs no event at all.
     pub failures_only: u8,
-    pub _pad: [u8; 3],
+    /// 0: the tc programs follow TCP (and ICMP errors), as always; [`IPPROTO_UDP`]: they also
+    /// emit every UDP datagram matching port and address (UDP/DNS traces). In
+    /// `failures_only` mode UDP to or from [`DNS_PORT`] is emitted whatever this says.
+    pub proto: u8,
+    pub _pad: [u8; 2],
     pub addr: [u8; 16],
 }
 const _: () = assert!(size_of::<Filter>() == 24);
@@ -175,6 +199,7 @@ mod user {
     // SAFETY: plain-old-data: `#[repr(C)]`, fixed-width fields, no implicit padding (size asserts).
     unsafe impl aya::Pod for super::RawEvent {}
     unsafe impl aya::Pod for super::Filter {}
+    unsafe impl aya::Pod for super::RawDnsEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}
 }
 
@@ -197,6 +222,15 @@ mod tests {
 
     #[test]
     fn filter_layout_is_stable() {
+        assert_eq!(offset_of!(Filter, proto), 5);
         assert_eq!(offset_of!(Filter, addr), 8);
+    }
+
+    #[test]
+    fn dns_event_layout_is_stable() {
+        assert_eq!(offset_of!(RawDnsEvent, ev), 0);
+        assert_eq!(offset_of!(RawDnsEvent, len), 112);
+        assert_eq!(offset_of!(RawDnsEvent, payload), 120);
+        assert_eq!(core::mem::align_of::<RawDnsEvent>(), 8);
     }
 }

@@ -1,11 +1,17 @@
 //! The ring buffer and the per-CPU counters.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::bpf_skb_load_bytes,
+    },
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
+    programs::TcContext,
 };
-use netprobe_common::{IPPROTO_TCP, MAX_DROP_REASONS, RING_BYTES, RawEvent, counter, quiet};
+use netprobe_common::{
+    DNS_CAPTURE, IPPROTO_TCP, MAX_DROP_REASONS, RING_BYTES, RawDnsEvent, RawEvent, counter, quiet,
+};
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
@@ -92,4 +98,49 @@ pub fn submit(mut ev: RawEvent, with_task: bool) {
         }
         None => count(counter::LOST),
     }
+}
+
+/// Submits a [`RawDnsEvent`]: `ev` and the first bytes of the DNS message at packet offset `off`,
+/// copied straight into the ring buffer (the record does not fit the 512-byte stack twice).
+#[inline(always)]
+pub fn submit_dns(ctx: &TcContext, mut ev: RawEvent, off: usize) {
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    let avail = (ctx.len() as usize).saturating_sub(off);
+    let Some(mut slot) = EVENTS.reserve::<RawDnsEvent>(0) else {
+        count(counter::LOST);
+        return;
+    };
+    let p = slot.as_mut_ptr();
+    let mut len = 0u16;
+    if avail > 0 {
+        let n = if avail > DNS_CAPTURE {
+            DNS_CAPTURE
+        } else {
+            avail
+        } as u32;
+        // The verifier needs a length it can bound to 1..=DNS_CAPTURE (a power of two).
+        let n = ((n - 1) & (DNS_CAPTURE as u32 - 1)) + 1;
+        // SAFETY: `p` is reserved ring-buffer memory of the record's size; the helper writes at
+        // most `n` ≤ DNS_CAPTURE bytes into `payload` and checks the packet bounds itself.
+        let r = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                off as u32,
+                core::ptr::addr_of_mut!((*p).payload).cast(),
+                n,
+            )
+        };
+        if r == 0 {
+            len = n as u16;
+        }
+    }
+    // SAFETY: writes into the reserved record through its raw pointer (no reference to
+    // uninitialized memory is made).
+    unsafe {
+        core::ptr::addr_of_mut!((*p).ev).write(ev);
+        core::ptr::addr_of_mut!((*p).len).write(len);
+        core::ptr::addr_of_mut!((*p)._pad).write([0; 6]);
+    }
+    slot.submit(0);
+    count(counter::EMITTED);
 }

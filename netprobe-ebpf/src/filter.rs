@@ -2,7 +2,7 @@
 //! and compares per packet and nothing reaches the ring buffer unless it matches.
 
 use aya_ebpf::{Global, macros::map, maps::HashMap};
-use netprobe_common::{Filter, MAX_NETNS_FILTER};
+use netprobe_common::{DNS_PORT, Filter, IPPROTO_UDP, MAX_NETNS_FILTER};
 
 #[unsafe(no_mangle)]
 static FILTER: Global<Filter> = Global::new(Filter {
@@ -10,7 +10,8 @@ static FILTER: Global<Filter> = Global::new(Filter {
     netns_enabled: 0,
     addr_family: 0,
     failures_only: 0,
-    _pad: [0; 3],
+    proto: 0,
+    _pad: [0; 2],
     addr: [0; 16],
 });
 
@@ -57,6 +58,19 @@ fn prefix_eq(a: &[u8; 16], b: &[u8; 16], n: usize) -> bool {
         i += 1;
     }
     true
+}
+
+/// Should the tc programs emit this UDP datagram (ports in host order)? Traces ask for UDP
+/// explicitly; the always-on agent takes DNS only (modest volume; userspace pairs queries and
+/// replies to find the unanswered ones).
+#[inline(always)]
+pub fn udp_wanted(sport: u16, dport: u16) -> bool {
+    let f = FILTER.load();
+    if f.failures_only != 0 {
+        sport == DNS_PORT || dport == DNS_PORT
+    } else {
+        f.proto == IPPROTO_UDP
+    }
 }
 
 /// Always-on mode: only failure signals are emitted.

@@ -1,14 +1,16 @@
 //! tc classifier on veth and lo, ingress and egress (tcx where the kernel has it, clsact
-//! otherwise): the checkpoints a SYN passes. Emits TCP SYN, SYN-ACK and RST, and ICMP/ICMPv6
-//! destination-unreachable errors (tuple of the quoted packet), when they match the filter.
+//! otherwise): the checkpoints a SYN passes. Emits TCP SYN, SYN-ACK and RST, ICMP/ICMPv6
+//! destination-unreachable errors (tuple of the quoted packet), and UDP datagrams (see
+//! [`filter::udp_wanted`]; DNS ones with the start of their message), when they match the
+//! filter.
 //!
 //! Always returns `TC_ACT_UNSPEC`: with tcx that is "next program", with clsact "continue", so
 //! netprobe never decides a packet's fate (Calico eBPF or Cilium programs keep working).
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use netprobe_common::{
-    AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RawEvent, counter,
-    kind, tcp_flags,
+    AF_INET, AF_INET6, DNS_PORT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RawEvent,
+    counter, kind, tcp_flags,
 };
 
 use crate::{emit, filter};
@@ -55,6 +57,11 @@ fn candidate(ctx: &TcContext) -> Result<bool, i64> {
             Ok(flags & wanted != 0)
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => Ok(true),
+        IPPROTO_UDP => {
+            let sport = u16::from_be(ctx.load::<u16>(l4)?);
+            let dport = u16::from_be(ctx.load::<u16>(l4 + 2)?);
+            Ok(filter::udp_wanted(sport, dport))
+        }
         _ => Ok(false),
     }
 }
@@ -74,7 +81,16 @@ fn try_tc(ctx: &TcContext, direction: u8) -> Result<(), i64> {
         ETH_P_IPV6 => ipv6(ctx, ETH_HLEN, &mut ev)?,
         _ => return Ok(()),
     };
+    // Where a DNS message starts, for datagrams to or from port 53.
+    let mut dns_at = None;
     match ev.proto {
+        IPPROTO_UDP => {
+            ev.sport = u16::from_be(ctx.load::<u16>(l4)?);
+            ev.dport = u16::from_be(ctx.load::<u16>(l4 + 2)?);
+            if ev.sport == DNS_PORT || ev.dport == DNS_PORT {
+                dns_at = Some(l4 + 8);
+            }
+        }
         IPPROTO_TCP => {
             ev.tcp_flags = ctx.load::<u8>(l4 + 13)?;
             if ev.tcp_flags & (tcp_flags::SYN | tcp_flags::RST) == 0 {
@@ -122,7 +138,10 @@ fn try_tc(ctx: &TcContext, direction: u8) -> Result<(), i64> {
     }
     // SAFETY: `skb` is the context pointer the kernel passed in.
     ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    emit::submit(ev, false);
+    match dns_at {
+        Some(off) => emit::submit_dns(ctx, ev, off),
+        None => emit::submit(ev, false),
+    }
     Ok(())
 }
 

@@ -25,6 +25,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod dns;
 pub mod kubeapi;
 pub mod rules;
 pub mod two_nodes;

@@ -1,7 +1,7 @@
 //! `netprobe agent`: always-on mode for a DaemonSet. Loads the probes once for every port,
 //! watches the node's namespace and every pod namespace behind its veths (new veths are attached
 //! when rtnetlink announces them, with a 200 ms poll as a safety net), writes the events that
-//! matter — drops, resets sent, application errors, SYN retransmits — as NDJSON on stdout (schema `netprobe.event/v1`), and
+//! matter — drops, resets sent, application errors, SYN retransmits, failed DNS lookups — as NDJSON on stdout (schema `netprobe.event/v1`), and
 //! serves `/metrics` (Prometheus), `/healthz`, `/readyz` and `/v1/trace` (cluster-mode trace,
 //! see [`crate::remote`]) on a loopback address. SIGTERM/SIGINT: detach and exit.
 
@@ -13,7 +13,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use netprobe_common::{Filter, quiet};
+use netprobe_common::{DNS_PORT, Filter, quiet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
@@ -70,6 +70,10 @@ struct Metrics {
     delay_max_s: f64,
     /// Probes the kernel refused: (program, reason). The agent runs without them.
     degraded: Vec<(String, String)>,
+    /// (namespace, pod, reason) of the client → failed DNS lookups.
+    dns_failures: BTreeMap<(String, String, String), u64>,
+    /// rcode of the answer (`none`: no answer) → DNS lookups judged.
+    dns_queries: BTreeMap<String, u64>,
 }
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
@@ -116,6 +120,22 @@ impl Metrics {
             s.push_str(&format!(
                 "netprobe_syn_retransmits_total{{dst_node=\"{}\"}} {n}\n",
                 label(node)
+            ));
+        }
+        s.push_str("# HELP netprobe_dns_failures_total DNS lookups that failed, by client pod and reason (dropped, rejected, unanswered, servfail, refused).\n# TYPE netprobe_dns_failures_total counter\n");
+        for ((ns, pod, reason), n) in &self.dns_failures {
+            s.push_str(&format!(
+                "netprobe_dns_failures_total{{namespace=\"{}\",pod=\"{}\",reason=\"{}\"}} {n}\n",
+                label(ns),
+                label(pod),
+                label(reason)
+            ));
+        }
+        s.push_str("# HELP netprobe_dns_queries_total DNS lookups seen leaving pods on this node, by the rcode of their answer (none: no answer).\n# TYPE netprobe_dns_queries_total counter\n");
+        for (rcode, n) in &self.dns_queries {
+            s.push_str(&format!(
+                "netprobe_dns_queries_total{{rcode=\"{}\"}} {n}\n",
+                label(rcode)
             ));
         }
         s.push_str("# HELP netprobe_lost_events_total Events the kernel could not queue (ring buffer full).\n# TYPE netprobe_lost_events_total counter\n");
@@ -190,6 +210,18 @@ impl Metrics {
                     .unwrap_or_default();
                 *self.syn_retransmits.entry(node).or_default() += 1;
             }
+            Kind::DnsFailure => {
+                let client = e.source.as_ref();
+                let key = (
+                    client.and_then(|p| p.namespace.clone()).unwrap_or_default(),
+                    client.and_then(|p| p.pod.clone()).unwrap_or_default(),
+                    e.dns_failure
+                        .as_ref()
+                        .map(|f| f.reason.clone())
+                        .unwrap_or_default(),
+                );
+                *self.dns_failures.entry(key).or_default() += 1;
+            }
             _ => {}
         }
     }
@@ -228,6 +260,7 @@ fn storm_key(e: &Event) -> StormKey {
         .as_ref()
         .map(|d| d.reason.clone())
         .or_else(|| e.error.as_ref().map(|x| x.name.clone()))
+        .or_else(|| e.dns_failure.as_ref().map(|f| f.reason.clone()))
         .unwrap_or_default();
     let peer = e
         .destination
@@ -385,6 +418,57 @@ fn translate(e: &mut Event, inventory: &crate::enrich::pods::Inventory) {
             peer: Some(inventory.peer(dst, dport, None, None)),
         });
     }
+}
+
+/// What the DNS engine takes: UDP to or from port 53, and ICMP errors quoting it.
+fn dns_related(e: &Event) -> bool {
+    e.protocol != "tcp" && (e.sport == DNS_PORT || e.dport == DNS_PORT)
+}
+
+/// DNS verdicts of the always-on engine: every lookup counted by the rcode of its answer;
+/// failures written as `dns_failure` events (storm-controlled like every event) and counted by
+/// client pod and reason.
+fn report_dns(
+    verdicts: Vec<crate::verdict::Verdict>,
+    pods: Option<&crate::trace::PodContext>,
+    metrics: &Mutex<Metrics>,
+    storm: &mut Storm,
+    rate_limit: u32,
+    out: &mut dyn Write,
+) -> std::io::Result<()> {
+    for mut v in verdicts {
+        let Some(rcode) = v
+            .udp
+            .as_ref()
+            .and_then(|u| u.dns.as_ref())
+            .filter(|_| v.outcome != crate::verdict::Outcome::Unknown)
+            .map(|d| d.rcode.clone().unwrap_or_else(|| "none".into()))
+        else {
+            continue;
+        };
+        *metrics
+            .lock()
+            .expect("metrics lock")
+            .dns_queries
+            .entry(rcode)
+            .or_default() += 1;
+        if crate::events::dns_failure(&v).is_none() {
+            // Healthy lookups (NXDOMAIN included) are only counted: no name lookup either.
+            continue;
+        }
+        if let Some(p) = pods {
+            p.annotate_verdict(&mut v);
+        }
+        let Some(e) = crate::events::dns_failure(&v) else {
+            continue;
+        };
+        metrics.lock().expect("metrics lock").count(&e);
+        if storm.admit(storm_key(&e), unix_second(), rate_limit) {
+            serde_json::to_writer(&mut *out, &e).map_err(std::io::Error::from)?;
+            out.write_all(b"\n")?;
+        }
+    }
+    Ok(())
 }
 
 /// Always-on keeps what explains failures; handshakes that work are not news.
@@ -613,22 +697,40 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
     let recorder = pods
         .as_ref()
         .map(|p| p.kube.recorder(opts.node_name.as_deref()));
+    // DNS lookups: queries paired with replies, drops and ICMP errors (UDP has no handshake to
+    // tell failure from success, so the agent judges them as a trace does).
+    let mut dns = crate::verdict::Engine::new(crate::verdict::Context {
+        port: DNS_PORT,
+        udp: true,
+        listeners: Default::default(),
+    });
+    let started = std::time::Instant::now();
+    let dns_now = move || started.elapsed().as_nanos() as u64;
     let write_line = |out: &mut dyn Write, v: &dyn erased::Json| -> std::io::Result<()> {
         v.write_json(out)?;
         out.write_all(b"\n")
     };
     loop {
         tokio::select! {
-            r = reader.next_batch(|raw| {
+            r = reader.next_batch(|rec| {
                 // Kernel timestamp (CLOCK_MONOTONIC) to now: how far behind the agent runs.
-                delay_max_ns = delay_max_ns.max(monotonic_ns().saturating_sub(raw.ts_ns));
-                let Some(mut e) = enricher.enrich(&raw) else { return };
-                if !interesting(&e) {
+                delay_max_ns = delay_max_ns.max(monotonic_ns().saturating_sub(rec.ev.ts_ns));
+                let Some(mut e) = enricher.enrich_record(&rec) else { return };
+                if !interesting(&e) && !dns_related(&e) {
                     return;
                 }
                 if let Some(p) = &pods {
                     p.annotate_event(&mut e);
                     translate(&mut e, &p.inventory);
+                }
+                if dns_related(&e) {
+                    let verdicts = dns.push(e.clone(), dns_now());
+                    if let Err(err) = report_dns(verdicts, pods.as_ref(), &metrics, &mut storm, opts.rate_limit, &mut out) {
+                        write_err.get_or_insert(err);
+                    }
+                }
+                if !interesting(&e) {
+                    return;
                 }
                 metrics.lock().expect("metrics lock").count(&e);
                 if let (Some(rec), Some(p)) = (&recorder, &pods)
@@ -670,6 +772,11 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
                     if let Err(err) = write_line(&mut out, &s) {
                         write_err.get_or_insert(err);
                     }
+                }
+                // Lookups decided meanwhile: settled, or unanswered for 5 s.
+                let verdicts = dns.poll(dns_now());
+                if let Err(err) = report_dns(verdicts, pods.as_ref(), &metrics, &mut storm, opts.rate_limit, &mut out) {
+                    write_err.get_or_insert(err);
                 }
                 // New veths (new pods) within 200 ms; their namespaces join the filter.
                 let n = attach_new(&mut probes, &node, &enricher, &mut attached).unwrap_or(attached.len());

@@ -16,7 +16,7 @@ const EXIT_USAGE: u8 = 2;
 #[command(
     name = "netprobe",
     version,
-    about = "Where and why a pod's TCP connection died: eBPF tracing of SYNs, resets and drops on a Kubernetes node"
+    about = "Where and why a pod's TCP connection or DNS lookup died: eBPF tracing of SYNs, datagrams, resets and drops on a Kubernetes node"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,9 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Always-on mode (DaemonSet): drops, resets, application errors, SYN retransmits and
-    /// RST/ICMP-unreachable packets of the node and every pod behind its veths as NDJSON on
-    /// stdout; Prometheus /metrics, /healthz, /readyz and /v1/trace (cluster-mode traces,
+    /// Always-on mode (DaemonSet): drops, resets, application errors, SYN retransmits,
+    /// RST/ICMP-unreachable packets and failed DNS lookups (dropped, rejected, unanswered,
+    /// SERVFAIL) of the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics, /healthz, /readyz and /v1/trace (cluster-mode traces,
     /// root-owned connections only) on --metrics-addr. Installs no firewall rule.
     Agent {
         /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /v1/trace). Loopback by
@@ -76,10 +76,22 @@ enum Command {
     /// `meta nftrace` on the traced flow only; it is removed when the trace ends (also on Ctrl-C
     /// and errors), and leftovers of a killed netprobe are removed at the next start. Disable
     /// with --no-rule-trace. The tc programs never alter packets and go away when netprobe exits.
+    ///
+    /// UDP and DNS (--proto udp, --dns): one verdict per exchange (per DNS query): answered
+    /// (with the rcode; NXDOMAIN is an answer), dropped (by a rule / by the kernel), refused (no
+    /// socket: ICMP port unreachable), or unanswered (no reply after 5 s and no drop on this
+    /// node); DNS verdicts name the query (name and type).
     Trace {
-        /// TCP port to follow (source or destination). Example: --port 9500
-        #[arg(short, long)]
-        port: u16,
+        /// Port to follow (source or destination); 53 with --dns. Example: --port 9500
+        #[arg(short, long, required_unless_present = "dns")]
+        port: Option<u16>,
+        /// Transport protocol to follow.
+        #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+        proto: Proto,
+        /// Follow DNS lookups: --proto udp --port 53, queries and replies decoded (name, type,
+        /// rcode). Example: --pod client-0 --dns
+        #[arg(long, conflicts_with = "proto")]
+        dns: bool,
         /// Only packets from or to this address. Example: --addr 10.43.51.131
         #[arg(long)]
         addr: Option<IpAddr>,
@@ -145,6 +157,12 @@ enum Command {
         #[arg(long, default_value_t = 9965)]
         agent_port: u16,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
 }
 
 /// Installed as `kubectl-netprobe`, `kubectl netprobe trace …` works in cluster mode.
@@ -277,6 +295,8 @@ fn main() -> ExitCode {
         }
         Command::Trace {
             port,
+            proto,
+            dns,
             addr,
             netns,
             duration,
@@ -295,6 +315,11 @@ fn main() -> ExitCode {
             agent_port,
             ring_buffer_kib,
         } => {
+            let udp = dns || proto == Proto::Udp;
+            let Some(port) = port.or(dns.then_some(netprobe_common::DNS_PORT)) else {
+                eprintln!("netprobe: --port is required (or --dns)");
+                return ExitCode::from(EXIT_USAGE);
+            };
             if cluster || invoked_as_kubectl_plugin() {
                 let Some(pod) = pod else {
                     eprintln!("netprobe: cluster mode needs --pod");
@@ -307,6 +332,7 @@ fn main() -> ExitCode {
                     agent_port,
                     request: netprobe::remote::TraceRequest {
                         port,
+                        udp,
                         pod: String::new(),
                         addr,
                         duration,
@@ -333,6 +359,7 @@ fn main() -> ExitCode {
             let opts = trace::TraceOptions {
                 ring_bytes: ring_buffer_kib * 1024,
                 port,
+                udp,
                 addr,
                 netns,
                 duration,

@@ -339,6 +339,22 @@ pub fn parse_inet_diag(body: &[u8]) -> Option<ListenSocket> {
 
 /// Listening TCP sockets (IPv4 and IPv6) of the calling thread's network namespace.
 pub fn tcp_listeners() -> Result<Vec<ListenSocket>> {
+    inet_sockets(libc::IPPROTO_TCP as u8, 1 << TCP_LISTEN)
+}
+
+/// `TCP_CLOSE`: the state sock_diag reports for an unconnected UDP socket.
+const UDP_UNCONNECTED: u32 = 7;
+
+/// UDP sockets bound to a port and not connected (IPv4 and IPv6): the UDP "listeners" of the
+/// calling thread's network namespace.
+pub fn udp_listeners() -> Result<Vec<ListenSocket>> {
+    let mut out = inet_sockets(libc::IPPROTO_UDP as u8, 1 << UDP_UNCONNECTED)?;
+    out.retain(|s| s.port != 0);
+    Ok(out)
+}
+
+/// sock_diag dump of `proto` sockets in the states of the `states` bit mask.
+fn inet_sockets(proto: u8, states: u32) -> Result<Vec<ListenSocket>> {
     let err = |source| Error::Netlink {
         what: "sock_diag dump",
         source,
@@ -348,8 +364,8 @@ pub fn tcp_listeners() -> Result<Vec<ListenSocket>> {
         let sock = Socket::open(libc::NETLINK_SOCK_DIAG).map_err(err)?;
         let mut req = [0u8; INET_DIAG_REQ_V2_LEN];
         req[0] = family;
-        req[1] = libc::IPPROTO_TCP as u8;
-        req[4..8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+        req[1] = proto;
+        req[4..8].copy_from_slice(&states.to_ne_bytes());
         sock.send(SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, &req)
             .map_err(err)?;
         sock.recv_all(false, |ty, body| {
@@ -767,6 +783,19 @@ mod tests {
             found
                 .iter()
                 .any(|s| s.port == port && s.addr.to_string() == "127.0.0.1" && s.inode != 0),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn finds_a_bound_udp_socket() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = s.local_addr().unwrap().port();
+        let found = udp_listeners().expect("sock_diag");
+        assert!(
+            found
+                .iter()
+                .any(|s| s.port == port && s.addr.to_string() == "127.0.0.1"),
             "{found:?}"
         );
     }

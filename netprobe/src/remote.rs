@@ -56,6 +56,8 @@ const MAX_PEER_NODES: usize = 3;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TraceRequest {
     pub port: u16,
+    /// UDP (DNS at port 53) instead of TCP.
+    pub udp: bool,
     /// NAMESPACE/NAME of the pod to trace.
     pub pod: String,
     pub addr: Option<IpAddr>,
@@ -123,6 +125,7 @@ impl TraceRequest {
         }
         for (flag, name) in [
             (self.events, "events"),
+            (self.udp, "udp"),
             (self.json, "json"),
             (self.no_rule_trace, "no_rule_trace"),
         ] {
@@ -151,6 +154,7 @@ impl TraceRequest {
                 "count" => r.count = Some(v.parse().map_err(|_| bad("count"))?),
                 "from_pod" => r.from_pod = Some(v),
                 "events" => r.events = v == "1",
+                "udp" => r.udp = v == "1",
                 "json" => r.json = v == "1",
                 "no_rule_trace" => r.no_rule_trace = v == "1",
                 other => return Err(format!("unknown parameter `{other}`")),
@@ -185,6 +189,8 @@ impl TraceRequest {
             "trace".into(),
             "--port".into(),
             self.port.to_string(),
+            "--proto".into(),
+            if self.udp { "udp" } else { "tcp" }.into(),
             "--pod".into(),
             name.into(),
             "-n".into(),
@@ -498,7 +504,8 @@ pub async fn run(
     );
     let mut peers = Vec::new();
     let mut all_remote = false;
-    if let (Some(addr), false) = (opts.request.addr, opts.request.events) {
+    // Cross-node joining follows TCP attempts (SYNs); UDP is traced on the client's node.
+    if let (Some(addr), false, false) = (opts.request.addr, opts.request.events, opts.request.udp) {
         match backends(&client, addr, opts.request.port).await {
             Ok(found) => {
                 all_remote = found.iter().all(|b| b.node != node);
@@ -828,6 +835,7 @@ where
             events: false,
             json: true,
             no_rule_trace: opts.request.no_rule_trace,
+            udp: false,
         };
         let (pf, stream) = forward(p.agent.clone()).await?;
         forwards.push(pf);
@@ -1134,6 +1142,7 @@ mod tests {
     fn requests_round_trip_through_the_query() {
         let r = TraceRequest {
             port: 9500,
+            udp: true,
             pod: "financial-ml/mlserver-0".into(),
             addr: Some("10.43.51.131".parse().unwrap()),
             duration: Some(Duration::from_millis(1500)),
@@ -1147,7 +1156,7 @@ mod tests {
         let argv = r.argv().join(" ");
         assert!(
             argv.starts_with(
-                "trace --port 9500 --pod mlserver-0 -n financial-ml --duration 1500ms -o json"
+                "trace --port 9500 --proto udp --pod mlserver-0 -n financial-ml --duration 1500ms -o json"
             ),
             "{argv}"
         );

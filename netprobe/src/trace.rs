@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, io::Write, net::IpAddr, path::PathBuf, time::Duration};
 
-use netprobe_common::{AF_INET, AF_INET6, Filter};
+use netprobe_common::{AF_INET, AF_INET6, Filter, IPPROTO_UDP};
 
 use crate::{
     collectors::{
@@ -12,7 +12,7 @@ use crate::{
     enrich::{
         Enricher,
         kube::{self, KubeSource},
-        listeners::listeners_in,
+        listeners::{listeners_in, udp_listeners_in},
         pods::{Inventory, cgroup_of},
         rules::{PathCollector, attribute, attribute_legacy, fetch_ruleset, legacy, path_tuple},
     },
@@ -28,6 +28,8 @@ pub struct TraceOptions {
     /// Size of the kernel → netprobe ring buffer in bytes (power of two, ≥ 4096).
     pub ring_bytes: u32,
     pub port: u16,
+    /// Follow UDP exchanges (DNS lookups when the port is 53) instead of TCP connections.
+    pub udp: bool,
     pub addr: Option<IpAddr>,
     /// Restrict to these namespaces (names in /run/netns or paths); empty = this namespace and
     /// the pod namespaces its veths lead to.
@@ -120,7 +122,7 @@ impl PodContext {
                 .is_none_or(|n| peer.namespace.as_ref() == Some(n))
     }
 
-    fn annotate_verdict(&self, v: &mut crate::verdict::Verdict) {
+    pub(crate) fn annotate_verdict(&self, v: &mut crate::verdict::Verdict) {
         let inode = |n: &Option<String>| n.as_ref().and_then(|n| self.inodes.get(n)).copied();
         let cgroup = v.client.pid.and_then(cgroup_of);
         v.client.peer = Some(self.inventory.peer(
@@ -204,12 +206,16 @@ fn print_verdicts<W: Write>(
         }
         if v.outcome == crate::verdict::Outcome::Unknown
             && v.timeline.iter().all(|c| !c.what.contains("SYN"))
+            && v.udp.as_ref().is_none_or(|u| u.requests == 0)
         {
-            // Leftovers of connections that started before the trace (e.g. a FIN): not attempts.
+            // Leftovers of connections that started before the trace (e.g. a FIN), replies to
+            // datagrams sent before it: not attempts.
             continue;
         }
-        if v.outcome == crate::verdict::Outcome::TimedOut
-            && v.route.is_none()
+        if matches!(
+            v.outcome,
+            crate::verdict::Outcome::TimedOut | crate::verdict::Outcome::Unanswered
+        ) && v.route.is_none()
             && let Ok(Some(r)) = crate::enrich::route::route_hint(v.server.addr)
         {
             // The trace runs in the node's namespace: this is the node's own route.
@@ -292,6 +298,7 @@ fn filter_for(opts: &TraceOptions) -> Filter {
     let mut f = Filter {
         port: opts.port,
         netns_enabled: 1,
+        proto: if opts.udp { IPPROTO_UDP } else { 0 },
         ..Default::default()
     };
     match opts.addr {
@@ -398,6 +405,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             enricher.add_tc(&a);
         }
     }
+    let proto = if opts.udp { "udp" } else { "tcp" };
     // Netfilter attribution: listen first, then mark the flow, so no message is missed.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (nf_tx, mut nf_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, TraceMsg)>();
@@ -430,7 +438,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
                     }
                 }
             }));
-            tables.push(TraceTable::install(ns, opts.port, opts.addr)?);
+            tables.push(TraceTable::install(ns, proto, opts.port, opts.addr)?);
             let rs = ns.run(fetch_ruleset)?;
             legacy_before.push(if rs.legacy_rules > 0 {
                 Some(ns.run(legacy::snapshot)?)
@@ -445,12 +453,18 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     let mut listeners = std::collections::HashMap::new();
     for ns in &scope {
         // A namespace that cannot be read just has no listener evidence.
-        if let Ok(l) = listeners_in(ns) {
+        let found = if opts.udp {
+            udp_listeners_in(ns)
+        } else {
+            listeners_in(ns)
+        };
+        if let Ok(l) = found {
             listeners.insert(ns.name.clone(), l);
         }
     }
     let engine = std::cell::RefCell::new(Engine::new(Context {
         port: opts.port,
+        udp: opts.udp,
         listeners,
     }));
     let attempts = std::cell::Cell::new(0u64);
@@ -469,8 +483,13 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     }
     let names: Vec<&str> = scope.iter().map(|n| n.name.as_str()).collect();
+    let waiting_for = match (opts.udp, opts.port) {
+        (true, 53) => "DNS lookups",
+        (true, _) => "UDP datagrams",
+        (false, _) => "connections",
+    };
     eprintln!(
-        "netprobe: waiting for connections to port {}{} in netns {} ({} interfaces: {}); Ctrl-C to stop",
+        "netprobe: waiting for {waiting_for} to port {}{} in netns {} ({} interfaces: {}); Ctrl-C to stop",
         opts.port,
         opts.addr.map(|a| format!(" addr {a}")).unwrap_or_default(),
         names.join(", "),
@@ -519,8 +538,9 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             write_failed.set(true);
         }
     };
-    let emit = |raw: netprobe_common::RawEvent, printer: &mut Printer<_>| {
-        let Some(e) = enricher.enrich(&raw) else {
+    let emit = |rec: crate::events::raw::Record, printer: &mut Printer<_>| {
+        let raw = rec.ev;
+        let Some(e) = enricher.enrich_record(&rec) else {
             return;
         };
         let legacy_drop = e
@@ -541,6 +561,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             if let Some(nf) = attribute_legacy(&fired, &rulesets.borrow()[i], Some((dst, dport))) {
                 let ev = crate::events::netfilter(
                     time_ns,
+                    proto,
                     netns,
                     interface,
                     Some((src, sport, dst, dport)),
@@ -576,7 +597,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
                     }
                 }
                 if progress && ticks.is_multiple_of(10) {
-                    eprint!("\r\x1b[Kwaiting for connections to port {} … {}s, {} attempts", opts.port, ticks / 10, attempts.get());
+                    eprint!("\r\x1b[Kwaiting for {waiting_for} to port {} … {}s, {} attempts", opts.port, ticks / 10, attempts.get());
                 }
                 if ticks.is_multiple_of(10) && opts.netns.is_empty() && opts.pod.is_none()
                     && let Some(p) = pods.borrow_mut().as_mut()
@@ -609,7 +630,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
                     if let Some(nf) = nf {
                         let last = path.last().expect("non-empty path");
                         let iface = last.iif.or(last.oif).map(|ix| enricher.interface(ns.inode, ix));
-                        let e = crate::events::netfilter(enricher.now_ns(), Some(enricher.netns(ns.inode)), iface, path_tuple(&path), nf);
+                        let e = crate::events::netfilter(enricher.now_ns(), proto, Some(enricher.netns(ns.inode)), iface, path_tuple(&path), nf);
                         deliver(e, &mut printer);
                     }
                 }

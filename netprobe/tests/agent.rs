@@ -49,12 +49,51 @@ fn start_agent(lab: &Lab, extra: &[&str]) -> Agent {
     Agent { child, port }
 }
 
-fn tc_programs_loaded() -> bool {
+/// Ids of the eBPF programs process `pid` holds open (its /proc/PID/fdinfo): the agent's own,
+/// whatever else runs on the machine (it is shared: other users' programs are not this test's).
+fn programs_of(pid: u32) -> std::collections::HashSet<u32> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Default::default();
+    };
+    dir.flatten()
+        .filter_map(|f| std::fs::read_to_string(f.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok())
+        })
+        .collect()
+}
+
+/// Is any of the programs `ids` still loaded?
+fn still_loaded(ids: &std::collections::HashSet<u32>) -> bool {
+    let progs = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&progs.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(": ")?.0.parse::<u32>().ok())
+        .any(|id| ids.contains(&id))
+}
+
+/// The agent's `tc_ingress` programs (there must be some).
+fn agent_programs(pid: u32) -> std::collections::HashSet<u32> {
+    let ids = programs_of(pid);
     let progs = Command::new("bpftool")
         .args(["prog", "show", "name", "tc_ingress"])
         .output()
         .unwrap();
-    !String::from_utf8_lossy(&progs.stdout).trim().is_empty()
+    let tc: Vec<u32> = String::from_utf8_lossy(&progs.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(": sched_cls")?.0.parse().ok())
+        .collect();
+    let ours: std::collections::HashSet<u32> =
+        tc.iter().filter(|id| ids.contains(id)).copied().collect();
+    assert!(
+        !ours.is_empty(),
+        "the agent holds its tc program: {ids:?}, tc_ingress programs {tc:?}"
+    );
+    ours
 }
 
 /// A drop storm: the NDJSON stream stays within the budget, the rest is reported as
@@ -132,11 +171,11 @@ fn agent_sigkill_restart_sigterm_leaves_no_tc_program() {
         .add_pod("default", "a-0", "10.42.0.71".parse().unwrap())
         .unwrap();
     let mut first = start_agent(&lab, &[]);
-    assert!(tc_programs_loaded());
+    let progs = agent_programs(first.child.id());
     unsafe { libc::kill(first.child.id() as i32, libc::SIGKILL) };
     let _ = first.child.wait();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(!tc_programs_loaded(), "a killed agent leaves no tc program");
+    assert!(!still_loaded(&progs), "a killed agent leaves no tc program");
     // What a remote trace killed with its agent leaves: its trace table (pid beyond pid_max,
     // so surely dead). The next agent removes it at start.
     lab.sh(
@@ -152,10 +191,11 @@ fn agent_sigkill_restart_sigterm_leaves_no_tc_program() {
     );
     lab.sh(lab.node(), "nft delete table inet keep_me").unwrap();
     assert_eq!(http_get(&lab, second.port, "/readyz").0, 200);
+    let progs = agent_programs(second.child.id());
     unsafe { libc::kill(second.child.id() as i32, libc::SIGTERM) };
     assert!(second.output().status.success());
     assert!(
-        !tc_programs_loaded(),
+        !still_loaded(&progs),
         "a stopped agent leaves no tc program"
     );
     let tables = lab.sh(lab.node(), "nft list tables").unwrap();
@@ -220,6 +260,7 @@ fn agent_exports_drops_as_ndjson_and_metrics_attaches_new_veths_and_cleans_up() 
     }
     assert_eq!(http_get(&lab, port, "/readyz").0, 200);
     assert_eq!(http_get(&lab, port, "/healthz").0, 200);
+    let progs = agent_programs(agent.id());
 
     // A pod that appears after the agent started: its veth and namespace join within 200 ms.
     let late = lab
@@ -286,14 +327,7 @@ fn agent_exports_drops_as_ndjson_and_metrics_attaches_new_veths_and_cleans_up() 
     // npgw0, npgw1 and three cali veths (the late one included).
     assert_eq!(attached, 5, "{metrics}");
     // Nothing left behind: no netprobe tc program is loaded any more.
-    let progs = Command::new("bpftool")
-        .args(["prog", "show", "name", "tc_ingress"])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&progs.stdout).trim().is_empty(),
-        "tc programs left behind"
-    );
+    assert!(!still_loaded(&progs), "tc programs left behind");
     let _ = std::fs::remove_file(ready);
 }
 

@@ -19,17 +19,7 @@ const NODE: &str = "lab-node";
 /// The API stand-in, listening inside the node namespace (where netprobe runs), and a
 /// kubeconfig for it.
 fn api(lab: &Lab) -> (FakeKube, PathBuf) {
-    let listener = lab
-        .listen(lab.node(), "127.0.0.1:0".parse().unwrap())
-        .unwrap();
-    let kube = FakeKube::start(listener);
-    let path = std::env::temp_dir().join(format!(
-        "netprobe-kubeconfig-{}-{}",
-        std::process::id(),
-        kube.port
-    ));
-    std::fs::write(&path, kube.kubeconfig()).unwrap();
-    (kube, path)
+    support::kube_api(lab)
 }
 
 fn publish(kube: &FakeKube, p: &Pod, containers: &[(&str, &str, &[u16])]) -> Value {

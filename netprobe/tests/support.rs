@@ -200,6 +200,10 @@ pub fn normalize_fixture(name: &str, renames: &[(&str, &str)]) {
 }
 
 impl TraceOutput {
+    pub fn verdicts(&self) -> Vec<Value> {
+        self.of_kind("verdict").into_iter().cloned().collect()
+    }
+
     pub fn of_kind(&self, kind: &str) -> Vec<&Value> {
         self.events.iter().filter(|e| e["kind"] == kind).collect()
     }
@@ -223,13 +227,7 @@ pub struct S1 {
 
 pub fn s1_lab(tag: &str) -> S1 {
     let mut lab = netprobe_lab::Lab::new(tag).unwrap();
-    let client = lab
-        .add_pod(
-            "financial-inference",
-            "client-0",
-            "10.42.0.20".parse().unwrap(),
-        )
-        .unwrap();
+    let client = add_client(&mut lab);
     let server = lab
         .add_pod(
             "financial-inference",
@@ -242,6 +240,32 @@ pub fn s1_lab(tag: &str) -> S1 {
         client,
         server,
     }
+}
+
+/// The S1 client pod `financial-inference/client-0` (10.42.0.20).
+pub fn add_client(lab: &mut netprobe_lab::Lab) -> netprobe_lab::Pod {
+    lab.add_pod(
+        "financial-inference",
+        "client-0",
+        "10.42.0.20".parse().unwrap(),
+    )
+    .unwrap()
+}
+
+/// The Kubernetes API stand-in, listening inside the node namespace (where netprobe runs), and
+/// a kubeconfig file for it (the caller removes it).
+pub fn kube_api(lab: &netprobe_lab::Lab) -> (netprobe_lab::kubeapi::FakeKube, PathBuf) {
+    let listener = lab
+        .listen(lab.node(), "127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    let kube = netprobe_lab::kubeapi::FakeKube::start(listener);
+    let path = std::env::temp_dir().join(format!(
+        "netprobe-kubeconfig-{}-{}",
+        std::process::id(),
+        kube.port
+    ));
+    std::fs::write(&path, kube.kubeconfig()).unwrap();
+    (kube, path)
 }
 
 /// Starts `ip netns exec <node> netprobe agent --metrics-addr 127.0.0.1:<port> <extra>` with

@@ -6,12 +6,11 @@ pub mod nftrace;
 use std::os::fd::AsRawFd;
 
 use aya::maps::{MapData, RingBuf};
-use netprobe_common::RawEvent;
 use tokio::io::unix::AsyncFd;
 
 use crate::{
     error::{Error, Result},
-    events::raw,
+    events::raw::{self, Record},
 };
 
 pub struct EventReader {
@@ -31,7 +30,7 @@ impl EventReader {
     }
 
     /// Waits until records are available, then hands every available one to `f`.
-    pub async fn next_batch(&mut self, mut f: impl FnMut(RawEvent)) -> Result<()> {
+    pub async fn next_batch(&mut self, mut f: impl FnMut(Record)) -> Result<()> {
         let mut guard = self
             .ring
             .readable_mut()
@@ -39,7 +38,7 @@ impl EventReader {
             .map_err(|e| Error::io("waiting on the ring buffer", e))?;
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
-            match raw::decode(&item) {
+            match raw::decode_record(&item) {
                 Ok(ev) => f(ev),
                 Err(_) => self.malformed += 1,
             }
@@ -49,10 +48,10 @@ impl EventReader {
     }
 
     /// Drains what is left without waiting (at shutdown).
-    pub fn drain(&mut self, mut f: impl FnMut(RawEvent)) {
+    pub fn drain(&mut self, mut f: impl FnMut(Record)) {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
-            match raw::decode(&item) {
+            match raw::decode_record(&item) {
                 Ok(ev) => f(ev),
                 Err(_) => self.malformed += 1,
             }

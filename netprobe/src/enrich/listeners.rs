@@ -1,4 +1,4 @@
-//! Who listens in a namespace: TCP listening sockets from sock_diag, with the owning process
+//! Who listens in a namespace: TCP listening sockets (or bound UDP sockets) from sock_diag, with the owning process
 //! (found by socket inode in /proc/PID/fd of processes in that namespace). The evidence behind
 //! "nothing listens on 127.0.0.1:9500 in this pod".
 
@@ -38,6 +38,18 @@ impl Listener {
             }
             (IpAddr::V4(_), IpAddr::V6(_)) => false,
         }
+    }
+
+    /// `0.0.0.0:9001 (mlserver)`
+    pub fn describe(&self) -> String {
+        format!(
+            "{}{}",
+            self.endpoint(),
+            self.comm
+                .as_ref()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default()
+        )
     }
 
     pub fn endpoint(&self) -> String {
@@ -89,7 +101,16 @@ fn socket_owners(netns: u64) -> HashMap<u32, (u32, String)> {
 
 /// The TCP listeners of a namespace, with their processes.
 pub fn listeners_in(ns: &NetnsRef) -> Result<Vec<Listener>> {
-    let sockets = ns.run(netlink::tcp_listeners)??;
+    with_owners(ns, ns.run(netlink::tcp_listeners)??)
+}
+
+/// The bound, unconnected UDP sockets of a namespace (what receives a datagram to its port),
+/// with their processes.
+pub fn udp_listeners_in(ns: &NetnsRef) -> Result<Vec<Listener>> {
+    with_owners(ns, ns.run(netlink::udp_listeners)??)
+}
+
+fn with_owners(ns: &NetnsRef, sockets: Vec<netlink::ListenSocket>) -> Result<Vec<Listener>> {
     let owners = socket_owners(ns.inode);
     let mut out: Vec<Listener> = sockets
         .into_iter()

@@ -100,6 +100,13 @@ impl Enricher {
         }
     }
 
+    /// [`Self::enrich`], plus the DNS header and question of a DNS datagram.
+    pub fn enrich_record(&self, r: &crate::events::raw::Record) -> Option<Event> {
+        let mut e = self.enrich(&r.ev)?;
+        e.dns = r.dns_bytes().and_then(events::dns::parse);
+        Some(e)
+    }
+
     pub fn enrich(&self, ev: &RawEvent) -> Option<Event> {
         let time = (ev.ts_ns as i128 + self.realtime_offset_ns).max(0) as u64;
         let mut out = events::base(ev, time)?;

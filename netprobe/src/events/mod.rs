@@ -1,6 +1,7 @@
 //! The public event: what `trace -o json` prints, one object per line. Versioned by
 //! [`SCHEMA`]; fields are only ever added within a version.
 
+pub mod dns;
 pub mod raw;
 
 use std::net::IpAddr;
@@ -33,6 +34,9 @@ pub enum Kind {
     /// A netfilter rule (or chain policy) dropped or rejected the packet: which rule, the chain
     /// path, and the object behind it (from the nftables trace).
     Netfilter,
+    /// A DNS lookup failed (always-on agent): `dns` names the query, `dns_failure` says why;
+    /// `src` is the client, `dst` the server it asked (the kube-dns ClusterIP before DNAT).
+    DnsFailure,
 }
 
 impl Kind {
@@ -101,6 +105,22 @@ pub struct Icmp {
     pub code: u8,
 }
 
+/// Why a DNS lookup failed (`dns_failure` events).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct DnsFailure {
+    /// `dropped`, `rejected`, `unanswered`, `servfail` or `refused` (the last two: answered with
+    /// that rcode).
+    pub reason: String,
+    /// The verdict's outcome (`dropped_in_netfilter`, `unanswered`, …).
+    pub outcome: crate::verdict::Outcome,
+    pub explanation: String,
+    /// The DNS server the query went to after DNAT (a CoreDNS pod), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<crate::verdict::Endpoint>,
+    /// Did any reply come back?
+    pub replied: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Process {
     pub pid: u32,
@@ -164,6 +184,12 @@ pub struct Event {
     /// node's conntrack (always-on agent, for SYN retransmits and socket errors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub translated: Option<Translated>,
+    /// Header and question of the DNS message of a UDP datagram to or from port 53 (as far as
+    /// the kernel captured it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<dns::Dns>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_failure: Option<DnsFailure>,
     /// Kernel `sk_buff` address: equal values are the same packet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skb: Option<String>,
@@ -241,29 +267,26 @@ pub fn errno_name(e: i32) -> String {
     }
 }
 
-/// A netfilter verdict event (from the nftables trace, not from a kernel program).
-pub fn netfilter(
+/// An event that no kernel program produced: only the tuple is set.
+fn derived(
     time_ns: u64,
-    netns: Option<Netns>,
-    interface: Option<Interface>,
-    tuple: Option<(IpAddr, u16, IpAddr, u16)>,
-    nf: crate::enrich::rules::Netfilter,
+    kind: Kind,
+    protocol: &str,
+    (src, sport, dst, dport): (IpAddr, u16, IpAddr, u16),
 ) -> Event {
-    let unspecified = IpAddr::from([0u8, 0, 0, 0]);
-    let (src, sport, dst, dport) = tuple.unwrap_or((unspecified, 0, unspecified, 0));
     Event {
         schema: SCHEMA.to_string(),
         time_ns,
-        kind: Kind::Netfilter,
-        netns,
-        interface,
+        kind,
+        netns: None,
+        interface: None,
         direction: None,
         family: if src.is_ipv4() {
             "ipv4".into()
         } else {
             "ipv6".into()
         },
-        protocol: "tcp".into(),
+        protocol: protocol.into(),
         src,
         sport,
         dst,
@@ -275,13 +298,87 @@ pub fn netfilter(
         error: None,
         icmp: None,
         process: None,
-        netfilter: Some(nf),
+        netfilter: None,
         source: None,
         destination: None,
         translated: None,
+        dns: None,
+        dns_failure: None,
         skb: None,
         sock: None,
     }
+}
+
+/// A netfilter verdict event (from the nftables trace, not from a kernel program), for a flow
+/// of `protocol` (`tcp` or `udp`, the traced one).
+pub fn netfilter(
+    time_ns: u64,
+    protocol: &str,
+    netns: Option<Netns>,
+    interface: Option<Interface>,
+    tuple: Option<(IpAddr, u16, IpAddr, u16)>,
+    nf: crate::enrich::rules::Netfilter,
+) -> Event {
+    let unspecified = IpAddr::from([0u8, 0, 0, 0]);
+    let tuple = tuple.unwrap_or((unspecified, 0, unspecified, 0));
+    Event {
+        netns,
+        interface,
+        netfilter: Some(nf),
+        ..derived(time_ns, Kind::Netfilter, protocol, tuple)
+    }
+}
+
+/// The `dns_failure` event of a DNS verdict that is a failure (dropped, rejected, unanswered,
+/// or answered SERVFAIL/REFUSED); None for lookups that worked (NXDOMAIN included) or are
+/// undecided. Timed at the query.
+pub fn dns_failure(v: &crate::verdict::Verdict) -> Option<Event> {
+    use crate::verdict::Outcome;
+    let u = v.udp.as_ref()?;
+    let q = u.dns.as_ref()?;
+    let reason = match v.outcome {
+        Outcome::Answered => match q.rcode.as_deref() {
+            Some("SERVFAIL") => "servfail",
+            Some("REFUSED") => "refused",
+            _ => return None,
+        },
+        Outcome::DroppedByRule | Outcome::DroppedInNetfilter | Outcome::DroppedByKernel => {
+            "dropped"
+        }
+        Outcome::RefusedByRule | Outcome::RefusedNoListener | Outcome::Unreachable => "rejected",
+        Outcome::Unanswered => "unanswered",
+        _ => return None,
+    };
+    let asked = v.dialed.as_ref().unwrap_or(&v.server);
+    let time_ns = v.timeline.first().map_or(0, |c| c.time_ns);
+    Some(Event {
+        drop: v.drop.clone(),
+        netfilter: v.netfilter.clone(),
+        source: v.client.peer.clone(),
+        destination: asked.peer.clone(),
+        dns: Some(dns::Dns {
+            id: q.id,
+            query: true,
+            name: q.name.clone(),
+            qtype: q.qtype.clone(),
+            rcode: q.rcode.clone(),
+            answers: q.answers.unwrap_or(0),
+            truncated: false,
+        }),
+        dns_failure: Some(DnsFailure {
+            reason: reason.into(),
+            outcome: v.outcome,
+            explanation: v.explanation.clone(),
+            backend: v.dialed.as_ref().map(|_| v.server.clone()),
+            replied: u.replied,
+        }),
+        ..derived(
+            time_ns,
+            Kind::DnsFailure,
+            "udp",
+            (v.client.addr, v.client.port, asked.addr, asked.port),
+        )
+    })
 }
 
 /// Raw fields of an event that need no lookup: the enrichment fills the rest.
@@ -334,6 +431,8 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
         source: None,
         destination: None,
         translated: None,
+        dns: None,
+        dns_failure: None,
         skb: (ev.skb != 0).then(|| format!("{:#x}", ev.skb)),
         sock: (ev.sk != 0).then(|| format!("{:#x}", ev.sk)),
     })

@@ -1,7 +1,7 @@
 //! Decoding of the kernel's `RawEvent` records. Kept apart from the public schema: the wire
 //! layout may change with the programs, the JSON may not.
 
-use netprobe_common::RawEvent;
+use netprobe_common::{DNS_CAPTURE, RawDnsEvent, RawEvent};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -28,6 +28,35 @@ pub fn decode(bytes: &[u8]) -> Result<RawEvent, DecodeError> {
         return Err(DecodeError::Kind(ev.kind));
     }
     Ok(ev)
+}
+
+/// One ring-buffer record: an event, and for DNS datagrams the start of their DNS message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    pub ev: RawEvent,
+    /// Captured DNS bytes (`dns_len` of them are meaningful).
+    pub dns: Option<([u8; DNS_CAPTURE], usize)>,
+}
+
+impl Record {
+    pub fn dns_bytes(&self) -> Option<&[u8]> {
+        self.dns.as_ref().map(|(b, n)| &b[..*n])
+    }
+}
+
+/// Decodes either record type the kernel writes, told apart by length.
+pub fn decode_record(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let want = std::mem::size_of::<RawDnsEvent>();
+    if bytes.len() != want {
+        return decode(bytes).map(|ev| Record { ev, dns: None });
+    }
+    // SAFETY: size checked; plain data, every bit pattern valid; unaligned read.
+    let d: RawDnsEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let ev = decode(&encode(&d.ev))?;
+    Ok(Record {
+        ev,
+        dns: Some((d.payload, usize::from(d.len).min(DNS_CAPTURE))),
+    })
 }
 
 /// The bytes of a `RawEvent` as the kernel writes them (for fixtures and tests).
@@ -75,6 +104,33 @@ mod tests {
         let mut bad = zero.clone();
         bad[60] = 200;
         assert_eq!(decode(&bad), Err(DecodeError::Kind(200)));
+    }
+
+    #[test]
+    fn dns_records_are_told_apart_by_length() {
+        let ev = RawEvent {
+            kind: kind::TC_EGRESS,
+            sport: 40000,
+            dport: 53,
+            ..Default::default()
+        };
+        let mut bytes = encode(&ev);
+        bytes.extend_from_slice(&5u16.to_ne_bytes());
+        bytes.extend_from_slice(&[0; 6]);
+        let mut payload = [0u8; DNS_CAPTURE];
+        payload[..5].copy_from_slice(b"hello");
+        bytes.extend_from_slice(&payload);
+        let r = decode_record(&bytes).unwrap();
+        assert_eq!(r.ev, ev);
+        assert_eq!(r.dns_bytes(), Some(&b"hello"[..]));
+        // A length beyond the buffer is clamped, never trusted.
+        bytes[112..114].copy_from_slice(&u16::MAX.to_ne_bytes());
+        assert_eq!(
+            decode_record(&bytes).unwrap().dns_bytes().unwrap().len(),
+            DNS_CAPTURE
+        );
+        assert_eq!(decode_record(&encode(&ev)).unwrap().dns, None);
+        assert!(decode_record(&bytes[..200]).is_err());
     }
 
     #[test]

@@ -166,6 +166,22 @@ pub fn verdict_text(v: &Verdict) -> String {
         s.push_str(&format!(" (dialled {})", endpoint(&d.addr, d.port)));
     }
     s.push('\n');
+    if let Some(u) = &v.udp {
+        let reply = match (u.replied, u.dns.as_ref().and_then(|d| d.rcode.as_deref())) {
+            (true, Some(rcode)) => format!("reply {rcode}"),
+            (true, None) => "a reply came back".to_string(),
+            (false, _) => "no reply came back".to_string(),
+        };
+        match &u.dns {
+            Some(d) => s.push_str(&format!(
+                "  DNS {} (id {}), {} datagram(s), {reply}\n",
+                d.describe(),
+                d.id,
+                u.requests
+            )),
+            None => s.push_str(&format!("  UDP, {} datagram(s), {reply}\n", u.requests)),
+        }
+    }
     // A joined cross-node timeline has one clock per node ("[node] …" checkpoints).
     let clock = |c: &crate::verdict::Checkpoint| {
         c.what
@@ -218,16 +234,7 @@ pub fn verdict_text(v: &Verdict) -> String {
         let l: Vec<String> = v
             .listeners
             .iter()
-            .map(|l| {
-                format!(
-                    "{}{}",
-                    l.endpoint(),
-                    l.comm
-                        .as_ref()
-                        .map(|c| format!(" ({c})"))
-                        .unwrap_or_default()
-                )
-            })
+            .map(crate::enrich::listeners::Listener::describe)
             .collect();
         s.push_str(&format!("  listening there: {}\n", l.join(", ")));
     }
@@ -248,6 +255,7 @@ pub fn text_line(e: &Event) -> String {
         Kind::StateChange => "STATE".into(),
         Kind::SocketError => "SOCK ERR".into(),
         Kind::Netfilter => "NETFILTER".into(),
+        Kind::DnsFailure => "DNS FAIL".into(),
     };
     let mut s = format!("{} {what:<12}", hms(e.time_ns));
     let ns = e
@@ -286,6 +294,12 @@ pub fn text_line(e: &Event) -> String {
     }
     if let Some(i) = &e.icmp {
         s.push_str(&format!(" icmp type={} code={}", i.icmp_type, i.code));
+    }
+    if let Some(d) = &e.dns {
+        s.push_str(&format!(" dns id={} {}", d.id, d.summary()));
+    }
+    if let Some(f) = &e.dns_failure {
+        s.push_str(&format!(" {}: {}", f.reason, f.explanation));
     }
     if let Some(nf) = &e.netfilter {
         s.push_str(&format!(

@@ -35,8 +35,9 @@ fn nft(stdin: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
     child.wait_with_output()
 }
 
-/// The nft script for a flow: TCP to or from `port`, optionally to or from `addr`.
-pub fn table_script(name: &str, port: u16, addr: Option<IpAddr>) -> String {
+/// The nft script for a flow: `proto` (`tcp` or `udp`) to or from `port`, optionally to or
+/// from `addr`.
+pub fn table_script(name: &str, proto: &str, port: u16, addr: Option<IpAddr>) -> String {
     let addr_match = |dir: &str| match addr {
         Some(IpAddr::V4(a)) => format!("ip {dir}addr {a} "),
         Some(IpAddr::V6(a)) => format!("ip6 {dir}addr {a} "),
@@ -55,7 +56,7 @@ pub fn table_script(name: &str, port: u16, addr: Option<IpAddr>) -> String {
                 addr_match(addr_dir)
             };
             rules.push_str(&format!(
-                "{a}meta l4proto tcp th {port_dir} {port} meta nftrace set 1\n"
+                "{a}meta l4proto {proto} th {port_dir} {port} meta nftrace set 1\n"
             ));
         }
     }
@@ -78,9 +79,9 @@ pub struct TraceTable {
 }
 
 impl TraceTable {
-    pub fn install(netns: &NetnsRef, port: u16, addr: Option<IpAddr>) -> Result<Self> {
+    pub fn install(netns: &NetnsRef, proto: &str, port: u16, addr: Option<IpAddr>) -> Result<Self> {
         let name = format!("{NETPROBE_TABLE_PREFIX}{}", std::process::id());
-        let script = table_script(&name, port, addr);
+        let script = table_script(&name, proto, port, addr);
         netns.run(|| -> Result<()> {
             remove_stale();
             let out = nft(&script, &["-f", "-"])
@@ -151,13 +152,24 @@ mod tests {
 
     #[test]
     fn script_matches_both_directions_and_the_address() {
-        let s = table_script("netprobe_1", 9004, None);
+        let s = table_script("netprobe_1", "tcp", 9004, None);
         assert!(s.contains("hook prerouting priority -2147483648"));
         assert!(s.contains("hook output priority -2147483648"));
         assert_eq!(s.matches("th dport 9004 meta nftrace set 1").count(), 2);
         assert_eq!(s.matches("th sport 9004 meta nftrace set 1").count(), 2);
-        let s = table_script("netprobe_1", 9004, Some("10.43.51.131".parse().unwrap()));
+        let s = table_script(
+            "netprobe_1",
+            "tcp",
+            9004,
+            Some("10.43.51.131".parse().unwrap()),
+        );
         assert!(s.contains("ip daddr 10.43.51.131 meta l4proto tcp th dport 9004"));
         assert!(s.contains("ip saddr 10.43.51.131 meta l4proto tcp th sport 9004"));
+        let s = table_script("netprobe_1", "udp", 53, None);
+        assert_eq!(
+            s.matches("meta l4proto udp th dport 53 meta nftrace set 1")
+                .count(),
+            2
+        );
     }
 }

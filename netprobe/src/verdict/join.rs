@@ -237,6 +237,7 @@ mod tests {
                 }),
             }),
             cross_node: None,
+            udp: None,
         }
     }
 

@@ -3,6 +3,8 @@
 //! with the evidence it has — never "policy" without a policy rule, never "refused" for a
 //! silent drop. Fed live by `trace`, and in tests from recorded event streams.
 
+pub mod udp;
+
 use std::{
     collections::{HashMap, HashSet},
     net::IpAddr,
@@ -40,13 +42,17 @@ pub enum Outcome {
     /// The SYN left the client's node toward the server's node and never arrived there
     /// (cross-node trace: both nodes' agents watched).
     LostBetweenNodes,
+    /// A reply came back to the UDP client (for DNS: whatever its rcode; NXDOMAIN is an answer).
+    Answered,
+    /// The UDP datagram left, no reply came back, and nothing on this node dropped it.
+    Unanswered,
     /// Not enough evidence (the trace ended before anything decisive).
     Unknown,
 }
 
 impl Outcome {
     pub fn is_failure(self) -> bool {
-        !matches!(self, Self::Connected | Self::Unknown)
+        !matches!(self, Self::Connected | Self::Answered | Self::Unknown)
     }
 
     pub fn headline(self) -> &'static str {
@@ -63,6 +69,8 @@ impl Outcome {
             Self::LostBetweenNodes => {
                 "lost between the nodes (left the client's node, never reached the server's)"
             }
+            Self::Answered => "answered",
+            Self::Unanswered => "unanswered: no reply, and no drop on this node",
             Self::Unknown => "undetermined",
         }
     }
@@ -206,20 +214,30 @@ pub struct Verdict {
     /// Set by a cluster-mode trace that asked the agents of both nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_node: Option<CrossNode>,
+    /// UDP traces: whether a reply came back, and the DNS question and answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<udp::UdpExchange>,
 }
 
-/// What the engine knows besides events: the traced port, and listeners by namespace name.
+/// What the engine knows besides events: the traced port and protocol, and listeners by
+/// namespace name.
 #[derive(Debug, Clone, Default)]
 pub struct Context {
     pub port: u16,
+    /// UDP exchanges (DNS lookups) instead of TCP connection attempts.
+    pub udp: bool,
     pub listeners: HashMap<String, Vec<Listener>>,
 }
 
-type Key = (IpAddr, u16);
+/// The client's address and port (they survive DNAT), and for DNS the query id: a resolver may
+/// ask A and AAAA from one socket at once.
+type Key = (IpAddr, u16, Option<u16>);
 
 #[derive(Debug, Default)]
 struct Attempt {
     events: Vec<Event>,
+    /// Caller's clock at the first event (UDP: unanswered after [`udp::UDP_TIMEOUT_NS`]).
+    started_at: u64,
     /// Userspace clock (caller's) when a terminal event was seen.
     terminal_at: Option<u64>,
     /// The client's SYN dropped on this node, counting retransmissions.
@@ -239,7 +257,8 @@ pub struct Engine {
     ctx: Context,
     attempts: HashMap<Key, Attempt>,
     order: Vec<Key>,
-    done: HashSet<Key>,
+    /// Decided attempts (later events of theirs are ignored), with the caller's clock then.
+    done: HashMap<Key, u64>,
     /// Kernel socket → process that created the connection (from SYN_SENT in process context).
     sock_process: HashMap<String, (String, u32)>,
     /// Kernel socket → attempt: state changes after close report port 0.
@@ -259,7 +278,7 @@ impl Engine {
             ctx,
             attempts: HashMap::new(),
             order: Vec::new(),
-            done: HashSet::new(),
+            done: HashMap::new(),
             sock_process: HashMap::new(),
             sock_key: HashMap::new(),
             syn_sent: HashSet::new(),
@@ -284,7 +303,7 @@ impl Engine {
             // DNAT to another port: the SYN direction decides.
             (e.src, e.sport)
         };
-        (client.1 != 0).then_some(client)
+        (client.1 != 0).then_some((client.0, client.1, None))
     }
 
     fn terminal(e: &Event, port: u16) -> bool {
@@ -308,6 +327,9 @@ impl Engine {
 
     /// Adds an event; `now` is the caller's clock (ns). Returns verdicts that became final.
     pub fn push(&mut self, e: Event, now: u64) -> Vec<Verdict> {
+        if self.ctx.udp {
+            return self.push_udp(e, now);
+        }
         if e.kind == Kind::StateChange
             && let Some(sock) = &e.sock
             && e.state.as_ref().is_some_and(|s| s.new == "SYN_SENT")
@@ -330,14 +352,11 @@ impl Engine {
         let Some(key) = key else {
             return self.poll(now);
         };
-        if self.done.contains(&key) {
+        if self.done.contains_key(&key) {
             return self.poll(now);
         }
         let terminal = Self::terminal(&e, self.ctx.port);
-        let a = self.attempts.entry(key).or_insert_with(|| {
-            self.order.push(key);
-            Attempt::default()
-        });
+        let a = self.attempt(key, now);
         let (syn, ack, _) = flags(&e);
         if e.kind == Kind::Drop && syn && !ack {
             a.syn_drops += 1;
@@ -350,45 +369,106 @@ impl Engine {
         self.poll(now)
     }
 
-    /// Verdicts whose settle time has passed.
+    fn attempt(&mut self, key: Key, now: u64) -> &mut Attempt {
+        self.attempts.entry(key).or_insert_with(|| {
+            self.order.push(key);
+            Attempt {
+                started_at: now,
+                ..Attempt::default()
+            }
+        })
+    }
+
+    /// A UDP event joins the exchange of its client port and DNS id; one without a DNS message
+    /// (a drop, a rule, an ICMP error) joins the latest exchange of its client port.
+    fn push_udp(&mut self, e: Event, now: u64) -> Vec<Verdict> {
+        let Some((addr, port)) = udp::client_of(&e, self.ctx.port) else {
+            return self.poll(now);
+        };
+        let key = match e.dns.as_ref() {
+            Some(d) => Some((addr, port, Some(d.id))),
+            None => self
+                .order
+                .iter()
+                .rev()
+                .find(|k| (k.0, k.1) == (addr, port))
+                .copied()
+                .or_else(|| {
+                    // Late evidence of a decided exchange (a retry's drop) is not a new one.
+                    (!self.done.keys().any(|k| (k.0, k.1) == (addr, port)))
+                        .then_some((addr, port, None))
+                }),
+        };
+        let Some(key) = key.filter(|k| !self.done.contains_key(k)) else {
+            return self.poll(now);
+        };
+        let terminal = udp::terminal(&e, (addr, port));
+        let a = self.attempt(key, now);
+        a.events.push(e);
+        if terminal && a.terminal_at.is_none() {
+            a.terminal_at = Some(now);
+        }
+        self.poll(now)
+    }
+
+    /// Verdicts whose settle time has passed (and UDP exchanges left without an answer).
     pub fn poll(&mut self, now: u64) -> Vec<Verdict> {
+        let udp = self.ctx.udp;
         let ready: Vec<Key> = self
             .order
             .iter()
             .filter(|k| {
-                self.attempts
-                    .get(k)
-                    .and_then(|a| a.terminal_at)
-                    .is_some_and(|t| now >= t + SETTLE_NS)
+                self.attempts.get(k).is_some_and(|a| match a.terminal_at {
+                    Some(t) => now >= t + SETTLE_NS,
+                    None => udp && now >= a.started_at + udp::UDP_TIMEOUT_NS,
+                })
             })
             .copied()
             .collect();
-        ready.into_iter().filter_map(|k| self.take(k)).collect()
+        if udp {
+            // An always-on engine must not grow: decided exchanges are forgotten after a while.
+            self.done.retain(|_, t| now < *t + 6 * udp::UDP_TIMEOUT_NS);
+        }
+        ready
+            .into_iter()
+            .filter_map(|k| self.take(k, now))
+            .collect()
     }
 
     /// Everything still open, classified with what was seen (the trace is ending).
     pub fn finish(&mut self) -> Vec<Verdict> {
         let keys = self.order.clone();
-        keys.into_iter().filter_map(|k| self.take(k)).collect()
+        keys.into_iter()
+            .filter_map(|k| self.take(k, u64::MAX))
+            .collect()
     }
 
-    fn take(&mut self, key: Key) -> Option<Verdict> {
+    fn take(&mut self, key: Key, now: u64) -> Option<Verdict> {
         let a = self.attempts.remove(&key)?;
         self.order.retain(|k| *k != key);
-        self.done.insert(key);
+        self.done.insert(key, now);
         let mut events = a.events;
         events.sort_by_key(|e| e.time_ns);
-        if began_before_the_trace(&events, key, &self.syn_sent) {
+        let client = (key.0, key.1);
+        if !self.ctx.udp && began_before_the_trace(&events, client, &self.syn_sent) {
             return None;
         }
-        Some(classify(&events, key, &self.ctx, &self.sock_process))
+        Some(if self.ctx.udp {
+            udp::classify(&events, client, &self.ctx)
+        } else {
+            classify(&events, client, &self.ctx, &self.sock_process)
+        })
     }
 }
 
 /// The client's socket is watched (its retransmits or state changes are here) but its
 /// `SYN_SENT` was not seen: the attempt began before the probes were attached, and what was
 /// missed (the first SYN, the interfaces it crossed) would make the verdict a guess. Not judged.
-fn began_before_the_trace(events: &[Event], client: Key, syn_sent: &HashSet<String>) -> bool {
+fn began_before_the_trace(
+    events: &[Event],
+    client: (IpAddr, u16),
+    syn_sent: &HashSet<String>,
+) -> bool {
     let own: Vec<&Event> = events
         .iter()
         .filter(|e| {
@@ -440,6 +520,10 @@ fn checkpoint(e: &Event) -> String {
         Kind::Packet => {
             let what = if e.icmp.is_some() {
                 "ICMP unreachable".to_string()
+            } else if let Some(d) = &e.dns {
+                format!("DNS {}", d.summary())
+            } else if e.protocol == "udp" {
+                "UDP".to_string()
             } else {
                 e.tcp_flags.join("-")
             };
@@ -480,6 +564,13 @@ fn checkpoint(e: &Event) -> String {
             "application gets {}{at}",
             e.error.as_ref().map(|x| x.name.clone()).unwrap_or_default()
         ),
+        Kind::DnsFailure => format!(
+            "DNS lookup failed: {}{at}",
+            e.dns_failure
+                .as_ref()
+                .map(|f| f.reason.clone())
+                .unwrap_or_default()
+        ),
         Kind::Netfilter => {
             let n = e.netfilter.as_ref().expect("netfilter");
             format!(
@@ -496,10 +587,32 @@ fn checkpoint(e: &Event) -> String {
     }
 }
 
+/// ` The SYN last left via cali… in node.`
+fn last_left_via(what: &str, e: &Event) -> String {
+    format!(
+        " {what} last left via {}{}.",
+        e.interface
+            .as_ref()
+            .and_then(|i| i.name.clone())
+            .unwrap_or_else(|| "?".into()),
+        ns_name(e).map(|n| format!(" in {n}")).unwrap_or_default()
+    )
+}
+
+fn timeline(events: &[Event]) -> Vec<Checkpoint> {
+    events
+        .iter()
+        .map(|e| Checkpoint {
+            time_ns: e.time_ns,
+            what: checkpoint(e),
+        })
+        .collect()
+}
+
 /// Classifies one attempt's events (sorted by time).
 pub fn classify(
     events: &[Event],
-    client: Key,
+    client: (IpAddr, u16),
     ctx: &Context,
     procs: &HashMap<String, (String, u32)>,
 ) -> Verdict {
@@ -603,151 +716,21 @@ pub fn classify(
     let mut listeners = Vec::new();
     let mut next_steps = Vec::new();
     let (outcome, explanation) = if let Some(nf) = &netfilter {
-        let rule = nf.rule.clone().unwrap_or_else(|| "(chain policy)".into());
-        next_steps.push(format!(
-            "inspect {} {} chain {}: {}",
-            nf.family, nf.table, nf.chain, rule
-        ));
-        match nf.owner.system.as_str() {
-            "calico" => next_steps.push(format!(
-                "check the Calico/Kubernetes NetworkPolicies selecting the destination pod{}",
-                if nf.owner.policies.is_empty() { String::new() } else { format!(": {}", nf.owner.policies.join(", ")) }
-            )),
-            "kube-proxy" => next_steps.push(format!(
-                "check the Service's endpoints: kubectl get endpointslices{}",
-                nf.owner.object.as_ref().map(|o| format!(" for {o}")).unwrap_or_default()
-            )),
-            "kube-router" => next_steps.push("check the NetworkPolicies selecting the destination pod (k3s network policy controller)".into()),
-            _ => next_steps.push("find out who installed this rule (a leftover of a previous CNI or manual change?)".into()),
-        }
-        let outcome = if nf.action == "reject" {
-            Outcome::RefusedByRule
-        } else {
-            Outcome::DroppedByRule
-        };
-        (
-            outcome,
-            format!(
-                "{}. The client sees {}.",
-                nf.owner.explanation, nf.client_sees
-            ),
-        )
+        netfilter_verdict(nf, &mut next_steps)
     } else if established || (syn_ack && !rst_from_server) {
         (Outcome::Connected, "The handshake completed.".to_string())
     } else if let Some(ns_ev) = no_socket {
-        let ns = ns_name(ns_ev);
-        listeners = ns
-            .as_ref()
-            .and_then(|n| ctx.listeners.get(n))
-            .cloned()
-            .unwrap_or_default();
-        let target = (ns_ev.dst, ns_ev.dport);
-        let mut why = format!(
-            "Nothing listens on {} in {}: the kernel answered the SYN with RST (NO_SOCKET) and the client gets ECONNREFUSED.",
-            endpoint_str(target.0, target.1),
-            ns.as_deref().unwrap_or("that network namespace")
+        let why = no_listener(
+            ns_ev,
+            ctx,
+            "TCP",
+            "the kernel answered the SYN with RST (NO_SOCKET) and the client gets ECONNREFUSED",
+            &mut listeners,
+            &mut next_steps,
         );
-        let same_port: Vec<&Listener> = listeners.iter().filter(|l| l.port == target.1).collect();
-        if !same_port.is_empty() {
-            let l: Vec<String> = same_port.iter().map(|l| l.endpoint()).collect();
-            why.push_str(&format!(
-                " A server does listen on port {} but bound to {} only, which does not accept connections to {}.",
-                target.1,
-                l.join(", "),
-                target.0
-            ));
-            next_steps.push(format!("make the server listen on {} (or 0.0.0.0 / [::]), or connect to the address it is bound to", endpoint_str(target.0, target.1)));
-        } else if listeners.is_empty() {
-            why.push_str(" Nothing listens on any TCP port in this namespace.");
-            next_steps.push(
-                "check that the server process is running and has started listening (readiness)"
-                    .into(),
-            );
-        } else {
-            let l: Vec<String> = listeners
-                .iter()
-                .map(|l| {
-                    format!(
-                        "{}{}",
-                        l.endpoint(),
-                        l.comm
-                            .as_ref()
-                            .map(|c| format!(" ({c})"))
-                            .unwrap_or_default()
-                    )
-                })
-                .collect();
-            why.push_str(&format!(" This namespace listens on: {}.", l.join(", ")));
-            next_steps.push(format!(
-                "is the server configured for port {}? it listens on {}",
-                target.1,
-                l.join(", ")
-            ));
-        }
-        for (other_ns, ls) in &ctx.listeners {
-            if Some(other_ns) != ns.as_ref()
-                && ls
-                    .iter()
-                    .any(|l| l.accepts(target.0, target.1) || l.port == target.1)
-            {
-                why.push_str(&format!(
-                    " Port {} is listened on in another namespace: {other_ns}.",
-                    target.1
-                ));
-            }
-        }
         (Outcome::RefusedNoListener, why)
     } else if let Some(d) = syn_drop {
-        let info = d.drop.as_ref().expect("drop");
-        if info.reason == "NETFILTER_DROP" {
-            let backend = if info.location.starts_with("nft_do_chain") {
-                "nf_tables (nftables or iptables-nft)"
-            } else {
-                "x_tables (iptables-legacy)"
-            };
-            next_steps.push("run the trace without --no-rule-trace to name the rule".into());
-            (
-                Outcome::DroppedInNetfilter,
-                format!(
-                    "A netfilter rule in {backend} dropped the SYN{}; the rule was not traced.",
-                    ns_name(d).map(|n| format!(" in {n}")).unwrap_or_default()
-                ),
-            )
-        } else {
-            let hint = match info.reason.as_str() {
-                "IP_RPFILTER" => {
-                    "reverse-path filtering (rp_filter): the source address is not routed back through the interface it came in on"
-                }
-                "IP_NOROUTE" | "IP_OUTNOROUTES" => "there is no route to the destination",
-                "IP_INADDRERRORS" | "IP_INNOROUTES" => {
-                    "the destination address is not routable here (martian or no route)"
-                }
-                "TC_INGRESS" | "TC_EGRESS" => {
-                    "a tc program (e.g. Calico's eBPF dataplane or Cilium) returned drop on this interface"
-                }
-                "TCP_LISTEN_OVERFLOW" | "SOCKET_BACKLOG" => "the listener's accept backlog is full",
-                "NEIGH_FAILED" | "NEIGH_QUEUEFULL" => {
-                    "the next hop did not answer ARP/neighbour discovery"
-                }
-                _ => "see the kernel drop reason",
-            };
-            next_steps.push(format!(
-                "kernel drop reason {} at {}",
-                info.reason, info.location
-            ));
-            (
-                Outcome::DroppedByKernel,
-                format!(
-                    "The kernel dropped the SYN{}: {} ({hint}).",
-                    d.interface
-                        .as_ref()
-                        .and_then(|i| i.name.clone())
-                        .map(|n| format!(" on {n}"))
-                        .unwrap_or_default(),
-                    info.reason
-                ),
-            )
-        }
+        kernel_drop_verdict(d, "SYN", &mut next_steps)
     } else if let Some(i) = icmp {
         let c = i.icmp.as_ref().expect("icmp");
         (
@@ -763,16 +746,7 @@ pub fn classify(
         (Outcome::ResetByPeer, "The peer answered with a reset, not the local kernel: something on the server side (or a middlebox) rejected the connection.".into())
     } else if retransmits > 0 || app_error.as_deref() == Some("ETIMEDOUT") || first_syn.is_some() {
         let via = last_egress
-            .map(|e| {
-                format!(
-                    " The SYN last left via {}{}.",
-                    e.interface
-                        .as_ref()
-                        .and_then(|i| i.name.clone())
-                        .unwrap_or_else(|| "?".into()),
-                    ns_name(e).map(|n| format!(" in {n}")).unwrap_or_default()
-                )
-            })
+            .map(|e| last_left_via("The SYN", e))
             .unwrap_or_default();
         next_steps.push("look at the next hop: the destination node or pod, the overlay (VXLAN/IPIP) and underlay routing".into());
         (
@@ -788,13 +762,7 @@ pub fn classify(
         )
     };
 
-    let timeline = events
-        .iter()
-        .map(|e| Checkpoint {
-            time_ns: e.time_ns,
-            what: checkpoint(e),
-        })
-        .collect();
+    let timeline = timeline(events);
     let server = Endpoint {
         netns: server_ns,
         ..Endpoint::at(server_addr.0, server_addr.1)
@@ -831,6 +799,166 @@ pub fn classify(
         left_via: last_egress.and_then(hop),
         route: None,
         cross_node: None,
+        udp: None,
+    }
+}
+
+/// A netfilter rule decided: which rule, its owner, and what to check next.
+fn netfilter_verdict(nf: &Netfilter, next_steps: &mut Vec<String>) -> (Outcome, String) {
+    // Egress policies (Calico `cali-fw-`/`cali-po-` chains) are the client pod's.
+    let whose = if nf.chain.contains("cali-fw-") || nf.chain.contains("cali-po-") {
+        "source"
+    } else {
+        "destination"
+    };
+    let rule = nf.rule.clone().unwrap_or_else(|| "(chain policy)".into());
+    next_steps.push(format!(
+        "inspect {} {} chain {}: {}",
+        nf.family, nf.table, nf.chain, rule
+    ));
+    match nf.owner.system.as_str() {
+            "calico" => next_steps.push(format!(
+                "check the Calico/Kubernetes NetworkPolicies selecting the {whose} pod{}",
+                if nf.owner.policies.is_empty() { String::new() } else { format!(": {}", nf.owner.policies.join(", ")) }
+            )),
+            "kube-proxy" => next_steps.push(format!(
+                "check the Service's endpoints: kubectl get endpointslices{}",
+                nf.owner.object.as_ref().map(|o| format!(" for {o}")).unwrap_or_default()
+            )),
+            "kube-router" => next_steps.push("check the NetworkPolicies selecting the destination pod (k3s network policy controller)".into()),
+            _ => next_steps.push("find out who installed this rule (a leftover of a previous CNI or manual change?)".into()),
+        }
+    let outcome = if nf.action == "reject" {
+        Outcome::RefusedByRule
+    } else {
+        Outcome::DroppedByRule
+    };
+    (
+        outcome,
+        format!(
+            "{}. The client sees {}.",
+            nf.owner.explanation, nf.client_sees
+        ),
+    )
+}
+
+/// "Nothing listens on …": the listeners of the server's namespace and of the others, and what
+/// to check next. `proto` is `TCP` or `UDP`; `how` says how the kernel answered.
+fn no_listener(
+    ns_ev: &Event,
+    ctx: &Context,
+    proto: &str,
+    how: &str,
+    listeners: &mut Vec<Listener>,
+    next_steps: &mut Vec<String>,
+) -> String {
+    let ns = ns_name(ns_ev);
+    *listeners = ns
+        .as_ref()
+        .and_then(|n| ctx.listeners.get(n))
+        .cloned()
+        .unwrap_or_default();
+    let target = (ns_ev.dst, ns_ev.dport);
+    let mut why = format!(
+        "Nothing listens on {}{} in {}: {how}.",
+        // TCP is the default: said only for UDP.
+        if proto == "UDP" { "udp " } else { "" },
+        endpoint_str(target.0, target.1),
+        ns.as_deref().unwrap_or("that network namespace")
+    );
+    let same_port: Vec<&Listener> = listeners.iter().filter(|l| l.port == target.1).collect();
+    if !same_port.is_empty() {
+        let l: Vec<String> = same_port.iter().map(|l| l.endpoint()).collect();
+        why.push_str(&format!(
+            " A server does listen on port {} but bound to {} only, which does not accept connections to {}.",
+            target.1,
+            l.join(", "),
+            target.0
+        ));
+        next_steps.push(format!("make the server listen on {} (or 0.0.0.0 / [::]), or connect to the address it is bound to", endpoint_str(target.0, target.1)));
+    } else if listeners.is_empty() {
+        why.push_str(&format!(
+            " Nothing listens on any {proto} port in this namespace."
+        ));
+        next_steps.push(
+            "check that the server process is running and has started listening (readiness)".into(),
+        );
+    } else {
+        let l: Vec<String> = listeners.iter().map(Listener::describe).collect();
+        why.push_str(&format!(" This namespace listens on: {}.", l.join(", ")));
+        next_steps.push(format!(
+            "is the server configured for port {}? it listens on {}",
+            target.1,
+            l.join(", ")
+        ));
+    }
+    for (other_ns, ls) in &ctx.listeners {
+        if Some(other_ns) != ns.as_ref()
+            && ls
+                .iter()
+                .any(|l| l.accepts(target.0, target.1) || l.port == target.1)
+        {
+            why.push_str(&format!(
+                " Port {} is listened on in another namespace: {other_ns}.",
+                target.1
+            ));
+        }
+    }
+    why
+}
+
+/// The kernel dropped the packet (`what`: SYN, datagram): in netfilter without a traced rule,
+/// or for another reason, with a hint per reason.
+fn kernel_drop_verdict(d: &Event, what: &str, next_steps: &mut Vec<String>) -> (Outcome, String) {
+    let info = d.drop.as_ref().expect("drop");
+    if info.reason == "NETFILTER_DROP" {
+        let backend = if info.location.starts_with("nft_do_chain") {
+            "nf_tables (nftables or iptables-nft)"
+        } else {
+            "x_tables (iptables-legacy)"
+        };
+        next_steps.push("run the trace without --no-rule-trace to name the rule".into());
+        (
+            Outcome::DroppedInNetfilter,
+            format!(
+                "A netfilter rule in {backend} dropped the {what}{}; the rule was not traced.",
+                ns_name(d).map(|n| format!(" in {n}")).unwrap_or_default()
+            ),
+        )
+    } else {
+        let hint = match info.reason.as_str() {
+            "IP_RPFILTER" => {
+                "reverse-path filtering (rp_filter): the source address is not routed back through the interface it came in on"
+            }
+            "IP_NOROUTE" | "IP_OUTNOROUTES" => "there is no route to the destination",
+            "IP_INADDRERRORS" | "IP_INNOROUTES" => {
+                "the destination address is not routable here (martian or no route)"
+            }
+            "TC_INGRESS" | "TC_EGRESS" => {
+                "a tc program (e.g. Calico's eBPF dataplane or Cilium) returned drop on this interface"
+            }
+            "TCP_LISTEN_OVERFLOW" | "SOCKET_BACKLOG" => "the listener's accept backlog is full",
+            "NEIGH_FAILED" | "NEIGH_QUEUEFULL" => {
+                "the next hop did not answer ARP/neighbour discovery"
+            }
+            _ => "see the kernel drop reason",
+        };
+        next_steps.push(format!(
+            "kernel drop reason {} at {}",
+            info.reason, info.location
+        ));
+        (
+            Outcome::DroppedByKernel,
+            format!(
+                "The kernel dropped the {what}{}: {} ({hint}).",
+                d.interface
+                    .as_ref()
+                    .and_then(|i| i.name.clone())
+                    .map(|n| format!(" on {n}"))
+                    .unwrap_or_default(),
+                info.reason
+            ),
+        )
     }
 }
 

@@ -41,6 +41,7 @@ fn listener(addr: &str, port: u16) -> Listener {
 fn ctx(port: u16, ns: &str, listeners: Vec<Listener>) -> Context {
     Context {
         port,
+        udp: false,
         listeners: HashMap::from([(ns.to_string(), listeners)]),
     }
 }
@@ -180,7 +181,7 @@ fn an_attempt_that_began_before_the_trace_is_not_judged() {
     let mut out = Vec::new();
     for (i, e) in load("success")
         .into_iter()
-        .filter(|e| !e.state.as_ref().is_some_and(|s| s.new == "SYN_SENT"))
+        .filter(|e| e.state.as_ref().is_none_or(|s| s.new != "SYN_SENT"))
         .enumerate()
     {
         out.extend(engine.push(e, i as u64));
@@ -201,4 +202,183 @@ fn verdicts_wait_for_the_settle_time_then_come_once() {
     assert_eq!(engine.poll(SETTLE_NS).len(), 1);
     assert!(engine.poll(10 * SETTLE_NS).is_empty());
     assert!(engine.finish().is_empty());
+}
+
+fn udp_ctx(port: u16, listeners: Vec<(&str, Vec<Listener>)>) -> Context {
+    Context {
+        port,
+        udp: true,
+        listeners: listeners
+            .into_iter()
+            .map(|(ns, l)| (ns.to_string(), l))
+            .collect(),
+    }
+}
+
+const DNS_NAME: &str = "seldon-scheduler.financial-inference.svc.cluster.local";
+
+fn lookup(v: &Verdict) -> &udp::DnsLookup {
+    v.udp.as_ref().and_then(|u| u.dns.as_ref()).expect("dns")
+}
+
+#[test]
+fn dns_blocked_by_calico_egress_names_query_rule_and_policy() {
+    let v = run("dns_calico_egress", udp_ctx(53, vec![]));
+    assert_eq!(v.len(), 1, "{v:#?}");
+    let v = &v[0];
+    assert_eq!(v.outcome, Outcome::DroppedByRule);
+    let d = lookup(v);
+    assert_eq!(
+        (d.name.as_deref(), d.qtype.as_deref(), d.id),
+        (Some(DNS_NAME), Some("A"), 0x4242)
+    );
+    assert!(!v.udp.as_ref().unwrap().replied);
+    let nf = v.netfilter.as_ref().unwrap();
+    assert!(nf.chain.starts_with("cali-fw-cali"), "{nf:?}");
+    assert_eq!(nf.owner.policies, vec!["financial-inference/client-egress"]);
+    assert_eq!(v.dialed.as_ref().unwrap().addr.to_string(), "10.43.0.10");
+    assert_eq!(v.server.addr.to_string(), "10.42.0.3");
+    assert!(
+        v.explanation
+            .starts_with(&format!("The DNS query A {DNS_NAME} was stopped by a rule")),
+        "{}",
+        v.explanation
+    );
+    assert!(
+        v.next_steps
+            .iter()
+            .any(|s| s.contains("selecting the source pod")),
+        "egress policies are the client's: {:?}",
+        v.next_steps
+    );
+}
+
+#[test]
+fn dns_answered_is_not_a_failure_and_says_the_rcode() {
+    let v = run("dns_answered", udp_ctx(53, vec![]));
+    assert_eq!(v.len(), 1, "{v:#?}");
+    let v = &v[0];
+    assert_eq!(v.outcome, Outcome::Answered);
+    assert!(!v.outcome.is_failure());
+    assert_eq!(v.headline, "answered: NOERROR");
+    assert_eq!(lookup(v).rcode.as_deref(), Some("NOERROR"));
+    let u = v.udp.as_ref().unwrap();
+    assert!(u.replied);
+    assert_eq!(u.requests, 1, "one datagram, seen at several checkpoints");
+}
+
+#[test]
+fn dns_unanswered_names_the_query_and_the_way_out() {
+    let v = run("dns_unanswered", udp_ctx(53, vec![]));
+    assert_eq!(v.len(), 1, "{v:#?}");
+    let v = &v[0];
+    assert_eq!(v.outcome, Outcome::Unanswered);
+    assert_eq!(lookup(v).id, 0x5151);
+    assert!(v.drop.is_none() && v.netfilter.is_none());
+    assert!(
+        v.explanation.contains("It last left via cali"),
+        "{}",
+        v.explanation
+    );
+}
+
+#[test]
+fn dns_unanswered_is_decided_after_the_timeout_not_before() {
+    let mut engine = Engine::new(udp_ctx(53, vec![]));
+    let mut out = Vec::new();
+    for e in load("dns_unanswered") {
+        out.extend(engine.push(e, 0));
+    }
+    assert!(out.is_empty());
+    assert!(engine.poll(udp::UDP_TIMEOUT_NS - 1).is_empty());
+    let v = engine.poll(udp::UDP_TIMEOUT_NS);
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].outcome, Outcome::Unanswered);
+}
+
+#[test]
+fn udp_without_socket_is_no_listener_with_the_udp_listeners() {
+    let v = run(
+        "udp_no_listener",
+        udp_ctx(9999, vec![("server", vec![listener("0.0.0.0", 9001)])]),
+    );
+    assert_eq!(v.len(), 1, "{v:#?}");
+    let v = &v[0];
+    assert_eq!(v.outcome, Outcome::RefusedNoListener);
+    assert!(
+        v.explanation
+            .contains("Nothing listens on udp 10.42.0.10:9999 in server"),
+        "{}",
+        v.explanation
+    );
+    assert!(v.explanation.contains("0.0.0.0:9001"), "{}", v.explanation);
+    assert_eq!(v.listeners.len(), 1);
+    assert_eq!(v.app_error.as_deref(), Some("ECONNREFUSED"));
+    let u = v.udp.as_ref().unwrap();
+    assert!(!u.replied && u.dns.is_none());
+}
+
+#[test]
+fn dns_verdicts_become_agent_failure_events_only_when_they_failed() {
+    let blocked = &run("dns_calico_egress", udp_ctx(53, vec![]))[0];
+    let e = crate::events::dns_failure(blocked).expect("a failure");
+    assert_eq!(e.kind, Kind::DnsFailure);
+    let f = e.dns_failure.as_ref().unwrap();
+    assert_eq!((f.reason.as_str(), f.replied), ("dropped", false));
+    assert_eq!(
+        f.backend.as_ref().map(|b| b.addr.to_string()).as_deref(),
+        Some("10.42.0.3")
+    );
+    let d = e.dns.as_ref().unwrap();
+    assert_eq!((d.name.as_deref(), d.id), (Some(DNS_NAME), 0x4242));
+    assert_eq!(
+        (e.src.to_string(), e.dst.to_string(), e.dport),
+        ("10.42.0.20".into(), "10.43.0.10".into(), 53)
+    );
+    assert_eq!(e.time_ns, blocked.timeline[0].time_ns, "timed at the query");
+    let unanswered = &run("dns_unanswered", udp_ctx(53, vec![]))[0];
+    assert_eq!(
+        crate::events::dns_failure(unanswered)
+            .unwrap()
+            .dns_failure
+            .unwrap()
+            .reason,
+        "unanswered"
+    );
+    let mut answered = run("dns_answered", udp_ctx(53, vec![])).remove(0);
+    assert_eq!(crate::events::dns_failure(&answered), None);
+    // Answered, but SERVFAIL: the server was reached and failed.
+    if let Some(d) = answered.udp.as_mut().and_then(|u| u.dns.as_mut()) {
+        d.rcode = Some("SERVFAIL".into());
+    }
+    assert_eq!(
+        crate::events::dns_failure(&answered)
+            .unwrap()
+            .dns_failure
+            .unwrap()
+            .reason,
+        "servfail"
+    );
+    // Not DNS: no DNS failure.
+    let udp = &run(
+        "udp_no_listener",
+        udp_ctx(9999, vec![("server", vec![listener("0.0.0.0", 9001)])]),
+    )[0];
+    assert_eq!(crate::events::dns_failure(udp), None);
+}
+
+#[test]
+fn dns_verdict_text_names_the_query_and_the_reply() {
+    let v = &run("dns_calico_egress", udp_ctx(53, vec![]))[0];
+    let text = crate::outputs::verdict_text(v);
+    assert!(
+        text.contains(&format!(
+            "DNS A {DNS_NAME} (id 16962), 1 datagram(s), no reply came back"
+        )),
+        "{text}"
+    );
+    let v = &run("dns_answered", udp_ctx(53, vec![]))[0];
+    let text = crate::outputs::verdict_text(v);
+    assert!(text.starts_with("✓ answered: NOERROR"), "{text}");
+    assert!(text.contains("reply NOERROR"), "{text}");
 }

@@ -1,0 +1,61 @@
+//! A CoreDNS stand-in for labs: a UDP socket (bound inside a pod namespace) answering every A
+//! query with one address — or, for the "unanswered" scenario, reading and never replying.
+
+use std::net::{Ipv4Addr, UdpSocket};
+
+/// The end of the question section of `msg` (header and one question), if well-formed.
+fn question_end(msg: &[u8]) -> Option<usize> {
+    let mut off = 12;
+    loop {
+        let len = usize::from(*msg.get(off)?);
+        if len == 0 {
+            return (off + 5 <= msg.len()).then_some(off + 5);
+        }
+        if len > 63 {
+            return None;
+        }
+        off += 1 + len;
+    }
+}
+
+/// The response to an A query: the question echoed, QR/RA set, NOERROR, one A record `addr`.
+pub fn answer_a(query: &[u8], addr: Ipv4Addr) -> Option<Vec<u8>> {
+    let end = question_end(query)?;
+    let mut r = query[..end].to_vec();
+    r[2] = 0x81; // QR, RD
+    r[3] = 0x80; // RA, NOERROR
+    r[6..8].copy_from_slice(&1u16.to_be_bytes()); // ANCOUNT
+    r[8..12].fill(0); // NSCOUNT, ARCOUNT
+    r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+    r.extend_from_slice(&addr.octets());
+    Some(r)
+}
+
+/// Serves `socket` on a background thread: answers A queries with `answer`, or stays silent
+/// when `answer` is None.
+pub fn serve(socket: UdpSocket, answer: Option<Ipv4Addr>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            if let Some(r) = answer.and_then(|a| answer_a(&buf[..n], a)) {
+                let _ = socket.send_to(&r, from);
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_echo_the_question() {
+        let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        q.extend_from_slice(&[1, b'a', 0, 0, 1, 0, 1]);
+        let r = answer_a(&q, Ipv4Addr::new(10, 43, 0, 1)).unwrap();
+        assert_eq!(&r[..2], &[0x12, 0x34]);
+        assert_eq!(r[2] & 0x80, 0x80);
+        assert_eq!(&r[r.len() - 4..], &[10, 43, 0, 1]);
+        assert_eq!(answer_a(&q[..14], Ipv4Addr::LOCALHOST), None);
+    }
+}

@@ -1,0 +1,282 @@
+//! UDP exchanges (DNS lookups above all): a client datagram and whether anything came back.
+//! UDP has no handshake and no reset, so the evidence is the datagram's path (tc checkpoints),
+//! a drop (kernel reason, netfilter rule), an ICMP port unreachable or the kernel's NO_SOCKET
+//! drop, and a reply — or, after [`UDP_TIMEOUT_NS`], its absence.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Context, Endpoint, Outcome, SCHEMA, Verdict, kernel_drop_verdict, last_left_via,
+    netfilter_verdict, no_listener, ns_name, timeline,
+};
+use crate::events::{Event, Kind};
+
+/// A query with neither reply nor drop after this long is unanswered (resolvers retry after 5 s:
+/// glibc's `timeout:5`, CoreDNS's forwarders less).
+pub const UDP_TIMEOUT_NS: u64 = 5_000_000_000;
+
+/// The DNS question of an exchange and the answer, if one came back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct DnsLookup {
+    pub id: u16,
+    /// The name asked (null when the capture ended inside it).
+    pub name: Option<String>,
+    /// `A`, `AAAA`, `SRV`, `PTR`, …
+    #[serde(rename = "type")]
+    pub qtype: Option<String>,
+    /// Response code of the reply (`NOERROR`, `NXDOMAIN`, `SERVFAIL`, …); null without reply.
+    pub rcode: Option<String>,
+    /// Records in the reply's answer section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answers: Option<u16>,
+}
+
+impl DnsLookup {
+    /// `A seldon-scheduler.financial-inference.svc.cluster.local`
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {}",
+            self.qtype.as_deref().unwrap_or("?"),
+            self.name.as_deref().unwrap_or("(name not captured)")
+        )
+    }
+}
+
+/// What a UDP verdict adds: whether any reply came back, and the DNS question and answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct UdpExchange {
+    /// Datagrams of the client seen leaving it (the first try and retries).
+    pub requests: u32,
+    /// Did a reply come back to the client (seen on its way and not dropped)?
+    pub replied: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsLookup>,
+}
+
+/// The client side of a UDP event: the side whose port is not the traced one.
+pub(super) fn client_of(e: &Event, port: u16) -> Option<(IpAddr, u16)> {
+    if e.protocol == "tcp" {
+        return None;
+    }
+    let c = if e.dport == port {
+        (e.src, e.sport)
+    } else if e.sport == port {
+        (e.dst, e.dport)
+    } else {
+        (e.src, e.sport)
+    };
+    (c.1 != 0).then_some(c)
+}
+
+fn is_reply(e: &Event, client: (IpAddr, u16)) -> bool {
+    e.kind == Kind::Packet && e.icmp.is_none() && (e.dst, e.dport) == client
+}
+
+/// ICMP port unreachable (IPv4 3/3, IPv6 1/4): nothing listens there.
+fn port_unreachable(e: &Event) -> bool {
+    e.icmp
+        .as_ref()
+        .is_some_and(|i| (i.icmp_type, i.code) == (3, 3) || (i.icmp_type, i.code) == (1, 4))
+}
+
+/// Decides the exchange: a reply, an ICMP error, a drop of the client's datagram, a rule.
+pub(super) fn terminal(e: &Event, client: (IpAddr, u16)) -> bool {
+    match e.kind {
+        Kind::Packet => e.icmp.is_some() || is_reply(e, client),
+        Kind::Drop => {
+            (e.src, e.sport) == client
+                && e.drop.as_ref().is_some_and(|d| d.reason != "NOT_SPECIFIED")
+        }
+        Kind::Netfilter => true,
+        _ => false,
+    }
+}
+
+/// Classifies one UDP exchange's events (sorted by time).
+pub(super) fn classify(events: &[Event], client: (IpAddr, u16), ctx: &Context) -> Verdict {
+    let from_client: Vec<&Event> = events
+        .iter()
+        .filter(|e| {
+            (e.src, e.sport) == client
+                && matches!(e.kind, Kind::Packet | Kind::Drop | Kind::Netfilter)
+                && e.icmp.is_none()
+        })
+        .collect();
+    let sent: Vec<&Event> = from_client
+        .iter()
+        .copied()
+        .filter(|e| e.kind == Kind::Packet)
+        .collect();
+    let query = sent.iter().find_map(|e| e.dns.as_ref().filter(|d| d.query));
+    let replies: Vec<&Event> = events.iter().filter(|e| is_reply(e, client)).collect();
+    let answer = replies
+        .iter()
+        .find_map(|e| e.dns.as_ref().filter(|d| !d.query));
+    let dialed = sent.first().map(|e| (e.dst, e.dport));
+    let server = from_client
+        .last()
+        .map(|e| (e.dst, e.dport))
+        .or(dialed)
+        .unwrap_or((client.0, ctx.port));
+    let netfilter = events.iter().find_map(|e| e.netfilter.clone());
+    // A drop of a datagram on its way back to the client (a reply that never arrives).
+    let reply_dropped = events.iter().any(|e| {
+        matches!(e.kind, Kind::Drop | Kind::Netfilter)
+            && (e.dst, e.dport) == client
+            && e.drop.as_ref().is_none_or(|d| d.reason != "NOT_SPECIFIED")
+    });
+    let drop = from_client
+        .iter()
+        .copied()
+        .find(|e| e.kind == Kind::Drop && terminal(e, client));
+    let no_socket = drop
+        .filter(|d| d.drop.as_ref().is_some_and(|x| x.reason == "NO_SOCKET"))
+        .or_else(|| events.iter().find(|e| port_unreachable(e)));
+    let icmp = events.iter().find(|e| e.icmp.is_some());
+    let lookup = query.or(answer).map(|q| DnsLookup {
+        id: q.id,
+        name: q.name.clone(),
+        qtype: q.qtype.clone(),
+        rcode: answer.and_then(|a| a.rcode.clone()),
+        answers: answer.map(|a| a.answers),
+    });
+    let what = lookup.as_ref().map_or_else(
+        || "The datagram".to_string(),
+        |l| format!("The DNS query {}", l.describe()),
+    );
+    // The client's own namespace: where its datagram was first seen leaving.
+    let client_ns = sent.first().and_then(|e| ns_name(e));
+    let mut listeners = Vec::new();
+    let mut next_steps = Vec::new();
+    let mut headline = None;
+    let (outcome, explanation) = if let Some(nf) = &netfilter {
+        let (o, why) = netfilter_verdict(nf, &mut next_steps);
+        if reply_dropped {
+            (
+                o,
+                format!("{what} was answered, but a rule stopped the reply on its way back. {why}"),
+            )
+        } else {
+            (o, format!("{what} was stopped by a rule. {why}"))
+        }
+    } else if !replies.is_empty() && !sent.is_empty() {
+        let why = match answer.and_then(|a| a.rcode.as_deref()) {
+            Some("NOERROR") => format!(
+                "{what} was answered: NOERROR, {} answer record(s).",
+                answer.map_or(0, |a| a.answers)
+            ),
+            Some("NXDOMAIN") => {
+                next_steps.push("check the name: the Service or pod does not exist under it (namespace, search domains, ndots)".into());
+                format!(
+                    "{what} was answered: NXDOMAIN, the name does not exist. That is the DNS server's answer, not a network failure."
+                )
+            }
+            Some(rcode) => {
+                next_steps.push("look at the DNS server's logs (CoreDNS: kubectl -n kube-system logs -l k8s-app=kube-dns) and its upstreams".into());
+                format!(
+                    "{what} was answered with {rcode}: the DNS server was reached but could not answer."
+                )
+            }
+            None => "A reply came back.".to_string(),
+        };
+        if let Some(rcode) = answer.and_then(|a| a.rcode.as_deref()) {
+            headline = Some(format!("answered: {rcode}"));
+        }
+        (Outcome::Answered, why)
+    } else if let Some(ns_ev) = no_socket {
+        // The ICMP error quotes the client's datagram: its destination is the server.
+        let why = no_listener(
+            ns_ev,
+            ctx,
+            "UDP",
+            "the kernel answered with ICMP port unreachable (NO_SOCKET) and the client gets ECONNREFUSED or a failed lookup",
+            &mut listeners,
+            &mut next_steps,
+        );
+        (
+            Outcome::RefusedNoListener,
+            format!("{what} reached no socket. {why}"),
+        )
+    } else if let Some(d) = drop {
+        kernel_drop_verdict(d, "datagram", &mut next_steps)
+    } else if let Some(i) = icmp {
+        let c = i.icmp.as_ref().expect("icmp");
+        (
+            Outcome::Unreachable,
+            format!(
+                "{what} got an ICMP error (type {} code {}) from {} without a rule on this node rejecting it.",
+                c.icmp_type, c.code, i.src
+            ),
+        )
+    } else if !sent.is_empty() {
+        let via = sent
+            .iter()
+            .rev()
+            .find(|e| e.direction.as_deref() == Some("egress"))
+            .map(|e| last_left_via("It", e))
+            .unwrap_or_default();
+        next_steps.push(if lookup.is_some() {
+            "check the DNS server pods (kubectl -n kube-system get pods -l k8s-app=kube-dns) and that they are healthy; then the path to their node".into()
+        } else {
+            "check that the server reads its socket and answers; then the path to its node".into()
+        });
+        (
+            Outcome::Unanswered,
+            format!(
+                "{what} left {} time(s), no reply came back and nothing on this node dropped it.{via}",
+                sent.len()
+            ),
+        )
+    } else {
+        (
+            Outcome::Unknown,
+            "The trace ended before the exchange showed a result.".into(),
+        )
+    };
+    let plain = |(addr, port): (IpAddr, u16), netns| Endpoint {
+        netns,
+        ..Endpoint::at(addr, port)
+    };
+    let server_ns = no_socket.and_then(ns_name);
+    Verdict {
+        schema: SCHEMA.into(),
+        kind: "verdict".into(),
+        outcome,
+        headline: headline.unwrap_or_else(|| outcome.headline().into()),
+        client: plain(client, client_ns),
+        server: plain(server, server_ns),
+        dialed: dialed.filter(|d| *d != server).map(|d| plain(d, None)),
+        timeline: timeline(events),
+        explanation,
+        next_steps,
+        drop: drop.and_then(|e| e.drop.clone()),
+        netfilter,
+        listeners,
+        syn_retransmits: 0,
+        // A connected UDP socket reports the ICMP error it got (ECONNREFUSED).
+        app_error: events.iter().rev().find_map(|e| {
+            e.error
+                .as_ref()
+                .filter(|x| x.errno != 0)
+                .map(|x| x.name.clone())
+        }),
+        arrived_via: None,
+        left_via: None,
+        route: None,
+        cross_node: None,
+        udp: Some(UdpExchange {
+            // Each datagram passes several checkpoints: count them at the first one.
+            requests: sent
+                .iter()
+                .filter(|e| {
+                    (&e.interface, &e.direction, &e.netns)
+                        == (&sent[0].interface, &sent[0].direction, &sent[0].netns)
+                })
+                .count() as u32,
+            replied: !replies.is_empty() && !reply_dropped,
+            dns: lookup,
+        }),
+    }
+}
