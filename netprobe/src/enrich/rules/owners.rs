@@ -96,7 +96,7 @@ fn calico_policies_at(
         if !is_policy {
             continue;
         }
-        let first = rs.rules_of(family, table, &target).into_iter().next();
+        let first = rs.first_rule_of(family, table, &target);
         let mut named = false;
         if let Some(first) = first {
             for c in &first.comments {

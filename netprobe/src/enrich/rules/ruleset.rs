@@ -258,10 +258,23 @@ impl Ruleset {
 
     /// The rule behind a trace's (family, table, chain, handle).
     pub fn rule(&self, family: &str, table: &str, chain: &str, handle: u64) -> Option<RuleRef> {
+        let c = self.chain(family, table, chain)?;
+        let pos = c.handles.iter().position(|h| *h == handle);
+        self.rule_at(family, table, chain, handle, pos)
+    }
+
+    /// [`Self::rule`] when the rule's position in its chain is already known.
+    fn rule_at(
+        &self,
+        family: &str,
+        table: &str,
+        chain: &str,
+        handle: u64,
+        pos: Option<usize>,
+    ) -> Option<RuleRef> {
         let tb = self.table(family, table)?;
         let c = tb.chains.get(chain)?;
         let nft_text = c.rules.get(&handle)?.clone();
-        let pos = c.handles.iter().position(|h| *h == handle);
         let ipt = if tb.iptables_nft || self.has_iptables_table(family, table) {
             pos.and_then(|p| {
                 let lines = self.iptables.get(&(
@@ -303,8 +316,15 @@ impl Ruleset {
         };
         c.handles
             .iter()
-            .filter_map(|h| self.rule(family, table, chain, *h))
+            .enumerate()
+            .filter_map(|(i, h)| self.rule_at(family, table, chain, *h, Some(i)))
             .collect()
+    }
+
+    /// The first rule of a chain (a Calico policy chain names its policy there).
+    pub fn first_rule_of(&self, family: &str, table: &str, chain: &str) -> Option<RuleRef> {
+        let h = *self.chain(family, table, chain)?.handles.first()?;
+        self.rule_at(family, table, chain, h, Some(0))
     }
 }
 
