@@ -390,7 +390,6 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             enricher.add_interface(ns.inode, link.index, &link.name);
         }
     }
-    probes.attach_tracepoints(btf)?;
     for ns in &attach_in {
         // Pre-6.6 kernels: filters of a netprobe killed earlier would run on beside ours.
         crate::probes::leftovers::remove_orphans_in(ns)?;
@@ -450,6 +449,10 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
         }
     }
     drop(nf_tx);
+    // The tracepoints last: an attempt whose connect() (SYN_SENT) they see began after the tc
+    // programs and the rule trace were in place, so nothing of it was missed. Attempts already
+    // under way are not judged (see verdict::began_before_the_trace).
+    probes.attach_tracepoints(btf)?;
     let mut listeners = std::collections::HashMap::new();
     for ns in &scope {
         // A namespace that cannot be read just has no listener evidence.
