@@ -777,7 +777,7 @@ struct Plan {
 const READY_LINE: &str = "netprobe: waiting for connections";
 
 /// Traces the server nodes first, then the client's node; joins each attempt's verdicts.
-async fn cross_node<F, Fut, P, S>(
+async fn cross_node<F, Fut, S>(
     opts: RemoteOptions,
     plan: Plan,
     forward: &F,
@@ -786,8 +786,7 @@ async fn cross_node<F, Fut, P, S>(
 ) -> Result<i32>
 where
     F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = Result<(P, S)>>,
-    P: Abort,
+    Fut: std::future::Future<Output = Result<(kube::api::Portforwarder, S)>>,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     use crate::outputs::{Format, Printer};
@@ -971,17 +970,6 @@ where
         pf.abort();
     }
     Ok(code.unwrap_or(2))
-}
-
-/// Port-forwards end when the cross-node trace does.
-pub trait Abort {
-    fn abort(self);
-}
-
-impl Abort for kube::api::Portforwarder {
-    fn abort(self) {
-        kube::api::Portforwarder::abort(&self)
-    }
 }
 
 fn on_peer_frame(p: &mut Peer, f: Frame, stderr: &mut dyn Write) {
