@@ -402,6 +402,7 @@ impl Engine {
         let Some(key) = key.filter(|k| !self.done.contains_key(k)) else {
             return self.poll(now);
         };
+        self.adopt_unnamed(key);
         let terminal = udp::terminal(&e, (addr, port));
         let a = self.attempt(key, now);
         a.events.push(e);
@@ -409,6 +410,24 @@ impl Engine {
             a.terminal_at = Some(now);
         }
         self.poll(now)
+    }
+
+    /// The rule trace arrives over netlink and the datagram over the ring buffer, in either
+    /// order: evidence that came before the first DNS message of its client port opened an
+    /// exchange without an id. That exchange is this one.
+    fn adopt_unnamed(&mut self, key: Key) {
+        if key.2.is_none() || self.attempts.contains_key(&key) {
+            return;
+        }
+        let unnamed = (key.0, key.1, None);
+        if let Some(a) = self.attempts.remove(&unnamed) {
+            self.attempts.insert(key, a);
+            for k in &mut self.order {
+                if *k == unnamed {
+                    *k = key;
+                }
+            }
+        }
     }
 
     /// Verdicts whose settle time has passed (and UDP exchanges left without an answer).

@@ -253,6 +253,25 @@ fn dns_blocked_by_calico_egress_names_query_rule_and_policy() {
     );
 }
 
+/// The rule trace (netlink) can arrive before the datagram (ring buffer) that it traced: the
+/// exchange it opened is the lookup's, not a nameless one decided first (a CI failure).
+#[test]
+fn dns_rule_evidence_arriving_before_the_query_joins_the_lookup() {
+    let (rules, packets): (Vec<Event>, Vec<Event>) = load("dns_calico_egress")
+        .into_iter()
+        .partition(|e| e.kind == Kind::Netfilter);
+    assert!(!rules.is_empty() && packets.iter().any(|e| e.dns.is_some()));
+    let mut engine = Engine::new(udp_ctx(53, vec![]));
+    let mut v = Vec::new();
+    for (i, e) in rules.into_iter().chain(packets).enumerate() {
+        v.extend(engine.push(e, i as u64));
+    }
+    v.extend(engine.finish());
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].outcome, Outcome::DroppedByRule);
+    assert_eq!(lookup(&v[0]).name.as_deref(), Some(DNS_NAME));
+}
+
 #[test]
 fn dns_answered_is_not_a_failure_and_says_the_rcode() {
     let v = run("dns_answered", udp_ctx(53, vec![]));
