@@ -35,9 +35,65 @@ pub fn tc_egress(ctx: TcContext) -> i32 {
 
 /// The per-packet fast path: a few loads decide whether the packet can be an event at all
 /// (TCP SYN or RST — only RST in always-on mode — or ICMP), before an event is built. Bulk data
-/// and ACKs, nearly every packet, leave here.
+/// and ACKs, nearly every packet, leave here. The headers are read straight from the packet's
+/// linear data, without a helper call per field, wherever they are there (all veth and lo
+/// traffic); otherwise through `bpf_skb_load_bytes`.
 #[inline(always)]
 fn candidate(ctx: &TcContext) -> Result<bool, i64> {
+    match candidate_direct(ctx) {
+        Some(wanted) => Ok(wanted),
+        None => candidate_loaded(ctx),
+    }
+}
+
+/// [`candidate`] by direct packet access; `None` when the headers are not all in linear data
+/// (or the packet is shorter than an Ethernet + IPv6 header: small UDP and ICMP packets).
+#[inline(always)]
+fn candidate_direct(ctx: &TcContext) -> Option<bool> {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + ETH_HLEN + 40 > end {
+        return None;
+    }
+    // SAFETY: every offset read below is inside [data, end), checked against `end` first.
+    let byte = |at: usize| unsafe { *(at as *const u8) };
+    let ethertype = u16::from_be_bytes([byte(data + 12), byte(data + 13)]);
+    let (proto, l4) = match ethertype {
+        ETH_P_IP => (
+            byte(data + ETH_HLEN + 9),
+            data + ETH_HLEN + (byte(data + ETH_HLEN) & 0x0f) as usize * 4,
+        ),
+        ETH_P_IPV6 => (byte(data + ETH_HLEN + 6), data + ETH_HLEN + 40),
+        _ => return Some(false),
+    };
+    match proto {
+        IPPROTO_TCP => {
+            if l4 + 14 > end {
+                return None;
+            }
+            let wanted = if filter::failures_only() {
+                tcp_flags::RST
+            } else {
+                tcp_flags::SYN | tcp_flags::RST
+            };
+            Some(byte(l4 + 13) & wanted != 0)
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => Some(true),
+        IPPROTO_UDP => {
+            if l4 + 4 > end {
+                return None;
+            }
+            let sport = u16::from_be_bytes([byte(l4), byte(l4 + 1)]);
+            let dport = u16::from_be_bytes([byte(l4 + 2), byte(l4 + 3)]);
+            Some(filter::udp_wanted(sport, dport))
+        }
+        _ => Some(false),
+    }
+}
+
+/// [`candidate`] through `bpf_skb_load_bytes` (headers outside the linear data).
+#[inline(always)]
+fn candidate_loaded(ctx: &TcContext) -> Result<bool, i64> {
     let (proto, l4) = match u16::from_be(ctx.load::<u16>(12)?) {
         ETH_P_IP => {
             let ihl = (ctx.load::<u8>(ETH_HLEN)? & 0x0f) as usize * 4;
