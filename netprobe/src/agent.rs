@@ -47,6 +47,9 @@ pub struct AgentOptions {
     pub node_name: Option<String>,
     /// Created once probes are attached (tests, scripts).
     pub ready_file: Option<PathBuf>,
+    /// Keep the kernel's run-time statistics of BPF programs on while the agent runs, so that
+    /// `netprobe_program_run_seconds_total` measures what netprobe's programs cost.
+    pub program_stats: bool,
 }
 
 /// What `/metrics` reports. Label values come from the kernel's names and the inventory.
@@ -68,6 +71,8 @@ struct Metrics {
     namespaces: usize,
     /// Longest kernel-to-agent delay of an event in the last second.
     delay_max_s: f64,
+    /// Runs and in-kernel run time of each program (while run-time statistics are on).
+    programs: Vec<crate::probes::ProgramStats>,
     /// Probes the kernel refused: (program, reason). The agent runs without them.
     degraded: Vec<(String, String)>,
     /// (namespace, pod, reason) of the client → failed DNS lookups.
@@ -145,6 +150,22 @@ impl Metrics {
             s.push_str(&format!(
                 "netprobe_kernel_drops_total{{reason=\"{}\"}} {n}\n",
                 label(reason)
+            ));
+        }
+        s.push_str("# HELP netprobe_program_runs_total Runs of each netprobe eBPF program, counted while the kernel's run-time statistics are on (agent --program-stats or sysctl kernel.bpf_stats_enabled=1).\n# TYPE netprobe_program_runs_total counter\n");
+        for p in &self.programs {
+            s.push_str(&format!(
+                "netprobe_program_runs_total{{program=\"{}\"}} {}\n",
+                label(&p.program),
+                p.runs
+            ));
+        }
+        s.push_str("# HELP netprobe_program_run_seconds_total Time the kernel spent in each netprobe eBPF program, counted while its run-time statistics are on.\n# TYPE netprobe_program_run_seconds_total counter\n");
+        for p in &self.programs {
+            s.push_str(&format!(
+                "netprobe_program_run_seconds_total{{program=\"{}\"}} {:.9}\n",
+                label(&p.program),
+                p.run_ns as f64 / 1e9
             ));
         }
         s.push_str("# HELP netprobe_events_total Events the kernel queued.\n# TYPE netprobe_events_total counter\n");
@@ -604,6 +625,11 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
         crate::remote::TraceServer::new()?,
     ));
 
+    // Held until the agent exits; the kernel turns the statistics off when it is closed.
+    let _run_time_stats = opts
+        .program_stats
+        .then(crate::probes::enable_run_time_stats)
+        .transpose()?;
     let kbtf = KernelBtf::load()?;
     let btf = kbtf.aya();
     let node = NetnsRef::current()?;
@@ -792,6 +818,9 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
                     m.delay_max_s = delay_max_ns as f64 / 1e9;
                     delay_max_ns = 0;
                     delay_window = std::time::Instant::now();
+                }
+                if ticks.is_multiple_of(5) {
+                    m.programs = probes.program_stats();
                 }
                 m.interfaces = n;
                 m.namespaces = scope.len();

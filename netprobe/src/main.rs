@@ -50,6 +50,12 @@ enum Command {
         /// full are counted as lost (netprobe_lost_events_total), never dropped silently.
         #[arg(long, env = "NETPROBE_RING_KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
         ring_buffer_kib: u32,
+        /// Turn on the kernel's run-time statistics of BPF programs while the agent runs, so that
+        /// /metrics shows what netprobe's programs cost (netprobe_program_runs_total,
+        /// netprobe_program_run_seconds_total). System-wide: every program's runs then cost two
+        /// clock reads more; off by default.
+        #[arg(long, env = "NETPROBE_PROGRAM_STATS")]
+        program_stats: bool,
     },
     /// Print the JSON Schemas of the objects `trace -o json` prints (events, verdicts, summary),
     /// keyed by their `schema` value.
@@ -231,6 +237,7 @@ fn main() -> ExitCode {
             rate_limit,
             ready_file,
             ring_buffer_kib,
+            program_stats,
         } => {
             let opts = netprobe::agent::AgentOptions {
                 ring_bytes: ring_buffer_kib * 1024,
@@ -238,6 +245,7 @@ fn main() -> ExitCode {
                 node_name,
                 rate_limit,
                 ready_file,
+                program_stats,
             };
             let Some(rt) = runtime() else {
                 return ExitCode::from(EXIT_USAGE);

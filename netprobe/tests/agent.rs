@@ -446,7 +446,7 @@ fn healthy_connections_cost_the_agent_no_event() {
         lab.listen(&b.netns, "10.42.0.62:7000".parse().unwrap())
             .unwrap(),
     );
-    let agent = start_agent(&lab, &[]);
+    let agent = start_agent(&lab, &["--program-stats"]);
     let n = 200;
     const LATE: usize = 20;
     netprobe_lab::in_netns(&a.netns, || {
@@ -477,6 +477,32 @@ fn healthy_connections_cost_the_agent_no_event() {
     assert!(
         metric_sum(&m, "netprobe_kernel_drops_total", "NOT_SPECIFIED") >= LATE as u64 / 2,
         "late FINs consumed by timewait sockets are counted, not emitted:\n{m}"
+    );
+    // What they cost instead: each handshake and teardown passes the tc programs (the program
+    // statistics are refreshed every second).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (runs, seconds) = loop {
+        let (_, m) = http_get(&lab, agent.port, "/metrics");
+        let label = "{program=\"tc_ingress\"}";
+        let runs = metric_sum(&m, "netprobe_program_runs_total", label);
+        let seconds: f64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("netprobe_program_run_seconds_total{label} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if runs >= 3 * n || Instant::now() > deadline {
+            break (runs, seconds);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        runs >= 3 * n,
+        "tc_ingress ran {runs} times for {n} connections"
+    );
+    let ns_per_run = seconds * 1e9 / runs as f64;
+    assert!(
+        ns_per_run > 0.0 && ns_per_run < 20_000.0,
+        "tc_ingress: {ns_per_run} ns per run"
     );
     unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
     let out = agent.output();

@@ -585,6 +585,7 @@ fn the_helm_chart_values_change_only_what_they_name() {
         "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "resources": {"limits": {"memory": "512Mi"}},
         "rateLimit": 5,
+        "programStats": true,
         "logLevel": "info",
         "metrics": {"address": "127.0.0.1:19965", "rbacProxy": {"port": 19966}},
     }));
@@ -592,6 +593,7 @@ fn the_helm_chart_values_change_only_what_they_name() {
     let cm: ConfigMap = typed(find(&r.objects, "ConfigMap", "netprobe"));
     let data = cm.data.unwrap();
     assert_eq!(data["RATE_LIMIT"], "5");
+    assert_eq!(data["NETPROBE_PROGRAM_STATS"], "true");
     assert_eq!(data["RUST_LOG"], "info");
     assert_eq!(data["METRICS_ADDR"], "127.0.0.1:19965");
     let ds: DaemonSet = typed(find(&r.objects, "DaemonSet", "netprobe"));

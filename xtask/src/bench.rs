@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::build::{netprobe_bin, repo_root};
 
 /// Rounds per comparison; modes alternate within a round so drift hits both sides alike.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 pub struct Options {
     /// Seconds per throughput / connection-rate sample.
@@ -129,6 +129,57 @@ fn metric_sum(body: &str, name: &str, label: &str) -> u64 {
         .filter(|l| l.starts_with(name) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// `program → (runs, seconds)` from the agent's `netprobe_program_*` metrics.
+fn program_stats(body: &str) -> std::collections::BTreeMap<String, (u64, f64)> {
+    let mut out = std::collections::BTreeMap::<String, (u64, f64)>::new();
+    for l in body.lines() {
+        let Some((key, value)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let Some((name, program)) = key
+            .strip_suffix("\"}")
+            .and_then(|k| k.split_once("{program=\""))
+        else {
+            continue;
+        };
+        let e = out.entry(program.to_string()).or_default();
+        match name {
+            "netprobe_program_runs_total" => e.0 = value.parse().unwrap_or(0),
+            "netprobe_program_run_seconds_total" => e.1 = value.parse().unwrap_or(0.0),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// What netprobe's programs cost in the kernel between two scrapes `wall_s` apart (the agent
+/// runs with `--program-stats`): per program runs per second and ns per run, and their sum as
+/// a share of one core.
+fn program_cost(before: &str, after: &str, wall_s: f64) -> Value {
+    let (b, a) = (program_stats(before), program_stats(after));
+    let mut programs = serde_json::Map::new();
+    let mut total_s = 0.0;
+    for (name, &(runs, secs)) in &a {
+        let (runs0, secs0) = b.get(name).copied().unwrap_or_default();
+        let (runs, secs) = (runs.saturating_sub(runs0), (secs - secs0).max(0.0));
+        if runs == 0 {
+            continue;
+        }
+        total_s += secs;
+        programs.insert(
+            name.clone(),
+            json!({
+                "runs_per_s": (runs as f64 / wall_s).round(),
+                "ns_per_run": (secs * 1e9 / runs as f64 * 10.0).round() / 10.0,
+            }),
+        );
+    }
+    json!({
+        "kernel_cpu_percent": (total_s / wall_s * 1000.0).round() / 10.0,
+        "programs": programs,
+    })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -339,6 +390,26 @@ fn proc_meminfo_kib(key: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// One more iperf3 sample with the agent's program statistics on: the in-kernel cost behind
+/// the throughput ratio, measured directly (not in the ratio: the statistics add two clock
+/// reads per run).
+fn iperf_program_cost(bench: &mut Bench, seconds: u64) -> Result<Value> {
+    let node = bench.node();
+    let agent = Agent::start(&node, bench.port, &["--program-stats"])?;
+    // The statistics are refreshed every second; wait for one refresh on each side.
+    std::thread::sleep(Duration::from_millis(1100));
+    let before = agent.metrics(&node)?;
+    let t0 = Instant::now();
+    let bits = bench.iperf(seconds);
+    std::thread::sleep(Duration::from_millis(1100));
+    let wall = t0.elapsed().as_secs_f64();
+    let after = agent.metrics(&node);
+    agent.stop()?;
+    let mut v = program_cost(&before, &after?, wall);
+    v["gbit_s"] = json!((bits? / 1e7).round() / 100.0);
+    Ok(v)
+}
+
 /// SYNs into a DROP rule at the highest rate hping3 makes, with the agent on.
 fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Value> {
     let node = bench.node();
@@ -349,7 +420,7 @@ fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Valu
          iptables -C FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM 2>/dev/null || \
          iptables -I FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM",
     )?;
-    let agent = Agent::start(&node, bench.port, &[])?;
+    let agent = Agent::start(&node, bench.port, &["--program-stats"])?;
     let before = agent.metrics(&node)?;
     let kernel0 = metric_sum(&before, "netprobe_kernel_drops_total", "NETFILTER_DROP");
     let delivered0 = metric_sum(&before, "netprobe_drops_total", "NETFILTER_DROP");
@@ -396,6 +467,10 @@ fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Valu
     let _ = flood.wait();
     let storm_wall = t0.elapsed().as_secs_f64();
     let cpu = agent.cpu_seconds() - cpu0;
+    // The program statistics are refreshed every second: the last second of the storm is in
+    // the scrape after the next refresh (the flood has stopped, so nothing is added).
+    std::thread::sleep(Duration::from_millis(1100));
+    let programs = program_cost(&before, &agent.metrics(&node)?, storm_wall);
     // Let the agent drain its ring buffer and refresh the kernel counters (200 ms tick).
     std::thread::sleep(Duration::from_millis(1500));
     let after = agent.metrics(&node)?;
@@ -426,6 +501,7 @@ fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Valu
         "agent_rss_start_mib": (rss_start * 10.0).round() / 10.0,
         "agent_rss_end_mib": (rss_end * 10.0).round() / 10.0,
         "agent_rss_peak_mib": (hwm * 10.0).round() / 10.0,
+        "program_cost": programs,
     });
     delays_ms.sort_by(|a, b| a.total_cmp(b));
     let p99 = delays_ms
@@ -593,6 +669,8 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
     let rate = compare(&mut bench, "connects/s", &modes[..2], &|b| {
         b.connect_rate(secs)
     })?;
+    let iperf_cost = iperf_program_cost(&mut bench, secs)?;
+    println!("bench: program cost under iperf3 {iperf_cost}");
     let storm = drop_storm(&mut bench, opts.storm_seconds, false)?;
     println!("bench: storm {storm}");
     let (attach_250_s, attached, new_veth_ms) = attach(&mut bench, baseline_start_s)?;
@@ -636,6 +714,7 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
             "without": get(&rate, Mode::Without).round(),
             "agent": get(&rate, Mode::Agent).round(),
         },
+        "iperf3_program_cost": iperf_cost,
         "storm": storm,
         "agent_rss_mib": storm["agent_rss_peak_mib"],
         "agent_start_s": (baseline_start_s * 1000.0).round() / 1000.0,
@@ -704,6 +783,7 @@ fn table(r: &Value) -> String {
         "| short TCP connections per second | {} | {} | **{}** (≥ 0.95) |\n\n",
         r["connects_per_s"]["without"], r["connects_per_s"]["agent"], r["connect_rate_ratio"]
     ));
+    t.push_str(&program_cost_table(r));
     t.push_str("| drop storm (hping3 --flood SYNs into an iptables DROP) | value |\n|---|---|\n");
     for (k, label) in [
         ("generated", "drops generated (rule counter)"),
@@ -756,6 +836,42 @@ fn table(r: &Value) -> String {
     t
 }
 
+/// The in-kernel cost of each program under iperf3 and during the drop storm, side by side.
+fn program_cost_table(r: &Value) -> String {
+    let (i, s) = (&r["iperf3_program_cost"], &r["storm"]["program_cost"]);
+    let mut names: Vec<&String> = i["programs"]
+        .as_object()
+        .into_iter()
+        .chain(s["programs"].as_object())
+        .flat_map(|m| m.keys())
+        .collect();
+    names.sort();
+    names.dedup();
+    let cell = |v: &Value, name: &str| {
+        let p = &v["programs"][name];
+        if p.is_null() {
+            "–".to_string()
+        } else {
+            format!("{} ns × {}/s", p["ns_per_run"], p["runs_per_s"])
+        }
+    };
+    let mut t = String::from(
+        "| in-kernel cost per program run (kernel run-time statistics, agent `--program-stats`) | under iperf3 | during the drop storm |\n|---|---|---|\n",
+    );
+    for name in names {
+        t.push_str(&format!(
+            "| `{name}` | {} | {} |\n",
+            cell(i, name),
+            cell(s, name)
+        ));
+    }
+    t.push_str(&format!(
+        "| all of netprobe's programs, % of one core | {} | {} |\n\n",
+        i["kernel_cpu_percent"], s["kernel_cpu_percent"]
+    ));
+    t
+}
+
 const BEGIN: &str = "<!-- bench:begin (written by `cargo xtask bench`) -->";
 const END: &str = "<!-- bench:end -->";
 
@@ -769,4 +885,29 @@ fn update_benchmarks_md(path: &Path, table: &str) -> Result<()> {
     std::fs::write(path, new)?;
     println!("bench: updated {}", path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_cost_is_the_difference_of_two_scrapes() {
+        let before = "netprobe_program_runs_total{program=\"tc_ingress\"} 1000\n\
+                      netprobe_program_run_seconds_total{program=\"tc_ingress\"} 0.000100000\n\
+                      netprobe_program_runs_total{program=\"kfree_skb\"} 7\n\
+                      netprobe_program_run_seconds_total{program=\"kfree_skb\"} 0.000001000\n";
+        let after = "# HELP netprobe_program_runs_total …\n\
+                     netprobe_program_runs_total{program=\"tc_ingress\"} 201000\n\
+                     netprobe_program_run_seconds_total{program=\"tc_ingress\"} 0.020100000\n\
+                     netprobe_program_runs_total{program=\"kfree_skb\"} 7\n\
+                     netprobe_program_run_seconds_total{program=\"kfree_skb\"} 0.000001000\n\
+                     netprobe_events_total 3\n";
+        let v = program_cost(before, after, 2.0);
+        assert_eq!(v["programs"]["tc_ingress"]["runs_per_s"], 100000.0);
+        assert_eq!(v["programs"]["tc_ingress"]["ns_per_run"], 100.0);
+        // Programs that did not run in between are left out.
+        assert!(v["programs"].get("kfree_skb").is_none());
+        assert_eq!(v["kernel_cpu_percent"], 1.0);
+    }
 }
