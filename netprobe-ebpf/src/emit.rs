@@ -1,6 +1,7 @@
 //! The ring buffer and the per-CPU counters.
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
         generated::bpf_skb_load_bytes,
@@ -15,6 +16,13 @@ use netprobe_common::{
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BYTES, 0);
+
+/// When the consumer was last woken (`bpf_ktime_get_ns`), for [`wakeup_flags`].
+#[map]
+static LAST_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Wake the consumer at most this often (plus whenever the ring is a quarter full).
+const WAKEUP_INTERVAL_NS: u64 = 1_000_000;
 
 /// See [`netprobe_common::counter`].
 #[map]
@@ -79,6 +87,30 @@ pub fn count_matched_drop(reason: u32) {
     bump(&DROPS_MATCHED, reason_slot(reason));
 }
 
+/// Batched wakeups. Waking the consumer is most of an event's cost (an irq_work and an epoll
+/// wakeup: ~3.5 µs of the ~4.3 µs of a drop event during a drop storm, measured with the
+/// kernel's run-time statistics). An event after a quiet millisecond still wakes it at once;
+/// in a burst, one wakeup per millisecond (or per quarter of the ring) carries the rest, and
+/// the reader looks again shortly after each batch for the stragglers of a burst
+/// (`collectors::EventReader`).
+#[inline(always)]
+fn wakeup_flags(now: u64) -> u64 {
+    let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {
+        return 0;
+    };
+    let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let size = EVENTS.query(BPF_RB_RING_SIZE as u64);
+    // SAFETY: the map's single slot; racing CPUs at worst both wake the consumer.
+    unsafe {
+        if now.wrapping_sub(*last) >= WAKEUP_INTERVAL_NS || avail * 4 >= size {
+            *last = now;
+            BPF_RB_FORCE_WAKEUP as u64
+        } else {
+            BPF_RB_NO_WAKEUP as u64
+        }
+    }
+}
+
 /// Fills in the time (and, when `with_task`, pid and comm) and submits; a full ring buffer is
 /// counted in `COUNTERS[LOST]` so that userspace can report the loss.
 #[inline(always)]
@@ -93,7 +125,7 @@ pub fn submit(mut ev: RawEvent, with_task: bool) {
     match EVENTS.reserve::<RawEvent>(0) {
         Some(mut slot) => {
             slot.write(ev);
-            slot.submit(0);
+            slot.submit(wakeup_flags(ev.ts_ns));
             count(counter::EMITTED);
         }
         None => count(counter::LOST),
@@ -141,6 +173,6 @@ pub fn submit_dns(ctx: &TcContext, mut ev: RawEvent, off: usize) {
         core::ptr::addr_of_mut!((*p).len).write(len);
         core::ptr::addr_of_mut!((*p)._pad).write([0; 6]);
     }
-    slot.submit(0);
+    slot.submit(wakeup_flags(ev.ts_ns));
     count(counter::EMITTED);
 }

@@ -515,3 +515,53 @@ fn healthy_connections_cost_the_agent_no_event() {
         "{stdout}"
     );
 }
+
+/// The kernel side wakes the agent at most once a millisecond during a burst; the records of a
+/// burst that came without a wakeup are read shortly after (no further traffic, agent running).
+#[test]
+fn a_burst_is_delivered_whole_without_later_traffic() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("agentburst").unwrap();
+    let a = lab
+        .add_pod("default", "a-0", "10.42.0.71".parse().unwrap())
+        .unwrap();
+    let _b = lab
+        .add_pod("default", "b-0", "10.42.0.72".parse().unwrap())
+        .unwrap();
+    lab.sh(
+        lab.node(),
+        "iptables -A FORWARD -p tcp --dport 9004 -j DROP",
+    )
+    .unwrap();
+    let agent = start_agent(&lab, &[]);
+    let counts = || {
+        let (_, m) = http_get(&lab, agent.port, "/metrics");
+        (
+            metric_sum(&m, "netprobe_kernel_drops_total", "NETFILTER_DROP"),
+            metric_sum(&m, "netprobe_drops_total", "NETFILTER_DROP"),
+        )
+    };
+    const BURSTS: u64 = 3;
+    const SYNS: u64 = 8;
+    for burst in 1..=BURSTS {
+        // 8 SYNs 200 µs apart: the first wakes the agent, the rest fall in the same millisecond
+        // or two, after the agent has read the first.
+        lab.sh(
+            &a.netns,
+            &format!("hping3 -q -S -p 9004 -c {SYNS} -i u200 10.42.0.72 >/dev/null 2>&1 || true"),
+        )
+        .unwrap();
+        let want = burst * SYNS;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut seen = counts();
+        while seen != (want, want) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            seen = counts();
+        }
+        assert_eq!(
+            seen,
+            (want, want),
+            "(counted in the kernel, delivered) after burst {burst}"
+        );
+    }
+}

@@ -17,7 +17,13 @@ pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
     /// Records that failed to decode (a programming error, counted rather than hidden).
     pub malformed: u64,
+    /// After a batch, look again at this time even without a wakeup: the kernel side wakes the
+    /// reader at most once a millisecond in a burst, so a burst's last records may come without.
+    look_again: Option<tokio::time::Instant>,
 }
+
+/// How soon after a batch the reader looks again for records that came without a wakeup.
+const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(2);
 
 impl EventReader {
     pub fn new(ring: RingBuf<MapData>) -> Result<Self> {
@@ -26,35 +32,55 @@ impl EventReader {
         // it before dropping (and thereby closing) it.
         let ring = unsafe { AsyncFd::register(ring) }
             .map_err(|e| Error::io(format!("registering ring buffer fd {fd}"), e.into()))?;
-        Ok(Self { ring, malformed: 0 })
+        Ok(Self {
+            ring,
+            malformed: 0,
+            look_again: None,
+        })
     }
 
-    /// Waits until records are available, then hands every available one to `f`.
+    /// Waits until records are available (woken by the kernel, or shortly after the previous
+    /// batch), then hands every available one to `f`.
     pub async fn next_batch(&mut self, mut f: impl FnMut(Record)) -> Result<()> {
-        let mut guard = self
-            .ring
-            .readable_mut()
-            .await
-            .map_err(|e| Error::io("waiting on the ring buffer", e))?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            match raw::decode_record(&item) {
-                Ok(ev) => f(ev),
-                Err(_) => self.malformed += 1,
+        let woken = match self.look_again {
+            Some(at) => tokio::select! {
+                g = self.ring.readable_mut() => Some(g),
+                () = tokio::time::sleep_until(at) => None,
+            },
+            None => Some(self.ring.readable_mut().await),
+        };
+        let mut n = 0usize;
+        match woken {
+            Some(guard) => {
+                let mut guard = guard.map_err(|e| Error::io("waiting on the ring buffer", e))?;
+                n += drain_into(guard.get_inner_mut(), &mut self.malformed, &mut f);
+                guard.clear_ready();
             }
+            None => n += drain_into(self.ring.get_mut(), &mut self.malformed, &mut f),
         }
-        guard.clear_ready();
+        self.look_again = (n > 0).then(|| tokio::time::Instant::now() + LOOK_AGAIN);
         Ok(())
     }
 
     /// Drains what is left without waiting (at shutdown).
     pub fn drain(&mut self, mut f: impl FnMut(Record)) {
-        let ring = self.ring.get_mut();
-        while let Some(item) = ring.next() {
-            match raw::decode_record(&item) {
-                Ok(ev) => f(ev),
-                Err(_) => self.malformed += 1,
-            }
+        drain_into(self.ring.get_mut(), &mut self.malformed, &mut f);
+    }
+}
+
+/// Hands every available record to `f`; returns how many there were.
+fn drain_into(
+    ring: &mut RingBuf<MapData>,
+    malformed: &mut u64,
+    f: &mut impl FnMut(Record),
+) -> usize {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        n += 1;
+        match raw::decode_record(&item) {
+            Ok(ev) => f(ev),
+            Err(_) => *malformed += 1,
         }
     }
+    n
 }
