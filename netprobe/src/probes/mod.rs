@@ -39,6 +39,17 @@ pub const TRACEPOINTS: &[(&str, &str)] = &[
     ("inet_sk_error_report", "inet_sk_error_report"),
 ];
 
+/// The always-on agent's tracepoints: [`TRACEPOINTS`] without `inet_sock_set_state`, which
+/// only feeds traces (state changes are not failures) and fires about ten times per healthy
+/// connection.
+pub const ALWAYS_ON_TRACEPOINTS: &[(&str, &str)] = &[
+    ("kfree_skb", "kfree_skb"),
+    ("tcp_send_reset", "tcp_send_reset"),
+    ("tcp_receive_reset", "tcp_receive_reset"),
+    ("tcp_retransmit_skb", "tcp_retransmit_skb"),
+    ("inet_sk_error_report", "inet_sk_error_report"),
+];
+
 const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("tc_ingress", TcAttachType::Ingress),
     ("tc_egress", TcAttachType::Egress),
@@ -209,17 +220,18 @@ impl Probes {
     pub fn attach_tracepoints_degradable(
         &mut self,
         btf: &aya::Btf,
+        tracepoints: &[(&'static str, &str)],
     ) -> Result<Vec<(&'static str, String)>> {
         let mut missing = Vec::new();
         let mut last = None;
-        for &(program, tp) in TRACEPOINTS {
+        for &(program, tp) in tracepoints {
             if let Err(e) = self.attach_tracepoint(btf, program, tp) {
                 missing.push((program, check::chain(&e)));
                 last = Some(e);
             }
         }
         match last {
-            Some(e) if missing.len() == TRACEPOINTS.len() => Err(e),
+            Some(e) if missing.len() == tracepoints.len() => Err(e),
             _ => Ok(missing),
         }
     }
