@@ -41,6 +41,12 @@ static DROPS_MATCHED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DROP_
 #[map]
 static QUIET_REASONS: Array<u8> = Array::with_max_entries(MAX_DROP_REASONS, 0);
 
+/// A drop reason that is always routine (whatever the packet): counted, never emitted.
+#[inline(always)]
+pub fn quiet_always(reason: u32) -> bool {
+    QUIET_REASONS.get(reason_slot(reason)) == Some(&quiet::ALWAYS)
+}
+
 /// A routine drop the always-on agent counts but does not emit.
 #[inline(always)]
 pub fn quiet_drop(reason: u32, ev: &RawEvent) -> bool {

@@ -73,6 +73,21 @@ pub fn skb_place(skb: u64, ev: &mut RawEvent, o: &KernelOffsets) {
     }
 }
 
+/// Does `skb` carry an IPv4 or IPv6 packet (network header set)? What [`skb_headers`] checks
+/// first, for callers that need no more.
+#[inline(always)]
+pub fn skb_is_ip(skb: u64, o: &KernelOffsets) -> bool {
+    let (Ok(head), Ok(nh)) = (
+        read::<u64>(skb, o.skb_head),
+        read::<u16>(skb, o.skb_network_header),
+    ) else {
+        return false;
+    };
+    head != 0
+        && nh != 0xffff
+        && matches!(read::<u8>(head + nh as u64, 0).map(|b| b >> 4), Ok(4 | 6))
+}
+
 /// Parses the IP and transport headers of `skb` into `ev`. Returns false for what netprobe does
 /// not trace (non-IP, non-TCP/UDP/ICMP, non-first fragments).
 #[inline(always)]

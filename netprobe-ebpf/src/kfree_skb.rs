@@ -30,6 +30,17 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i32> {
         reason,
         ..Default::default()
     };
+    // Routine teardown (a QUEUE_PURGE per closed connection) in always-on mode: counted in
+    // scope, without parsing headers no filter needs there (the agent filters by netns only).
+    if filter::failures_only() && emit::quiet_always(reason) {
+        if kernel::skb_is_ip(skb, &o) {
+            kernel::skb_place(skb, &mut ev, &o);
+            if filter::netns_matches(ev.netns) {
+                emit::count_matched_drop(reason);
+            }
+        }
+        return Ok(());
+    }
     if !kernel::skb_headers(skb, &mut ev, &o) {
         return Ok(());
     }
