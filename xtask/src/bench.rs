@@ -390,23 +390,27 @@ fn proc_meminfo_kib(key: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// One more iperf3 sample with the agent's program statistics on: the in-kernel cost behind
-/// the throughput ratio, measured directly (not in the ratio: the statistics add two clock
-/// reads per run).
-fn iperf_program_cost(bench: &mut Bench, seconds: u64) -> Result<Value> {
+/// One more sample (iperf3 or short connections) with the agent's program statistics on: the
+/// in-kernel cost behind a ratio, measured directly (not in the ratio: the statistics add two
+/// clock reads per run). `sample` returns the sample's own figure, stored under `key`.
+fn program_cost_of(
+    bench: &mut Bench,
+    key: &str,
+    sample: &dyn Fn(&mut Bench) -> Result<f64>,
+) -> Result<Value> {
     let node = bench.node();
     let agent = Agent::start(&node, bench.port, &["--program-stats"])?;
     // The statistics are refreshed every second; wait for one refresh on each side.
     std::thread::sleep(Duration::from_millis(1100));
     let before = agent.metrics(&node)?;
     let t0 = Instant::now();
-    let bits = bench.iperf(seconds);
+    let figure = sample(bench);
     std::thread::sleep(Duration::from_millis(1100));
     let wall = t0.elapsed().as_secs_f64();
     let after = agent.metrics(&node);
     agent.stop()?;
     let mut v = program_cost(&before, &after?, wall);
-    v["gbit_s"] = json!((bits? / 1e7).round() / 100.0);
+    v[key] = json!(figure?);
     Ok(v)
 }
 
@@ -669,8 +673,14 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
     let rate = compare(&mut bench, "connects/s", &modes[..2], &|b| {
         b.connect_rate(secs)
     })?;
-    let iperf_cost = iperf_program_cost(&mut bench, secs)?;
+    let iperf_cost = program_cost_of(&mut bench, "gbit_s", &|b| {
+        Ok((b.iperf(secs)? / 1e7).round() / 100.0)
+    })?;
     println!("bench: program cost under iperf3 {iperf_cost}");
+    let connect_cost = program_cost_of(&mut bench, "connects_per_s", &|b| {
+        Ok(b.connect_rate(secs)?.round())
+    })?;
+    println!("bench: program cost of short connections {connect_cost}");
     let storm = drop_storm(&mut bench, opts.storm_seconds, false)?;
     println!("bench: storm {storm}");
     let (attach_250_s, attached, new_veth_ms) = attach(&mut bench, baseline_start_s)?;
@@ -715,6 +725,7 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
             "agent": get(&rate, Mode::Agent).round(),
         },
         "iperf3_program_cost": iperf_cost,
+        "connect_program_cost": connect_cost,
         "storm": storm,
         "agent_rss_mib": storm["agent_rss_peak_mib"],
         "agent_start_s": (baseline_start_s * 1000.0).round() / 1000.0,
@@ -836,13 +847,16 @@ fn table(r: &Value) -> String {
     t
 }
 
-/// The in-kernel cost of each program under iperf3 and during the drop storm, side by side.
+/// The in-kernel cost of each program under iperf3, short connections and the drop storm.
 fn program_cost_table(r: &Value) -> String {
-    let (i, s) = (&r["iperf3_program_cost"], &r["storm"]["program_cost"]);
-    let mut names: Vec<&String> = i["programs"]
-        .as_object()
-        .into_iter()
-        .chain(s["programs"].as_object())
+    let columns = [
+        &r["iperf3_program_cost"],
+        &r["connect_program_cost"],
+        &r["storm"]["program_cost"],
+    ];
+    let mut names: Vec<&String> = columns
+        .iter()
+        .filter_map(|c| c["programs"].as_object())
         .flat_map(|m| m.keys())
         .collect();
     names.sort();
@@ -856,19 +870,32 @@ fn program_cost_table(r: &Value) -> String {
         }
     };
     let mut t = String::from(
-        "| in-kernel cost per program run (kernel run-time statistics, agent `--program-stats`) | under iperf3 | during the drop storm |\n|---|---|---|\n",
+        "| in-kernel cost per program run (kernel run-time statistics, agent `--program-stats`) | iperf3 | short connections | drop storm |\n|---|---|---|---|\n",
     );
     for name in names {
+        let cells: Vec<String> = columns.iter().map(|c| cell(c, name)).collect();
+        t.push_str(&format!("| `{name}` | {} |\n", cells.join(" | ")));
+    }
+    let share: Vec<String> = columns
+        .iter()
+        .map(|c| c["kernel_cpu_percent"].to_string())
+        .collect();
+    t.push_str(&format!(
+        "| all of netprobe's programs, % of one core | {} |\n",
+        share.join(" | ")
+    ));
+    let c = &r["connect_program_cost"];
+    if let (Some(pct), Some(rate)) = (
+        c["kernel_cpu_percent"].as_f64(),
+        c["connects_per_s"].as_f64(),
+    ) && rate > 0.0
+    {
         t.push_str(&format!(
-            "| `{name}` | {} | {} |\n",
-            cell(i, name),
-            cell(s, name)
+            "| … per short connection, µs | | {:.2} | |\n",
+            pct / 100.0 / rate * 1e6
         ));
     }
-    t.push_str(&format!(
-        "| all of netprobe's programs, % of one core | {} | {} |\n\n",
-        i["kernel_cpu_percent"], s["kernel_cpu_percent"]
-    ));
+    t.push('\n');
     t
 }
 
