@@ -81,17 +81,6 @@ struct Metrics {
     dns_queries: BTreeMap<String, u64>,
 }
 
-/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -741,7 +730,7 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
         tokio::select! {
             r = reader.next_batch(|rec| {
                 // Kernel timestamp (CLOCK_MONOTONIC) to now: how far behind the agent runs.
-                delay_max_ns = delay_max_ns.max(monotonic_ns().saturating_sub(rec.ev.ts_ns));
+                delay_max_ns = delay_max_ns.max(crate::enrich::monotonic_ns().saturating_sub(rec.ev.ts_ns));
                 let Some(mut e) = enricher.enrich_record(&rec) else { return };
                 if !interesting(&e) && !dns_related(&e) {
                     return;

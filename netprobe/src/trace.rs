@@ -453,6 +453,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     // programs and the rule trace were in place, so nothing of it was missed. Attempts already
     // under way are not judged (see verdict::began_before_the_trace).
     probes.attach_tracepoints(btf)?;
+    let armed_at = enricher.now_ns();
     let mut listeners = std::collections::HashMap::new();
     for ns in &scope {
         // A namespace that cannot be read just has no listener evidence.
@@ -465,11 +466,13 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             listeners.insert(ns.name.clone(), l);
         }
     }
-    let engine = std::cell::RefCell::new(Engine::new(Context {
+    let mut engine = Engine::new(Context {
         port: opts.port,
         udp: opts.udp,
         listeners,
-    }));
+    });
+    engine.armed_at(armed_at);
+    let engine = std::cell::RefCell::new(engine);
     let attempts = std::cell::Cell::new(0u64);
     let failed = std::cell::Cell::new(0u64);
     let started = std::time::Instant::now();

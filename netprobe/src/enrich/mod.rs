@@ -79,13 +79,6 @@ impl Enricher {
         list.push(a.clone());
     }
 
-    /// Wall-clock time now, in the events' time base.
-    pub fn now_ns(&self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-    }
-
     pub fn interface(&self, netns: u64, ifindex: u32) -> Interface {
         Interface {
             ifindex,
@@ -105,6 +98,12 @@ impl Enricher {
         let mut e = self.enrich(&r.ev)?;
         e.dns = r.dns_bytes().and_then(events::dns::parse);
         Some(e)
+    }
+
+    /// Now, in the events' time base (kernel time made wall time, with the offset taken once:
+    /// comparable with the events' times to the nanosecond).
+    pub fn now_ns(&self) -> u64 {
+        (monotonic_ns() as i128 + self.realtime_offset_ns).max(0) as u64
     }
 
     pub fn enrich(&self, ev: &RawEvent) -> Option<Event> {
@@ -157,6 +156,17 @@ impl Enricher {
         }
         Some(out)
     }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn realtime_offset_ns() -> i128 {

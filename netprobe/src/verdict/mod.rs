@@ -265,6 +265,8 @@ pub struct Engine {
     sock_key: HashMap<String, Key>,
     /// Kernel sockets seen entering SYN_SENT (their connect() happened during the trace).
     syn_sent: HashSet<String>,
+    /// Event time from which every probe was in place; see [`Engine::armed_at`].
+    armed_at: u64,
 }
 
 fn flags(e: &Event) -> (bool, bool, bool) {
@@ -282,7 +284,15 @@ impl Engine {
             sock_process: HashMap::new(),
             sock_key: HashMap::new(),
             syn_sent: HashSet::new(),
+            armed_at: 0,
         }
+    }
+
+    /// From `time_ns` (event time) on, every probe was in place. An attempt with evidence from
+    /// before then began while the trace was still attaching: some checkpoints (an egress
+    /// interface, the client's connect()) may have missed it, so it is not judged.
+    pub fn armed_at(&mut self, time_ns: u64) {
+        self.armed_at = time_ns;
     }
 
     /// The client side of an event's tuple: the side whose port is not the traced one.
@@ -469,6 +479,9 @@ impl Engine {
         let mut events = a.events;
         events.sort_by_key(|e| e.time_ns);
         let client = (key.0, key.1);
+        if events.first().is_some_and(|e| e.time_ns < self.armed_at) {
+            return None;
+        }
         if !self.ctx.udp && began_before_the_trace(&events, client, &self.syn_sent) {
             return None;
         }

@@ -401,3 +401,32 @@ fn dns_verdict_text_names_the_query_and_the_reply() {
     assert!(text.starts_with("✓ answered: NOERROR"), "{text}");
     assert!(text.contains("reply NOERROR"), "{text}");
 }
+
+/// An attempt that began while the trace was still attaching (its first event is older than
+/// the moment every probe was in place) is not judged; one that began after is.
+#[test]
+fn attempts_begun_before_the_probes_were_armed_are_not_judged() {
+    let events = load("s1_calico");
+    // The attempt's first event (the SYN_SENT before it reports port 0 and joins no attempt).
+    let first = events
+        .iter()
+        .filter(|e| e.sport != 0)
+        .map(|e| e.time_ns)
+        .min()
+        .unwrap();
+    let judged = |armed_at: u64| {
+        let mut engine = Engine::new(Context {
+            port: 9004,
+            ..Context::default()
+        });
+        engine.armed_at(armed_at);
+        let mut v = Vec::new();
+        for (i, e) in events.iter().cloned().enumerate() {
+            v.extend(engine.push(e, i as u64));
+        }
+        v.extend(engine.finish());
+        v.len()
+    };
+    assert_eq!(judged(first), 1);
+    assert_eq!(judged(first + 1), 0);
+}
