@@ -12,10 +12,8 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Traces only: the always-on agent does not attach this program (see `TRACE_ONLY`).
 fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
-    if filter::failures_only() {
-        return Ok(());
-    }
     let sk: u64 = ctx.arg(0);
     let o = kernel::offsets();
     let mut ev = RawEvent {

@@ -178,7 +178,7 @@ impl Metrics {
             u8::from(self.ready)
         ));
         s.push_str("# HELP netprobe_probe_up Whether each kernel probe is attached (0: refused by this kernel, see /readyz).\n# TYPE netprobe_probe_up gauge\n");
-        for &(program, _) in crate::probes::ALWAYS_ON_TRACEPOINTS {
+        for (program, _) in crate::probes::always_on_tracepoints() {
             let up = !self.degraded.iter().any(|(p, _)| p == program);
             s.push_str(&format!(
                 "netprobe_probe_up{{probe=\"{program}\"}} {}\n",
@@ -663,7 +663,7 @@ pub async fn run(opts: AgentOptions, mut out: impl Write) -> Result<()> {
         add_scope(&mut probes, &ns, &mut scope)?;
     }
     let missing =
-        probes.attach_tracepoints_degradable(btf, crate::probes::ALWAYS_ON_TRACEPOINTS)?;
+        probes.attach_tracepoints_degradable(btf, &crate::probes::always_on_tracepoints())?;
     for (program, why) in &missing {
         eprintln!("netprobe agent: DEGRADED: probe {program} refused, running without it: {why}");
     }

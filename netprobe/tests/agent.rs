@@ -499,6 +499,13 @@ fn healthy_connections_cost_the_agent_no_event() {
         runs >= 3 * n,
         "tc_ingress ran {runs} times for {n} connections"
     );
+    // The state-change tracepoint (ten runs per connection) feeds only traces: not loaded here.
+    let (_, m) = http_get(&lab, agent.port, "/metrics");
+    assert!(
+        m.contains("netprobe_program_runs_total{program=\"kfree_skb\"}")
+            && !m.contains("program=\"inet_sock_set_state\""),
+        "{m}"
+    );
     let ns_per_run = seconds * 1e9 / runs as f64;
     assert!(
         ns_per_run > 0.0 && ns_per_run < 20_000.0,

@@ -39,16 +39,18 @@ pub const TRACEPOINTS: &[(&str, &str)] = &[
     ("inet_sk_error_report", "inet_sk_error_report"),
 ];
 
-/// The always-on agent's tracepoints: [`TRACEPOINTS`] without `inet_sock_set_state`, which
-/// only feeds traces (state changes are not failures) and fires about ten times per healthy
-/// connection.
-pub const ALWAYS_ON_TRACEPOINTS: &[(&str, &str)] = &[
-    ("kfree_skb", "kfree_skb"),
-    ("tcp_send_reset", "tcp_send_reset"),
-    ("tcp_receive_reset", "tcp_receive_reset"),
-    ("tcp_retransmit_skb", "tcp_retransmit_skb"),
-    ("inet_sk_error_report", "inet_sk_error_report"),
-];
+/// Tracepoints only traces need: state changes are not failures, and `inet_sock_set_state`
+/// fires about ten times per healthy connection.
+const TRACE_ONLY: &[&str] = &["inet_sock_set_state"];
+
+/// The always-on agent's tracepoints: [`TRACEPOINTS`] without the trace-only ones.
+pub fn always_on_tracepoints() -> Vec<(&'static str, &'static str)> {
+    TRACEPOINTS
+        .iter()
+        .copied()
+        .filter(|(program, _)| !TRACE_ONLY.contains(program))
+        .collect()
+}
 
 const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("tc_ingress", TcAttachType::Ingress),
