@@ -19,12 +19,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::{
     collectors::EventReader,
     enrich::Enricher,
+    enrich::names::{PodContext, pod_context},
     error::{Error, Result},
     events::{Event, Kind},
     netlink,
     netns::{self, NetnsRef},
-    probes::{Probes, btf::KernelBtf},
-    trace::{pod_context, require_root},
+    probes::{Probes, btf::KernelBtf, require_root},
 };
 
 /// Drop reasons of routine socket teardown, by name (numbers differ between kernels), and which
@@ -440,7 +440,7 @@ fn dns_related(e: &Event) -> bool {
 /// client pod and reason.
 fn report_dns(
     verdicts: Vec<crate::verdict::Verdict>,
-    pods: Option<&crate::trace::PodContext>,
+    pods: Option<&PodContext>,
     metrics: &Mutex<Metrics>,
     storm: &mut Storm,
     rate_limit: u32,

@@ -6,6 +6,7 @@ pub mod conntrack;
 pub mod kallsyms;
 pub mod kube;
 pub mod listeners;
+pub mod names;
 pub mod pods;
 pub mod route;
 pub mod rules;

@@ -484,6 +484,15 @@ fn raise_memlock_rlimit() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 }
 
+/// Loading eBPF programs and building namespace labs needs root.
+pub fn require_root() -> crate::error::Result<()> {
+    // SAFETY: geteuid never fails.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(crate::error::Error::NotRoot);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
