@@ -7,7 +7,7 @@ fuzz_target!(|data: &[u8]| {
     let mut c = PathCollector::default();
     let rs = Ruleset::default();
     for chunk in data.split(|b| *b == 0xff) {
-        if let Some(m) = netprobe::collectors::nftrace::parse_trace(chunk)
+        if let Some(m) = netprobe::sources::nftrace::parse_trace(chunk)
             && let Some(path) = c.push(m)
         {
             let _ = attribute(&path, &rs);

@@ -1,22 +1,61 @@
-//! netprobe: where and why a pod's TCP connection died.
+//! netprobe: where and why a pod's TCP connection (or DNS lookup) died.
 //!
-//! The pipeline is visible in the module names:
-//! [`probes`] (load and attach the kernel programs) → [`events`] (raw kernel records → the public,
-//! versioned event schema) → [`collectors`] (ring buffer, counters, nftables trace) → [`enrich`]
-//! (names for reasons, code locations, namespaces, interfaces, listeners, netfilter rules and
-//! their owners) → [`verdict`] (pure: one verdict per connection attempt) → [`outputs`].
-//! [`trace`] wires them together for the `trace` command; front-ends stay thin.
+//! # The pipeline
+//!
+//! `netprobe trace` and `netprobe agent` are two configurations of one [`session`] loop:
+//!
+//! ```text
+//!            ┌──────────────┐   ┌────────────────┐   ┌──────────────┐   ┌─────────────────┐
+//!  kernel ──►│   sources    │──►│ route + stages │──►│    judge     │──►│      sinks      │
+//!            │ ring buffer  │   │ names (pods,   │   │ verdict      │   │ text, NDJSON,   │
+//!            │ nftables     │   │ Services),     │   │ engine: one  │   │ Prometheus,     │
+//!            │ trace,       │   │ conntrack,     │   │ verdict per  │   │ Kubernetes      │
+//!            │ recording    │   │ xtables ctrs   │   │ attempt      │   │ Events          │
+//!            └──────────────┘   └────────────────┘   └──────────────┘   └─────────────────┘
+//!   probes/ (load, attach)        enrich/              verdict/ (pure)    sinks/
+//! ```
+//!
+//! - [`probes`] loads and attaches the kernel programs (`netprobe-ebpf`), reads the running
+//!   kernel's BTF and cleans up what a killed netprobe left.
+//! - [`sources`] turn what the kernel and netfilter report into [`events::Event`]s (the public,
+//!   versioned schema; [`events::raw`] keeps the kernel-facing records apart).
+//! - [`enrich`] names things: reasons, code locations, namespaces, interfaces, pods and Services
+//!   ([`enrich::names`]), netfilter rules and their owners ([`enrich::rules`]), conntrack, routes,
+//!   listeners. [`enrich::stages`] runs them inside the session.
+//! - [`verdict`] is pure: it groups events into connection attempts (or DNS lookups) and judges
+//!   each with the evidence it has; [`session::Judge`] feeds it and names its endpoints.
+//! - [`sinks`] print or export: [`sinks::text`], [`sinks::ndjson`] (the only NDJSON writer),
+//!   [`sinks::prometheus`], [`sinks::kube_events`], [`sinks::storm`] (the agent's log).
+//! - [`trace`] and [`agent`] are the front-ends: each resolves its scope, attaches the probes and
+//!   configures a [`session::Session`]; [`remote`] is cluster mode. `main.rs` only parses flags.
+//!
+//! # Where to add things
+//!
+//! - **A new attribution source** (say, Cilium's datapath drop notifications): one module under
+//!   `sources/` implementing [`session::Source`] (it yields enriched events, e.g. a `netfilter`
+//!   or `drop` event naming the program and the policy), added to the `sources` of the
+//!   configurations that should run it (`trace.rs`, `agent.rs`). Enrichment that reacts to an
+//!   event (like the iptables-legacy counters in [`sources::xtables`]) implements
+//!   [`session::Stage`] instead.
+//! - **A new sink** (say, OpenTelemetry logs): one module under `sinks/` implementing
+//!   [`sinks::Sink`] (events, verdicts, ticks, the summary; every method optional), added with
+//!   `Sinks::with` where it should run. No other sink changes.
+//! - **A new outcome class**: a variant of [`verdict::Outcome`] (its headline and whether it is
+//!   a failure live beside it) and the rule that decides it in `verdict::classify`; the
+//!   recorded fixtures under `verdict/fixtures/` and `verdict/tests.rs` show how to test it
+//!   from a lab recording, and the JSON Schema (`netprobe schema`) follows from the types.
 
 pub mod agent;
-pub mod collectors;
 pub mod enrich;
 pub mod error;
 pub mod events;
 pub mod netlink;
 pub mod netns;
-pub mod outputs;
 pub mod probes;
 pub mod remote;
+pub mod session;
+pub mod sinks;
+pub mod sources;
 pub mod trace;
 pub mod verdict;
 

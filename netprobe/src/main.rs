@@ -3,7 +3,7 @@
 use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use netprobe::{outputs::Format, probes::check, trace};
+use netprobe::{probes::check, sinks::Format, trace};
 
 /// Exit code when a failed connection attempt was diagnosed.
 const EXIT_DIAGNOSED: u8 = 1;
@@ -263,7 +263,7 @@ fn main() -> ExitCode {
         Command::Schema => {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&netprobe::outputs::json_schemas())
+                serde_json::to_string_pretty(&netprobe::sinks::ndjson::json_schemas())
                     .expect("serializable")
             );
             ExitCode::SUCCESS

@@ -789,7 +789,7 @@ where
     Fut: std::future::Future<Output = Result<(kube::api::Portforwarder, S)>>,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    use crate::outputs::{Format, Printer};
+    use crate::sinks::{Format, Printer};
     let Plan {
         node,
         agent,

@@ -361,10 +361,7 @@ pub fn assert_schema_valid(records: &[Value]) {
             .collect()
     });
     for r in records {
-        let key = match r["kind"].as_str() {
-            Some(k @ ("summary" | "suppressed")) => k.to_string(),
-            _ => r["schema"].as_str().unwrap_or_default().to_string(),
-        };
+        let key = r["schema"].as_str().unwrap_or_default().to_string();
         let v = validators
             .get(&key)
             .unwrap_or_else(|| panic!("no schema `{key}` for {r}"));

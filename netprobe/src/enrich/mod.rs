@@ -10,6 +10,7 @@ pub mod names;
 pub mod pods;
 pub mod route;
 pub mod rules;
+pub mod stages;
 
 use std::collections::HashMap;
 
@@ -21,6 +22,14 @@ use crate::{
     probes::{TcAttachment, btf::KernelBtf},
 };
 use kallsyms::Kallsyms;
+
+/// Enrichment that runs inside the session on every routed event, in order: names, conntrack,
+/// rule counters ([`stages`], [`crate::sources::xtables`]).
+pub trait Stage {
+    /// Adds what this stage knows to `e`; events it derives (a rule found by counter
+    /// difference) go to `derived` and pass the stages after it.
+    fn enrich(&mut self, e: &mut Event, derived: &mut Vec<Event>);
+}
 
 pub struct Enricher {
     drop_reasons: HashMap<u32, String>,

@@ -389,7 +389,7 @@ fn dns_verdicts_become_agent_failure_events_only_when_they_failed() {
 #[test]
 fn dns_verdict_text_names_the_query_and_the_reply() {
     let v = &run("dns_calico_egress", udp_ctx(53, vec![]))[0];
-    let text = crate::outputs::verdict_text(v);
+    let text = crate::sinks::text::verdict_text(v);
     assert!(
         text.contains(&format!(
             "DNS A {DNS_NAME} (id 16962), 1 datagram(s), no reply came back"
@@ -397,7 +397,7 @@ fn dns_verdict_text_names_the_query_and_the_reply() {
         "{text}"
     );
     let v = &run("dns_answered", udp_ctx(53, vec![]))[0];
-    let text = crate::outputs::verdict_text(v);
+    let text = crate::sinks::text::verdict_text(v);
     assert!(text.starts_with("✓ answered: NOERROR"), "{text}");
     assert!(text.contains("reply NOERROR"), "{text}");
 }

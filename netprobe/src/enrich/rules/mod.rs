@@ -13,7 +13,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::collectors::nftrace::{TraceMsg, TraceType, Verdict};
+use crate::sources::nftrace::{TraceMsg, TraceType, Verdict};
 pub use owners::Owner;
 pub use ruleset::{RuleRef, Ruleset};
 

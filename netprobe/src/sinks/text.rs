@@ -1,124 +1,74 @@
-//! Printers: human text, or NDJSON (one object per line, see [`crate::events::SCHEMA`]).
+//! The human-readable sink: a block per verdict (headline, who → whom, timeline, why, what
+//! next), or a line per event with `--events`, and a closing summary line.
 
-use std::{collections::BTreeMap, io::Write};
+use std::io::{self, Write};
 
-use serde::Serialize;
-
+use super::{Show, Sink};
 use crate::{
     events::{Event, Kind},
+    sinks::Summary,
     verdict::Verdict,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Text,
-    Json,
-}
-
-/// Printed once when a trace ends: what was delivered and what was lost.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
-pub struct Summary {
-    pub schema: &'static str,
-    pub kind: &'static str,
-    pub events: u64,
-    /// Events the kernel could not queue (ring buffer full): counted, never silent.
-    pub lost: u64,
-    /// Times the nftables trace socket overflowed (rule attributions may be missing).
-    pub netfilter_trace_overruns: u64,
-    pub malformed: u64,
-    /// Things the operator should know about the node (e.g. mixed iptables backends).
-    pub warnings: Vec<String>,
-    /// Drops that matched the filter, by reason, counted in the kernel.
-    pub drops_matched: BTreeMap<String, u64>,
-    pub interfaces: Vec<String>,
-    /// Connection attempts judged, and how many of them failed.
-    pub attempts: u64,
-    pub failed: u64,
-}
-
-pub struct Printer<W: Write> {
+/// Text for a person at a terminal (or a log file).
+pub struct TextSink<W: Write> {
     out: W,
-    format: Format,
+    show: Show,
 }
 
-impl<W: Write> Printer<W> {
-    pub fn new(out: W, format: Format) -> Self {
-        Self { out, format }
+impl<W: Write> TextSink<W> {
+    pub fn new(out: W, show: Show) -> Self {
+        Self { out, show }
     }
+}
 
-    pub fn event(&mut self, e: &Event) -> std::io::Result<()> {
-        match self.format {
-            Format::Json => {
-                serde_json::to_writer(&mut self.out, e)?;
-                writeln!(self.out)?;
-            }
-            Format::Text => writeln!(self.out, "{}", text_line(e))?,
+impl<W: Write> Sink for TextSink<W> {
+    fn event(&mut self, e: &Event) -> io::Result<()> {
+        if self.show == Show::Events {
+            writeln!(self.out, "{}", text_line(e))?;
+            self.out.flush()?;
         }
-        self.out.flush()
+        Ok(())
     }
 
-    pub fn verdict(&mut self, v: &Verdict) -> std::io::Result<()> {
-        match self.format {
-            Format::Json => {
-                serde_json::to_writer(&mut self.out, v)?;
-                writeln!(self.out)?;
-            }
-            Format::Text => write!(self.out, "{}", verdict_text(v))?,
+    fn verdict(&mut self, v: &Verdict) -> io::Result<()> {
+        if self.show == Show::Verdicts {
+            write!(self.out, "{}", verdict_text(v))?;
+            self.out.flush()?;
         }
-        self.out.flush()
+        Ok(())
     }
 
-    /// A line as it is (a record relayed from another node's trace).
-    pub fn raw_line(&mut self, line: &str) -> std::io::Result<()> {
-        writeln!(self.out, "{line}")?;
-        self.out.flush()
-    }
-
-    pub fn summary(&mut self, s: &Summary) -> std::io::Result<()> {
-        match self.format {
-            Format::Json => {
-                serde_json::to_writer(&mut self.out, s)?;
-                writeln!(self.out)?;
-            }
-            Format::Text => {
-                write!(
-                    self.out,
-                    "-- {} events, {} attempts ({} failed)",
-                    s.events, s.attempts, s.failed
-                )?;
-                if s.lost > 0 {
-                    write!(self.out, ", {} LOST (ring buffer full)", s.lost)?;
-                }
-                if s.malformed > 0 {
-                    write!(self.out, ", {} malformed", s.malformed)?;
-                }
-                if !s.drops_matched.is_empty() {
-                    let d: Vec<String> = s
-                        .drops_matched
-                        .iter()
-                        .map(|(r, n)| format!("{r}={n}"))
-                        .collect();
-                    write!(self.out, "; drops: {}", d.join(" "))?;
-                }
-                writeln!(self.out)?;
-                for w in &s.warnings {
-                    writeln!(self.out, "-- WARNING: {w}")?;
-                }
-            }
-        }
+    fn finish(&mut self, s: &Summary) -> io::Result<()> {
+        writeln!(self.out, "{}", summary_text(s))?;
         self.out.flush()
     }
 }
 
-/// JSON Schemas of everything `-o json` prints, keyed by the `schema` value each object carries
-/// (summaries carry the event schema and `"kind": "summary"`).
-pub fn json_schemas() -> serde_json::Value {
-    serde_json::json!({
-        crate::events::SCHEMA: schemars::schema_for!(Event),
-        crate::verdict::SCHEMA: schemars::schema_for!(Verdict),
-        "summary": schemars::schema_for!(Summary),
-        "suppressed": schemars::schema_for!(crate::agent::Suppressed),
-    })
+/// `-- 12 events, 1 attempts (1 failed); drops: …` and a line per warning.
+pub fn summary_text(s: &Summary) -> String {
+    let mut t = format!(
+        "-- {} events, {} attempts ({} failed)",
+        s.events, s.attempts, s.failed
+    );
+    if s.lost > 0 {
+        t.push_str(&format!(", {} LOST (ring buffer full)", s.lost));
+    }
+    if s.malformed > 0 {
+        t.push_str(&format!(", {} malformed", s.malformed));
+    }
+    if !s.drops_matched.is_empty() {
+        let d: Vec<String> = s
+            .drops_matched
+            .iter()
+            .map(|(r, n)| format!("{r}={n}"))
+            .collect();
+        t.push_str(&format!("; drops: {}", d.join(" ")));
+    }
+    for w in &s.warnings {
+        t.push_str(&format!("\n-- WARNING: {w}"));
+    }
+    t
 }
 
 fn hms(time_ns: u64) -> String {
@@ -361,80 +311,5 @@ mod tests {
         let line = text_line(&e);
         assert!(line.starts_with("01:02:03.000001 DROP"), "{line}");
         assert!(line.contains("netns=pod tcp 127.0.0.1:40000 > 127.0.0.1:9500 [SYN] reason=NO_SOCKET at tcp_v4_rcv+0x99"), "{line}");
-    }
-
-    /// The published schema describes every field the recorded lab streams contain.
-    #[test]
-    fn schema_covers_every_field_of_recorded_events() {
-        let schemas = json_schemas();
-        let props = |key: &str| -> Vec<String> {
-            schemas[key]["properties"]
-                .as_object()
-                .unwrap()
-                .keys()
-                .cloned()
-                .collect()
-        };
-        let event_props = props(crate::events::SCHEMA);
-        for f in [
-            "schema",
-            "kind",
-            "src",
-            "dport",
-            "drop",
-            "netfilter",
-            "source",
-            "destination",
-        ] {
-            assert!(
-                event_props.contains(&f.to_string()),
-                "{f} in {event_props:?}"
-            );
-        }
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/verdict/fixtures");
-        let mut checked = 0;
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-            for line in text.lines() {
-                let v: serde_json::Value = serde_json::from_str(line).unwrap();
-                for k in v.as_object().unwrap().keys() {
-                    assert!(event_props.contains(k), "field {k} missing from the schema");
-                }
-                checked += 1;
-            }
-        }
-        assert!(checked > 20);
-        let verdict_props = props(crate::verdict::SCHEMA);
-        for f in [
-            "outcome",
-            "client",
-            "server",
-            "timeline",
-            "explanation",
-            "netfilter",
-            "listeners",
-        ] {
-            assert!(
-                verdict_props.contains(&f.to_string()),
-                "{f} in {verdict_props:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn json_is_one_line_per_event() {
-        let raw = RawEvent {
-            kind: kind::TC_EGRESS,
-            family: AF_INET,
-            proto: IPPROTO_TCP,
-            ..Default::default()
-        };
-        let e = events::base(&raw, 0).unwrap();
-        let mut buf = Vec::new();
-        Printer::new(&mut buf, Format::Json).event(&e).unwrap();
-        let text = String::from_utf8(buf).unwrap();
-        assert_eq!(text.lines().count(), 1);
-        let back: events::Event = serde_json::from_str(text.trim()).unwrap();
-        assert_eq!(back, e);
     }
 }

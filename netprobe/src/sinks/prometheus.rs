@@ -1,0 +1,246 @@
+//! Prometheus: the agent's `/metrics`. The sink counts what the session delivers (drops,
+//! resets, errors, retransmits, DNS lookups); the agent's housekeeping sets the gauges (probes,
+//! interfaces, namespaces, kernel counters). Label values come from the kernel's names and the
+//! inventory.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    sync::{Arc, Mutex},
+};
+
+use super::Sink;
+use crate::{
+    events::{Event, Kind},
+    verdict::{Outcome, Verdict},
+};
+
+/// What `/metrics` reports. Label values come from the kernel's names and the inventory.
+#[derive(Default)]
+pub struct Metrics {
+    pub ready: bool,
+    /// (reason, namespace, pod, rule owner) → drops
+    pub drops: BTreeMap<(String, String, String, String), u64>,
+    pub resets: u64,
+    pub app_errors: BTreeMap<String, u64>,
+    /// By the node of the destination pod (after DNAT; "" when unknown): a node-to-node view.
+    pub syn_retransmits: BTreeMap<String, u64>,
+    pub lost: u64,
+    pub emitted: u64,
+    /// Drops in scope counted in the kernel (per-CPU counters), by reason: every drop, also
+    /// those whose event was lost or never written.
+    pub kernel_drops: BTreeMap<String, u64>,
+    pub interfaces: usize,
+    pub namespaces: usize,
+    /// Longest kernel-to-agent delay of an event in the last second.
+    pub delay_max_s: f64,
+    /// Runs and in-kernel run time of each program (while run-time statistics are on).
+    pub programs: Vec<crate::probes::ProgramStats>,
+    /// Probes the kernel refused: (program, reason). The agent runs without them.
+    pub degraded: Vec<(String, String)>,
+    /// (namespace, pod, reason) of the client → failed DNS lookups.
+    pub dns_failures: BTreeMap<(String, String, String), u64>,
+    /// rcode of the answer (`none`: no answer) → DNS lookups judged.
+    pub dns_queries: BTreeMap<String, u64>,
+}
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        s.push_str("# HELP netprobe_drops_total Packets the kernel dropped, by drop reason, pod and owner of the rule.\n# TYPE netprobe_drops_total counter\n");
+        for ((reason, ns, pod, owner), n) in &self.drops {
+            s.push_str(&format!(
+                "netprobe_drops_total{{reason=\"{}\",namespace=\"{}\",pod=\"{}\",rule_owner=\"{}\"}} {n}\n",
+                label(reason),
+                label(ns),
+                label(pod),
+                label(owner)
+            ));
+        }
+        s.push_str("# HELP netprobe_resets_sent_total TCP resets sent by the kernel.\n# TYPE netprobe_resets_sent_total counter\n");
+        s.push_str(&format!("netprobe_resets_sent_total {}\n", self.resets));
+        s.push_str("# HELP netprobe_app_errors_total Errors reported to applications, by errno.\n# TYPE netprobe_app_errors_total counter\n");
+        for (errno, n) in &self.app_errors {
+            s.push_str(&format!(
+                "netprobe_app_errors_total{{errno=\"{}\"}} {n}\n",
+                label(errno)
+            ));
+        }
+        s.push_str("# HELP netprobe_syn_retransmits_total SYN retransmissions (silent drops somewhere), by the node of the destination pod (after DNAT, \"\" if unknown).\n# TYPE netprobe_syn_retransmits_total counter\n");
+        for (node, n) in &self.syn_retransmits {
+            s.push_str(&format!(
+                "netprobe_syn_retransmits_total{{dst_node=\"{}\"}} {n}\n",
+                label(node)
+            ));
+        }
+        s.push_str("# HELP netprobe_dns_failures_total DNS lookups that failed, by client pod and reason (dropped, rejected, unanswered, servfail, refused).\n# TYPE netprobe_dns_failures_total counter\n");
+        for ((ns, pod, reason), n) in &self.dns_failures {
+            s.push_str(&format!(
+                "netprobe_dns_failures_total{{namespace=\"{}\",pod=\"{}\",reason=\"{}\"}} {n}\n",
+                label(ns),
+                label(pod),
+                label(reason)
+            ));
+        }
+        s.push_str("# HELP netprobe_dns_queries_total DNS lookups seen leaving pods on this node, by the rcode of their answer (none: no answer).\n# TYPE netprobe_dns_queries_total counter\n");
+        for (rcode, n) in &self.dns_queries {
+            s.push_str(&format!(
+                "netprobe_dns_queries_total{{rcode=\"{}\"}} {n}\n",
+                label(rcode)
+            ));
+        }
+        s.push_str("# HELP netprobe_lost_events_total Events the kernel could not queue (ring buffer full).\n# TYPE netprobe_lost_events_total counter\n");
+        s.push_str(&format!("netprobe_lost_events_total {}\n", self.lost));
+        s.push_str("# HELP netprobe_kernel_drops_total Drops in the watched namespaces counted in the kernel, by reason (events lost or not).\n# TYPE netprobe_kernel_drops_total counter\n");
+        for (reason, n) in &self.kernel_drops {
+            s.push_str(&format!(
+                "netprobe_kernel_drops_total{{reason=\"{}\"}} {n}\n",
+                label(reason)
+            ));
+        }
+        s.push_str("# HELP netprobe_program_runs_total Runs of each netprobe eBPF program, counted while the kernel's run-time statistics are on (agent --program-stats or sysctl kernel.bpf_stats_enabled=1).\n# TYPE netprobe_program_runs_total counter\n");
+        for p in &self.programs {
+            s.push_str(&format!(
+                "netprobe_program_runs_total{{program=\"{}\"}} {}\n",
+                label(&p.program),
+                p.runs
+            ));
+        }
+        s.push_str("# HELP netprobe_program_run_seconds_total Time the kernel spent in each netprobe eBPF program, counted while its run-time statistics are on.\n# TYPE netprobe_program_run_seconds_total counter\n");
+        for p in &self.programs {
+            s.push_str(&format!(
+                "netprobe_program_run_seconds_total{{program=\"{}\"}} {:.9}\n",
+                label(&p.program),
+                p.run_ns as f64 / 1e9
+            ));
+        }
+        s.push_str("# HELP netprobe_events_total Events the kernel queued.\n# TYPE netprobe_events_total counter\n");
+        s.push_str(&format!("netprobe_events_total {}\n", self.emitted));
+        s.push_str("# HELP netprobe_attached_interfaces Interfaces with tc programs attached.\n# TYPE netprobe_attached_interfaces gauge\n");
+        s.push_str(&format!(
+            "netprobe_attached_interfaces {}\n",
+            self.interfaces
+        ));
+        s.push_str("# HELP netprobe_watched_namespaces Network namespaces in scope.\n# TYPE netprobe_watched_namespaces gauge\n");
+        s.push_str(&format!(
+            "netprobe_watched_namespaces {}\n",
+            self.namespaces
+        ));
+        s.push_str(&format!(
+            "# HELP netprobe_event_delay_max_seconds Longest time from the kernel's timestamp of an event to the agent reading it, over the last second.\n# TYPE netprobe_event_delay_max_seconds gauge\nnetprobe_event_delay_max_seconds {:.6}\n",
+            self.delay_max_s
+        ));
+        s.push_str(&format!(
+            "# TYPE netprobe_ready gauge\nnetprobe_ready {}\n",
+            u8::from(self.ready)
+        ));
+        s.push_str("# HELP netprobe_probe_up Whether each kernel probe is attached (0: refused by this kernel, see /readyz).\n# TYPE netprobe_probe_up gauge\n");
+        for (program, _) in crate::probes::always_on_tracepoints() {
+            let up = !self.degraded.iter().any(|(p, _)| p == program);
+            s.push_str(&format!(
+                "netprobe_probe_up{{probe=\"{program}\"}} {}\n",
+                u8::from(up)
+            ));
+        }
+        s
+    }
+
+    pub fn count(&mut self, e: &Event) {
+        match e.kind {
+            Kind::Drop => {
+                let d = e.drop.as_ref().expect("drop");
+                let peer = e
+                    .destination
+                    .as_ref()
+                    .filter(|p| p.pod.is_some())
+                    .or(e.source.as_ref());
+                let key = (
+                    d.reason.clone(),
+                    peer.and_then(|p| p.namespace.clone()).unwrap_or_default(),
+                    peer.and_then(|p| p.pod.clone()).unwrap_or_default(),
+                    String::new(),
+                );
+                *self.drops.entry(key).or_default() += 1;
+            }
+            Kind::SendReset => self.resets += 1,
+            Kind::SocketError => {
+                let name = e.error.as_ref().map(|x| x.name.clone()).unwrap_or_default();
+                *self.app_errors.entry(name).or_default() += 1;
+            }
+            Kind::Retransmit => {
+                let node = e
+                    .translated
+                    .as_ref()
+                    .and_then(|t| t.peer.as_ref())
+                    .or(e.destination.as_ref())
+                    .and_then(|p| p.node.clone())
+                    .unwrap_or_default();
+                *self.syn_retransmits.entry(node).or_default() += 1;
+            }
+            Kind::DnsFailure => {
+                let client = e.source.as_ref();
+                let key = (
+                    client.and_then(|p| p.namespace.clone()).unwrap_or_default(),
+                    client.and_then(|p| p.pod.clone()).unwrap_or_default(),
+                    e.dns_failure
+                        .as_ref()
+                        .map(|f| f.reason.clone())
+                        .unwrap_or_default(),
+                );
+                *self.dns_failures.entry(key).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The metrics state, shared with the HTTP endpoint and the agent's housekeeping.
+pub type SharedMetrics = Arc<Mutex<Metrics>>;
+
+/// Counts every event and verdict the session delivers.
+pub struct PrometheusSink {
+    metrics: SharedMetrics,
+}
+
+impl PrometheusSink {
+    pub fn new(metrics: SharedMetrics) -> Self {
+        Self { metrics }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Metrics> {
+        self.metrics.lock().expect("metrics lock")
+    }
+}
+
+impl Sink for PrometheusSink {
+    fn event(&mut self, e: &Event) -> io::Result<()> {
+        self.lock().count(e);
+        Ok(())
+    }
+
+    /// DNS lookups: every one by the rcode of its answer (`none`: no answer), failures by client
+    /// pod and reason.
+    fn verdict(&mut self, v: &Verdict) -> io::Result<()> {
+        let Some(rcode) = v
+            .udp
+            .as_ref()
+            .and_then(|u| u.dns.as_ref())
+            .filter(|_| v.outcome != Outcome::Unknown)
+            .map(|d| d.rcode.clone().unwrap_or_else(|| "none".into()))
+        else {
+            return Ok(());
+        };
+        let mut m = self.lock();
+        *m.dns_queries.entry(rcode).or_default() += 1;
+        if let Some(e) = crate::events::dns_failure(v) {
+            m.count(&e);
+        }
+        Ok(())
+    }
+}
