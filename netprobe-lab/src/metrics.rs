@@ -108,6 +108,14 @@ fn quoted_value(s: &str) -> Option<(String, &str)> {
     None
 }
 
+/// The value of the first sample of `name` carrying all `labels` (a gauge).
+pub fn value(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    parse(body)
+        .into_iter()
+        .find(|s| s.matches(name, labels))
+        .map(|s| s.value)
+}
+
 /// The sum of the samples of `name` carrying all `labels`, as a float (e.g. seconds).
 pub fn sum_f64(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     parse(body)

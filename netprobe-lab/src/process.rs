@@ -81,6 +81,14 @@ impl Finished {
     pub fn success(&self) -> bool {
         self.status.success()
     }
+
+    /// Itself when it exited 0, else an error with its stderr.
+    pub fn ok(self) -> Result<Self> {
+        if !self.success() {
+            bail!("exit {}: {}", self.status, self.stderr);
+        }
+        Ok(self)
+    }
 }
 
 fn read_all(r: Option<impl Read + Send + 'static>) -> JoinHandle<String> {

@@ -181,14 +181,11 @@ fn cross_node_syn_lost_on_the_vxlan_underlay_is_left_a_never_reached_b() {
 
     // Always on: the client node's agent saw the SYN retransmits and, from its conntrack, that
     // they went to the scheduler pod on node-b.
-    let (_, metrics) = support::http_get(lab.labs[0].node(), lab.port, "/metrics");
-    let line = metrics
-        .lines()
-        .find(|l| l.starts_with("netprobe_syn_retransmits_total{dst_node=\"node-b\"}"))
-        .unwrap_or_else(|| panic!("{metrics}"));
+    let metrics = netprobe_lab::metrics::scrape(lab.labs[0].node(), lab.port).unwrap();
+    let to_node_b = &[("dst_node", "node-b")];
     assert!(
-        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap() >= 1,
-        "{line}"
+        netprobe_lab::metrics::sum(&metrics, "netprobe_syn_retransmits_total", to_node_b) >= 1,
+        "{metrics}"
     );
     let out = lab.agent_out.lock().unwrap().clone();
     let events: Vec<Value> = out
