@@ -25,7 +25,8 @@ pub fn scrape(netns: &str, port: u16) -> Result<String> {
 fn get_here(port: u16, path: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))
         .with_context(|| format!("connect to the agent on 127.0.0.1:{port}"))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    // One write: a server that answers after its first read must see the whole request.
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     split_response(&resp).with_context(|| format!("GET {path}: not an HTTP response: {resp:?}"))

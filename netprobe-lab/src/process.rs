@@ -382,3 +382,54 @@ impl Agent {
         self.proc.stop_with(Signal::Term, STOP_LIMIT)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Child {
+        Command::new("sh")
+            .args(["-c", script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn wait_output_collects_both_streams_and_the_code() {
+        let f = wait_output(
+            sh("echo out; echo err >&2; exit 3"),
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!((f.code(), f.timed_out), (3, false));
+        assert_eq!((f.stdout.as_str(), f.stderr.as_str()), ("out\n", "err\n"));
+        assert!(f.ok().unwrap_err().to_string().contains("err"));
+    }
+
+    #[test]
+    fn wait_output_kills_after_the_limit() {
+        let f = wait_output(sh("exec sleep 30"), Duration::from_millis(200)).unwrap();
+        assert!(f.timed_out);
+        assert_eq!(f.code(), -1);
+    }
+
+    #[test]
+    fn a_big_output_does_not_stall_the_child() {
+        let f = wait_output(sh("head -c 1000000 /dev/zero"), Duration::from_secs(10)).unwrap();
+        assert!(!f.timed_out && f.success());
+        assert_eq!(f.stdout.len(), 1_000_000);
+    }
+
+    #[test]
+    fn signals_reach_the_child() {
+        for (sig, raw) in [(Signal::Term, 15), (Signal::Int, 2), (Signal::Kill, 9)] {
+            let child = sh("exec sleep 30");
+            signal(child.id(), sig).unwrap();
+            let f = wait_output(child, Duration::from_secs(10)).unwrap();
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(f.status.signal(), Some(raw), "{sig:?}");
+        }
+    }
+}
