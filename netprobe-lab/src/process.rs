@@ -290,7 +290,11 @@ impl Running {
     }
 
     pub fn id(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        // Never 0 for a taken child: kill(0, …) would signal our own process group.
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("the child is taken only by consuming methods")
     }
 
     /// Whether the process still runs.
