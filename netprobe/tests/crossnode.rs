@@ -3,8 +3,6 @@
 //! stand-in serving both nodes' pods and port-forwarding to each agent. The CLI ("the laptop",
 //! unprivileged) asks both agents and joins what they saw of each attempt.
 
-use std::path::Path;
-
 mod support;
 
 use netprobe_lab::{
@@ -15,18 +13,14 @@ use netprobe_lab::{
 };
 use serde_json::Value;
 
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_netprobe"))
-}
-
 fn two_nodes(tag: &str, overlay: Overlay) -> TwoNodes {
     netprobe_lab::require_root();
-    TwoNodes::new(tag, overlay, bin()).unwrap()
+    TwoNodes::new(tag, overlay, support::netprobe_bin()).unwrap()
 }
 
 /// Runs the cluster-mode trace (JSON); every record is checked against the schema.
 fn trace(lab: &TwoNodes) -> (i32, Vec<Value>, String) {
-    let t = lab.trace(bin(), "json").unwrap();
+    let t = lab.trace(support::netprobe_bin(), "json").unwrap();
     let records: Vec<Value> = t
         .stdout
         .lines()
