@@ -27,6 +27,9 @@ use anyhow::{Context, Result, bail};
 
 pub mod dns;
 pub mod kubeapi;
+pub mod metrics;
+pub mod ports;
+pub mod process;
 pub mod rules;
 pub mod two_nodes;
 pub mod underlay;
@@ -252,8 +255,8 @@ pub fn in_netns<R: Send>(netns: &str, f: impl FnOnce() -> R + Send) -> Result<R>
 fn kill_child(child: &mut Child) {
     if let Ok(None) = child.try_wait() {
         // The child leads its own process group (spawned with process_group(0)).
-        // SAFETY: plain syscall; the group id is our unreaped child's pid, so it is not reused.
-        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        // The group id is our unreaped child's pid, so it is not reused.
+        let _ = process::signal_group(child.id(), process::Signal::Kill);
         let _ = child.kill();
     }
     let _ = child.wait();

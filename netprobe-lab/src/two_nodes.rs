@@ -8,20 +8,22 @@ use std::{
     io::Read,
     net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use crate::{
     Connect, Lab, Pod,
     kubeapi::{FakeKube, Kind, endpoint_slice, pod, service},
+    ports,
+    process::{Agent, wait_output},
     rules,
     underlay::{NODE_IPS, Overlay, Underlay},
 };
@@ -48,7 +50,7 @@ pub struct TwoNodes {
     pub underlay: Underlay,
     pub kube: FakeKube,
     kubeconfig: PathBuf,
-    agents: Vec<Child>,
+    agents: Vec<Agent>,
     /// What the client node's agent wrote (NDJSON).
     pub agent_out: Arc<Mutex<String>>,
     /// The agents' loopback port (the same on both nodes, as a DaemonSet has it).
@@ -133,7 +135,8 @@ impl TwoNodes {
         slice["endpoints"][0]["nodeName"] = json!(NODES[1]);
         kube.apply(Kind::EndpointSlice, slice);
 
-        let port = 22000 + (std::process::id() % 20000) as u16;
+        // Free on the first node; the second's loopback has nothing bound yet.
+        let port = ports::free_tcp(a.node())?;
         let mut nodes = Self {
             labs: [a, b],
             client,
@@ -155,31 +158,18 @@ impl TwoNodes {
         let (lab, node) = (&self.labs[i], NODES[i]);
         let name = format!("netprobe-{node}");
         self.kube.apply(Kind::Pod, agent_pod(&name, node));
-        let ready = std::env::temp_dir().join(format!(
-            "netprobe-two-nodes-ready-{}-{node}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&ready);
-        let mut agent = Command::new("ip")
-            .args(["netns", "exec", lab.node()])
-            .arg(bin)
-            .args(["agent", "--metrics-addr"])
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--ready-file")
-            .arg(&ready)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("NODE_NAME", node)
-            .stdin(Stdio::null())
-            .stdout(if i == 0 {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("start netprobe agent")?;
+        let mut agent = Agent::start_on(bin, lab.node(), self.port, |s| {
+            s.env("KUBECONFIG", &self.kubeconfig)
+                .env("NODE_NAME", node)
+                .stdout(if i == 0 {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+        })
+        .with_context(|| format!("the agent on {node}"))?;
         // The client node's always-on NDJSON, read as it comes (a full pipe would stall it).
-        if let Some(mut stdout) = agent.stdout.take() {
+        if let Some(mut stdout) = agent.proc.child().stdout.take() {
             let out = self.agent_out.clone();
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
@@ -190,22 +180,6 @@ impl TwoNodes {
                 }
             });
         }
-        let start = Instant::now();
-        while !ready.exists() {
-            if let Some(st) = agent.try_wait()? {
-                let mut err = String::new();
-                if let Some(mut e) = agent.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                bail!("the agent on {node} exited ({st}): {err}");
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                let _ = agent.kill();
-                bail!("the agent on {node} was not ready within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = std::fs::remove_file(&ready);
         self.agents.push(agent);
         let ns = lab.node().to_string();
         // The kubelet's part of a port-forward to a hostNetwork pod: the node's loopback.
@@ -220,7 +194,7 @@ impl TwoNodes {
     /// laptop"), while the client pod dials the Service every second (3 s connect timeout, like
     /// a Go dialer with a short timeout).
     pub fn trace(&self, bin: &Path, output: &str) -> Result<ClusterTrace> {
-        let mut child = Command::new("ip")
+        let child = Command::new("ip")
             .args(["netns", "exec", self.labs[0].node()])
             .args([
                 "setpriv",
@@ -256,17 +230,7 @@ impl TwoNodes {
             .stderr(Stdio::piped())
             .spawn()
             .context("start netprobe trace --cluster")?;
-        let read = |r: Option<Box<dyn Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut s = String::new();
-                if let Some(mut r) = r {
-                    let _ = r.read_to_string(&mut s);
-                }
-                s
-            })
-        };
-        let out = read(child.stdout.take().map(|s| Box::new(s) as _));
-        let err = read(child.stderr.take().map(|s| Box::new(s) as _));
+        let waited = std::thread::spawn(move || wait_output(child, Duration::from_secs(90)));
         let ns = self.client.netns.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
@@ -286,24 +250,13 @@ impl TwoNodes {
             }
             first.unwrap_or(Connect::Other(0))
         });
-        let start = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait()? {
-                break Some(s);
-            }
-            if start.elapsed() > Duration::from_secs(90) {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let finished = waited.join().expect("waiter")?;
         stop.store(true, Ordering::Relaxed);
         let client = traffic.join().unwrap_or(Connect::Other(0));
         Ok(ClusterTrace {
-            code: status.and_then(|s| s.code()).unwrap_or(-1),
-            stdout: out.join().unwrap_or_default(),
-            stderr: err.join().unwrap_or_default(),
+            code: finished.code(),
+            stdout: finished.stdout,
+            stderr: finished.stderr,
             client,
         })
     }
@@ -311,16 +264,13 @@ impl TwoNodes {
 
 impl Drop for TwoNodes {
     fn drop(&mut self) {
-        for a in &mut self.agents {
-            // SAFETY: plain kill(2) on our child.
-            unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
-            let status = a.wait();
+        for a in self.agents.drain(..) {
+            let stopped = a.stop();
             if std::thread::panicking() {
-                let mut err = String::new();
-                if let Some(mut e) = a.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
+                match stopped {
+                    Ok(f) => eprintln!("agent {}:\n{}", f.status, f.stderr),
+                    Err(e) => eprintln!("agent: {e:#}"),
                 }
-                eprintln!("agent {status:?}:\n{err}");
             }
         }
         let _ = std::fs::remove_file(&self.kubeconfig);

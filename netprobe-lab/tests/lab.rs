@@ -187,3 +187,38 @@ fn cgroups_the_lab_creates_are_removed() {
     assert!(!dir.exists(), "{} left behind", dir.display());
     assert!(!dir.parent().unwrap().exists());
 }
+
+/// An agent-like endpoint in a lab node: ports from `ports::free_tcp` differ and bind there, and
+/// `metrics::scrape` reads what is served on one over the namespace's loopback.
+#[test]
+fn a_free_port_in_a_lab_node_serves_metrics_that_scrape_and_sum() {
+    use std::io::{Read, Write};
+    require_root();
+    let lab = Lab::new("ports").unwrap();
+    let port = netprobe_lab::ports::free_tcp(lab.node()).unwrap();
+    assert_ne!(port, netprobe_lab::ports::free_tcp(lab.node()).unwrap());
+    let listener = lab
+        .listen(lab.node(), SocketAddr::from(([127, 0, 0, 1], port)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let _ = s.read(&mut [0u8; 1024]);
+        s.write_all(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n\
+              netprobe_drops_total{reason=\"NETFILTER_DROP\",pod=\"a-0\"} 2\n\
+              netprobe_drops_total{reason=\"NO_SOCKET\",pod=\"a-0\"} 5\n",
+        )
+        .unwrap();
+    });
+    let body = netprobe_lab::metrics::scrape(lab.node(), port).unwrap();
+    let nf = &[("reason", "NETFILTER_DROP")];
+    assert_eq!(
+        netprobe_lab::metrics::sum(&body, "netprobe_drops_total", nf),
+        2,
+        "{body}"
+    );
+    assert_eq!(
+        netprobe_lab::metrics::sum(&body, "netprobe_drops_total", &[]),
+        7
+    );
+}

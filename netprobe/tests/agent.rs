@@ -2,51 +2,20 @@
 
 use std::{
     io::Read,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 mod support;
 
-use netprobe_lab::{Connect, Lab};
-
-fn http_get(lab: &Lab, port: u16, path: &str) -> (u16, String) {
-    support::http_get(lab.node(), port, path)
-}
-
-fn metric_sum(body: &str, name: &str, label: &str) -> u64 {
-    body.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
-struct Agent {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Agent {
-    /// Waits for the agent (signalled by the caller) and returns its output.
-    fn output(mut self) -> std::process::Output {
-        std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .unwrap()
-    }
-}
-
-/// A failing test must not leave its agent running (it would skew the next tests).
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use netprobe_lab::{
+    Connect, Lab,
+    metrics::{self, sum as metric_sum},
+    process::Agent,
+};
 
 fn start_agent(lab: &Lab, extra: &[&str]) -> Agent {
-    let port = 20000 + (std::process::id() % 20000) as u16;
-    let child = support::start_agent(lab.node(), port, extra, &[], true);
-    Agent { child, port }
+    support::start_agent(lab.node(), extra, &[], true)
 }
 
 /// Ids of the eBPF programs process `pid` holds open (its /proc/PID/fdinfo): the agent's own,
@@ -120,21 +89,16 @@ fn agent_storm_is_rate_limited_and_nothing_is_lost_silently() {
         "timeout 2 hping3 -q -S -p 9004 -i u500 10.42.0.62 || true",
     );
     std::thread::sleep(Duration::from_millis(1500));
-    let (_, metrics) = http_get(&lab, agent.port, "/metrics");
+    let (_, metrics) = support::get(&agent, "/metrics");
     let counted = metric_sum(
         &metrics,
         "netprobe_drops_total",
-        "reason=\"NETFILTER_DROP\"",
+        &[("reason", "NETFILTER_DROP")],
     );
-    let lost = metric_sum(&metrics, "netprobe_lost_events_total", "");
-    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
-    let out = agent.output();
-    assert!(out.status.success());
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lost = metric_sum(&metrics, "netprobe_lost_events_total", &[]);
+    let out = support::stop(agent);
+    assert!(out.success());
+    let lines = support::ndjson(&out.stdout);
     // Events and suppressed-counts alike match the published JSON Schemas.
     support::assert_schema_valid(&lines);
     let written = lines
@@ -170,10 +134,9 @@ fn agent_sigkill_restart_sigterm_leaves_no_tc_program() {
     let _a = lab
         .add_pod("default", "a-0", "10.42.0.71".parse().unwrap())
         .unwrap();
-    let mut first = start_agent(&lab, &[]);
-    let progs = agent_programs(first.child.id());
-    unsafe { libc::kill(first.child.id() as i32, libc::SIGKILL) };
-    let _ = first.child.wait();
+    let first = start_agent(&lab, &[]);
+    let progs = agent_programs(first.id());
+    first.proc.kill9();
     std::thread::sleep(Duration::from_millis(300));
     assert!(!still_loaded(&progs), "a killed agent leaves no tc program");
     // What a remote trace killed with its agent leaves: its trace table (pid beyond pid_max,
@@ -190,10 +153,9 @@ fn agent_sigkill_restart_sigterm_leaves_no_tc_program() {
         "stale trace tables removed at start, nothing else: {tables}"
     );
     lab.sh(lab.node(), "nft delete table inet keep_me").unwrap();
-    assert_eq!(http_get(&lab, second.port, "/readyz").0, 200);
-    let progs = agent_programs(second.child.id());
-    unsafe { libc::kill(second.child.id() as i32, libc::SIGTERM) };
-    assert!(second.output().status.success());
+    assert_eq!(support::get(&second, "/readyz").0, 200);
+    let progs = agent_programs(second.id());
+    assert!(support::stop(second).success());
     assert!(
         !still_loaded(&progs),
         "a stopped agent leaves no tc program"
@@ -224,42 +186,9 @@ fn agent_exports_drops_as_ndjson_and_metrics_attaches_new_veths_and_cleans_up() 
         "iptables -A FORWARD -p tcp --dport 9004 -j DROP",
     )
     .unwrap();
-    let port = 20000 + (std::process::id() % 20000) as u16;
-    let ready = std::env::temp_dir().join(format!("netprobe-agent-ready-{}", std::process::id()));
-    let _ = std::fs::remove_file(&ready);
-    let mut agent = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            lab.node(),
-            env!("CARGO_BIN_EXE_netprobe"),
-            "agent",
-            "--metrics-addr",
-        ])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !ready.exists() {
-        if let Some(st) = agent.try_wait().unwrap() {
-            let mut err = String::new();
-            agent
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("agent exited ({st}): {err}");
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "agent not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(http_get(&lab, port, "/readyz").0, 200);
-    assert_eq!(http_get(&lab, port, "/healthz").0, 200);
+    let agent = start_agent(&lab, &[]);
+    assert_eq!(support::get(&agent, "/readyz").0, 200);
+    assert_eq!(support::get(&agent, "/healthz").0, 200);
     let progs = agent_programs(agent.id());
 
     // A pod that appears after the agent started: its veth and namespace join within 200 ms.
@@ -276,30 +205,21 @@ fn agent_exports_drops_as_ndjson_and_metrics_attaches_new_veths_and_cleans_up() 
         Connect::TimedOut
     );
     std::thread::sleep(Duration::from_millis(300));
-    let (_, metrics) = http_get(&lab, port, "/metrics");
+    let (_, metrics) = support::get(&agent, "/metrics");
     let counted = metric_sum(
         &metrics,
         "netprobe_drops_total",
-        "reason=\"NETFILTER_DROP\"",
+        &[("reason", "NETFILTER_DROP")],
     );
-    let attached = metric_sum(&metrics, "netprobe_attached_interfaces", "");
-    let retrans = metric_sum(&metrics, "netprobe_syn_retransmits_total", "");
+    let attached = metric_sum(&metrics, "netprobe_attached_interfaces", &[]);
+    let retrans = metric_sum(&metrics, "netprobe_syn_retransmits_total", &[]);
 
     // SIGTERM: drain, detach, exit promptly.
     let t = Instant::now();
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let out = agent.wait_with_output().unwrap();
+    let out = support::stop(agent);
     assert!(t.elapsed() < Duration::from_secs(5), "exit within 5 s");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    assert!(out.success(), "{}", out.stderr);
+    let lines = support::ndjson(&out.stdout);
     // Every line matches the published JSON Schema (`netprobe schema`).
     support::assert_schema_valid(&lines);
     let drops: Vec<_> = lines
@@ -328,7 +248,6 @@ fn agent_exports_drops_as_ndjson_and_metrics_attaches_new_veths_and_cleans_up() 
     assert_eq!(attached, 5, "{metrics}");
     // Nothing left behind: no netprobe tc program is loaded any more.
     assert!(!still_loaded(&progs), "tc programs left behind");
-    let _ = std::fs::remove_file(ready);
 }
 
 /// A drop hitting a known pod becomes a Kubernetes Event on that pod (through the real kube-rs
@@ -380,10 +299,8 @@ fn agent_publishes_a_rate_limited_kubernetes_event_on_the_affected_pod() {
             &[("s", "d1d1d1d1d1d1d1d1", &[9004])],
         ),
     );
-    let port = 20000 + (std::process::id() % 20000) as u16;
-    let mut child = support::start_agent(
+    let agent = support::start_agent(
         lab.node(),
-        port,
         &[],
         &[
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
@@ -400,8 +317,7 @@ fn agent_publishes_a_rate_limited_kubernetes_event_on_the_affected_pod() {
         Connect::TimedOut
     );
     std::thread::sleep(Duration::from_millis(500));
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    let _ = agent.stop();
     let events: Vec<serde_json::Value> = kube
         .posted()
         .into_iter()
@@ -466,30 +382,34 @@ fn healthy_connections_cost_the_agent_no_event() {
     })
     .unwrap();
     std::thread::sleep(Duration::from_millis(600));
-    let (_, m) = http_get(&lab, agent.port, "/metrics");
+    let (_, m) = support::get(&agent, "/metrics");
     // The lab's own background (IPv6 neighbour discovery on new links) may add a drop or two;
     // 200 connections must add nothing.
-    assert!(metric_sum(&m, "netprobe_events_total", "") < 10, "{m}");
+    assert!(metric_sum(&m, "netprobe_events_total", &[]) < 10, "{m}");
     assert!(
-        metric_sum(&m, "netprobe_kernel_drops_total", "QUEUE_PURGE") >= n / 2,
+        metric_sum(
+            &m,
+            "netprobe_kernel_drops_total",
+            &[("reason", "QUEUE_PURGE")]
+        ) >= n / 2,
         "teardown drops are counted, not emitted:\n{m}"
     );
     assert!(
-        metric_sum(&m, "netprobe_kernel_drops_total", "NOT_SPECIFIED") >= LATE as u64 / 2,
+        metric_sum(
+            &m,
+            "netprobe_kernel_drops_total",
+            &[("reason", "NOT_SPECIFIED")]
+        ) >= LATE as u64 / 2,
         "late FINs consumed by timewait sockets are counted, not emitted:\n{m}"
     );
     // What they cost instead: each handshake and teardown passes the tc programs (the program
     // statistics are refreshed every second).
     let deadline = Instant::now() + Duration::from_secs(5);
     let (runs, seconds) = loop {
-        let (_, m) = http_get(&lab, agent.port, "/metrics");
-        let label = "{program=\"tc_ingress\"}";
+        let (_, m) = support::get(&agent, "/metrics");
+        let label = &[("program", "tc_ingress")];
         let runs = metric_sum(&m, "netprobe_program_runs_total", label);
-        let seconds: f64 = m
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("netprobe_program_run_seconds_total{label} ")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
+        let seconds = metrics::sum_f64(&m, "netprobe_program_run_seconds_total", label);
         if runs >= 3 * n || Instant::now() > deadline {
             break (runs, seconds);
         }
@@ -500,7 +420,7 @@ fn healthy_connections_cost_the_agent_no_event() {
         "tc_ingress ran {runs} times for {n} connections"
     );
     // The state-change tracepoint (ten runs per connection) feeds only traces: not loaded here.
-    let (_, m) = http_get(&lab, agent.port, "/metrics");
+    let (_, m) = support::get(&agent, "/metrics");
     assert!(
         m.contains("netprobe_program_runs_total{program=\"kfree_skb\"}")
             && !m.contains("program=\"inet_sock_set_state\""),
@@ -511,10 +431,9 @@ fn healthy_connections_cost_the_agent_no_event() {
         ns_per_run > 0.0 && ns_per_run < 20_000.0,
         "tc_ingress: {ns_per_run} ns per run"
     );
-    unsafe { libc::kill(agent.child.id() as i32, libc::SIGTERM) };
-    let out = agent.output();
-    assert!(out.status.success());
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let out = support::stop(agent);
+    assert!(out.success());
+    let stdout = out.stdout;
     assert!(
         !stdout
             .lines()
@@ -542,10 +461,14 @@ fn a_burst_is_delivered_whole_without_later_traffic() {
     .unwrap();
     let agent = start_agent(&lab, &[]);
     let counts = || {
-        let (_, m) = http_get(&lab, agent.port, "/metrics");
+        let (_, m) = support::get(&agent, "/metrics");
         (
-            metric_sum(&m, "netprobe_kernel_drops_total", "NETFILTER_DROP"),
-            metric_sum(&m, "netprobe_drops_total", "NETFILTER_DROP"),
+            metric_sum(
+                &m,
+                "netprobe_kernel_drops_total",
+                &[("reason", "NETFILTER_DROP")],
+            ),
+            metric_sum(&m, "netprobe_drops_total", &[("reason", "NETFILTER_DROP")]),
         )
     };
     const BURSTS: u64 = 3;

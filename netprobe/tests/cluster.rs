@@ -3,7 +3,6 @@
 //! that node's agent, and the agent runs the trace in the node and streams the verdict back.
 
 use std::{
-    io::Read,
     net::TcpStream,
     process::{Command, Stdio},
     time::Duration,
@@ -65,6 +64,12 @@ fn cli_as(
         .unwrap()
 }
 
+/// Waits for the CLI at most `limit` (then kills it): (exit code or -1, stdout, stderr).
+fn wait(cli: std::process::Child, limit: Duration) -> (i32, String, String) {
+    let out = netprobe_lab::process::wait_output(cli, limit).unwrap();
+    (out.code(), out.stdout, out.stderr)
+}
+
 #[test]
 fn cluster_mode_trace_runs_on_the_pods_node_through_a_port_forward_to_its_agent() {
     netprobe_lab::require_root();
@@ -104,14 +109,13 @@ fn cluster_mode_trace_runs_on_the_pods_node_through_a_port_forward_to_its_agent(
     kube.apply(Kind::Pod, agent_pod("netprobe-x1"));
 
     // The agent, in the node namespace, on loopback only.
-    let port = 21000 + (std::process::id() % 20000) as u16;
-    let mut agent = support::start_agent(
+    let agent = support::start_agent(
         lab.node(),
-        port,
         &[],
         &[("KUBECONFIG", &kc), ("NODE_NAME", NODE)],
         false,
     );
+    let port = agent.port;
     // The kubelet's part of a port-forward to a hostNetwork pod: the node's loopback.
     let node = lab.node().to_string();
     kube.port_forward("netprobe", "netprobe-x1", move |p| {
@@ -167,7 +171,7 @@ fn cluster_mode_trace_runs_on_the_pods_node_through_a_port_forward_to_its_agent(
             std::thread::sleep(Duration::from_millis(400));
         }
     });
-    let (code, stdout, stderr) = support::wait_output(trace, Duration::from_secs(40));
+    let (code, stdout, stderr) = wait(trace, Duration::from_secs(40));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     traffic.join().unwrap();
     assert_eq!(
@@ -210,7 +214,7 @@ fn cluster_mode_trace_runs_on_the_pods_node_through_a_port_forward_to_its_agent(
     let plugin = plugin_dir.join("kubectl-netprobe");
     let _ = std::fs::remove_file(&plugin);
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_netprobe"), &plugin).unwrap();
-    let (code, _, err) = support::wait_output(
+    let (code, _, err) = wait(
         cli_as(
             &lab,
             &kc,
@@ -234,7 +238,7 @@ fn cluster_mode_trace_runs_on_the_pods_node_through_a_port_forward_to_its_agent(
         "{err}"
     );
     kube.delete(Kind::Pod, "netprobe", "netprobe-x1");
-    let (code, _, err) = support::wait_output(
+    let (code, _, err) = wait(
         cli(
             &lab,
             &kc,
@@ -258,15 +262,8 @@ fn cluster_mode_trace_runs_on_the_pods_node_through_a_port_forward_to_its_agent(
     );
 
     // SIGTERM: the agent and its traces leave no trace table behind.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let st = agent.wait().unwrap();
-    let mut err = String::new();
-    agent
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let out = support::stop(agent);
+    let (st, err) = (out.status, out.stderr);
     assert!(st.success(), "agent exit {st}: {err}");
     let tables = lab.sh(lab.node(), "nft list tables").unwrap();
     assert!(!tables.contains("netprobe"), "{tables}");

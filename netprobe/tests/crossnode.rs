@@ -3,8 +3,6 @@
 //! stand-in serving both nodes' pods and port-forwarding to each agent. The CLI ("the laptop",
 //! unprivileged) asks both agents and joins what they saw of each attempt.
 
-use std::path::Path;
-
 mod support;
 
 use netprobe_lab::{
@@ -15,18 +13,14 @@ use netprobe_lab::{
 };
 use serde_json::Value;
 
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_netprobe"))
-}
-
 fn two_nodes(tag: &str, overlay: Overlay) -> TwoNodes {
     netprobe_lab::require_root();
-    TwoNodes::new(tag, overlay, bin()).unwrap()
+    TwoNodes::new(tag, overlay, support::netprobe_bin()).unwrap()
 }
 
 /// Runs the cluster-mode trace (JSON); every record is checked against the schema.
 fn trace(lab: &TwoNodes) -> (i32, Vec<Value>, String) {
-    let t = lab.trace(bin(), "json").unwrap();
+    let t = lab.trace(support::netprobe_bin(), "json").unwrap();
     let records: Vec<Value> = t
         .stdout
         .lines()
@@ -181,14 +175,11 @@ fn cross_node_syn_lost_on_the_vxlan_underlay_is_left_a_never_reached_b() {
 
     // Always on: the client node's agent saw the SYN retransmits and, from its conntrack, that
     // they went to the scheduler pod on node-b.
-    let (_, metrics) = support::http_get(lab.labs[0].node(), lab.port, "/metrics");
-    let line = metrics
-        .lines()
-        .find(|l| l.starts_with("netprobe_syn_retransmits_total{dst_node=\"node-b\"}"))
-        .unwrap_or_else(|| panic!("{metrics}"));
+    let metrics = netprobe_lab::metrics::scrape(lab.labs[0].node(), lab.port).unwrap();
+    let to_node_b = &[("dst_node", "node-b")];
     assert!(
-        line.rsplit(' ').next().unwrap().parse::<u64>().unwrap() >= 1,
-        "{line}"
+        netprobe_lab::metrics::sum(&metrics, "netprobe_syn_retransmits_total", to_node_b) >= 1,
+        "{metrics}"
     );
     let out = lab.agent_out.lock().unwrap().clone();
     let events: Vec<Value> = out

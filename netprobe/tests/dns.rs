@@ -351,10 +351,8 @@ fn udp_to_a_port_without_socket_is_no_listener_with_the_udp_listeners() {
 #[test]
 fn agent_reports_a_blocked_lookup_as_a_dns_failure_of_the_pod() {
     let d = dns_lab("dnsagent", true, Some(true));
-    let port = 20000 + (std::process::id() % 20000) as u16;
-    let mut agent = support::start_agent(
+    let agent = support::start_agent(
         d.lab.node(),
-        port,
         &[],
         &[("KUBECONFIG", d.kubeconfig.to_str().unwrap())],
         true,
@@ -373,26 +371,14 @@ fn agent_reports_a_blocked_lookup_as_a_dns_failure_of_the_pod() {
     let failures = "netprobe_dns_failures_total{namespace=\"financial-inference\",pod=\"client-0\",reason=\"dropped\"} 1";
     let start = std::time::Instant::now();
     let metrics = loop {
-        let (_, m) = support::http_get(d.lab.node(), port, "/metrics");
+        let (_, m) = support::get(&agent, "/metrics");
         if m.contains(failures) || start.elapsed() > Duration::from_secs(8) {
             break m;
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let out = std::mem::replace(
-        &mut agent,
-        std::process::Command::new("true").spawn().unwrap(),
-    )
-    .wait_with_output()
-    .unwrap();
-    let _ = agent.wait();
-    let lines: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let out = support::stop(agent);
+    let lines = support::ndjson(&out.stdout);
     support::assert_schema_valid(&lines);
     let dump = lines
         .iter()

@@ -15,27 +15,14 @@ use std::{
 use netprobe_lab::{
     Lab, in_netns,
     kubeapi::{FakeKube, Kind, pod},
+    metrics::sum as metric_sum,
+    process::{Agent, Spawn},
 };
 
-fn metric(body: &str, name_and_labels: &str) -> u64 {
-    body.lines()
-        .filter(|l| l.starts_with(name_and_labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
-fn port() -> u16 {
-    22000 + (std::process::id() % 20000) as u16
-}
-
-fn stop(agent: std::process::Child) -> (String, String) {
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let out = agent.wait_with_output().unwrap();
-    assert!(out.status.success(), "agent exit {}", out.status);
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+fn stop(agent: Agent) -> (String, String) {
+    let out = support::stop(agent);
+    assert!(out.success(), "agent exit {}", out.status);
+    (out.stdout, out.stderr)
 }
 
 /// The kernel refuses one probe (its verifier rejects `kfree_skb` loaded against a tracepoint
@@ -48,28 +35,26 @@ fn agent_runs_degraded_when_the_kernel_refuses_one_probe() {
     let p = lab
         .add_pod("financial-ml", "mlserver-0", "10.42.0.10".parse().unwrap())
         .unwrap();
-    let port = port();
     let agent = support::start_agent(
         lab.node(),
-        port,
         &[],
         &[("NETPROBE_FAULT_PROBE", "kfree_skb")],
         true,
     );
-    let (code, body) = support::http_get(lab.node(), port, "/readyz");
+    let (code, body) = support::get(&agent, "/readyz");
     assert_eq!(code, 200, "degraded is still useful: {body}");
     assert!(
         body.contains("degraded") && body.contains("probe kfree_skb refused by the kernel"),
         "{body}"
     );
-    let (_, m) = support::http_get(lab.node(), port, "/metrics");
+    let (_, m) = support::get(&agent, "/metrics");
     assert_eq!(
-        metric(&m, "netprobe_probe_up{probe=\"kfree_skb\"}"),
+        metric_sum(&m, "netprobe_probe_up", &[("probe", "kfree_skb")]),
         0,
         "{m}"
     );
     assert_eq!(
-        metric(&m, "netprobe_probe_up{probe=\"tcp_send_reset\"}"),
+        metric_sum(&m, "netprobe_probe_up", &[("probe", "tcp_send_reset")]),
         1,
         "{m}"
     );
@@ -114,27 +99,17 @@ fn ring_buffer_overflow_is_counted_in_metrics_and_trace_output() {
         "iptables -N NP_FLOOD; iptables -A NP_FLOOD -j DROP; iptables -A FORWARD -p tcp --dport 9999 -j NP_FLOOD",
     )
     .unwrap();
-    let port = port() + 1;
     // 4 KiB: room for a few dozen events. Outputs go to files: 20000 events and verdicts must
     // not block on a pipe nobody reads.
     let agent = support::start_agent(
         lab.node(),
-        port,
         &["--ring-buffer-kib", "4", "--rate-limit", "1000000"],
         &[],
         false,
     );
     let dir = std::env::temp_dir().join(format!("netprobe-overflow-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let ready = dir.join("ready");
-    let mut trace = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            lab.node(),
-            env!("CARGO_BIN_EXE_netprobe"),
-            "trace",
-        ])
+    let trace = Spawn::trace(support::netprobe_bin(), lab.node())
         .args([
             "--port",
             "9999",
@@ -143,18 +118,11 @@ fn ring_buffer_overflow_is_counted_in_metrics_and_trace_output() {
             "--ring-buffer-kib",
             "4",
         ])
-        .args(["--no-rule-trace", "-o", "json", "--ready-file"])
-        .arg(&ready)
+        .args(["--no-rule-trace", "-o", "json"])
         .stdout(std::fs::File::create(dir.join("out")).unwrap())
         .stderr(std::fs::File::create(dir.join("err")).unwrap())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !ready.exists() {
-        assert!(trace.try_wait().unwrap().is_none(), "trace exited early");
-        assert!(start.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        .start()
+        .unwrap_or_else(|e| panic!("{e:#}"));
     lab.sh(
         &a.netns,
         "hping3 -q -S -p 9999 -i u20 -c 20000 10.42.0.92 >/dev/null 2>&1 || true",
@@ -169,15 +137,16 @@ fn ring_buffer_overflow_is_counted_in_metrics_and_trace_output() {
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .unwrap();
     assert!(generated >= 19000, "hping3 sent {generated}");
-    let (_, m) = support::http_get(lab.node(), port, "/metrics");
-    let counted = metric(&m, "netprobe_kernel_drops_total{reason=\"NETFILTER_DROP\"}");
-    let delivered = metric(&m, "netprobe_drops_total{reason=\"NETFILTER_DROP\"");
-    let lost = metric(&m, "netprobe_lost_events_total");
+    let (_, m) = support::get(&agent, "/metrics");
+    let nf = &[("reason", "NETFILTER_DROP")];
+    let counted = metric_sum(&m, "netprobe_kernel_drops_total", nf);
+    let delivered = metric_sum(&m, "netprobe_drops_total", nf);
+    let lost = metric_sum(&m, "netprobe_lost_events_total", &[]);
     assert_eq!(counted, generated, "every drop counted in the kernel:\n{m}");
     assert!(lost > 0, "a 4 KiB ring must overflow:\n{m}");
     assert_eq!(delivered + lost, generated, "nothing lost silently:\n{m}");
     let (_, _) = stop(agent);
-    let st = trace.wait().unwrap();
+    let st = trace.wait_output(Duration::from_secs(60)).unwrap().status;
     let out = std::fs::read_to_string(dir.join("out")).unwrap();
     let err = std::fs::read_to_string(dir.join("err")).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
@@ -275,10 +244,8 @@ fn agent_sigkill_mid_remote_trace_leaves_no_orphan_and_no_table() {
     let kubeconfig =
         std::env::temp_dir().join(format!("netprobe-faults-kubeconfig-{}", std::process::id()));
     std::fs::write(&kubeconfig, kube.kubeconfig()).unwrap();
-    let port = port() + 2;
     let mut agent = support::start_agent(
         lab.node(),
-        port,
         &[],
         &[
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
@@ -288,6 +255,7 @@ fn agent_sigkill_mid_remote_trace_leaves_no_orphan_and_no_table() {
     );
     // A remote trace, as the port-forward would ask for it (root on the node).
     let node = lab.node().to_string();
+    let port = agent.port;
     let mut sock = in_netns(&node, || TcpStream::connect(("127.0.0.1", port)))
         .unwrap()
         .unwrap();
@@ -307,13 +275,12 @@ fn agent_sigkill_mid_remote_trace_leaves_no_orphan_and_no_table() {
             break pid.parse().unwrap();
         }
         assert!(
-            agent.try_wait().unwrap().is_none() && start.elapsed() < Duration::from_secs(30),
+            agent.proc.is_running() && start.elapsed() < Duration::from_secs(30),
             "the remote trace never installed its table"
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    unsafe { libc::kill(agent.id() as i32, libc::SIGKILL) };
-    let _ = agent.wait();
+    agent.proc.kill9();
     let start = Instant::now();
     while std::path::Path::new(&format!("/proc/{child}")).exists() {
         assert!(
@@ -366,10 +333,8 @@ fn agent_survives_a_30s_api_outage_and_a_vanishing_veth() {
         "iptables -A FORWARD -p tcp --dport 9009 -j DROP",
     )
     .unwrap();
-    let port = port() + 3;
     let agent = support::start_agent(
         lab.node(),
-        port,
         &[],
         &[
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
@@ -377,17 +342,17 @@ fn agent_survives_a_30s_api_outage_and_a_vanishing_veth() {
         ],
         true,
     );
-    let attached = |m: &str| metric(m, "netprobe_attached_interfaces");
-    let before = attached(&support::http_get(lab.node(), port, "/metrics").1);
+    let attached = |m: &str| metric_sum(m, "netprobe_attached_interfaces", &[]);
+    let before = attached(&support::get(&agent, "/metrics").1);
     kube.set_down(true);
     lab.remove_pod(&b).unwrap();
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_secs(5));
-        assert_eq!(support::http_get(lab.node(), port, "/healthz").0, 200);
-        assert_eq!(support::http_get(lab.node(), port, "/readyz").0, 200);
+        assert_eq!(support::get(&agent, "/healthz").0, 200);
+        assert_eq!(support::get(&agent, "/readyz").0, 200);
     }
-    let m = support::http_get(lab.node(), port, "/metrics").1;
+    let m = support::get(&agent, "/metrics").1;
     assert_eq!(
         attached(&m),
         before - 1,

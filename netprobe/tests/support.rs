@@ -6,18 +6,24 @@
 )]
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
+use netprobe_lab::process::{Agent, Finished, Running, Signal, Spawn};
 use serde_json::Value;
 
+/// How long a trace may run before the test gives up on it (the longest `--duration` is 60 s).
+const TRACE_LIMIT: Duration = Duration::from_secs(300);
+
+/// The binary under test.
+pub fn netprobe_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_netprobe"))
+}
+
 pub struct TraceRun {
-    child: Child,
-    ready: PathBuf,
+    run: Running,
 }
 
 /// Starts `ip netns exec <netns> netprobe trace <args> -o json` and waits until its probes are
@@ -41,56 +47,13 @@ pub fn start_verdict_trace_env(netns: &str, args: &[&str], env: &[(&str, &str)])
 
 fn spawn_trace(netns: &str, args: &[&str], env: &[(&str, &str)]) -> TraceRun {
     netprobe_lab::require_root();
-    let ready = std::env::temp_dir().join(format!(
-        "netprobe-ready-{}-{}",
-        std::process::id(),
-        rand_suffix()
-    ));
-    let _ = std::fs::remove_file(&ready);
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            netns,
-            env!("CARGO_BIN_EXE_netprobe"),
-            "trace",
-            "-o",
-            "json",
-            "--ready-file",
-        ])
-        .arg(&ready)
+    let run = Spawn::trace(netprobe_bin(), netns)
+        .args(["-o", "json"])
         .args(args)
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn netprobe");
-    let start = Instant::now();
-    while !ready.exists() {
-        if let Some(status) = child.try_wait().expect("wait") {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("netprobe trace exited before it was ready ({status}): {err}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "netprobe trace not ready after 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    TraceRun { child, ready }
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
+        .envs(env)
+        .start()
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    TraceRun { run }
 }
 
 pub struct TraceOutput {
@@ -106,19 +69,17 @@ impl TraceRun {
     }
 
     /// Waits for the trace to end and checks its exit code (verdict mode: 1 = failure diagnosed).
-    pub fn finish_with_code(mut self, code: i32) -> TraceOutput {
-        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .expect("netprobe output");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    pub fn finish_with_code(self, code: i32) -> TraceOutput {
+        let out = self.wait();
+        let stderr = out.stderr;
         assert_eq!(
             out.status.code(),
             Some(code),
             "netprobe trace exit code; stderr: {stderr}\nstdout: {}",
-            String::from_utf8_lossy(&out.stdout)
+            out.stdout
         );
-        let mut lines: Vec<Value> = String::from_utf8(out.stdout)
-            .expect("utf8")
+        let mut lines: Vec<Value> = out
+            .stdout
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
             .collect();
@@ -142,38 +103,27 @@ impl TraceRun {
             stderr,
         }
     }
-}
 
-impl TraceRun {
     /// Waits for a trace that must fail with `code`; returns its stderr (no summary expected).
-    pub fn finish_error(mut self, code: i32) -> String {
-        let out = std::mem::replace(&mut self.child, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .expect("netprobe output");
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    pub fn finish_error(self, code: i32) -> String {
+        let out = self.wait();
+        let stderr = out.stderr;
         assert_eq!(out.status.code(), Some(code), "exit code; stderr: {stderr}");
         stderr
     }
 
-    /// SIGKILLs netprobe (`ip netns exec` execs it, so the child is netprobe itself).
+    fn wait(self) -> Finished {
+        self.run.wait_output(TRACE_LIMIT).expect("netprobe output")
+    }
+
     /// Ctrl-C: the trace ends as at the end of its duration.
     pub fn interrupt(&self) {
-        // SAFETY: plain kill(2) on our child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.run.signal(Signal::Int).expect("SIGINT netprobe trace");
     }
 
-    pub fn kill9(mut self) {
-        // SAFETY: plain kill(2) on our child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for TraceRun {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.ready);
+    /// SIGKILLs netprobe (`ip netns exec` execs it, so the child is netprobe itself).
+    pub fn kill9(self) {
+        self.run.kill9();
     }
 }
 
@@ -268,73 +218,42 @@ pub fn kube_api(lab: &netprobe_lab::Lab) -> (netprobe_lab::kubeapi::FakeKube, Pa
     (kube, path)
 }
 
-/// Starts `ip netns exec <node> netprobe agent --metrics-addr 127.0.0.1:<port> <extra>` with
-/// `env` and waits until its probes are attached; panics with its stderr if it exits early.
+/// Starts `ip netns exec <node> netprobe agent --metrics-addr 127.0.0.1:<free port> <extra>`
+/// with `env` and waits until its probes are attached; panics with its stderr if it exits early.
 /// stdout (the NDJSON stream) is piped when `capture_stdout`, discarded otherwise.
 pub fn start_agent(
     node: &str,
-    port: u16,
     extra: &[&str],
     env: &[(&str, &str)],
     capture_stdout: bool,
-) -> Child {
-    let ready = std::env::temp_dir().join(format!(
-        "netprobe-agent-ready-{}-{port}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&ready);
-    let mut child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            node,
-            env!("CARGO_BIN_EXE_netprobe"),
-            "agent",
-        ])
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--ready-file")
-        .arg(&ready)
-        .args(extra)
-        .envs(env.iter().copied())
-        .stdout(if capture_stdout {
+) -> Agent {
+    netprobe_lab::require_root();
+    Agent::start(netprobe_bin(), node, |s| {
+        s.args(extra).envs(env).stdout(if capture_stdout {
             Stdio::piped()
         } else {
             Stdio::null()
         })
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !ready.exists() {
-        if let Some(st) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-            panic!("agent exited ({st}): {err}");
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "agent not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = std::fs::remove_file(&ready);
-    child
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// GET `path` from the agent on 127.0.0.1:`port` inside `node`: (status, body).
-pub fn http_get(node: &str, port: u16, path: &str) -> (u16, String) {
-    netprobe_lab::in_netns(node, || {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("agent endpoint");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let code = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-        let body = resp
-            .split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default()
-            .to_string();
-        (code, body)
-    })
-    .unwrap()
+/// GET `path` from `agent`: (status, body).
+pub fn get(agent: &Agent, path: &str) -> (u16, String) {
+    agent.get(path).expect("agent endpoint")
+}
+
+/// SIGTERMs the agent and waits for it: its output.
+pub fn stop(agent: Agent) -> Finished {
+    agent.stop().expect("agent stops")
+}
+
+/// The NDJSON records in `stdout`.
+pub fn ndjson(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
 }
 
 /// Validates every NDJSON record against the JSON Schemas `netprobe schema` prints (generated
@@ -371,22 +290,4 @@ pub fn assert_schema_valid(records: &[Value]) {
             "{r}\ndoes not match schema {key}: {errors:#?}"
         );
     }
-}
-
-/// Waits for a child at most `limit` (then kills it): (exit code or -1, stdout, stderr).
-pub fn wait_output(mut child: std::process::Child, limit: Duration) -> (i32, String, String) {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }

@@ -9,16 +9,21 @@ use std::{
     io::{BufRead, BufReader, Read},
     net::{SocketAddr, TcpStream},
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use netprobe_lab::{Lab, in_netns};
+use netprobe_lab::{
+    Lab, in_netns, metrics, ports,
+    process::{self, Agent, Running, Signal, Spawn},
+};
 use serde_json::{Value, json};
 
 use crate::build::{netprobe_bin, repo_root};
 
+/// How long a release netprobe may take to attach (250 veths in the attach-time sample).
+const READY_LIMIT: Duration = Duration::from_secs(120);
 /// Rounds per comparison; modes alternate within a round so drift hits both sides alike.
 const ROUNDS: usize = 5;
 
@@ -31,77 +36,25 @@ pub struct Options {
     pub soak_seconds: u64,
 }
 
-struct Agent {
-    child: Child,
-    port: u16,
-}
-
-impl Agent {
-    fn start(node: &str, port: u16, extra: &[&str]) -> Result<Self> {
-        let ready = std::env::temp_dir().join(format!("netprobe-bench-ready-{port}"));
-        let _ = std::fs::remove_file(&ready);
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", node])
-            .arg(netprobe_bin(true))
-            .args(["agent", "--metrics-addr", &format!("127.0.0.1:{port}")])
-            .arg("--ready-file")
-            .arg(&ready)
-            .args(extra)
+/// The release agent in `node` on `port`, without Kubernetes (the bench measures the datapath).
+fn start_agent(node: &str, port: u16, extra: &[&str]) -> Result<Agent> {
+    Agent::start_on(&netprobe_bin(true), node, port, |s| {
+        s.args(extra)
             .env_remove("KUBECONFIG")
             .env_remove("KUBERNETES_SERVICE_HOST")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("start netprobe agent")?;
-        let start = Instant::now();
-        while !ready.exists() {
-            if let Some(st) = child.try_wait()? {
-                let mut err = String::new();
-                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                bail!("agent exited ({st}): {err}");
-            }
-            if start.elapsed() > Duration::from_secs(120) {
-                let _ = child.kill();
-                bail!("agent not ready after 120 s");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = std::fs::remove_file(&ready);
-        Ok(Self { child, port })
-    }
+            .ready_limit(READY_LIMIT)
+    })
+}
 
-    fn metrics(&self, node: &str) -> Result<String> {
-        let port = self.port;
-        in_netns(node, move || -> Result<String> {
-            use std::io::Write;
-            let mut s = TcpStream::connect(("127.0.0.1", port))?;
-            write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
-            let mut r = String::new();
-            s.read_to_string(&mut r)?;
-            Ok(r.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
-        })?
-    }
+/// SIGTERM; an agent that does not exit cleanly fails the bench.
+fn stop_agent(agent: Agent) -> Result<()> {
+    agent.stop()?.ok()?;
+    Ok(())
+}
 
-    /// utime + stime in seconds.
-    fn cpu_seconds(&self) -> f64 {
-        proc_cpu(self.child.id())
-    }
-
-    fn rss_mib(&self) -> f64 {
-        proc_status_kib(self.child.id(), "VmRSS:") / 1024.0
-    }
-
-    fn stop(mut self) -> Result<()> {
-        // SAFETY: plain kill(2) on our child (`ip netns exec` execs netprobe: same pid).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let st = self.child.wait()?;
-        if !st.success() {
-            let mut err = String::new();
-            let _ = self.child.stderr.take().unwrap().read_to_string(&mut err);
-            bail!("agent exit {st}: {err}");
-        }
-        Ok(())
-    }
+fn rss_mib(pid: u32) -> f64 {
+    proc_status_kib(pid, "VmRSS:") / 1024.0
 }
 
 fn proc_cpu(pid: u32) -> f64 {
@@ -124,30 +77,17 @@ fn proc_status_kib(pid: u32, key: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn metric_sum(body: &str, name: &str, label: &str) -> u64 {
-    body.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// `program → (runs, seconds)` from the agent's `netprobe_program_*` metrics.
 fn program_stats(body: &str) -> std::collections::BTreeMap<String, (u64, f64)> {
     let mut out = std::collections::BTreeMap::<String, (u64, f64)>::new();
-    for l in body.lines() {
-        let Some((key, value)) = l.rsplit_once(' ') else {
+    for sample in metrics::parse(body) {
+        let Some((_, program)) = sample.labels.iter().find(|(k, _)| k == "program") else {
             continue;
         };
-        let Some((name, program)) = key
-            .strip_suffix("\"}")
-            .and_then(|k| k.split_once("{program=\""))
-        else {
-            continue;
-        };
-        let e = out.entry(program.to_string()).or_default();
-        match name {
-            "netprobe_program_runs_total" => e.0 = value.parse().unwrap_or(0),
-            "netprobe_program_run_seconds_total" => e.1 = value.parse().unwrap_or(0.0),
+        let e = out.entry(program.clone()).or_default();
+        match sample.name.as_str() {
+            "netprobe_program_runs_total" => e.0 = sample.value as u64,
+            "netprobe_program_run_seconds_total" => e.1 = sample.value,
             _ => {}
         }
     }
@@ -210,52 +150,23 @@ struct Bench<'a> {
     port: u16,
 }
 
-/// A running `netprobe trace` (release) on a port nobody uses in the measurements.
-struct Trace(Child);
+/// A running `netprobe trace` (release) on a port nobody uses in the measurements, and its
+/// NDJSON stdout.
+fn start_trace(node: &str, port: u16, extra: &[&str]) -> Result<(Running, BufReader<ChildStdout>)> {
+    let mut trace = Spawn::trace(&netprobe_bin(true), node)
+        .args(["--port", &port.to_string(), "-o", "json"])
+        .args(extra)
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .ready_limit(READY_LIMIT)
+        .start()?;
+    let out = BufReader::new(trace.child().stdout.take().context("piped stdout")?);
+    Ok((trace, out))
+}
 
-impl Trace {
-    fn start(
-        node: &str,
-        port: u16,
-        extra: &[&str],
-    ) -> Result<(Self, BufReader<std::process::ChildStdout>)> {
-        let ready = std::env::temp_dir().join(format!("netprobe-bench-trace-{port}"));
-        let _ = std::fs::remove_file(&ready);
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", node])
-            .arg(netprobe_bin(true))
-            .args(["trace", "--port", &port.to_string(), "-o", "json"])
-            .args(extra)
-            .arg("--ready-file")
-            .arg(&ready)
-            .env_remove("KUBECONFIG")
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let start = Instant::now();
-        while !ready.exists() {
-            if let Some(st) = child.try_wait()? {
-                let mut err = String::new();
-                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-                bail!("trace exited ({st}): {err}");
-            }
-            if start.elapsed() > Duration::from_secs(120) {
-                let _ = child.kill();
-                bail!("trace not ready after 120 s");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = std::fs::remove_file(&ready);
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Ok((Self(child), out))
-    }
-
-    fn stop(mut self) {
-        // SAFETY: plain kill(2) on our child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-        let _ = self.0.wait();
-    }
+/// Ctrl-C, as a user ends a trace.
+fn stop_trace(trace: Running) {
+    let _ = trace.stop_with(Signal::Int, process::STOP_LIMIT);
 }
 
 impl Bench<'_> {
@@ -268,16 +179,16 @@ impl Bench<'_> {
         let node = self.node();
         let agent = match mode {
             Mode::Without => None,
-            _ => Some(Agent::start(&node, self.port, &[])?),
+            _ => Some(start_agent(&node, self.port, &[])?),
         };
         let trace = match mode {
-            Mode::AgentAndTrace => Some(Trace::start(&node, 9977, &["--duration", "10m"])?.0),
+            Mode::AgentAndTrace => Some(start_trace(&node, 9977, &["--duration", "10m"])?.0),
             _ => None,
         };
         let events = |a: &Option<Agent>| {
             a.as_ref()
-                .and_then(|a| a.metrics(&node).ok())
-                .map(|m| metric_sum(&m, "netprobe_events_total", ""))
+                .and_then(|a| a.metrics().ok())
+                .map(|m| metrics::sum(&m, "netprobe_events_total", &[]))
                 .unwrap_or(0)
         };
         let before = events(&agent);
@@ -290,10 +201,10 @@ impl Bench<'_> {
             );
         }
         if let Some(t) = trace {
-            t.stop();
+            stop_trace(t);
         }
         if let Some(a) = agent {
-            a.stop()?;
+            stop_agent(a)?;
         }
         r
     }
@@ -399,16 +310,16 @@ fn program_cost_of(
     sample: &dyn Fn(&mut Bench) -> Result<f64>,
 ) -> Result<Value> {
     let node = bench.node();
-    let agent = Agent::start(&node, bench.port, &["--program-stats"])?;
+    let agent = start_agent(&node, bench.port, &["--program-stats"])?;
     // The statistics are refreshed every second; wait for one refresh on each side.
     std::thread::sleep(Duration::from_millis(1100));
-    let before = agent.metrics(&node)?;
+    let before = agent.metrics()?;
     let t0 = Instant::now();
     let figure = sample(bench);
     std::thread::sleep(Duration::from_millis(1100));
     let wall = t0.elapsed().as_secs_f64();
-    let after = agent.metrics(&node);
-    agent.stop()?;
+    let after = agent.metrics();
+    stop_agent(agent)?;
     let mut v = program_cost(&before, &after?, wall);
     v[key] = json!(figure?);
     Ok(v)
@@ -424,13 +335,14 @@ fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Valu
          iptables -C FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM 2>/dev/null || \
          iptables -I FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM",
     )?;
-    let agent = Agent::start(&node, bench.port, &["--program-stats"])?;
-    let before = agent.metrics(&node)?;
-    let kernel0 = metric_sum(&before, "netprobe_kernel_drops_total", "NETFILTER_DROP");
-    let delivered0 = metric_sum(&before, "netprobe_drops_total", "NETFILTER_DROP");
-    let lost0 = metric_sum(&before, "netprobe_lost_events_total", "");
-    let cpu0 = agent.cpu_seconds();
-    let rss_start = agent.rss_mib();
+    let agent = start_agent(&node, bench.port, &["--program-stats"])?;
+    let before = agent.metrics()?;
+    let nf = &[("reason", "NETFILTER_DROP")];
+    let kernel0 = metrics::sum(&before, "netprobe_kernel_drops_total", nf);
+    let delivered0 = metrics::sum(&before, "netprobe_drops_total", nf);
+    let lost0 = metrics::sum(&before, "netprobe_lost_events_total", &[]);
+    let cpu0 = proc_cpu(agent.id());
+    let rss_start = rss_mib(agent.id());
     let t0 = Instant::now();
     let mut flood = Command::new("ip")
         .args([
@@ -454,42 +366,38 @@ fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Valu
     while t0.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(Duration::from_secs(1).min(Duration::from_secs(seconds)));
         if rss_samples {
-            rss.push((t0.elapsed().as_secs(), agent.rss_mib()));
+            rss.push((t0.elapsed().as_secs(), rss_mib(agent.id())));
         }
         // The agent's longest kernel-to-userspace event delay of the last second.
-        if let Ok(m) = agent.metrics(&node)
-            && let Some(v) = m
-                .lines()
-                .find_map(|l| l.strip_prefix("netprobe_event_delay_max_seconds "))
-                .and_then(|v| v.trim().parse::<f64>().ok())
+        if let Ok(m) = agent.metrics()
+            && let Some(v) = metrics::value(&m, "netprobe_event_delay_max_seconds", &[])
         {
             delays_ms.push(v * 1000.0);
         }
     }
-    // SAFETY: plain kill(2) on our child.
-    unsafe { libc::kill(flood.id() as i32, libc::SIGINT) };
+    process::signal(flood.id(), Signal::Int)?;
     let _ = flood.wait();
     let storm_wall = t0.elapsed().as_secs_f64();
-    let cpu = agent.cpu_seconds() - cpu0;
+    let cpu = proc_cpu(agent.id()) - cpu0;
     // The program statistics are refreshed every second: the last second of the storm is in
     // the scrape after the next refresh (the flood has stopped, so nothing is added).
     std::thread::sleep(Duration::from_millis(1100));
-    let programs = program_cost(&before, &agent.metrics(&node)?, storm_wall);
+    let programs = program_cost(&before, &agent.metrics()?, storm_wall);
     // Let the agent drain its ring buffer and refresh the kernel counters (200 ms tick).
     std::thread::sleep(Duration::from_millis(1500));
-    let after = agent.metrics(&node)?;
+    let after = agent.metrics()?;
     let counters = bench.lab.sh(&node, "iptables -L NP_BENCH_STORM -v -x -n")?;
     let generated: u64 = counters
         .lines()
         .find(|l| l.contains("DROP"))
         .and_then(|l| l.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
-    let counted = metric_sum(&after, "netprobe_kernel_drops_total", "NETFILTER_DROP") - kernel0;
-    let delivered = metric_sum(&after, "netprobe_drops_total", "NETFILTER_DROP") - delivered0;
-    let lost = metric_sum(&after, "netprobe_lost_events_total", "") - lost0;
-    let rss_end = agent.rss_mib();
-    let hwm = proc_status_kib(agent.child.id(), "VmHWM:") / 1024.0;
-    agent.stop()?;
+    let counted = metrics::sum(&after, "netprobe_kernel_drops_total", nf) - kernel0;
+    let delivered = metrics::sum(&after, "netprobe_drops_total", nf) - delivered0;
+    let lost = metrics::sum(&after, "netprobe_lost_events_total", &[]) - lost0;
+    let rss_end = rss_mib(agent.id());
+    let hwm = proc_status_kib(agent.id(), "VmHWM:") / 1024.0;
+    stop_agent(agent)?;
     bench.lab.sh(
         &node,
         "iptables -D FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM; iptables -F NP_BENCH_STORM; iptables -X NP_BENCH_STORM",
@@ -558,21 +466,21 @@ fn attach(bench: &mut Bench, baseline_start_s: f64) -> Result<(f64, usize, f64)>
     }
     let result = (|| -> Result<(f64, usize, f64)> {
         let t0 = Instant::now();
-        let agent = Agent::start(&node, bench.port, &[])?;
+        let agent = start_agent(&node, bench.port, &[])?;
         let start_s = t0.elapsed().as_secs_f64();
-        let m = agent.metrics(&node)?;
-        let attached = metric_sum(&m, "netprobe_attached_interfaces", "") as usize;
+        let m = agent.metrics()?;
+        let attached = metrics::sum(&m, "netprobe_attached_interfaces", &[]) as usize;
         // A new veth: how long until the agent has attached to it.
         let mut lat = Vec::new();
         for k in 0..5 {
-            let before = metric_sum(&agent.metrics(&node)?, "netprobe_attached_interfaces", "");
+            let before = metrics::sum(&agent.metrics()?, "netprobe_attached_interfaces", &[]);
             let t = Instant::now();
             bench.lab.sh(
                 &node,
                 &format!("ip link add npn{k} type veth peer name npq{k} netns {peers} && ip link set npn{k} up"),
             )?;
             loop {
-                let now = metric_sum(&agent.metrics(&node)?, "netprobe_attached_interfaces", "");
+                let now = metrics::sum(&agent.metrics()?, "netprobe_attached_interfaces", &[]);
                 if now > before {
                     lat.push(t.elapsed().as_secs_f64() * 1000.0);
                     break;
@@ -583,7 +491,7 @@ fn attach(bench: &mut Bench, baseline_start_s: f64) -> Result<(f64, usize, f64)>
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
-        agent.stop()?;
+        stop_agent(agent)?;
         for k in 0..5 {
             let _ = bench.lab.sh(&node, &format!("ip link del npn{k}"));
         }
@@ -600,7 +508,7 @@ fn verdict_latency(bench: &mut Bench) -> Result<(f64, String)> {
         .lab
         .sh(&node, "iptables -I FORWARD -p tcp --dport 9998 -j DROP")?;
     let r = (|| -> Result<(f64, String)> {
-        let (trace, mut out) = Trace::start(&node, 9998, &["--count", "1", "--duration", "60s"])?;
+        let (trace, mut out) = start_trace(&node, 9998, &["--count", "1", "--duration", "60s"])?;
         let to: SocketAddr = SocketAddr::new(bench.b.ip.into(), 9998);
         let ns = bench.a.netns.clone();
         let t0 = Instant::now();
@@ -623,7 +531,7 @@ fn verdict_latency(bench: &mut Bench) -> Result<(f64, String)> {
                 ));
             }
         };
-        trace.stop();
+        stop_trace(trace);
         let _ = client.join();
         found.context("trace ended without a verdict")
     })();
@@ -651,7 +559,7 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
         "sysctl -qw net.ipv4.ip_local_port_range='1024 65535' net.ipv4.tcp_tw_reuse=1",
     )?;
     std::thread::sleep(Duration::from_millis(300));
-    let port = 29965;
+    let port = ports::free_tcp(lab.node())?;
     let mut bench = Bench {
         lab: &mut lab,
         a,
@@ -664,7 +572,7 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
     // Agent start time with the lab's few veths (baseline for the 250-veth attach time).
     let node = bench.node();
     let t = Instant::now();
-    Agent::start(&node, port, &[])?.stop()?;
+    stop_agent(start_agent(&node, port, &[])?)?;
     let baseline_start_s = t.elapsed().as_secs_f64();
 
     let modes = [Mode::Without, Mode::Agent, Mode::AgentAndTrace];

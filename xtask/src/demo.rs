@@ -2,16 +2,12 @@
 //! prints what it saw. One function per scenario; each returns a [`Report`].
 
 use std::{
-    io::Read,
-    path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::atomic::{AtomicUsize, Ordering},
-    thread::JoinHandle,
+    process::ExitStatus,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use netprobe_lab::{Connect, Lab, rules, serve};
+use netprobe_lab::{Connect, Lab, process::Spawn, rules, serve};
 
 use crate::build::netprobe_bin;
 
@@ -70,29 +66,6 @@ pub struct TraceOutput {
     pub stderr: String,
 }
 
-fn reader(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-/// Waits for `child` until `deadline`; kills it then.
-fn wait_until(child: &mut Child, deadline: Instant) -> Result<Option<ExitStatus>> {
-    loop {
-        if let Some(s) = child.try_wait()? {
-            return Ok(Some(s));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Runs `ip netns exec NETNS netprobe trace --ready-file F ARGS…`, waits until its probes are
 /// attached, runs `traffic`, then waits for the trace to end (`--duration` in ARGS) and
 /// returns both.
@@ -102,88 +75,41 @@ pub fn traced<T>(
     duration: Duration,
     traffic: impl FnOnce() -> T,
 ) -> Result<(T, TraceOutput)> {
-    static N: AtomicUsize = AtomicUsize::new(0);
     let bin = netprobe_bin(false);
     if !bin.exists() {
         bail!("{} is missing: run `cargo xtask build`", bin.display());
     }
-    let ready = std::env::temp_dir().join(format!(
-        "netprobe-demo-ready-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_file(&ready);
-    struct RemoveOnDrop(PathBuf);
-    impl Drop for RemoveOnDrop {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let _ready_guard = RemoveOnDrop(ready.clone());
-
     println!(
         "$ ip netns exec {netns} {} trace {}",
         bin.display(),
         args.join(" ")
     );
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", netns])
-        .arg(&bin)
-        .args(["trace", "--ready-file"])
-        .arg(&ready)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("start netprobe trace")?;
-    let out = reader(child.stdout.take().expect("piped"));
-    let err = reader(child.stderr.take().expect("piped"));
-    let collect = |status| TraceOutput {
-        status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
-    };
-
     let start = Instant::now();
-    while !Path::new(&ready).exists() {
-        if let Some(status) = child.try_wait()? {
-            let t = collect(status);
-            bail!(
-                "netprobe trace exited ({status}) before it was ready:\n{}{}",
-                t.stderr,
-                t.stdout
-            );
-        }
-        if start.elapsed() > READY_TIMEOUT {
-            let _ = child.kill();
-            let status = child.wait()?;
-            let t = collect(status);
-            bail!(
-                "netprobe trace was not ready after {READY_TIMEOUT:?}:\n{}{}",
-                t.stderr,
-                t.stdout
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let trace = Spawn::trace(&bin, netns)
+        .args(args)
+        .ready_limit(READY_TIMEOUT)
+        .start()?;
     println!(
         "  (probes attached after {:.1}s)",
         start.elapsed().as_secs_f64()
     );
 
     let what = traffic();
-    let status = wait_until(&mut child, Instant::now() + duration + EXIT_GRACE)?;
-    let Some(status) = status else {
-        let t = collect(ExitStatus::default());
+    let t = trace.wait_output(duration + EXIT_GRACE)?;
+    if t.timed_out {
         bail!(
             "netprobe trace did not exit within {:?} of its --duration; killed:\n{}{}",
             EXIT_GRACE,
             t.stderr,
             t.stdout
         );
+    }
+    let trace = TraceOutput {
+        status: t.status,
+        stdout: t.stdout,
+        stderr: t.stderr,
     };
-    Ok((what, collect(status)))
+    Ok((what, trace))
 }
 
 /// S2: in `financial-ml/mlserver-0` the server listens on 127.0.0.1:9000; a client in the same
