@@ -8,7 +8,7 @@
 use std::{
     io::{BufRead, BufReader, Read},
     net::{SocketAddr, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     process::{ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -34,11 +34,18 @@ pub struct Options {
     pub storm_seconds: u64,
     /// Soak: a drop storm of this many seconds with the agent's RSS sampled (0: none).
     pub soak_seconds: u64,
+    /// Another netprobe binary whose agent is measured beside this build's.
+    pub compare_with: Option<PathBuf>,
 }
 
 /// The release agent in `node` on `port`, without Kubernetes (the bench measures the datapath).
 fn start_agent(node: &str, port: u16, extra: &[&str]) -> Result<Agent> {
-    Agent::start_on(&netprobe_bin(true), node, port, |s| {
+    start_agent_of(&netprobe_bin(true), node, port, extra)
+}
+
+/// The agent of `bin` (this build's or the one compared with).
+fn start_agent_of(bin: &Path, node: &str, port: u16, extra: &[&str]) -> Result<Agent> {
+    Agent::start_on(bin, node, port, |s| {
         s.args(extra)
             .env_remove("KUBECONFIG")
             .env_remove("KUBERNETES_SERVICE_HOST")
@@ -141,6 +148,8 @@ enum Mode {
     Without,
     Agent,
     AgentAndTrace,
+    /// The agent of the binary given with `--compare-with`.
+    OtherAgent,
 }
 
 struct Bench<'a> {
@@ -148,6 +157,7 @@ struct Bench<'a> {
     a: netprobe_lab::Pod,
     b: netprobe_lab::Pod,
     port: u16,
+    other: Option<PathBuf>,
 }
 
 /// A running `netprobe trace` (release) on a port nobody uses in the measurements, and its
@@ -177,8 +187,10 @@ impl Bench<'_> {
     /// Runs `sample` in `mode` (agent / trace started before and stopped after).
     fn in_mode<T>(&mut self, mode: Mode, sample: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let node = self.node();
-        let agent = match mode {
-            Mode::Without => None,
+        let agent = match (mode, &self.other) {
+            (Mode::Without, _) => None,
+            (Mode::OtherAgent, Some(bin)) => Some(start_agent_of(bin, &node, self.port, &[])?),
+            (Mode::OtherAgent, None) => bail!("no binary to compare with"),
             _ => Some(start_agent(&node, self.port, &[])?),
         };
         let trace = match mode {
@@ -327,6 +339,12 @@ fn program_cost_of(
 
 /// SYNs into a DROP rule at the highest rate hping3 makes, with the agent on.
 fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Value> {
+    drop_storm_of(bench, &netprobe_bin(true), seconds, rss_samples)
+}
+
+/// A drop storm watched by the agent of `bin`: what it counted, delivered and lost, and what it
+/// cost (CPU, RSS, per-program kernel time).
+fn drop_storm_of(bench: &mut Bench, bin: &Path, seconds: u64, rss_samples: bool) -> Result<Value> {
     let node = bench.node();
     bench.lab.sh(
         &node,
@@ -335,7 +353,7 @@ fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Valu
          iptables -C FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM 2>/dev/null || \
          iptables -I FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM",
     )?;
-    let agent = start_agent(&node, bench.port, &["--program-stats"])?;
+    let agent = start_agent_of(bin, &node, bench.port, &["--program-stats"])?;
     let before = agent.metrics()?;
     let nf = &[("reason", "NETFILTER_DROP")];
     let kernel0 = metrics::sum(&before, "netprobe_kernel_drops_total", nf);
@@ -410,6 +428,8 @@ fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Valu
         "lost": lost,
         "rate_per_s": (generated as f64 / storm_wall).round(),
         "agent_cpu_percent": (cpu / storm_wall * 1000.0).round() / 10.0,
+        // Userspace cost of one delivered event (the agent's CPU time, all threads).
+        "agent_cpu_us_per_event": if delivered > 0 { (cpu / delivered as f64 * 1e8).round() / 100.0 } else { 0.0 },
         "agent_rss_start_mib": (rss_start * 10.0).round() / 10.0,
         "agent_rss_end_mib": (rss_end * 10.0).round() / 10.0,
         "agent_rss_peak_mib": (hwm * 10.0).round() / 10.0,
@@ -565,6 +585,7 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
         a,
         b,
         port,
+        other: opts.compare_with.clone(),
     };
     let machine = machine();
     println!("bench: machine {machine}");
@@ -575,10 +596,15 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
     stop_agent(start_agent(&node, port, &[])?)?;
     let baseline_start_s = t.elapsed().as_secs_f64();
 
-    let modes = [Mode::Without, Mode::Agent, Mode::AgentAndTrace];
+    let mut modes = vec![Mode::Without, Mode::Agent];
+    if opts.compare_with.is_some() {
+        modes.push(Mode::OtherAgent);
+    }
+    let rate_modes = modes.clone();
+    modes.push(Mode::AgentAndTrace);
     let secs = opts.seconds;
     let tput = compare(&mut bench, "throughput bit/s", &modes, &|b| b.iperf(secs))?;
-    let rate = compare(&mut bench, "connects/s", &modes[..2], &|b| {
+    let rate = compare(&mut bench, "connects/s", &rate_modes, &|b| {
         b.connect_rate(secs)
     })?;
     let iperf_cost = program_cost_of(&mut bench, "gbit_s", &|b| {
@@ -591,6 +617,10 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
     println!("bench: program cost of short connections {connect_cost}");
     let storm = drop_storm(&mut bench, opts.storm_seconds, false)?;
     println!("bench: storm {storm}");
+    let other_storm = match &opts.compare_with {
+        Some(bin) => Some(drop_storm_of(&mut bench, bin, opts.storm_seconds, false)?),
+        None => None,
+    };
     let (attach_250_s, attached, new_veth_ms) = attach(&mut bench, baseline_start_s)?;
     let (verdict_s, outcome) = verdict_latency(&mut bench)?;
     let soak = if opts.soak_seconds > 0 {
@@ -643,6 +673,16 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
         "verdict_latency_s": (verdict_s * 1000.0).round() / 1000.0,
         "verdict_outcome": outcome,
     });
+    if let (Some(bin), Some(other_storm)) = (&opts.compare_with, other_storm) {
+        results["compared_with"] = json!({
+            "binary": bin.display().to_string(),
+            "throughput_ratio": ratio(&tput, Mode::OtherAgent),
+            "throughput_gbit_s": (get(&tput, Mode::OtherAgent) / 1e7).round() / 100.0,
+            "connect_rate_ratio": ratio(&rate, Mode::OtherAgent),
+            "connects_per_s": get(&rate, Mode::OtherAgent).round(),
+            "storm": other_storm,
+        });
+    }
     if let Some(s) = soak {
         results["soak"] = s;
     } else if let Some(prev) = previous_soak(&repo_root().join("bench/results/latest.json")) {
@@ -702,6 +742,9 @@ fn table(r: &Value) -> String {
         "| short TCP connections per second | {} | {} | **{}** (≥ 0.95) |\n\n",
         r["connects_per_s"]["without"], r["connects_per_s"]["agent"], r["connect_rate_ratio"]
     ));
+    if let Some(c) = r.get("compared_with") {
+        t.push_str(&compared_table(r, c));
+    }
     t.push_str(&program_cost_table(r));
     t.push_str("| drop storm (hping3 --flood SYNs into an iptables DROP) | value |\n|---|---|\n");
     for (k, label) in [
@@ -752,6 +795,53 @@ fn table(r: &Value) -> String {
             soak["event_delay_ms"]["max"], soak["event_delay_ms"]["p99_of_1s_maxima"]
         ));
     }
+    t
+}
+
+/// This build beside the binary given with `--compare-with`, measured in the same rounds.
+fn compared_table(r: &Value, c: &Value) -> String {
+    let (s, o) = (&r["storm"], &c["storm"]);
+    let mut t = format!(
+        "Side by side with `{}` (same rounds, same lab):\n\n| measure | this build | compared binary |\n|---|---|---|\n",
+        c["binary"].as_str().unwrap_or("")
+    );
+    for (label, this, other) in [
+        (
+            "iperf3 ratio to without netprobe",
+            &r["throughput_ratio"],
+            &c["throughput_ratio"],
+        ),
+        (
+            "short-connection ratio to without netprobe",
+            &r["connect_rate_ratio"],
+            &c["connect_rate_ratio"],
+        ),
+        ("storm: drops delivered", &s["delivered"], &o["delivered"]),
+        ("storm: events lost", &s["lost"], &o["lost"]),
+        (
+            "storm: agent CPU, % of one core",
+            &s["agent_cpu_percent"],
+            &o["agent_cpu_percent"],
+        ),
+        (
+            "storm: agent CPU per delivered event, µs",
+            &s["agent_cpu_us_per_event"],
+            &o["agent_cpu_us_per_event"],
+        ),
+        (
+            "storm: kfree_skb kernel time per run, ns",
+            &s["program_cost"]["programs"]["kfree_skb"]["ns_per_run"],
+            &o["program_cost"]["programs"]["kfree_skb"]["ns_per_run"],
+        ),
+        (
+            "storm: agent peak RSS, MiB",
+            &s["agent_rss_peak_mib"],
+            &o["agent_rss_peak_mib"],
+        ),
+    ] {
+        t.push_str(&format!("| {label} | {this} | {other} |\n"));
+    }
+    t.push('\n');
     t
 }
 

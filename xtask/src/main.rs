@@ -64,6 +64,11 @@ enum Cmd {
         /// (e.g. 600 for the 10-minute soak).
         #[arg(long, default_value_t = 0)]
         soak_seconds: u64,
+        /// Another netprobe binary (e.g. the release build of the commit before a change):
+        /// its agent runs as one more mode in the same rounds, and its drop storm beside this
+        /// one's, so the two are compared side by side in one run.
+        #[arg(long, value_name = "BIN")]
+        compare_with: Option<std::path::PathBuf>,
     },
 }
 
@@ -92,12 +97,14 @@ fn run(command: Cmd) -> anyhow::Result<()> {
             seconds,
             storm_seconds,
             soak_seconds,
+            compare_with,
         } => bench::run(
             skip_setup,
             &bench::Options {
                 seconds,
                 storm_seconds,
                 soak_seconds,
+                compare_with,
             },
         ),
     }
