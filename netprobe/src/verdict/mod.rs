@@ -999,3 +999,5 @@ pub use join::join;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod golden;
