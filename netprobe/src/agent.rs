@@ -227,7 +227,7 @@ impl Metrics {
                     client.and_then(|p| p.pod.clone()).unwrap_or_default(),
                     e.dns_failure
                         .as_ref()
-                        .map(|f| f.reason.clone())
+                        .map(|f| f.reason.to_string())
                         .unwrap_or_default(),
                 );
                 *self.dns_failures.entry(key).or_default() += 1;
@@ -270,7 +270,7 @@ fn storm_key(e: &Event) -> StormKey {
         .as_ref()
         .map(|d| d.reason.clone())
         .or_else(|| e.error.as_ref().map(|x| x.name.clone()))
-        .or_else(|| e.dns_failure.as_ref().map(|f| f.reason.clone()))
+        .or_else(|| e.dns_failure.as_ref().map(|f| f.reason.to_string()))
         .unwrap_or_default();
     let peer = e
         .destination
@@ -408,7 +408,9 @@ fn pod_event(
 fn translate(e: &mut Event, inventory: &crate::enrich::pods::Inventory) {
     use crate::enrich::conntrack;
     let to_service = e.destination.as_ref().is_some_and(|d| d.service.is_some());
-    if !to_service || e.protocol != "tcp" || !matches!(e.kind, Kind::Retransmit | Kind::SocketError)
+    if !to_service
+        || e.protocol != crate::model::Protocol::Tcp
+        || !matches!(e.kind, Kind::Retransmit | Kind::SocketError)
     {
         return;
     }
@@ -432,7 +434,7 @@ fn translate(e: &mut Event, inventory: &crate::enrich::pods::Inventory) {
 
 /// What the DNS engine takes: UDP to or from port 53, and ICMP errors quoting it.
 fn dns_related(e: &Event) -> bool {
-    e.protocol != "tcp" && (e.sport == DNS_PORT || e.dport == DNS_PORT)
+    e.protocol != crate::model::Protocol::Tcp && (e.sport == DNS_PORT || e.dport == DNS_PORT)
 }
 
 /// DNS verdicts of the always-on engine: every lookup counted by the rcode of its answer;
@@ -462,14 +464,14 @@ fn report_dns(
             .dns_queries
             .entry(rcode)
             .or_default() += 1;
-        if crate::events::dns_failure(&v).is_none() {
+        if crate::verdict::dns_failure(&v).is_none() {
             // Healthy lookups (NXDOMAIN included) are only counted: no name lookup either.
             continue;
         }
         if let Some(p) = pods {
             p.annotate_verdict(&mut v);
         }
-        let Some(e) = crate::events::dns_failure(&v) else {
+        let Some(e) = crate::verdict::dns_failure(&v) else {
             continue;
         };
         metrics.lock().expect("metrics lock").count(&e);
@@ -490,7 +492,7 @@ fn interesting(e: &Event) -> bool {
         Kind::Retransmit => !e.tcp_flags.is_empty(),
         // What the tc programs see in always-on mode (the kernel emits nothing else there): a
         // reset or an ICMP unreachable crossing a veth, e.g. from another node's firewall.
-        Kind::Packet => e.tcp_flags.iter().any(|f| f == "RST") || e.protocol.starts_with("icmp"),
+        Kind::Packet => e.has_flag(crate::model::TcpFlag::Rst) || e.protocol.is_icmp(),
         _ => false,
     }
 }

@@ -8,10 +8,12 @@
 //! [`trace`] wires them together for the `trace` command; front-ends stay thin.
 
 pub mod agent;
+pub mod attribution;
 pub mod collectors;
 pub mod enrich;
 pub mod error;
 pub mod events;
+pub mod model;
 pub mod netlink;
 pub mod netns;
 pub mod outputs;

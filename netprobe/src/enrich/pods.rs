@@ -11,6 +11,8 @@ use k8s_openapi::api::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::attribution::cni::calico;
+
 /// Who an address belongs to. Absent fields are unknown (printed as such), never guessed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Peer {
@@ -187,15 +189,11 @@ impl Inventory {
         }
     }
 
-    /// The pod behind a Calico workload interface (`cali` + sha1("<ns>.<pod>")[:11]).
+    /// The pod behind a Calico workload interface (Calico's naming: [`calico::iface_is_pods`]).
     pub fn pod_of_calico_iface(&self, iface: &str) -> Option<&PodEntry> {
-        let hex = iface.strip_prefix("cali")?;
-        self.pods.iter().find(|p| {
-            let digest = sha1_smol::Sha1::from(format!("{}.{}", p.namespace, p.name))
-                .digest()
-                .to_string();
-            digest.starts_with(hex)
-        })
+        self.pods
+            .iter()
+            .find(|p| calico::iface_is_pods(iface, &p.namespace, &p.name))
     }
 
     pub fn find_pod(&self, namespace: Option<&str>, name: &str) -> Vec<&PodEntry> {

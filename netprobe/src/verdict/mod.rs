@@ -12,85 +12,15 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::{Endpoint, Outcome};
 use crate::{
+    attribution::cni,
     enrich::{listeners::Listener, rules::Netfilter},
     events::{DropInfo, Event, Kind},
+    model::{Direction, DnsFailureReason, NfAction, Protocol, TcpFlag, TcpState, drop_reason},
 };
 
 pub const SCHEMA: &str = "netprobe.verdict/v1";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Connected,
-    /// The kernel answered RST: no socket listens on that address and port.
-    RefusedNoListener,
-    /// A netfilter rule rejected the SYN (ICMP unreachable or TCP reset).
-    RefusedByRule,
-    /// A netfilter rule dropped the SYN silently: the client times out.
-    DroppedByRule,
-    /// Dropped inside netfilter, but the rule is not known (rule trace off or unavailable).
-    DroppedInNetfilter,
-    /// The kernel dropped it for another reason (rp_filter, no route, backlog, a tc program …).
-    DroppedByKernel,
-    /// An ICMP error came back (host/network unreachable …) without a rule on this node.
-    Unreachable,
-    /// The server side (or something on the way) answered with a reset.
-    ResetByPeer,
-    /// SYNs left and nothing came back, and nothing on this node dropped them.
-    TimedOut,
-    /// The SYN left the client's node toward the server's node and never arrived there
-    /// (cross-node trace: both nodes' agents watched).
-    LostBetweenNodes,
-    /// A reply came back to the UDP client (for DNS: whatever its rcode; NXDOMAIN is an answer).
-    Answered,
-    /// The UDP datagram left, no reply came back, and nothing on this node dropped it.
-    Unanswered,
-    /// Not enough evidence (the trace ended before anything decisive).
-    Unknown,
-}
-
-impl Outcome {
-    pub fn is_failure(self) -> bool {
-        !matches!(self, Self::Connected | Self::Answered | Self::Unknown)
-    }
-
-    pub fn headline(self) -> &'static str {
-        match self {
-            Self::Connected => "connected",
-            Self::RefusedNoListener => "refused: nothing listens there",
-            Self::RefusedByRule => "refused by a firewall rule",
-            Self::DroppedByRule => "silently dropped by a firewall rule (client sees a timeout)",
-            Self::DroppedInNetfilter => "silently dropped in netfilter (client sees a timeout)",
-            Self::DroppedByKernel => "dropped by the kernel",
-            Self::Unreachable => "unreachable (ICMP error)",
-            Self::ResetByPeer => "reset by the peer",
-            Self::TimedOut => "timed out, with no drop on this node",
-            Self::LostBetweenNodes => {
-                "lost between the nodes (left the client's node, never reached the server's)"
-            }
-            Self::Answered => "answered",
-            Self::Unanswered => "unanswered: no reply, and no drop on this node",
-            Self::Unknown => "undetermined",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Endpoint {
-    pub addr: IpAddr,
-    pub port: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub netns: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub process: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    /// Pod, container, node or Service behind the address (from the inventory, when available;
-    /// fields it cannot name stay null).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer: Option<crate::enrich::pods::Peer>,
-}
 
 /// An interface a SYN crossed, and the namespace it is in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -154,20 +84,6 @@ pub struct CrossNode {
     /// The server node's own verdict.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_node_outcome: Option<Outcome>,
-}
-
-impl Endpoint {
-    /// An address and port with nothing else known yet.
-    pub fn at(addr: IpAddr, port: u16) -> Self {
-        Self {
-            addr,
-            port,
-            netns: None,
-            process: None,
-            pid: None,
-            peer: None,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -270,8 +186,11 @@ pub struct Engine {
 }
 
 fn flags(e: &Event) -> (bool, bool, bool) {
-    let has = |f: &str| e.tcp_flags.iter().any(|x| x == f);
-    (has("SYN"), has("ACK"), has("RST"))
+    (
+        e.has_flag(TcpFlag::Syn),
+        e.has_flag(TcpFlag::Ack),
+        e.has_flag(TcpFlag::Rst),
+    )
 }
 
 impl Engine {
@@ -323,9 +242,13 @@ impl Engine {
                 let st = e.state.as_ref().expect("state_change has state");
                 let client_side = e.dport == port;
                 client_side
-                    && (st.new == "ESTABLISHED" || (st.old == "SYN_SENT" && st.new == "CLOSE"))
+                    && (st.new == TcpState::Established
+                        || (st.old == TcpState::SynSent && st.new == TcpState::Close))
             }
-            Kind::Netfilter => e.netfilter.as_ref().is_some_and(|n| n.action == "reject"),
+            Kind::Netfilter => e
+                .netfilter
+                .as_ref()
+                .is_some_and(|n| n.action == NfAction::Reject),
             Kind::SendReset => true,
             Kind::Packet => {
                 let (syn, ack, rst) = flags(e);
@@ -342,7 +265,7 @@ impl Engine {
         }
         if e.kind == Kind::StateChange
             && let Some(sock) = &e.sock
-            && e.state.as_ref().is_some_and(|s| s.new == "SYN_SENT")
+            && e.state.as_ref().is_some_and(|s| s.new == TcpState::SynSent)
         {
             self.syn_sent.insert(sock.clone());
             if let Some(p) = &e.process {
@@ -554,14 +477,14 @@ fn checkpoint(e: &Event) -> String {
                 "ICMP unreachable".to_string()
             } else if let Some(d) = &e.dns {
                 format!("DNS {}", d.summary())
-            } else if e.protocol == "udp" {
+            } else if e.protocol == Protocol::Udp {
                 "UDP".to_string()
             } else {
-                e.tcp_flags.join("-")
+                e.flag_names().join("-")
             };
             format!(
                 "{what} {}{at} ({tuple})",
-                e.direction.as_deref().unwrap_or("")
+                e.direction.as_ref().map_or("", Direction::as_str)
             )
         }
         Kind::Drop => {
@@ -598,10 +521,7 @@ fn checkpoint(e: &Event) -> String {
         ),
         Kind::DnsFailure => format!(
             "DNS lookup failed: {}{at}",
-            e.dns_failure
-                .as_ref()
-                .map(|f| f.reason.clone())
-                .unwrap_or_default()
+            e.dns_failure.as_ref().map_or("", |f| f.reason.as_str())
         ),
         Kind::Netfilter => {
             let n = e.netfilter.as_ref().expect("netfilter");
@@ -688,24 +608,36 @@ pub fn classify(
     // Answered SYNs may be freed with NOT_SPECIFIED; QUEUE_PURGE etc. happen at close.
     let syn_drop = drops
         .iter()
-        .find(|d| is_syn(d) && d.drop.as_ref().is_some_and(|x| x.reason != "NOT_SPECIFIED"))
+        .find(|d| {
+            is_syn(d)
+                && d.drop
+                    .as_ref()
+                    .is_some_and(|x| x.reason != drop_reason::NOT_SPECIFIED)
+        })
         .copied();
     let syn_ack = events
         .iter()
         .any(|e| e.kind == Kind::Packet && flags(e).0 && flags(e).1);
     let established = events.iter().any(|e| {
         e.kind == Kind::StateChange
-            && e.state.as_ref().is_some_and(|s| s.new == "ESTABLISHED")
+            && e.state
+                .as_ref()
+                .is_some_and(|s| s.new == TcpState::Established)
             && e.dport == port
     });
     let no_socket = drops
         .iter()
-        .find(|d| d.drop.as_ref().is_some_and(|x| x.reason == "NO_SOCKET"))
+        .find(|d| {
+            d.drop
+                .as_ref()
+                .is_some_and(|x| x.reason == drop_reason::NO_SOCKET)
+        })
         .copied()
         .or_else(|| {
             events.iter().find(|e| {
                 e.kind == Kind::SendReset
-                    && e.reset.as_ref().and_then(|r| r.reason.as_deref()) == Some("NO_SOCKET")
+                    && e.reset.as_ref().and_then(|r| r.reason.as_deref())
+                        == Some(drop_reason::NO_SOCKET)
             })
         });
     let rst_from_server = events
@@ -725,10 +657,10 @@ pub fn classify(
     let last_egress = events
         .iter()
         .rev()
-        .find(|e| e.kind == Kind::Packet && is_syn(e) && e.direction.as_deref() == Some("egress"));
+        .find(|e| e.kind == Kind::Packet && is_syn(e) && e.direction == Some(Direction::Egress));
     let first_ingress = events
         .iter()
-        .find(|e| e.kind == Kind::Packet && is_syn(e) && e.direction.as_deref() == Some("ingress"));
+        .find(|e| e.kind == Kind::Packet && is_syn(e) && e.direction == Some(Direction::Ingress));
     let hop = |e: &Event| {
         e.interface.as_ref().map(|i| Hop {
             interface: i.name.clone().unwrap_or_else(|| i.ifindex.to_string()),
@@ -835,42 +767,28 @@ pub fn classify(
     }
 }
 
-/// A netfilter rule decided: which rule, its owner, and what to check next.
+/// A netfilter rule decided: which rule, its owner (the CNI module that made it says what to
+/// check next), and what the client sees.
 fn netfilter_verdict(nf: &Netfilter, next_steps: &mut Vec<String>) -> (Outcome, String) {
-    // Egress policies (Calico `cali-fw-`/`cali-po-` chains) are the client pod's.
-    let whose = if nf.chain.contains("cali-fw-") || nf.chain.contains("cali-po-") {
-        "source"
-    } else {
-        "destination"
-    };
     let rule = nf.rule.clone().unwrap_or_else(|| "(chain policy)".into());
     next_steps.push(format!(
         "inspect {} {} chain {}: {}",
         nf.family, nf.table, nf.chain, rule
     ));
-    match nf.owner.system.as_str() {
-            "calico" => next_steps.push(format!(
-                "check the Calico/Kubernetes NetworkPolicies selecting the {whose} pod{}",
-                if nf.owner.policies.is_empty() { String::new() } else { format!(": {}", nf.owner.policies.join(", ")) }
-            )),
-            "kube-proxy" => next_steps.push(format!(
-                "check the Service's endpoints: kubectl get endpointslices{}",
-                nf.owner.object.as_ref().map(|o| format!(" for {o}")).unwrap_or_default()
-            )),
-            "kube-router" => next_steps.push("check the NetworkPolicies selecting the destination pod (k3s network policy controller)".into()),
-            _ => next_steps.push("find out who installed this rule (a leftover of a previous CNI or manual change?)".into()),
-        }
-    let outcome = if nf.action == "reject" {
+    next_steps.push(cni::next_step(nf));
+    let outcome = if nf.action == NfAction::Reject {
         Outcome::RefusedByRule
     } else {
         Outcome::DroppedByRule
     };
-    (
-        outcome,
-        format!(
-            "{}. The client sees {}.",
-            nf.owner.explanation, nf.client_sees
-        ),
+    (outcome, rule_sentence(nf))
+}
+
+/// `<the owner's explanation>. The client sees <…>.`
+fn rule_sentence(nf: &Netfilter) -> String {
+    format!(
+        "{}. The client sees {}.",
+        nf.owner.explanation, nf.client_sees
     )
 }
 
@@ -943,7 +861,7 @@ fn no_listener(
 /// or for another reason, with a hint per reason.
 fn kernel_drop_verdict(d: &Event, what: &str, next_steps: &mut Vec<String>) -> (Outcome, String) {
     let info = d.drop.as_ref().expect("drop");
-    if info.reason == "NETFILTER_DROP" {
+    if info.reason == drop_reason::NETFILTER_DROP {
         let backend = if info.location.starts_with("nft_do_chain") {
             "nf_tables (nftables or iptables-nft)"
         } else {
@@ -958,23 +876,7 @@ fn kernel_drop_verdict(d: &Event, what: &str, next_steps: &mut Vec<String>) -> (
             ),
         )
     } else {
-        let hint = match info.reason.as_str() {
-            "IP_RPFILTER" => {
-                "reverse-path filtering (rp_filter): the source address is not routed back through the interface it came in on"
-            }
-            "IP_NOROUTE" | "IP_OUTNOROUTES" => "there is no route to the destination",
-            "IP_INADDRERRORS" | "IP_INNOROUTES" => {
-                "the destination address is not routable here (martian or no route)"
-            }
-            "TC_INGRESS" | "TC_EGRESS" => {
-                "a tc program (e.g. Calico's eBPF dataplane or Cilium) returned drop on this interface"
-            }
-            "TCP_LISTEN_OVERFLOW" | "SOCKET_BACKLOG" => "the listener's accept backlog is full",
-            "NEIGH_FAILED" | "NEIGH_QUEUEFULL" => {
-                "the next hop did not answer ARP/neighbour discovery"
-            }
-            _ => "see the kernel drop reason",
-        };
+        let hint = drop_reason::hint(&info.reason);
         next_steps.push(format!(
             "kernel drop reason {} at {}",
             info.reason, info.location
@@ -994,10 +896,41 @@ fn kernel_drop_verdict(d: &Event, what: &str, next_steps: &mut Vec<String>) -> (
     }
 }
 
+/// The `dns_failure` event of a DNS verdict that is a failure (dropped, rejected, unanswered,
+/// or answered SERVFAIL/REFUSED); None for lookups that worked (NXDOMAIN included) or are
+/// undecided. Timed at the query.
+pub fn dns_failure(v: &Verdict) -> Option<Event> {
+    let u = v.udp.as_ref()?;
+    let q = u.dns.as_ref()?;
+    let reason = DnsFailureReason::of(v.outcome, q.rcode.as_deref())?;
+    let asked = v.dialed.as_ref().unwrap_or(&v.server);
+    let time_ns = v.timeline.first().map_or(0, |c| c.time_ns);
+    Some(Event {
+        drop: v.drop.clone(),
+        netfilter: v.netfilter.clone(),
+        source: v.client.peer.clone(),
+        destination: asked.peer.clone(),
+        dns: Some(q.question()),
+        dns_failure: Some(crate::events::DnsFailure {
+            reason,
+            outcome: v.outcome,
+            explanation: v.explanation.clone(),
+            backend: v.dialed.as_ref().map(|_| v.server.clone()),
+            replied: u.replied,
+        }),
+        ..crate::events::derived(
+            time_ns,
+            Kind::DnsFailure,
+            Protocol::Udp,
+            (v.client.addr, v.client.port, asked.addr, asked.port),
+        )
+    })
+}
+
 mod join;
 pub use join::join;
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod golden;
+#[cfg(test)]
+mod tests;

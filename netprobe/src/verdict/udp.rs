@@ -11,7 +11,10 @@ use super::{
     Context, Endpoint, Outcome, SCHEMA, Verdict, kernel_drop_verdict, last_left_via,
     netfilter_verdict, no_listener, ns_name, timeline,
 };
-use crate::events::{Event, Kind};
+use crate::{
+    events::{Event, Kind, dns::Dns},
+    model::{Direction, Protocol, drop_reason},
+};
 
 /// A query with neither reply nor drop after this long is unanswered (resolvers retry after 5 s:
 /// glibc's `timeout:5`, CoreDNS's forwarders less).
@@ -34,6 +37,19 @@ pub struct DnsLookup {
 }
 
 impl DnsLookup {
+    /// The query as a DNS message header and question (a `dns_failure` event's `dns`).
+    pub fn question(&self) -> Dns {
+        Dns {
+            id: self.id,
+            query: true,
+            name: self.name.clone(),
+            qtype: self.qtype.clone(),
+            rcode: self.rcode.clone(),
+            answers: self.answers.unwrap_or(0),
+            truncated: false,
+        }
+    }
+
     /// `A seldon-scheduler.financial-inference.svc.cluster.local`
     pub fn describe(&self) -> String {
         format!(
@@ -57,7 +73,7 @@ pub struct UdpExchange {
 
 /// The client side of a UDP event: the side whose port is not the traced one.
 pub(super) fn client_of(e: &Event, port: u16) -> Option<(IpAddr, u16)> {
-    if e.protocol == "tcp" {
+    if e.protocol == Protocol::Tcp {
         return None;
     }
     let c = if e.dport == port {
@@ -87,7 +103,9 @@ pub(super) fn terminal(e: &Event, client: (IpAddr, u16)) -> bool {
         Kind::Packet => e.icmp.is_some() || is_reply(e, client),
         Kind::Drop => {
             (e.src, e.sport) == client
-                && e.drop.as_ref().is_some_and(|d| d.reason != "NOT_SPECIFIED")
+                && e.drop
+                    .as_ref()
+                    .is_some_and(|d| d.reason != drop_reason::NOT_SPECIFIED)
         }
         Kind::Netfilter => true,
         _ => false,
@@ -125,14 +143,20 @@ pub(super) fn classify(events: &[Event], client: (IpAddr, u16), ctx: &Context) -
     let reply_dropped = events.iter().any(|e| {
         matches!(e.kind, Kind::Drop | Kind::Netfilter)
             && (e.dst, e.dport) == client
-            && e.drop.as_ref().is_none_or(|d| d.reason != "NOT_SPECIFIED")
+            && e.drop
+                .as_ref()
+                .is_none_or(|d| d.reason != drop_reason::NOT_SPECIFIED)
     });
     let drop = from_client
         .iter()
         .copied()
         .find(|e| e.kind == Kind::Drop && terminal(e, client));
     let no_socket = drop
-        .filter(|d| d.drop.as_ref().is_some_and(|x| x.reason == "NO_SOCKET"))
+        .filter(|d| {
+            d.drop
+                .as_ref()
+                .is_some_and(|x| x.reason == drop_reason::NO_SOCKET)
+        })
         .or_else(|| events.iter().find(|e| port_unreachable(e)));
     let icmp = events.iter().find(|e| e.icmp.is_some());
     let lookup = query.or(answer).map(|q| DnsLookup {
@@ -214,7 +238,7 @@ pub(super) fn classify(events: &[Event], client: (IpAddr, u16), ctx: &Context) -
         let via = sent
             .iter()
             .rev()
-            .find(|e| e.direction.as_deref() == Some("egress"))
+            .find(|e| e.direction == Some(Direction::Egress))
             .map(|e| last_left_via("It", e))
             .unwrap_or_default();
         next_steps.push(if lookup.is_some() {

@@ -3,7 +3,6 @@
 //! sees, and the object behind the rule.
 
 pub mod legacy;
-pub mod owners;
 pub mod ruleset;
 
 use std::{
@@ -13,8 +12,11 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::{Backend, NfAction, OwnerSystem};
+
+pub use crate::attribution::Owner;
+use crate::attribution::cni;
 use crate::collectors::nftrace::{TraceMsg, TraceType, Verdict};
-pub use owners::Owner;
 pub use ruleset::{RuleRef, Ruleset};
 
 /// One step of a packet's way through netfilter.
@@ -34,7 +36,7 @@ pub struct Step {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Netfilter {
     /// `iptables-nft` (iptables rules in nf_tables), `nftables` (native), `iptables-legacy`.
-    pub backend: String,
+    pub backend: Backend,
     /// nf_tables family of the table: `ip`, `ip6`, `inet`.
     pub family: String,
     /// Netfilter hook of the base chain the packet entered: `prerouting`, `input`, `forward`, …
@@ -54,7 +56,7 @@ pub struct Netfilter {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub comments: Vec<String>,
     /// `drop` or `reject`.
-    pub action: String,
+    pub action: NfAction,
     /// What the client application sees: `timeout` (silent drop), `connection refused`,
     /// `no route to host`.
     pub client_sees: String,
@@ -104,23 +106,19 @@ pub fn attribute(path: &[TraceMsg], rs: &Ruleset) -> Option<Netfilter> {
         });
     let dst = path_tuple(path).map(|(_, _, d, p)| (d, p));
     let owner = match &rule {
-        Some(r) => owners::owner_of(rs, r, dst),
-        None => Owner {
-            system: "user".into(),
-            kind: if last.kind == TraceType::Policy {
-                "chain-policy-drop".into()
+        Some(r) => cni::owner_of(rs, r, dst),
+        None => Owner::new(
+            OwnerSystem::User,
+            if last.kind == TraceType::Policy {
+                "chain-policy-drop"
             } else {
-                "unknown-rule".into()
+                "unknown-rule"
             },
-            policies: Vec::new(),
-            object: None,
-            interface: None,
-            workload: None,
-            explanation: format!(
+            format!(
                 "The policy of chain {} {} {} is drop",
                 family, last.table, last.chain
             ),
-        },
+        ),
     };
     let steps = path
         .iter()
@@ -153,9 +151,9 @@ pub fn attribute(path: &[TraceMsg], rs: &Ruleset) -> Option<Netfilter> {
         || rs.has_iptables_table(&family, &last.table);
     Some(Netfilter {
         backend: if iptables_nft {
-            "iptables-nft".into()
+            Backend::IptablesNft
         } else {
-            "nftables".into()
+            Backend::Nftables
         },
         family,
         hook,
@@ -166,9 +164,9 @@ pub fn attribute(path: &[TraceMsg], rs: &Ruleset) -> Option<Netfilter> {
         rule: text,
         comments: rule.map(|r| r.comments).unwrap_or_default(),
         action: if reject.is_some() {
-            "reject".into()
+            NfAction::Reject
         } else {
-            "drop".into()
+            NfAction::Drop
         },
         client_sees: reject.unwrap_or("timeout").into(),
         path: steps,
@@ -184,20 +182,20 @@ pub fn attribute_legacy(
 ) -> Option<Netfilter> {
     let rule = fired.first()?;
     let reject = reject_effect(&rule.text);
-    let mut owner = owners::owner_of(rs, rule, dst);
+    let mut owner = cni::owner_of(rs, rule, dst);
     if fired.len() > 1 {
         let others: Vec<String> = fired[1..]
             .iter()
             .map(|r| format!("{} {} #{}", r.table, r.chain, r.position.unwrap_or(0)))
             .collect();
-        owner.explanation.push_str(&format!(
+        owner.add_note(&format!(
             " (other legacy rules that also dropped meanwhile: {})",
             others.join(", ")
         ));
     }
     let builtin = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
     Some(Netfilter {
-        backend: "iptables-legacy".into(),
+        backend: Backend::IptablesLegacy,
         family: rule.family.clone(),
         hook: builtin
             .contains(&rule.chain.as_str())
@@ -209,9 +207,9 @@ pub fn attribute_legacy(
         rule: Some(rule.text.clone()),
         comments: rule.comments.clone(),
         action: if reject.is_some() {
-            "reject".into()
+            NfAction::Reject
         } else {
-            "drop".into()
+            NfAction::Drop
         },
         client_sees: reject.unwrap_or("timeout").into(),
         path: Vec::new(),
@@ -443,7 +441,7 @@ COMMIT
             ))
             .expect("drop ends the path");
         let nf = attribute(&path, &rs).unwrap();
-        assert_eq!(nf.backend, "iptables-nft");
+        assert_eq!(nf.backend, Backend::IptablesNft);
         assert_eq!(nf.hook.as_deref(), Some("forward"));
         assert_eq!(nf.chain, "cali-tw-cali0123456789a");
         assert_eq!(nf.position, Some(6));
@@ -451,7 +449,7 @@ COMMIT
             nf.comments
                 .contains(&"Drop if no policies passed packet".to_string())
         );
-        assert_eq!(nf.action, "drop");
+        assert_eq!(nf.action, NfAction::Drop);
         assert_eq!(nf.client_sees, "timeout");
         assert_eq!(nf.owner.kind, "calico-end-of-tier-deny");
         assert_eq!(
