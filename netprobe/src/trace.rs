@@ -70,14 +70,6 @@ fn print_verdicts<W: Write>(
                 continue;
             }
         }
-        if v.outcome == crate::verdict::Outcome::Unknown
-            && v.timeline.iter().all(|c| !c.what.contains("SYN"))
-            && v.udp.as_ref().is_none_or(|u| u.requests == 0)
-        {
-            // Leftovers of connections that started before the trace (e.g. a FIN), replies to
-            // datagrams sent before it: not attempts.
-            continue;
-        }
         if matches!(
             v.outcome,
             crate::verdict::Outcome::TimedOut | crate::verdict::Outcome::Unanswered

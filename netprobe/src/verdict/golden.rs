@@ -117,3 +117,23 @@ fn every_fixture_event_round_trips_byte_identical() {
         }
     }
 }
+
+/// Naming the pod behind a Calico rule's interface renders the explanations from fields; the
+/// result is what the old text surgery (`replacen` of the interface name) produced.
+#[test]
+fn naming_the_rule_workload_renders_what_the_text_surgery_did() {
+    for name in ["s1_calico", "dns_calico_egress"] {
+        for mut v in verdicts(name) {
+            let nf = v.netfilter.clone().expect("a rule verdict");
+            let iface = nf.owner.interface.clone().expect("a Calico interface");
+            let label = format!("{iface} = pod ns/pod-0");
+            let owner_before = nf.owner.explanation.replacen(&iface, &label, 1);
+            let before = v.explanation.replacen(&iface, &label, 1);
+            v.name_rule_workload("ns/pod-0".into());
+            let owner = &v.netfilter.as_ref().unwrap().owner;
+            assert_eq!(owner.workload.as_deref(), Some("ns/pod-0"));
+            assert_eq!(owner.explanation, owner_before, "{name}");
+            assert_eq!(v.explanation, before, "{name}");
+        }
+    }
+}

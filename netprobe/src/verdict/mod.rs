@@ -111,6 +111,10 @@ pub struct Verdict {
     pub drop: Option<DropInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netfilter: Option<Netfilter>,
+    /// What the explanation says before the rule's sentence (empty for TCP), kept so the
+    /// explanation can be rendered again once the rule's workload is named. Not in the JSON.
+    #[serde(skip)]
+    pub rule_prefix: Option<String>,
     /// Listeners in the server's namespace (for refusals).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<Listener>,
@@ -408,12 +412,33 @@ impl Engine {
         if !self.ctx.udp && began_before_the_trace(&events, client, &self.syn_sent) {
             return None;
         }
-        Some(if self.ctx.udp {
+        let v = if self.ctx.udp {
             udp::classify(&events, client, &self.ctx)
         } else {
             classify(&events, client, &self.ctx, &self.sock_process)
-        })
+        };
+        (v.outcome != Outcome::Unknown || was_an_attempt(&events, &v)).then_some(v)
     }
+}
+
+/// Undecided evidence without a SYN (or a SYN state) and without a UDP request is not an
+/// attempt: leftovers of connections that started before the trace (e.g. a FIN), replies to
+/// datagrams sent before it. They get no verdict.
+fn was_an_attempt(events: &[Event], v: &Verdict) -> bool {
+    let syn_state = |s: TcpState| {
+        matches!(
+            s,
+            TcpState::SynSent | TcpState::SynRecv | TcpState::NewSynRecv
+        )
+    };
+    events.iter().any(|e| {
+        e.has_flag(TcpFlag::Syn)
+            // The kernel reports a retransmit's flags only for a SYN.
+            || (e.kind == Kind::Retransmit && !e.tcp_flags.is_empty())
+            || e.state
+                .as_ref()
+                .is_some_and(|s| syn_state(s.old) || syn_state(s.new))
+    }) || v.udp.as_ref().is_some_and(|u| u.requests > 0)
 }
 
 /// The client's socket is watched (its retransmits or state changes are here) but its
@@ -755,6 +780,7 @@ pub fn classify(
         drop: syn_drop
             .or(no_socket.filter(|e| e.kind == Kind::Drop))
             .and_then(|e| e.drop.clone()),
+        rule_prefix: netfilter.as_ref().map(|_| String::new()),
         netfilter,
         listeners,
         syn_retransmits: retransmits,
@@ -790,6 +816,23 @@ fn rule_sentence(nf: &Netfilter) -> String {
         "{}. The client sees {}.",
         nf.owner.explanation, nf.client_sees
     )
+}
+
+impl Verdict {
+    /// Names the pod behind the deciding rule's workload interface (from the inventory), and
+    /// renders the owner's and the verdict's explanations again with it.
+    pub fn name_rule_workload(&mut self, workload: String) {
+        let Some(nf) = &mut self.netfilter else {
+            return;
+        };
+        nf.owner.workload = Some(workload);
+        if let Some(text) = cni::explain(nf) {
+            nf.owner.explanation = text;
+        }
+        if let Some(prefix) = &self.rule_prefix {
+            self.explanation = format!("{prefix}{}", rule_sentence(nf));
+        }
+    }
 }
 
 /// "Nothing listens on …": the listeners of the server's namespace and of the others, and what

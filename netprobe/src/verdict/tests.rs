@@ -422,3 +422,26 @@ fn attempts_begun_before_the_probes_were_armed_are_not_judged() {
     assert_eq!(judged(first), 1);
     assert_eq!(judged(first + 1), 0);
 }
+
+/// Packets of a connection that began before the trace (no SYN, no SYN state) are not an
+/// attempt: the engine gives them no verdict (the trace used to filter them by their text).
+#[test]
+fn leftovers_without_a_syn_get_no_verdict() {
+    let mut engine = Engine::new(ctx(9005, "client", vec![]));
+    let mut out = Vec::new();
+    use crate::model::TcpFlag;
+    let leftovers: Vec<Event> = load("success")
+        .into_iter()
+        .filter(|e| e.kind == Kind::Packet)
+        .map(|mut e| {
+            e.tcp_flags = vec![TcpFlag::Ack, TcpFlag::Fin];
+            e
+        })
+        .collect();
+    assert!(!leftovers.is_empty());
+    for (i, e) in leftovers.into_iter().enumerate() {
+        out.extend(engine.push(e, i as u64));
+    }
+    out.extend(engine.finish());
+    assert!(out.is_empty(), "{out:#?}");
+}

@@ -175,16 +175,16 @@ pub(super) fn classify(events: &[Event], client: (IpAddr, u16), ctx: &Context) -
     let mut listeners = Vec::new();
     let mut next_steps = Vec::new();
     let mut headline = None;
-    let (outcome, explanation) = if let Some(nf) = &netfilter {
-        let (o, why) = netfilter_verdict(nf, &mut next_steps);
+    let rule_prefix = netfilter.as_ref().map(|_| {
         if reply_dropped {
-            (
-                o,
-                format!("{what} was answered, but a rule stopped the reply on its way back. {why}"),
-            )
+            format!("{what} was answered, but a rule stopped the reply on its way back. ")
         } else {
-            (o, format!("{what} was stopped by a rule. {why}"))
+            format!("{what} was stopped by a rule. ")
         }
+    });
+    let (outcome, explanation) = if let (Some(nf), Some(prefix)) = (&netfilter, &rule_prefix) {
+        let (o, why) = netfilter_verdict(nf, &mut next_steps);
+        (o, format!("{prefix}{why}"))
     } else if !replies.is_empty() && !sent.is_empty() {
         let why = match answer.and_then(|a| a.rcode.as_deref()) {
             Some("NOERROR") => format!(
@@ -277,6 +277,7 @@ pub(super) fn classify(events: &[Event], client: (IpAddr, u16), ctx: &Context) -
         next_steps,
         drop: drop.and_then(|e| e.drop.clone()),
         netfilter,
+        rule_prefix,
         listeners,
         syn_retransmits: 0,
         // A connected UDP socket reports the ICMP error it got (ECONNREFUSED).
