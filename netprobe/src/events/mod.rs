@@ -175,7 +175,7 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process: Option<Process>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub netfilter: Option<crate::enrich::rules::Netfilter>,
+    pub netfilter: Option<crate::attribution::Netfilter>,
     /// Pod/container/node/Service of the source and destination addresses, when an inventory is
     /// available (fields it cannot name are null: unknown, never guessed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -285,7 +285,7 @@ pub fn netfilter(
     netns: Option<Netns>,
     interface: Option<Interface>,
     tuple: Option<(IpAddr, u16, IpAddr, u16)>,
-    nf: crate::enrich::rules::Netfilter,
+    nf: crate::attribution::Netfilter,
 ) -> Event {
     let unspecified = IpAddr::from([0u8, 0, 0, 0]);
     let tuple = tuple.unwrap_or((unspecified, 0, unspecified, 0));

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::model::{Endpoint, Outcome};
 use crate::{
-    attribution::cni,
-    enrich::{listeners::Listener, rules::Netfilter},
+    attribution::{Netfilter, cni},
+    enrich::listeners::Listener,
     events::{DropInfo, Event, Kind},
     model::{Direction, DnsFailureReason, NfAction, Protocol, TcpFlag, TcpState, drop_reason},
 };

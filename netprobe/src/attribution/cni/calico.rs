@@ -7,7 +7,7 @@
 use super::{Side, has};
 use crate::{
     attribution::Owner,
-    enrich::rules::{RuleRef, Ruleset},
+    enrich::rules::ruleset::{RuleRef, Ruleset},
     model::Cni,
 };
 

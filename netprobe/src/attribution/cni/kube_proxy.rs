@@ -5,7 +5,7 @@
 use super::has;
 use crate::{
     attribution::Owner,
-    enrich::rules::{RuleRef, Ruleset},
+    enrich::rules::ruleset::{RuleRef, Ruleset},
     model::Cni,
 };
 

@@ -10,60 +10,12 @@ use std::{
     process::Command,
 };
 
-use serde::{Deserialize, Serialize};
-
 use crate::model::{Backend, NfAction, OwnerSystem};
 
-pub use crate::attribution::Owner;
 use crate::attribution::cni;
+pub use crate::attribution::{Netfilter, Owner, Step};
 use crate::collectors::nftrace::{TraceMsg, TraceType, Verdict};
 pub use ruleset::{RuleRef, Ruleset};
-
-/// One step of a packet's way through netfilter.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Step {
-    pub table: String,
-    pub chain: String,
-    /// Rule handle; absent for a chain policy.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub handle: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    pub verdict: String,
-}
-
-/// The rule that decided a packet's fate, and why it exists.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Netfilter {
-    /// `iptables-nft` (iptables rules in nf_tables), `nftables` (native), `iptables-legacy`.
-    pub backend: Backend,
-    /// nf_tables family of the table: `ip`, `ip6`, `inet`.
-    pub family: String,
-    /// Netfilter hook of the base chain the packet entered: `prerouting`, `input`, `forward`, …
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hook: Option<String>,
-    pub table: String,
-    pub chain: String,
-    /// nf_tables rule handle (absent when a chain policy decided).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub handle: Option<u64>,
-    /// 1-based position in the chain (as `iptables -L --line-numbers`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub position: Option<usize>,
-    /// Full rule text (iptables-save syntax for iptables-nft tables, nft syntax otherwise).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub comments: Vec<String>,
-    /// `drop` or `reject`.
-    pub action: NfAction,
-    /// What the client application sees: `timeout` (silent drop), `connection refused`,
-    /// `no route to host`.
-    pub client_sees: String,
-    /// Chains and rules the packet went through before, in order.
-    pub path: Vec<Step>,
-    pub owner: Owner,
-}
 
 /// Reject flavours and what the peer application sees.
 fn reject_effect(text: &str) -> Option<&'static str> {
