@@ -586,78 +586,95 @@ fn timeline(events: &[Event]) -> Vec<Checkpoint> {
         .collect()
 }
 
-/// Classifies one attempt's events (sorted by time).
-pub fn classify(
-    events: &[Event],
-    client: (IpAddr, u16),
-    ctx: &Context,
-    procs: &HashMap<String, (String, u32)>,
-) -> Verdict {
-    let port = ctx.port;
-    let is_syn = |e: &Event| flags(e).0 && !flags(e).1;
-    let first_syn = events.iter().find(|e| e.kind == Kind::Packet && is_syn(e));
-    // The server as the SYN's last observation shows it (after DNAT), the dialled one as the first.
-    let syn_obs: Vec<&Event> = events
+/// What one attempt's events show about it, gathered once (TCP).
+struct Evidence<'a> {
+    first_syn: Option<&'a Event>,
+    /// The server as the SYN's last observation shows it (after DNAT).
+    server: (IpAddr, u16),
+    /// The address dialled, as the client's socket or its first SYN shows it.
+    dialed: Option<(IpAddr, u16)>,
+    netfilter: Option<Netfilter>,
+    syn_drop: Option<&'a Event>,
+    /// The kernel found no socket (a NO_SOCKET drop or reset).
+    no_socket: Option<&'a Event>,
+    syn_ack: bool,
+    established: bool,
+    rst_from_server: bool,
+    received_reset: bool,
+    icmp: Option<&'a Event>,
+    retransmits: u32,
+    app_error: Option<String>,
+    last_egress: Option<&'a Event>,
+}
+
+impl<'a> Evidence<'a> {
+    fn gather(events: &'a [Event], client: (IpAddr, u16), port: u16) -> Self {
+        let first_syn = events.iter().find(|e| e.kind == Kind::Packet && e.is_syn());
+        let server = server_of(events, client, port);
+        let (syn_drop, no_socket) = drops_of(events);
+        Self {
+            first_syn,
+            server,
+            dialed: events
+                .iter()
+                .find(|e| {
+                    e.kind == Kind::StateChange && e.dport == port && (e.src, e.sport) == client
+                })
+                .or(first_syn)
+                .map(|e| (e.dst, e.dport)),
+            netfilter: events.iter().find_map(|e| e.netfilter.clone()),
+            syn_drop,
+            no_socket,
+            syn_ack: events
+                .iter()
+                .any(|e| e.kind == Kind::Packet && flags(e).0 && flags(e).1),
+            established: events.iter().any(|e| {
+                e.kind == Kind::StateChange
+                    && e.state
+                        .as_ref()
+                        .is_some_and(|s| s.new == TcpState::Established)
+                    && e.dport == port
+            }),
+            rst_from_server: events
+                .iter()
+                .any(|e| e.kind == Kind::Packet && flags(e).2 && e.sport == server.1),
+            received_reset: events.iter().any(|e| e.kind == Kind::ReceiveReset),
+            icmp: events.iter().find(|e| e.icmp.is_some()),
+            retransmits: events
+                .iter()
+                .filter(|e| e.kind == Kind::Retransmit && !e.tcp_flags.is_empty())
+                .count() as u32,
+            app_error: app_error(events),
+            last_egress: syn_via(events.iter().rev(), Direction::Egress),
+        }
+    }
+}
+
+/// The server as the SYN's last observation shows it (after DNAT).
+fn server_of(events: &[Event], client: (IpAddr, u16), port: u16) -> (IpAddr, u16) {
+    events
         .iter()
-        .filter(|e| {
+        .rev()
+        .find(|e| {
             (e.src, e.sport) == client
                 && matches!(
                     e.kind,
                     Kind::Packet | Kind::Drop | Kind::Netfilter | Kind::SendReset
                 )
         })
-        .collect();
-    let server_ev = syn_obs.last().copied().or(events.last());
-    let server_addr = server_ev.map_or((client.0, port), |e| (e.dst, e.dport));
-    let dialed_addr = events
-        .iter()
-        .find(|e| e.kind == Kind::StateChange && e.dport == port && (e.src, e.sport) == client)
-        .or(first_syn)
-        .map(|e| (e.dst, e.dport));
-    let client_ns = events
-        .iter()
-        .find(|e| {
-            // The client's own socket says where it lives; packets and drops only where they passed.
-            matches!(
-                e.kind,
-                Kind::StateChange | Kind::Retransmit | Kind::SocketError | Kind::ReceiveReset
-            ) && e.dport == port
-        })
-        .and_then(ns_name);
-    let process = events
-        .iter()
-        .find_map(|e| e.sock.as_ref().and_then(|s| procs.get(s)))
-        .cloned();
-    let netfilter = events.iter().find_map(|e| e.netfilter.clone());
-    let drops: Vec<&Event> = events.iter().filter(|e| e.kind == Kind::Drop).collect();
-    // Answered SYNs may be freed with NOT_SPECIFIED; QUEUE_PURGE etc. happen at close.
-    let syn_drop = drops
-        .iter()
-        .find(|d| {
-            is_syn(d)
-                && d.drop
-                    .as_ref()
-                    .is_some_and(|x| x.reason != drop_reason::NOT_SPECIFIED)
-        })
-        .copied();
-    let syn_ack = events
-        .iter()
-        .any(|e| e.kind == Kind::Packet && flags(e).0 && flags(e).1);
-    let established = events.iter().any(|e| {
-        e.kind == Kind::StateChange
-            && e.state
-                .as_ref()
-                .is_some_and(|s| s.new == TcpState::Established)
-            && e.dport == port
-    });
-    let no_socket = drops
-        .iter()
-        .find(|d| {
-            d.drop
-                .as_ref()
-                .is_some_and(|x| x.reason == drop_reason::NO_SOCKET)
-        })
-        .copied()
+        .or(events.last())
+        .map_or((client.0, port), |e| (e.dst, e.dport))
+}
+
+/// The SYN's decisive drop (answered SYNs may be freed with NOT_SPECIFIED; QUEUE_PURGE etc.
+/// happen at close), and the kernel's "no socket" (a drop or the reset it sent).
+fn drops_of(events: &[Event]) -> (Option<&Event>, Option<&Event>) {
+    let reason_is = |e: &Event, r: &str| e.drop.as_ref().is_some_and(|x| x.reason == r);
+    let drops = || events.iter().filter(|e| e.kind == Kind::Drop);
+    let syn_drop = drops()
+        .find(|d| d.is_syn() && !reason_is(d, drop_reason::NOT_SPECIFIED) && d.drop.is_some());
+    let no_socket = drops()
+        .find(|d| reason_is(d, drop_reason::NO_SOCKET))
         .or_else(|| {
             events.iter().find(|e| {
                 e.kind == Kind::SendReset
@@ -665,62 +682,58 @@ pub fn classify(
                         == Some(drop_reason::NO_SOCKET)
             })
         });
-    let rst_from_server = events
-        .iter()
-        .any(|e| e.kind == Kind::Packet && flags(e).2 && e.sport == server_addr.1);
-    let icmp = events.iter().find(|e| e.icmp.is_some());
-    let retransmits = events
-        .iter()
-        .filter(|e| e.kind == Kind::Retransmit && !e.tcp_flags.is_empty())
-        .count() as u32;
-    let app_error = events.iter().rev().find_map(|e| {
+    (syn_drop, no_socket)
+}
+
+/// The last errno the application got.
+fn app_error(events: &[Event]) -> Option<String> {
+    events.iter().rev().find_map(|e| {
         e.error
             .as_ref()
             .filter(|x| x.errno != 0)
             .map(|x| x.name.clone())
-    });
-    let last_egress = events
-        .iter()
-        .rev()
-        .find(|e| e.kind == Kind::Packet && is_syn(e) && e.direction == Some(Direction::Egress));
-    let first_ingress = events
-        .iter()
-        .find(|e| e.kind == Kind::Packet && is_syn(e) && e.direction == Some(Direction::Ingress));
-    let hop = |e: &Event| {
-        e.interface.as_ref().map(|i| Hop {
-            interface: i.name.clone().unwrap_or_else(|| i.ifindex.to_string()),
-            netns: ns_name(e),
-        })
-    };
+    })
+}
 
-    // Known only where the server side showed itself: its kernel answered, or its socket moved.
-    let server_ns = no_socket.and_then(ns_name).or_else(|| {
-        events
-            .iter()
-            .find(|e| {
-                e.kind == Kind::StateChange && e.sport == server_addr.1 && e.dport == client.1
-            })
-            .and_then(ns_name)
-    });
-    let mut listeners = Vec::new();
-    let mut next_steps = Vec::new();
-    let (outcome, explanation) = if let Some(nf) = &netfilter {
-        netfilter_verdict(nf, &mut next_steps)
-    } else if established || (syn_ack && !rst_from_server) {
+/// The first SYN packet (in `events`' order) that passed a tc checkpoint in `direction`.
+fn syn_via<'a>(
+    mut events: impl Iterator<Item = &'a Event>,
+    direction: Direction,
+) -> Option<&'a Event> {
+    events.find(|e| e.kind == Kind::Packet && e.is_syn() && e.direction == Some(direction))
+}
+
+fn hop(e: &Event) -> Option<Hop> {
+    e.interface.as_ref().map(|i| Hop {
+        interface: i.name.clone().unwrap_or_else(|| i.ifindex.to_string()),
+        netns: ns_name(e),
+    })
+}
+
+/// The outcome the evidence supports, strongest evidence first, and why.
+fn decide(
+    ev: &Evidence,
+    ctx: &Context,
+    listeners: &mut Vec<Listener>,
+    next_steps: &mut Vec<String>,
+) -> (Outcome, String) {
+    if let Some(nf) = &ev.netfilter {
+        netfilter_verdict(nf, next_steps)
+    } else if ev.established || (ev.syn_ack && !ev.rst_from_server) {
         (Outcome::Connected, "The handshake completed.".to_string())
-    } else if let Some(ns_ev) = no_socket {
+    } else if let Some(ns_ev) = ev.no_socket {
         let why = no_listener(
             ns_ev,
             ctx,
             "TCP",
             "the kernel answered the SYN with RST (NO_SOCKET) and the client gets ECONNREFUSED",
-            &mut listeners,
-            &mut next_steps,
+            listeners,
+            next_steps,
         );
         (Outcome::RefusedNoListener, why)
-    } else if let Some(d) = syn_drop {
-        kernel_drop_verdict(d, "SYN", &mut next_steps)
-    } else if let Some(i) = icmp {
+    } else if let Some(d) = ev.syn_drop {
+        kernel_drop_verdict(d, "SYN", next_steps)
+    } else if let Some(i) = ev.icmp {
         let c = i.icmp.as_ref().expect("icmp");
         (
             Outcome::Unreachable,
@@ -731,62 +744,116 @@ pub fn classify(
                 endpoint_str(i.src, 0).trim_end_matches(":0")
             ),
         )
-    } else if rst_from_server || events.iter().any(|e| e.kind == Kind::ReceiveReset) {
+    } else if ev.rst_from_server || ev.received_reset {
         (Outcome::ResetByPeer, "The peer answered with a reset, not the local kernel: something on the server side (or a middlebox) rejected the connection.".into())
-    } else if retransmits > 0 || app_error.as_deref() == Some("ETIMEDOUT") || first_syn.is_some() {
-        let via = last_egress
-            .map(|e| last_left_via("The SYN", e))
-            .unwrap_or_default();
-        next_steps.push("look at the next hop: the destination node or pod, the overlay (VXLAN/IPIP) and underlay routing".into());
-        (
-            Outcome::TimedOut,
-            format!(
-                "SYNs were sent ({retransmits} retransmits) and nothing answered, and nothing on this node dropped them.{via}"
-            ),
-        )
+    } else if ev.retransmits > 0
+        || ev.app_error.as_deref() == Some("ETIMEDOUT")
+        || ev.first_syn.is_some()
+    {
+        timed_out(ev, next_steps)
     } else {
         (
             Outcome::Unknown,
             "The trace ended before the attempt showed a result.".into(),
         )
-    };
+    }
+}
 
-    let timeline = timeline(events);
-    let server = Endpoint {
-        netns: server_ns,
-        ..Endpoint::at(server_addr.0, server_addr.1)
-    };
-    let dialed = dialed_addr
-        .filter(|d| *d != server_addr)
-        .map(|(addr, port)| Endpoint::at(addr, port));
+fn timed_out(ev: &Evidence, next_steps: &mut Vec<String>) -> (Outcome, String) {
+    let via = ev
+        .last_egress
+        .map(|e| last_left_via("The SYN", e))
+        .unwrap_or_default();
+    next_steps.push("look at the next hop: the destination node or pod, the overlay (VXLAN/IPIP) and underlay routing".into());
+    (
+        Outcome::TimedOut,
+        format!(
+            "SYNs were sent ({} retransmits) and nothing answered, and nothing on this node dropped them.{via}",
+            ev.retransmits
+        ),
+    )
+}
+
+/// The client's endpoint: where its own socket lives (packets and drops only say where they
+/// passed) and the process that connected.
+fn client_endpoint(
+    events: &[Event],
+    client: (IpAddr, u16),
+    port: u16,
+    procs: &HashMap<String, (String, u32)>,
+) -> Endpoint {
+    let netns = events
+        .iter()
+        .find(|e| {
+            matches!(
+                e.kind,
+                Kind::StateChange | Kind::Retransmit | Kind::SocketError | Kind::ReceiveReset
+            ) && e.dport == port
+        })
+        .and_then(ns_name);
+    let process = events
+        .iter()
+        .find_map(|e| e.sock.as_ref().and_then(|s| procs.get(s)))
+        .cloned();
+    Endpoint {
+        netns,
+        pid: process.as_ref().map(|p| p.1),
+        process: process.map(|p| p.0),
+        ..Endpoint::at(client.0, client.1)
+    }
+}
+
+/// The server's endpoint; its namespace is known only where the server side showed itself:
+/// its kernel answered, or its socket moved.
+fn server_endpoint(events: &[Event], ev: &Evidence, client: (IpAddr, u16)) -> Endpoint {
+    let netns = ev.no_socket.and_then(ns_name).or_else(|| {
+        events
+            .iter()
+            .find(|e| e.kind == Kind::StateChange && e.sport == ev.server.1 && e.dport == client.1)
+            .and_then(ns_name)
+    });
+    Endpoint {
+        netns,
+        ..Endpoint::at(ev.server.0, ev.server.1)
+    }
+}
+
+/// Classifies one attempt's events (sorted by time).
+pub fn classify(
+    events: &[Event],
+    client: (IpAddr, u16),
+    ctx: &Context,
+    procs: &HashMap<String, (String, u32)>,
+) -> Verdict {
+    let ev = Evidence::gather(events, client, ctx.port);
+    let mut listeners = Vec::new();
+    let mut next_steps = Vec::new();
+    let (outcome, explanation) = decide(&ev, ctx, &mut listeners, &mut next_steps);
     Verdict {
         schema: SCHEMA.into(),
         kind: "verdict".into(),
         outcome,
         headline: outcome.headline().into(),
-        client: Endpoint {
-            addr: client.0,
-            port: client.1,
-            netns: client_ns,
-            pid: process.as_ref().map(|p| p.1),
-            process: process.map(|p| p.0),
-            peer: None,
-        },
-        server,
-        dialed,
-        timeline,
+        client: client_endpoint(events, client, ctx.port, procs),
+        server: server_endpoint(events, &ev, client),
+        dialed: ev
+            .dialed
+            .filter(|d| *d != ev.server)
+            .map(|(addr, port)| Endpoint::at(addr, port)),
+        timeline: timeline(events),
         explanation,
         next_steps,
-        drop: syn_drop
-            .or(no_socket.filter(|e| e.kind == Kind::Drop))
+        drop: ev
+            .syn_drop
+            .or(ev.no_socket.filter(|e| e.kind == Kind::Drop))
             .and_then(|e| e.drop.clone()),
-        rule_prefix: netfilter.as_ref().map(|_| String::new()),
-        netfilter,
+        rule_prefix: ev.netfilter.as_ref().map(|_| String::new()),
+        netfilter: ev.netfilter,
         listeners,
-        syn_retransmits: retransmits,
-        app_error,
-        arrived_via: first_ingress.and_then(hop),
-        left_via: last_egress.and_then(hop),
+        syn_retransmits: ev.retransmits,
+        app_error: ev.app_error,
+        arrived_via: syn_via(events.iter(), Direction::Ingress).and_then(hop),
+        left_via: ev.last_egress.and_then(hop),
         route: None,
         cross_node: None,
         udp: None,
