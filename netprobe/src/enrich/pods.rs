@@ -9,42 +9,9 @@ use k8s_openapi::api::{
     core::v1::{Pod, Service},
     discovery::v1::EndpointSlice,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::attribution::cni::calico;
-
-/// Who an address belongs to. Absent fields are unknown (printed as such), never guessed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Peer {
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
-    pub container: Option<String>,
-    pub node: Option<String>,
-    /// `namespace/name:port` of the Service whose ClusterIP this is.
-    pub service: Option<String>,
-}
-
-impl Peer {
-    pub fn is_known(&self) -> bool {
-        self.pod.is_some() || self.service.is_some()
-    }
-
-    pub fn describe(&self) -> String {
-        match (&self.namespace, &self.pod, &self.service) {
-            (_, _, Some(s)) => format!("Service {s}"),
-            (Some(ns), Some(p), _) => {
-                format!(
-                    "{ns}/{p}{}",
-                    self.container
-                        .as_ref()
-                        .map(|c| format!(" ({c})"))
-                        .unwrap_or_default()
-                )
-            }
-            _ => "unknown".into(),
-        }
-    }
-}
+pub use crate::model::Peer;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodEntry {

@@ -10,7 +10,8 @@ use netprobe_common::{AF_INET, IPPROTO_ICMP, IPPROTO_ICMPV6, RawEvent, kind};
 use serde::{Deserialize, Serialize};
 
 pub use crate::model::{
-    Direction, DnsFailureReason, Endpoint, Family, Named, Outcome, Protocol, TcpFlag, TcpState,
+    Direction, DnsFailureReason, Endpoint, Family, Named, Outcome, Peer, Protocol, TcpFlag,
+    TcpState,
 };
 
 /// Identifies the shape of every JSON object netprobe prints.
@@ -136,7 +137,7 @@ pub struct Translated {
     pub dport: u16,
     /// The backend's pod and node, when the inventory knows them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer: Option<crate::enrich::pods::Peer>,
+    pub peer: Option<Peer>,
 }
 
 /// One observation, enriched. For ICMP errors the addresses and ports are those of the packet
@@ -179,9 +180,9 @@ pub struct Event {
     /// Pod/container/node/Service of the source and destination addresses, when an inventory is
     /// available (fields it cannot name are null: unknown, never guessed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<crate::enrich::pods::Peer>,
+    pub source: Option<Peer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub destination: Option<crate::enrich::pods::Peer>,
+    pub destination: Option<Peer>,
     /// Where a connection to a Service really went: the destination after DNAT, from the
     /// node's conntrack (always-on agent, for SYN retransmits and socket errors).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -17,7 +17,7 @@ pub struct Endpoint {
     /// Pod, container, node or Service behind the address (from the inventory, when available;
     /// fields it cannot name stay null).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer: Option<crate::enrich::pods::Peer>,
+    pub peer: Option<super::Peer>,
 }
 
 impl Endpoint {

@@ -6,6 +6,7 @@ mod endpoint;
 mod names;
 mod outcome;
 mod packet;
+mod peer;
 
 use std::borrow::Cow;
 
@@ -14,6 +15,7 @@ pub use names::Named;
 pub(crate) use names::{by_name, fixed_names};
 pub use outcome::{DnsFailureReason, Outcome};
 pub use packet::{Direction, Family, Protocol, TcpFlag, TcpState, drop_reason};
+pub use peer::Peer;
 
 /// What a netfilter rule did to the packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
