@@ -2,7 +2,10 @@
 //! of every rule found.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use netprobe::enrich::rules::{legacy, owners, ruleset};
+use netprobe::{
+    attribution::cni::{self, calico},
+    enrich::rules::{legacy, ruleset},
+};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -23,11 +26,11 @@ fuzz_target!(|data: &[u8]| {
     });
     for (family, table, chain, h) in rules.take(16) {
         if let Some(rule) = rs.rule(family, table, chain, h) {
-            let _ = owners::owner_of(&rs, &rule, None);
+            let _ = cni::owner_of(&rs, &rule, None);
         }
     }
     let _ = ruleset::comments(&text);
-    let _ = owners::calico_policy_name(&text);
+    let _ = calico::policy_name(&text);
     let before = legacy::parse_counters("ip", a);
     let after = legacy::parse_counters("ip", b);
     let _ = legacy::fired(&before, &after);

@@ -80,7 +80,7 @@ fn route(e: &Event) -> Route {
 
 /// What the DNS engine takes: UDP to or from port 53, and ICMP errors quoting it.
 fn dns_related(e: &Event) -> bool {
-    e.protocol != "tcp" && (e.sport == DNS_PORT || e.dport == DNS_PORT)
+    e.protocol != crate::model::Protocol::Tcp && (e.sport == DNS_PORT || e.dport == DNS_PORT)
 }
 
 /// Always-on keeps what explains failures; handshakes that work are not news.
@@ -92,7 +92,7 @@ fn interesting(e: &Event) -> bool {
         Kind::Retransmit => !e.tcp_flags.is_empty(),
         // What the tc programs see in always-on mode (the kernel emits nothing else there): a
         // reset or an ICMP unreachable crossing a veth, e.g. from another node's firewall.
-        Kind::Packet => e.tcp_flags.iter().any(|f| f == "RST") || e.protocol.starts_with("icmp"),
+        Kind::Packet => e.has_flag(crate::model::TcpFlag::Rst) || e.protocol.is_icmp(),
         _ => false,
     }
 }

@@ -19,9 +19,12 @@
 //!   kernel's BTF and cleans up what a killed netprobe left.
 //! - [`sources`] turn what the kernel and netfilter report into [`events::Event`]s (the public,
 //!   versioned schema; [`events::raw`] keeps the kernel-facing records apart).
+//! - [`model`] holds the typed vocabulary every stage shares (outcomes, endpoints, TCP states,
+//!   netfilter actions, rule owners, pods as peers); it depends on nothing else in the crate.
 //! - [`enrich`] names things: reasons, code locations, namespaces, interfaces, pods and Services
-//!   ([`enrich::names`]), netfilter rules and their owners ([`enrich::rules`]), conntrack, routes,
-//!   listeners. [`enrich::stages`] runs them inside the session.
+//!   ([`enrich::names`]), netfilter rules ([`enrich::rules`]), conntrack, routes, listeners.
+//!   [`enrich::stages`] runs them inside the session. [`attribution`] holds what each CNI's
+//!   rules mean (`attribution/cni/`: Calico, kube-proxy, kube-router, Flannel).
 //! - [`verdict`] is pure: it groups events into connection attempts (or DNS lookups) and judges
 //!   each with the evidence it has; [`session::Judge`] feeds it and names its endpoints.
 //! - [`sinks`] print or export: [`sinks::text`], [`sinks::ndjson`] (the only NDJSON writer),
@@ -46,9 +49,11 @@
 //!   from a lab recording, and the JSON Schema (`netprobe schema`) follows from the types.
 
 pub mod agent;
+pub mod attribution;
 pub mod enrich;
 pub mod error;
 pub mod events;
+pub mod model;
 pub mod netlink;
 pub mod netns;
 pub mod probes;

@@ -96,21 +96,13 @@ impl PodContext {
         if let Some(d) = &mut v.dialed {
             d.peer = Some(self.inventory.peer(d.addr, d.port, None, None));
         }
-        if let Some(nf) = &mut v.netfilter
-            && let Some(iface) = &nf.owner.interface
+        if let Some(iface) = v
+            .netfilter
+            .as_ref()
+            .and_then(|nf| nf.owner.interface.as_ref())
             && let Some(pod) = self.inventory.pod_of_calico_iface(iface)
         {
-            nf.owner.workload = Some(format!("{}/{}", pod.namespace, pod.name));
-            nf.owner.explanation = nf.owner.explanation.replacen(
-                iface.as_str(),
-                &format!("{iface} = pod {}/{}", pod.namespace, pod.name),
-                1,
-            );
-            v.explanation = v.explanation.replacen(
-                iface.as_str(),
-                &format!("{iface} = pod {}/{}", pod.namespace, pod.name),
-                1,
-            );
+            v.name_rule_workload(format!("{}/{}", pod.namespace, pod.name));
         }
         let server_ns = inode(&v.server.netns);
         for l in &mut v.listeners {

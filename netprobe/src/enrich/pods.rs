@@ -9,40 +9,9 @@ use k8s_openapi::api::{
     core::v1::{Pod, Service},
     discovery::v1::EndpointSlice,
 };
-use serde::{Deserialize, Serialize};
 
-/// Who an address belongs to. Absent fields are unknown (printed as such), never guessed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Peer {
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
-    pub container: Option<String>,
-    pub node: Option<String>,
-    /// `namespace/name:port` of the Service whose ClusterIP this is.
-    pub service: Option<String>,
-}
-
-impl Peer {
-    pub fn is_known(&self) -> bool {
-        self.pod.is_some() || self.service.is_some()
-    }
-
-    pub fn describe(&self) -> String {
-        match (&self.namespace, &self.pod, &self.service) {
-            (_, _, Some(s)) => format!("Service {s}"),
-            (Some(ns), Some(p), _) => {
-                format!(
-                    "{ns}/{p}{}",
-                    self.container
-                        .as_ref()
-                        .map(|c| format!(" ({c})"))
-                        .unwrap_or_default()
-                )
-            }
-            _ => "unknown".into(),
-        }
-    }
-}
+use crate::attribution::cni::calico;
+pub use crate::model::Peer;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodEntry {
@@ -187,15 +156,11 @@ impl Inventory {
         }
     }
 
-    /// The pod behind a Calico workload interface (`cali` + sha1("<ns>.<pod>")[:11]).
+    /// The pod behind a Calico workload interface (Calico's naming: [`calico::iface_is_pods`]).
     pub fn pod_of_calico_iface(&self, iface: &str) -> Option<&PodEntry> {
-        let hex = iface.strip_prefix("cali")?;
-        self.pods.iter().find(|p| {
-            let digest = sha1_smol::Sha1::from(format!("{}.{}", p.namespace, p.name))
-                .digest()
-                .to_string();
-            digest.starts_with(hex)
-        })
+        self.pods
+            .iter()
+            .find(|p| calico::iface_is_pods(iface, &p.namespace, &p.name))
     }
 
     pub fn find_pod(&self, namespace: Option<&str>, name: &str) -> Vec<&PodEntry> {

@@ -25,7 +25,7 @@ impl Stage for Conntrack {
     fn enrich(&mut self, e: &mut Event, _derived: &mut Vec<Event>) {
         let to_service = e.destination.as_ref().is_some_and(|d| d.service.is_some());
         if !to_service
-            || e.protocol != "tcp"
+            || e.protocol != crate::model::Protocol::Tcp
             || !matches!(e.kind, Kind::Retransmit | Kind::SocketError)
         {
             return;

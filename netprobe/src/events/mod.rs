@@ -6,10 +6,13 @@ pub mod raw;
 
 use std::net::IpAddr;
 
-use netprobe_common::{
-    AF_INET, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RawEvent, kind, tcp_flags,
-};
+use netprobe_common::{AF_INET, IPPROTO_ICMP, IPPROTO_ICMPV6, RawEvent, kind};
 use serde::{Deserialize, Serialize};
+
+pub use crate::model::{
+    Direction, DnsFailureReason, Endpoint, Family, Named, Outcome, Peer, Protocol, TcpFlag,
+    TcpState,
+};
 
 /// Identifies the shape of every JSON object netprobe prints.
 pub const SCHEMA: &str = "netprobe.event/v1";
@@ -87,8 +90,8 @@ pub struct ResetInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StateInfo {
-    pub old: String,
-    pub new: String,
+    pub old: TcpState,
+    pub new: TcpState,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -110,13 +113,13 @@ pub struct Icmp {
 pub struct DnsFailure {
     /// `dropped`, `rejected`, `unanswered`, `servfail` or `refused` (the last two: answered with
     /// that rcode).
-    pub reason: String,
+    pub reason: DnsFailureReason,
     /// The verdict's outcome (`dropped_in_netfilter`, `unanswered`, …).
-    pub outcome: crate::verdict::Outcome,
+    pub outcome: Outcome,
     pub explanation: String,
     /// The DNS server the query went to after DNAT (a CoreDNS pod), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend: Option<crate::verdict::Endpoint>,
+    pub backend: Option<Endpoint>,
     /// Did any reply come back?
     pub replied: bool,
 }
@@ -134,7 +137,7 @@ pub struct Translated {
     pub dport: u16,
     /// The backend's pod and node, when the inventory knows them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer: Option<crate::enrich::pods::Peer>,
+    pub peer: Option<Peer>,
 }
 
 /// One observation, enriched. For ICMP errors the addresses and ports are those of the packet
@@ -150,16 +153,16 @@ pub struct Event {
     pub interface: Option<Interface>,
     /// `ingress` or `egress` for `packet` events.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub direction: Option<String>,
+    pub direction: Option<Direction>,
     /// `ipv4` or `ipv6`.
-    pub family: String,
+    pub family: Family,
     /// `tcp`, `udp`, `icmp`, `icmpv6`.
-    pub protocol: String,
+    pub protocol: Protocol,
     pub src: IpAddr,
     pub sport: u16,
     pub dst: IpAddr,
     pub dport: u16,
-    pub tcp_flags: Vec<String>,
+    pub tcp_flags: Vec<TcpFlag>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drop: Option<DropInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -173,13 +176,13 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process: Option<Process>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub netfilter: Option<crate::enrich::rules::Netfilter>,
+    pub netfilter: Option<crate::attribution::Netfilter>,
     /// Pod/container/node/Service of the source and destination addresses, when an inventory is
     /// available (fields it cannot name are null: unknown, never guessed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<crate::enrich::pods::Peer>,
+    pub source: Option<Peer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub destination: Option<crate::enrich::pods::Peer>,
+    pub destination: Option<Peer>,
     /// Where a connection to a Service really went: the destination after DNAT, from the
     /// node's conntrack (always-on agent, for SYN retransmits and socket errors).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -206,52 +209,6 @@ pub fn ip_of(family: u8, addr: &[u8; 16]) -> IpAddr {
     }
 }
 
-pub fn protocol_name(p: u8) -> String {
-    match p {
-        IPPROTO_TCP => "tcp".into(),
-        IPPROTO_UDP => "udp".into(),
-        IPPROTO_ICMP => "icmp".into(),
-        IPPROTO_ICMPV6 => "icmpv6".into(),
-        other => format!("ip-proto-{other}"),
-    }
-}
-
-pub fn flag_names(f: u8) -> Vec<String> {
-    [
-        (tcp_flags::SYN, "SYN"),
-        (tcp_flags::ACK, "ACK"),
-        (tcp_flags::RST, "RST"),
-        (tcp_flags::FIN, "FIN"),
-        (tcp_flags::PSH, "PSH"),
-    ]
-    .iter()
-    .filter(|(bit, _)| f & bit != 0)
-    .map(|(_, n)| n.to_string())
-    .collect()
-}
-
-/// `include/net/tcp_states.h` (a userspace-visible, stable numbering).
-pub fn tcp_state_name(s: u32) -> String {
-    const NAMES: [&str; 13] = [
-        "?",
-        "ESTABLISHED",
-        "SYN_SENT",
-        "SYN_RECV",
-        "FIN_WAIT1",
-        "FIN_WAIT2",
-        "TIME_WAIT",
-        "CLOSE",
-        "CLOSE_WAIT",
-        "LAST_ACK",
-        "LISTEN",
-        "CLOSING",
-        "NEW_SYN_RECV",
-    ];
-    NAMES
-        .get(s as usize)
-        .map_or_else(|| format!("STATE_{s}"), |n| n.to_string())
-}
-
 pub fn errno_name(e: i32) -> String {
     match e {
         libc::ECONNREFUSED => "ECONNREFUSED".into(),
@@ -267,11 +224,27 @@ pub fn errno_name(e: i32) -> String {
     }
 }
 
+impl Event {
+    /// `SYN`, `ACK`, … as printed.
+    pub fn flag_names(&self) -> Vec<&'static str> {
+        self.tcp_flags.iter().map(TcpFlag::as_str).collect()
+    }
+
+    pub fn has_flag(&self, flag: TcpFlag) -> bool {
+        self.tcp_flags.contains(&flag)
+    }
+
+    /// A TCP segment with SYN and without ACK: a connection attempt's first segment.
+    pub fn is_syn(&self) -> bool {
+        self.has_flag(TcpFlag::Syn) && !self.has_flag(TcpFlag::Ack)
+    }
+}
+
 /// An event that no kernel program produced: only the tuple is set.
-fn derived(
+pub fn derived(
     time_ns: u64,
     kind: Kind,
-    protocol: &str,
+    protocol: Protocol,
     (src, sport, dst, dport): (IpAddr, u16, IpAddr, u16),
 ) -> Event {
     Event {
@@ -281,12 +254,8 @@ fn derived(
         netns: None,
         interface: None,
         direction: None,
-        family: if src.is_ipv4() {
-            "ipv4".into()
-        } else {
-            "ipv6".into()
-        },
-        protocol: protocol.into(),
+        family: Family::of(src),
+        protocol,
         src,
         sport,
         dst,
@@ -310,75 +279,24 @@ fn derived(
 }
 
 /// A netfilter verdict event (from the nftables trace, not from a kernel program), for a flow
-/// of `protocol` (`tcp` or `udp`, the traced one).
+/// of `protocol` (`tcp` or `udp`, the traced one; anything else is taken as tcp).
 pub fn netfilter(
     time_ns: u64,
     protocol: &str,
     netns: Option<Netns>,
     interface: Option<Interface>,
     tuple: Option<(IpAddr, u16, IpAddr, u16)>,
-    nf: crate::enrich::rules::Netfilter,
+    nf: crate::attribution::Netfilter,
 ) -> Event {
     let unspecified = IpAddr::from([0u8, 0, 0, 0]);
     let tuple = tuple.unwrap_or((unspecified, 0, unspecified, 0));
+    let protocol = Protocol::from_name(protocol).unwrap_or(Protocol::Tcp);
     Event {
         netns,
         interface,
         netfilter: Some(nf),
         ..derived(time_ns, Kind::Netfilter, protocol, tuple)
     }
-}
-
-/// The `dns_failure` event of a DNS verdict that is a failure (dropped, rejected, unanswered,
-/// or answered SERVFAIL/REFUSED); None for lookups that worked (NXDOMAIN included) or are
-/// undecided. Timed at the query.
-pub fn dns_failure(v: &crate::verdict::Verdict) -> Option<Event> {
-    use crate::verdict::Outcome;
-    let u = v.udp.as_ref()?;
-    let q = u.dns.as_ref()?;
-    let reason = match v.outcome {
-        Outcome::Answered => match q.rcode.as_deref() {
-            Some("SERVFAIL") => "servfail",
-            Some("REFUSED") => "refused",
-            _ => return None,
-        },
-        Outcome::DroppedByRule | Outcome::DroppedInNetfilter | Outcome::DroppedByKernel => {
-            "dropped"
-        }
-        Outcome::RefusedByRule | Outcome::RefusedNoListener | Outcome::Unreachable => "rejected",
-        Outcome::Unanswered => "unanswered",
-        _ => return None,
-    };
-    let asked = v.dialed.as_ref().unwrap_or(&v.server);
-    let time_ns = v.timeline.first().map_or(0, |c| c.time_ns);
-    Some(Event {
-        drop: v.drop.clone(),
-        netfilter: v.netfilter.clone(),
-        source: v.client.peer.clone(),
-        destination: asked.peer.clone(),
-        dns: Some(dns::Dns {
-            id: q.id,
-            query: true,
-            name: q.name.clone(),
-            qtype: q.qtype.clone(),
-            rcode: q.rcode.clone(),
-            answers: q.answers.unwrap_or(0),
-            truncated: false,
-        }),
-        dns_failure: Some(DnsFailure {
-            reason: reason.into(),
-            outcome: v.outcome,
-            explanation: v.explanation.clone(),
-            backend: v.dialed.as_ref().map(|_| v.server.clone()),
-            replied: u.replied,
-        }),
-        ..derived(
-            time_ns,
-            Kind::DnsFailure,
-            "udp",
-            (v.client.addr, v.client.port, asked.addr, asked.port),
-        )
-    })
 }
 
 /// Raw fields of an event that need no lookup: the enrichment fills the rest.
@@ -391,26 +309,26 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
         netns: None,
         interface: None,
         direction: match ev.kind {
-            netprobe_common::kind::TC_INGRESS => Some("ingress".into()),
-            netprobe_common::kind::TC_EGRESS => Some("egress".into()),
+            netprobe_common::kind::TC_INGRESS => Some(Direction::Ingress),
+            netprobe_common::kind::TC_EGRESS => Some(Direction::Egress),
             _ => None,
         },
         family: if ev.family == AF_INET {
-            "ipv4".into()
+            Family::Ipv4
         } else {
-            "ipv6".into()
+            Family::Ipv6
         },
-        protocol: protocol_name(ev.proto),
+        protocol: Protocol::from_number(ev.proto),
         src: ip_of(ev.family, &ev.saddr),
         sport: ev.sport,
         dst: ip_of(ev.family, &ev.daddr),
         dport: ev.dport,
-        tcp_flags: flag_names(ev.tcp_flags),
+        tcp_flags: TcpFlag::from_bits(ev.tcp_flags),
         drop: None,
         reset: None,
         state: (ev.kind == netprobe_common::kind::STATE_CHANGE).then(|| StateInfo {
-            old: tcp_state_name(ev.aux),
-            new: tcp_state_name(ev.reason),
+            old: TcpState::from_number(ev.aux),
+            new: TcpState::from_number(ev.reason),
         }),
         error: (ev.kind == netprobe_common::kind::SOCK_ERROR).then(|| ErrorInfo {
             errno: ev.reason as i32,
@@ -440,7 +358,7 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
 
 #[cfg(test)]
 mod tests {
-    use netprobe_common::AF_INET6;
+    use netprobe_common::{AF_INET6, IPPROTO_TCP};
 
     use super::*;
 
@@ -465,8 +383,8 @@ mod tests {
         assert_eq!(
             e.state,
             Some(StateInfo {
-                old: "SYN_SENT".into(),
-                new: "CLOSE".into()
+                old: TcpState::SynSent,
+                new: TcpState::Close
             })
         );
         assert_eq!(e.process.unwrap().comm, "agent");
@@ -487,7 +405,7 @@ mod tests {
             ..Default::default()
         };
         let e = base(&ev, 0).unwrap();
-        assert_eq!(e.family, "ipv6");
+        assert_eq!(e.family, Family::Ipv6);
         assert_eq!(e.src.to_string(), "::1");
         assert_eq!(
             e.icmp,
@@ -496,10 +414,10 @@ mod tests {
                 code: 4
             })
         );
-        assert_eq!(e.direction.as_deref(), Some("ingress"));
+        assert_eq!(e.direction, Some(Direction::Ingress));
         assert_eq!(
-            flag_names(tcp_flags::SYN | tcp_flags::ACK),
-            vec!["SYN", "ACK"]
+            TcpFlag::from_bits(netprobe_common::tcp_flags::SYN | netprobe_common::tcp_flags::ACK),
+            vec![TcpFlag::Syn, TcpFlag::Ack]
         );
     }
 }

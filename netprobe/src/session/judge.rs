@@ -82,9 +82,6 @@ impl Judge {
                         return None;
                     }
                 }
-                if is_leftover(&v) {
-                    return None;
-                }
                 if self.route_hints {
                     add_route_hint(&mut v);
                 }
@@ -96,15 +93,7 @@ impl Judge {
 
 /// A lookup or attempt that failed (for DNS: the application sees a failed lookup).
 fn failed(v: &Verdict) -> bool {
-    crate::events::dns_failure(v).is_some() || (v.udp.is_none() && v.outcome.is_failure())
-}
-
-/// Leftovers of connections that started before the trace (e.g. a FIN), replies to datagrams
-/// sent before it: not attempts.
-fn is_leftover(v: &Verdict) -> bool {
-    v.outcome == Outcome::Unknown
-        && v.timeline.iter().all(|c| !c.what.contains("SYN"))
-        && v.udp.as_ref().is_none_or(|u| u.requests == 0)
+    crate::verdict::dns_failure(v).is_some() || (v.udp.is_none() && v.outcome.is_failure())
 }
 
 fn add_route_hint(v: &mut Verdict) {

@@ -190,7 +190,7 @@ impl Metrics {
                     client.and_then(|p| p.pod.clone()).unwrap_or_default(),
                     e.dns_failure
                         .as_ref()
-                        .map(|f| f.reason.clone())
+                        .map(|f| f.reason.to_string())
                         .unwrap_or_default(),
                 );
                 *self.dns_failures.entry(key).or_default() += 1;
@@ -238,7 +238,7 @@ impl Sink for PrometheusSink {
         };
         let mut m = self.lock();
         *m.dns_queries.entry(rcode).or_default() += 1;
-        if let Some(e) = crate::events::dns_failure(v) {
+        if let Some(e) = crate::verdict::dns_failure(v) {
             m.count(&e);
         }
         Ok(())

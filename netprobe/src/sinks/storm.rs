@@ -44,7 +44,7 @@ fn storm_key(e: &Event) -> StormKey {
         .as_ref()
         .map(|d| d.reason.clone())
         .or_else(|| e.error.as_ref().map(|x| x.name.clone()))
-        .or_else(|| e.dns_failure.as_ref().map(|f| f.reason.clone()))
+        .or_else(|| e.dns_failure.as_ref().map(|f| f.reason.to_string()))
         .unwrap_or_default();
     let peer = e
         .destination
@@ -153,7 +153,7 @@ impl<W: io::Write> Sink for StormControlledLog<W> {
 
     fn verdict(&mut self, v: &Verdict) -> io::Result<()> {
         // Healthy lookups (NXDOMAIN included) are only counted, never written.
-        match crate::events::dns_failure(v) {
+        match crate::verdict::dns_failure(v) {
             Some(e) => self.admit_and_write(&e),
             None => Ok(()),
         }

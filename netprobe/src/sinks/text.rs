@@ -197,7 +197,7 @@ pub fn verdict_text(v: &Verdict) -> String {
 /// One line per event: time, what, where, the tuple, then the kind's details.
 pub fn text_line(e: &Event) -> String {
     let what = match e.kind {
-        Kind::Packet => format!("PKT {}", e.direction.as_deref().unwrap_or("?")),
+        Kind::Packet => format!("PKT {}", e.direction.as_ref().map_or("?", |d| d.as_str())),
         Kind::Drop => "DROP".into(),
         Kind::SendReset => "RST sent".into(),
         Kind::ReceiveReset => "RST recv".into(),
@@ -226,7 +226,7 @@ pub fn text_line(e: &Event) -> String {
         endpoint(&e.dst, e.dport)
     ));
     if !e.tcp_flags.is_empty() {
-        s.push_str(&format!(" [{}]", e.tcp_flags.join(",")));
+        s.push_str(&format!(" [{}]", e.flag_names().join(",")));
     }
     if let Some(d) = &e.drop {
         s.push_str(&format!(" reason={} at {}", d.reason, d.location));

@@ -213,6 +213,7 @@ mod tests {
             next_steps: vec![],
             drop: None,
             netfilter: None,
+            rule_prefix: None,
             listeners: vec![],
             syn_retransmits: 2,
             app_error: None,

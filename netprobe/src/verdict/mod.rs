@@ -12,85 +12,15 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::{Endpoint, Outcome};
 use crate::{
-    enrich::{listeners::Listener, rules::Netfilter},
+    attribution::{Netfilter, cni},
+    enrich::listeners::Listener,
     events::{DropInfo, Event, Kind},
+    model::{Direction, DnsFailureReason, NfAction, Protocol, TcpFlag, TcpState, drop_reason},
 };
 
 pub const SCHEMA: &str = "netprobe.verdict/v1";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    Connected,
-    /// The kernel answered RST: no socket listens on that address and port.
-    RefusedNoListener,
-    /// A netfilter rule rejected the SYN (ICMP unreachable or TCP reset).
-    RefusedByRule,
-    /// A netfilter rule dropped the SYN silently: the client times out.
-    DroppedByRule,
-    /// Dropped inside netfilter, but the rule is not known (rule trace off or unavailable).
-    DroppedInNetfilter,
-    /// The kernel dropped it for another reason (rp_filter, no route, backlog, a tc program …).
-    DroppedByKernel,
-    /// An ICMP error came back (host/network unreachable …) without a rule on this node.
-    Unreachable,
-    /// The server side (or something on the way) answered with a reset.
-    ResetByPeer,
-    /// SYNs left and nothing came back, and nothing on this node dropped them.
-    TimedOut,
-    /// The SYN left the client's node toward the server's node and never arrived there
-    /// (cross-node trace: both nodes' agents watched).
-    LostBetweenNodes,
-    /// A reply came back to the UDP client (for DNS: whatever its rcode; NXDOMAIN is an answer).
-    Answered,
-    /// The UDP datagram left, no reply came back, and nothing on this node dropped it.
-    Unanswered,
-    /// Not enough evidence (the trace ended before anything decisive).
-    Unknown,
-}
-
-impl Outcome {
-    pub fn is_failure(self) -> bool {
-        !matches!(self, Self::Connected | Self::Answered | Self::Unknown)
-    }
-
-    pub fn headline(self) -> &'static str {
-        match self {
-            Self::Connected => "connected",
-            Self::RefusedNoListener => "refused: nothing listens there",
-            Self::RefusedByRule => "refused by a firewall rule",
-            Self::DroppedByRule => "silently dropped by a firewall rule (client sees a timeout)",
-            Self::DroppedInNetfilter => "silently dropped in netfilter (client sees a timeout)",
-            Self::DroppedByKernel => "dropped by the kernel",
-            Self::Unreachable => "unreachable (ICMP error)",
-            Self::ResetByPeer => "reset by the peer",
-            Self::TimedOut => "timed out, with no drop on this node",
-            Self::LostBetweenNodes => {
-                "lost between the nodes (left the client's node, never reached the server's)"
-            }
-            Self::Answered => "answered",
-            Self::Unanswered => "unanswered: no reply, and no drop on this node",
-            Self::Unknown => "undetermined",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Endpoint {
-    pub addr: IpAddr,
-    pub port: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub netns: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub process: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    /// Pod, container, node or Service behind the address (from the inventory, when available;
-    /// fields it cannot name stay null).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer: Option<crate::enrich::pods::Peer>,
-}
 
 /// An interface a SYN crossed, and the namespace it is in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -156,20 +86,6 @@ pub struct CrossNode {
     pub server_node_outcome: Option<Outcome>,
 }
 
-impl Endpoint {
-    /// An address and port with nothing else known yet.
-    pub fn at(addr: IpAddr, port: u16) -> Self {
-        Self {
-            addr,
-            port,
-            netns: None,
-            process: None,
-            pid: None,
-            peer: None,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Checkpoint {
     pub time_ns: u64,
@@ -195,6 +111,10 @@ pub struct Verdict {
     pub drop: Option<DropInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub netfilter: Option<Netfilter>,
+    /// What the explanation says before the rule's sentence (empty for TCP), kept so the
+    /// explanation can be rendered again once the rule's workload is named. Not in the JSON.
+    #[serde(skip)]
+    pub rule_prefix: Option<String>,
     /// Listeners in the server's namespace (for refusals).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<Listener>,
@@ -270,8 +190,11 @@ pub struct Engine {
 }
 
 fn flags(e: &Event) -> (bool, bool, bool) {
-    let has = |f: &str| e.tcp_flags.iter().any(|x| x == f);
-    (has("SYN"), has("ACK"), has("RST"))
+    (
+        e.has_flag(TcpFlag::Syn),
+        e.has_flag(TcpFlag::Ack),
+        e.has_flag(TcpFlag::Rst),
+    )
 }
 
 impl Engine {
@@ -323,9 +246,13 @@ impl Engine {
                 let st = e.state.as_ref().expect("state_change has state");
                 let client_side = e.dport == port;
                 client_side
-                    && (st.new == "ESTABLISHED" || (st.old == "SYN_SENT" && st.new == "CLOSE"))
+                    && (st.new == TcpState::Established
+                        || (st.old == TcpState::SynSent && st.new == TcpState::Close))
             }
-            Kind::Netfilter => e.netfilter.as_ref().is_some_and(|n| n.action == "reject"),
+            Kind::Netfilter => e
+                .netfilter
+                .as_ref()
+                .is_some_and(|n| n.action == NfAction::Reject),
             Kind::SendReset => true,
             Kind::Packet => {
                 let (syn, ack, rst) = flags(e);
@@ -342,7 +269,7 @@ impl Engine {
         }
         if e.kind == Kind::StateChange
             && let Some(sock) = &e.sock
-            && e.state.as_ref().is_some_and(|s| s.new == "SYN_SENT")
+            && e.state.as_ref().is_some_and(|s| s.new == TcpState::SynSent)
         {
             self.syn_sent.insert(sock.clone());
             if let Some(p) = &e.process {
@@ -485,12 +412,33 @@ impl Engine {
         if !self.ctx.udp && began_before_the_trace(&events, client, &self.syn_sent) {
             return None;
         }
-        Some(if self.ctx.udp {
+        let v = if self.ctx.udp {
             udp::classify(&events, client, &self.ctx)
         } else {
             classify(&events, client, &self.ctx, &self.sock_process)
-        })
+        };
+        (v.outcome != Outcome::Unknown || was_an_attempt(&events, &v)).then_some(v)
     }
+}
+
+/// Undecided evidence without a SYN (or a SYN state) and without a UDP request is not an
+/// attempt: leftovers of connections that started before the trace (e.g. a FIN), replies to
+/// datagrams sent before it. They get no verdict.
+fn was_an_attempt(events: &[Event], v: &Verdict) -> bool {
+    let syn_state = |s: TcpState| {
+        matches!(
+            s,
+            TcpState::SynSent | TcpState::SynRecv | TcpState::NewSynRecv
+        )
+    };
+    events.iter().any(|e| {
+        e.has_flag(TcpFlag::Syn)
+            // The kernel reports a retransmit's flags only for a SYN.
+            || (e.kind == Kind::Retransmit && !e.tcp_flags.is_empty())
+            || e.state
+                .as_ref()
+                .is_some_and(|s| syn_state(s.old) || syn_state(s.new))
+    }) || v.udp.as_ref().is_some_and(|u| u.requests > 0)
 }
 
 /// The client's socket is watched (its retransmits or state changes are here) but its
@@ -554,14 +502,14 @@ fn checkpoint(e: &Event) -> String {
                 "ICMP unreachable".to_string()
             } else if let Some(d) = &e.dns {
                 format!("DNS {}", d.summary())
-            } else if e.protocol == "udp" {
+            } else if e.protocol == Protocol::Udp {
                 "UDP".to_string()
             } else {
-                e.tcp_flags.join("-")
+                e.flag_names().join("-")
             };
             format!(
                 "{what} {}{at} ({tuple})",
-                e.direction.as_deref().unwrap_or("")
+                e.direction.as_ref().map_or("", Direction::as_str)
             )
         }
         Kind::Drop => {
@@ -598,10 +546,7 @@ fn checkpoint(e: &Event) -> String {
         ),
         Kind::DnsFailure => format!(
             "DNS lookup failed: {}{at}",
-            e.dns_failure
-                .as_ref()
-                .map(|f| f.reason.clone())
-                .unwrap_or_default()
+            e.dns_failure.as_ref().map_or("", |f| f.reason.as_str())
         ),
         Kind::Netfilter => {
             let n = e.netfilter.as_ref().expect("netfilter");
@@ -641,129 +586,154 @@ fn timeline(events: &[Event]) -> Vec<Checkpoint> {
         .collect()
 }
 
-/// Classifies one attempt's events (sorted by time).
-pub fn classify(
-    events: &[Event],
-    client: (IpAddr, u16),
-    ctx: &Context,
-    procs: &HashMap<String, (String, u32)>,
-) -> Verdict {
-    let port = ctx.port;
-    let is_syn = |e: &Event| flags(e).0 && !flags(e).1;
-    let first_syn = events.iter().find(|e| e.kind == Kind::Packet && is_syn(e));
-    // The server as the SYN's last observation shows it (after DNAT), the dialled one as the first.
-    let syn_obs: Vec<&Event> = events
+/// What one attempt's events show about it, gathered once (TCP).
+struct Evidence<'a> {
+    first_syn: Option<&'a Event>,
+    /// The server as the SYN's last observation shows it (after DNAT).
+    server: (IpAddr, u16),
+    /// The address dialled, as the client's socket or its first SYN shows it.
+    dialed: Option<(IpAddr, u16)>,
+    netfilter: Option<Netfilter>,
+    syn_drop: Option<&'a Event>,
+    /// The kernel found no socket (a NO_SOCKET drop or reset).
+    no_socket: Option<&'a Event>,
+    syn_ack: bool,
+    established: bool,
+    rst_from_server: bool,
+    received_reset: bool,
+    icmp: Option<&'a Event>,
+    retransmits: u32,
+    app_error: Option<String>,
+    last_egress: Option<&'a Event>,
+}
+
+impl<'a> Evidence<'a> {
+    fn gather(events: &'a [Event], client: (IpAddr, u16), port: u16) -> Self {
+        let first_syn = events.iter().find(|e| e.kind == Kind::Packet && e.is_syn());
+        let server = server_of(events, client, port);
+        let (syn_drop, no_socket) = drops_of(events);
+        Self {
+            first_syn,
+            server,
+            dialed: events
+                .iter()
+                .find(|e| {
+                    e.kind == Kind::StateChange && e.dport == port && (e.src, e.sport) == client
+                })
+                .or(first_syn)
+                .map(|e| (e.dst, e.dport)),
+            netfilter: events.iter().find_map(|e| e.netfilter.clone()),
+            syn_drop,
+            no_socket,
+            syn_ack: events
+                .iter()
+                .any(|e| e.kind == Kind::Packet && flags(e).0 && flags(e).1),
+            established: events.iter().any(|e| {
+                e.kind == Kind::StateChange
+                    && e.state
+                        .as_ref()
+                        .is_some_and(|s| s.new == TcpState::Established)
+                    && e.dport == port
+            }),
+            rst_from_server: events
+                .iter()
+                .any(|e| e.kind == Kind::Packet && flags(e).2 && e.sport == server.1),
+            received_reset: events.iter().any(|e| e.kind == Kind::ReceiveReset),
+            icmp: events.iter().find(|e| e.icmp.is_some()),
+            retransmits: events
+                .iter()
+                .filter(|e| e.kind == Kind::Retransmit && !e.tcp_flags.is_empty())
+                .count() as u32,
+            app_error: app_error(events),
+            last_egress: syn_via(events.iter().rev(), Direction::Egress),
+        }
+    }
+}
+
+/// The server as the SYN's last observation shows it (after DNAT).
+fn server_of(events: &[Event], client: (IpAddr, u16), port: u16) -> (IpAddr, u16) {
+    events
         .iter()
-        .filter(|e| {
+        .rev()
+        .find(|e| {
             (e.src, e.sport) == client
                 && matches!(
                     e.kind,
                     Kind::Packet | Kind::Drop | Kind::Netfilter | Kind::SendReset
                 )
         })
-        .collect();
-    let server_ev = syn_obs.last().copied().or(events.last());
-    let server_addr = server_ev.map_or((client.0, port), |e| (e.dst, e.dport));
-    let dialed_addr = events
-        .iter()
-        .find(|e| e.kind == Kind::StateChange && e.dport == port && (e.src, e.sport) == client)
-        .or(first_syn)
-        .map(|e| (e.dst, e.dport));
-    let client_ns = events
-        .iter()
-        .find(|e| {
-            // The client's own socket says where it lives; packets and drops only where they passed.
-            matches!(
-                e.kind,
-                Kind::StateChange | Kind::Retransmit | Kind::SocketError | Kind::ReceiveReset
-            ) && e.dport == port
-        })
-        .and_then(ns_name);
-    let process = events
-        .iter()
-        .find_map(|e| e.sock.as_ref().and_then(|s| procs.get(s)))
-        .cloned();
-    let netfilter = events.iter().find_map(|e| e.netfilter.clone());
-    let drops: Vec<&Event> = events.iter().filter(|e| e.kind == Kind::Drop).collect();
-    // Answered SYNs may be freed with NOT_SPECIFIED; QUEUE_PURGE etc. happen at close.
-    let syn_drop = drops
-        .iter()
-        .find(|d| is_syn(d) && d.drop.as_ref().is_some_and(|x| x.reason != "NOT_SPECIFIED"))
-        .copied();
-    let syn_ack = events
-        .iter()
-        .any(|e| e.kind == Kind::Packet && flags(e).0 && flags(e).1);
-    let established = events.iter().any(|e| {
-        e.kind == Kind::StateChange
-            && e.state.as_ref().is_some_and(|s| s.new == "ESTABLISHED")
-            && e.dport == port
-    });
-    let no_socket = drops
-        .iter()
-        .find(|d| d.drop.as_ref().is_some_and(|x| x.reason == "NO_SOCKET"))
-        .copied()
+        .or(events.last())
+        .map_or((client.0, port), |e| (e.dst, e.dport))
+}
+
+/// The SYN's decisive drop (answered SYNs may be freed with NOT_SPECIFIED; QUEUE_PURGE etc.
+/// happen at close), and the kernel's "no socket" (a drop or the reset it sent).
+fn drops_of(events: &[Event]) -> (Option<&Event>, Option<&Event>) {
+    let reason_is = |e: &Event, r: &str| e.drop.as_ref().is_some_and(|x| x.reason == r);
+    let drops = || events.iter().filter(|e| e.kind == Kind::Drop);
+    let syn_drop = drops()
+        .find(|d| d.is_syn() && !reason_is(d, drop_reason::NOT_SPECIFIED) && d.drop.is_some());
+    let no_socket = drops()
+        .find(|d| reason_is(d, drop_reason::NO_SOCKET))
         .or_else(|| {
             events.iter().find(|e| {
                 e.kind == Kind::SendReset
-                    && e.reset.as_ref().and_then(|r| r.reason.as_deref()) == Some("NO_SOCKET")
+                    && e.reset.as_ref().and_then(|r| r.reason.as_deref())
+                        == Some(drop_reason::NO_SOCKET)
             })
         });
-    let rst_from_server = events
-        .iter()
-        .any(|e| e.kind == Kind::Packet && flags(e).2 && e.sport == server_addr.1);
-    let icmp = events.iter().find(|e| e.icmp.is_some());
-    let retransmits = events
-        .iter()
-        .filter(|e| e.kind == Kind::Retransmit && !e.tcp_flags.is_empty())
-        .count() as u32;
-    let app_error = events.iter().rev().find_map(|e| {
+    (syn_drop, no_socket)
+}
+
+/// The last errno the application got.
+fn app_error(events: &[Event]) -> Option<String> {
+    events.iter().rev().find_map(|e| {
         e.error
             .as_ref()
             .filter(|x| x.errno != 0)
             .map(|x| x.name.clone())
-    });
-    let last_egress = events
-        .iter()
-        .rev()
-        .find(|e| e.kind == Kind::Packet && is_syn(e) && e.direction.as_deref() == Some("egress"));
-    let first_ingress = events
-        .iter()
-        .find(|e| e.kind == Kind::Packet && is_syn(e) && e.direction.as_deref() == Some("ingress"));
-    let hop = |e: &Event| {
-        e.interface.as_ref().map(|i| Hop {
-            interface: i.name.clone().unwrap_or_else(|| i.ifindex.to_string()),
-            netns: ns_name(e),
-        })
-    };
+    })
+}
 
-    // Known only where the server side showed itself: its kernel answered, or its socket moved.
-    let server_ns = no_socket.and_then(ns_name).or_else(|| {
-        events
-            .iter()
-            .find(|e| {
-                e.kind == Kind::StateChange && e.sport == server_addr.1 && e.dport == client.1
-            })
-            .and_then(ns_name)
-    });
-    let mut listeners = Vec::new();
-    let mut next_steps = Vec::new();
-    let (outcome, explanation) = if let Some(nf) = &netfilter {
-        netfilter_verdict(nf, &mut next_steps)
-    } else if established || (syn_ack && !rst_from_server) {
+/// The first SYN packet (in `events`' order) that passed a tc checkpoint in `direction`.
+fn syn_via<'a>(
+    mut events: impl Iterator<Item = &'a Event>,
+    direction: Direction,
+) -> Option<&'a Event> {
+    events.find(|e| e.kind == Kind::Packet && e.is_syn() && e.direction == Some(direction))
+}
+
+fn hop(e: &Event) -> Option<Hop> {
+    e.interface.as_ref().map(|i| Hop {
+        interface: i.name.clone().unwrap_or_else(|| i.ifindex.to_string()),
+        netns: ns_name(e),
+    })
+}
+
+/// The outcome the evidence supports, strongest evidence first, and why.
+fn decide(
+    ev: &Evidence,
+    ctx: &Context,
+    listeners: &mut Vec<Listener>,
+    next_steps: &mut Vec<String>,
+) -> (Outcome, String) {
+    if let Some(nf) = &ev.netfilter {
+        netfilter_verdict(nf, next_steps)
+    } else if ev.established || (ev.syn_ack && !ev.rst_from_server) {
         (Outcome::Connected, "The handshake completed.".to_string())
-    } else if let Some(ns_ev) = no_socket {
+    } else if let Some(ns_ev) = ev.no_socket {
         let why = no_listener(
             ns_ev,
             ctx,
             "TCP",
             "the kernel answered the SYN with RST (NO_SOCKET) and the client gets ECONNREFUSED",
-            &mut listeners,
-            &mut next_steps,
+            listeners,
+            next_steps,
         );
         (Outcome::RefusedNoListener, why)
-    } else if let Some(d) = syn_drop {
-        kernel_drop_verdict(d, "SYN", &mut next_steps)
-    } else if let Some(i) = icmp {
+    } else if let Some(d) = ev.syn_drop {
+        kernel_drop_verdict(d, "SYN", next_steps)
+    } else if let Some(i) = ev.icmp {
         let c = i.icmp.as_ref().expect("icmp");
         (
             Outcome::Unreachable,
@@ -774,104 +744,162 @@ pub fn classify(
                 endpoint_str(i.src, 0).trim_end_matches(":0")
             ),
         )
-    } else if rst_from_server || events.iter().any(|e| e.kind == Kind::ReceiveReset) {
+    } else if ev.rst_from_server || ev.received_reset {
         (Outcome::ResetByPeer, "The peer answered with a reset, not the local kernel: something on the server side (or a middlebox) rejected the connection.".into())
-    } else if retransmits > 0 || app_error.as_deref() == Some("ETIMEDOUT") || first_syn.is_some() {
-        let via = last_egress
-            .map(|e| last_left_via("The SYN", e))
-            .unwrap_or_default();
-        next_steps.push("look at the next hop: the destination node or pod, the overlay (VXLAN/IPIP) and underlay routing".into());
-        (
-            Outcome::TimedOut,
-            format!(
-                "SYNs were sent ({retransmits} retransmits) and nothing answered, and nothing on this node dropped them.{via}"
-            ),
-        )
+    } else if ev.retransmits > 0
+        || ev.app_error.as_deref() == Some("ETIMEDOUT")
+        || ev.first_syn.is_some()
+    {
+        timed_out(ev, next_steps)
     } else {
         (
             Outcome::Unknown,
             "The trace ended before the attempt showed a result.".into(),
         )
-    };
+    }
+}
 
-    let timeline = timeline(events);
-    let server = Endpoint {
-        netns: server_ns,
-        ..Endpoint::at(server_addr.0, server_addr.1)
-    };
-    let dialed = dialed_addr
-        .filter(|d| *d != server_addr)
-        .map(|(addr, port)| Endpoint::at(addr, port));
+fn timed_out(ev: &Evidence, next_steps: &mut Vec<String>) -> (Outcome, String) {
+    let via = ev
+        .last_egress
+        .map(|e| last_left_via("The SYN", e))
+        .unwrap_or_default();
+    next_steps.push("look at the next hop: the destination node or pod, the overlay (VXLAN/IPIP) and underlay routing".into());
+    (
+        Outcome::TimedOut,
+        format!(
+            "SYNs were sent ({} retransmits) and nothing answered, and nothing on this node dropped them.{via}",
+            ev.retransmits
+        ),
+    )
+}
+
+/// The client's endpoint: where its own socket lives (packets and drops only say where they
+/// passed) and the process that connected.
+fn client_endpoint(
+    events: &[Event],
+    client: (IpAddr, u16),
+    port: u16,
+    procs: &HashMap<String, (String, u32)>,
+) -> Endpoint {
+    let netns = events
+        .iter()
+        .find(|e| {
+            matches!(
+                e.kind,
+                Kind::StateChange | Kind::Retransmit | Kind::SocketError | Kind::ReceiveReset
+            ) && e.dport == port
+        })
+        .and_then(ns_name);
+    let process = events
+        .iter()
+        .find_map(|e| e.sock.as_ref().and_then(|s| procs.get(s)))
+        .cloned();
+    Endpoint {
+        netns,
+        pid: process.as_ref().map(|p| p.1),
+        process: process.map(|p| p.0),
+        ..Endpoint::at(client.0, client.1)
+    }
+}
+
+/// The server's endpoint; its namespace is known only where the server side showed itself:
+/// its kernel answered, or its socket moved.
+fn server_endpoint(events: &[Event], ev: &Evidence, client: (IpAddr, u16)) -> Endpoint {
+    let netns = ev.no_socket.and_then(ns_name).or_else(|| {
+        events
+            .iter()
+            .find(|e| e.kind == Kind::StateChange && e.sport == ev.server.1 && e.dport == client.1)
+            .and_then(ns_name)
+    });
+    Endpoint {
+        netns,
+        ..Endpoint::at(ev.server.0, ev.server.1)
+    }
+}
+
+/// Classifies one attempt's events (sorted by time).
+pub fn classify(
+    events: &[Event],
+    client: (IpAddr, u16),
+    ctx: &Context,
+    procs: &HashMap<String, (String, u32)>,
+) -> Verdict {
+    let ev = Evidence::gather(events, client, ctx.port);
+    let mut listeners = Vec::new();
+    let mut next_steps = Vec::new();
+    let (outcome, explanation) = decide(&ev, ctx, &mut listeners, &mut next_steps);
     Verdict {
         schema: SCHEMA.into(),
         kind: "verdict".into(),
         outcome,
         headline: outcome.headline().into(),
-        client: Endpoint {
-            addr: client.0,
-            port: client.1,
-            netns: client_ns,
-            pid: process.as_ref().map(|p| p.1),
-            process: process.map(|p| p.0),
-            peer: None,
-        },
-        server,
-        dialed,
-        timeline,
+        client: client_endpoint(events, client, ctx.port, procs),
+        server: server_endpoint(events, &ev, client),
+        dialed: ev
+            .dialed
+            .filter(|d| *d != ev.server)
+            .map(|(addr, port)| Endpoint::at(addr, port)),
+        timeline: timeline(events),
         explanation,
         next_steps,
-        drop: syn_drop
-            .or(no_socket.filter(|e| e.kind == Kind::Drop))
+        drop: ev
+            .syn_drop
+            .or(ev.no_socket.filter(|e| e.kind == Kind::Drop))
             .and_then(|e| e.drop.clone()),
-        netfilter,
+        rule_prefix: ev.netfilter.as_ref().map(|_| String::new()),
+        netfilter: ev.netfilter,
         listeners,
-        syn_retransmits: retransmits,
-        app_error,
-        arrived_via: first_ingress.and_then(hop),
-        left_via: last_egress.and_then(hop),
+        syn_retransmits: ev.retransmits,
+        app_error: ev.app_error,
+        arrived_via: syn_via(events.iter(), Direction::Ingress).and_then(hop),
+        left_via: ev.last_egress.and_then(hop),
         route: None,
         cross_node: None,
         udp: None,
     }
 }
 
-/// A netfilter rule decided: which rule, its owner, and what to check next.
+/// A netfilter rule decided: which rule, its owner (the CNI module that made it says what to
+/// check next), and what the client sees.
 fn netfilter_verdict(nf: &Netfilter, next_steps: &mut Vec<String>) -> (Outcome, String) {
-    // Egress policies (Calico `cali-fw-`/`cali-po-` chains) are the client pod's.
-    let whose = if nf.chain.contains("cali-fw-") || nf.chain.contains("cali-po-") {
-        "source"
-    } else {
-        "destination"
-    };
     let rule = nf.rule.clone().unwrap_or_else(|| "(chain policy)".into());
     next_steps.push(format!(
         "inspect {} {} chain {}: {}",
         nf.family, nf.table, nf.chain, rule
     ));
-    match nf.owner.system.as_str() {
-            "calico" => next_steps.push(format!(
-                "check the Calico/Kubernetes NetworkPolicies selecting the {whose} pod{}",
-                if nf.owner.policies.is_empty() { String::new() } else { format!(": {}", nf.owner.policies.join(", ")) }
-            )),
-            "kube-proxy" => next_steps.push(format!(
-                "check the Service's endpoints: kubectl get endpointslices{}",
-                nf.owner.object.as_ref().map(|o| format!(" for {o}")).unwrap_or_default()
-            )),
-            "kube-router" => next_steps.push("check the NetworkPolicies selecting the destination pod (k3s network policy controller)".into()),
-            _ => next_steps.push("find out who installed this rule (a leftover of a previous CNI or manual change?)".into()),
-        }
-    let outcome = if nf.action == "reject" {
+    next_steps.push(cni::next_step(nf));
+    let outcome = if nf.action == NfAction::Reject {
         Outcome::RefusedByRule
     } else {
         Outcome::DroppedByRule
     };
-    (
-        outcome,
-        format!(
-            "{}. The client sees {}.",
-            nf.owner.explanation, nf.client_sees
-        ),
+    (outcome, rule_sentence(nf))
+}
+
+/// `<the owner's explanation>. The client sees <…>.`
+fn rule_sentence(nf: &Netfilter) -> String {
+    format!(
+        "{}. The client sees {}.",
+        nf.owner.explanation, nf.client_sees
     )
+}
+
+impl Verdict {
+    /// Names the pod behind the deciding rule's workload interface (from the inventory), and
+    /// renders the owner's and the verdict's explanations again with it.
+    pub fn name_rule_workload(&mut self, workload: String) {
+        let Some(nf) = &mut self.netfilter else {
+            return;
+        };
+        nf.owner.workload = Some(workload);
+        if let Some(text) = cni::explain(nf) {
+            nf.owner.explanation = text;
+        }
+        if let Some(prefix) = &self.rule_prefix {
+            self.explanation = format!("{prefix}{}", rule_sentence(nf));
+        }
+    }
 }
 
 /// "Nothing listens on …": the listeners of the server's namespace and of the others, and what
@@ -943,7 +971,7 @@ fn no_listener(
 /// or for another reason, with a hint per reason.
 fn kernel_drop_verdict(d: &Event, what: &str, next_steps: &mut Vec<String>) -> (Outcome, String) {
     let info = d.drop.as_ref().expect("drop");
-    if info.reason == "NETFILTER_DROP" {
+    if info.reason == drop_reason::NETFILTER_DROP {
         let backend = if info.location.starts_with("nft_do_chain") {
             "nf_tables (nftables or iptables-nft)"
         } else {
@@ -958,23 +986,7 @@ fn kernel_drop_verdict(d: &Event, what: &str, next_steps: &mut Vec<String>) -> (
             ),
         )
     } else {
-        let hint = match info.reason.as_str() {
-            "IP_RPFILTER" => {
-                "reverse-path filtering (rp_filter): the source address is not routed back through the interface it came in on"
-            }
-            "IP_NOROUTE" | "IP_OUTNOROUTES" => "there is no route to the destination",
-            "IP_INADDRERRORS" | "IP_INNOROUTES" => {
-                "the destination address is not routable here (martian or no route)"
-            }
-            "TC_INGRESS" | "TC_EGRESS" => {
-                "a tc program (e.g. Calico's eBPF dataplane or Cilium) returned drop on this interface"
-            }
-            "TCP_LISTEN_OVERFLOW" | "SOCKET_BACKLOG" => "the listener's accept backlog is full",
-            "NEIGH_FAILED" | "NEIGH_QUEUEFULL" => {
-                "the next hop did not answer ARP/neighbour discovery"
-            }
-            _ => "see the kernel drop reason",
-        };
+        let hint = drop_reason::hint(&info.reason);
         next_steps.push(format!(
             "kernel drop reason {} at {}",
             info.reason, info.location
@@ -994,8 +1006,41 @@ fn kernel_drop_verdict(d: &Event, what: &str, next_steps: &mut Vec<String>) -> (
     }
 }
 
+/// The `dns_failure` event of a DNS verdict that is a failure (dropped, rejected, unanswered,
+/// or answered SERVFAIL/REFUSED); None for lookups that worked (NXDOMAIN included) or are
+/// undecided. Timed at the query.
+pub fn dns_failure(v: &Verdict) -> Option<Event> {
+    let u = v.udp.as_ref()?;
+    let q = u.dns.as_ref()?;
+    let reason = DnsFailureReason::of(v.outcome, q.rcode.as_deref())?;
+    let asked = v.dialed.as_ref().unwrap_or(&v.server);
+    let time_ns = v.timeline.first().map_or(0, |c| c.time_ns);
+    Some(Event {
+        drop: v.drop.clone(),
+        netfilter: v.netfilter.clone(),
+        source: v.client.peer.clone(),
+        destination: asked.peer.clone(),
+        dns: Some(q.question()),
+        dns_failure: Some(crate::events::DnsFailure {
+            reason,
+            outcome: v.outcome,
+            explanation: v.explanation.clone(),
+            backend: v.dialed.as_ref().map(|_| v.server.clone()),
+            replied: u.replied,
+        }),
+        ..crate::events::derived(
+            time_ns,
+            Kind::DnsFailure,
+            Protocol::Udp,
+            (v.client.addr, v.client.port, asked.addr, asked.port),
+        )
+    })
+}
+
 mod join;
 pub use join::join;
 
+#[cfg(test)]
+mod golden;
 #[cfg(test)]
 mod tests;

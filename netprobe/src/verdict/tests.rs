@@ -181,7 +181,7 @@ fn an_attempt_that_began_before_the_trace_is_not_judged() {
     let mut out = Vec::new();
     for (i, e) in load("success")
         .into_iter()
-        .filter(|e| e.state.as_ref().is_none_or(|s| s.new != "SYN_SENT"))
+        .filter(|e| e.state.as_ref().is_none_or(|s| s.new != TcpState::SynSent))
         .enumerate()
     {
         out.extend(engine.push(e, i as u64));
@@ -340,10 +340,10 @@ fn udp_without_socket_is_no_listener_with_the_udp_listeners() {
 #[test]
 fn dns_verdicts_become_agent_failure_events_only_when_they_failed() {
     let blocked = &run("dns_calico_egress", udp_ctx(53, vec![]))[0];
-    let e = crate::events::dns_failure(blocked).expect("a failure");
+    let e = dns_failure(blocked).expect("a failure");
     assert_eq!(e.kind, Kind::DnsFailure);
     let f = e.dns_failure.as_ref().unwrap();
-    assert_eq!((f.reason.as_str(), f.replied), ("dropped", false));
+    assert_eq!((f.reason, f.replied), (DnsFailureReason::Dropped, false));
     assert_eq!(
         f.backend.as_ref().map(|b| b.addr.to_string()).as_deref(),
         Some("10.42.0.3")
@@ -357,33 +357,25 @@ fn dns_verdicts_become_agent_failure_events_only_when_they_failed() {
     assert_eq!(e.time_ns, blocked.timeline[0].time_ns, "timed at the query");
     let unanswered = &run("dns_unanswered", udp_ctx(53, vec![]))[0];
     assert_eq!(
-        crate::events::dns_failure(unanswered)
-            .unwrap()
-            .dns_failure
-            .unwrap()
-            .reason,
-        "unanswered"
+        dns_failure(unanswered).unwrap().dns_failure.unwrap().reason,
+        DnsFailureReason::Unanswered
     );
     let mut answered = run("dns_answered", udp_ctx(53, vec![])).remove(0);
-    assert_eq!(crate::events::dns_failure(&answered), None);
+    assert_eq!(dns_failure(&answered), None);
     // Answered, but SERVFAIL: the server was reached and failed.
     if let Some(d) = answered.udp.as_mut().and_then(|u| u.dns.as_mut()) {
         d.rcode = Some("SERVFAIL".into());
     }
     assert_eq!(
-        crate::events::dns_failure(&answered)
-            .unwrap()
-            .dns_failure
-            .unwrap()
-            .reason,
-        "servfail"
+        dns_failure(&answered).unwrap().dns_failure.unwrap().reason,
+        DnsFailureReason::Servfail
     );
     // Not DNS: no DNS failure.
     let udp = &run(
         "udp_no_listener",
         udp_ctx(9999, vec![("server", vec![listener("0.0.0.0", 9001)])]),
     )[0];
-    assert_eq!(crate::events::dns_failure(udp), None);
+    assert_eq!(dns_failure(udp), None);
 }
 
 #[test]
@@ -429,4 +421,27 @@ fn attempts_begun_before_the_probes_were_armed_are_not_judged() {
     };
     assert_eq!(judged(first), 1);
     assert_eq!(judged(first + 1), 0);
+}
+
+/// Packets of a connection that began before the trace (no SYN, no SYN state) are not an
+/// attempt: the engine gives them no verdict (the trace used to filter them by their text).
+#[test]
+fn leftovers_without_a_syn_get_no_verdict() {
+    let mut engine = Engine::new(ctx(9005, "client", vec![]));
+    let mut out = Vec::new();
+    use crate::model::TcpFlag;
+    let leftovers: Vec<Event> = load("success")
+        .into_iter()
+        .filter(|e| e.kind == Kind::Packet)
+        .map(|mut e| {
+            e.tcp_flags = vec![TcpFlag::Ack, TcpFlag::Fin];
+            e
+        })
+        .collect();
+    assert!(!leftovers.is_empty());
+    for (i, e) in leftovers.into_iter().enumerate() {
+        out.extend(engine.push(e, i as u64));
+    }
+    out.extend(engine.finish());
+    assert!(out.is_empty(), "{out:#?}");
 }

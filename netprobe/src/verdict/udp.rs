@@ -8,10 +8,13 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Context, Endpoint, Outcome, SCHEMA, Verdict, kernel_drop_verdict, last_left_via,
-    netfilter_verdict, no_listener, ns_name, timeline,
+    Context, Endpoint, Listener, Netfilter, Outcome, SCHEMA, Verdict, app_error,
+    kernel_drop_verdict, last_left_via, netfilter_verdict, no_listener, ns_name, timeline,
 };
-use crate::events::{Event, Kind};
+use crate::{
+    events::{Event, Kind, dns::Dns},
+    model::{Direction, Protocol, drop_reason},
+};
 
 /// A query with neither reply nor drop after this long is unanswered (resolvers retry after 5 s:
 /// glibc's `timeout:5`, CoreDNS's forwarders less).
@@ -34,6 +37,19 @@ pub struct DnsLookup {
 }
 
 impl DnsLookup {
+    /// The query as a DNS message header and question (a `dns_failure` event's `dns`).
+    pub fn question(&self) -> Dns {
+        Dns {
+            id: self.id,
+            query: true,
+            name: self.name.clone(),
+            qtype: self.qtype.clone(),
+            rcode: self.rcode.clone(),
+            answers: self.answers.unwrap_or(0),
+            truncated: false,
+        }
+    }
+
     /// `A seldon-scheduler.financial-inference.svc.cluster.local`
     pub fn describe(&self) -> String {
         format!(
@@ -57,7 +73,7 @@ pub struct UdpExchange {
 
 /// The client side of a UDP event: the side whose port is not the traced one.
 pub(super) fn client_of(e: &Event, port: u16) -> Option<(IpAddr, u16)> {
-    if e.protocol == "tcp" {
+    if e.protocol == Protocol::Tcp {
         return None;
     }
     let c = if e.dport == port {
@@ -87,196 +103,296 @@ pub(super) fn terminal(e: &Event, client: (IpAddr, u16)) -> bool {
         Kind::Packet => e.icmp.is_some() || is_reply(e, client),
         Kind::Drop => {
             (e.src, e.sport) == client
-                && e.drop.as_ref().is_some_and(|d| d.reason != "NOT_SPECIFIED")
+                && e.drop
+                    .as_ref()
+                    .is_some_and(|d| d.reason != drop_reason::NOT_SPECIFIED)
         }
         Kind::Netfilter => true,
         _ => false,
     }
 }
 
-/// Classifies one UDP exchange's events (sorted by time).
-pub(super) fn classify(events: &[Event], client: (IpAddr, u16), ctx: &Context) -> Verdict {
-    let from_client: Vec<&Event> = events
-        .iter()
-        .filter(|e| {
-            (e.src, e.sport) == client
-                && matches!(e.kind, Kind::Packet | Kind::Drop | Kind::Netfilter)
-                && e.icmp.is_none()
+/// What one exchange's events show, gathered once.
+struct Evidence<'a> {
+    /// The client's datagrams as seen passing checkpoints (each may be seen several times).
+    sent: Vec<&'a Event>,
+    replies: Vec<&'a Event>,
+    answer: Option<&'a Dns>,
+    lookup: Option<DnsLookup>,
+    dialed: Option<(IpAddr, u16)>,
+    server: (IpAddr, u16),
+    netfilter: Option<Netfilter>,
+    /// A drop of a datagram on its way back to the client (a reply that never arrives).
+    reply_dropped: bool,
+    drop: Option<&'a Event>,
+    no_socket: Option<&'a Event>,
+    icmp: Option<&'a Event>,
+    /// `The DNS query A name` or `The datagram`: how the explanation names the exchange.
+    what: String,
+}
+
+impl<'a> Evidence<'a> {
+    fn gather(events: &'a [Event], client: (IpAddr, u16), port: u16) -> Self {
+        let from_client: Vec<&Event> = events
+            .iter()
+            .filter(|e| {
+                (e.src, e.sport) == client
+                    && matches!(e.kind, Kind::Packet | Kind::Drop | Kind::Netfilter)
+                    && e.icmp.is_none()
+            })
+            .collect();
+        let sent: Vec<&Event> = from_client
+            .iter()
+            .copied()
+            .filter(|e| e.kind == Kind::Packet)
+            .collect();
+        let replies: Vec<&Event> = events.iter().filter(|e| is_reply(e, client)).collect();
+        let answer = replies
+            .iter()
+            .find_map(|e| e.dns.as_ref().filter(|d| !d.query));
+        let lookup = lookup_of(&sent, answer);
+        let dialed = sent.first().map(|e| (e.dst, e.dport));
+        let drop = from_client
+            .iter()
+            .copied()
+            .find(|e| e.kind == Kind::Drop && terminal(e, client));
+        Self {
+            server: from_client
+                .last()
+                .map(|e| (e.dst, e.dport))
+                .or(dialed)
+                .unwrap_or((client.0, port)),
+            netfilter: events.iter().find_map(|e| e.netfilter.clone()),
+            reply_dropped: reply_dropped(events, client),
+            no_socket: no_socket(events, drop),
+            icmp: events.iter().find(|e| e.icmp.is_some()),
+            what: lookup.as_ref().map_or_else(
+                || "The datagram".to_string(),
+                |l| format!("The DNS query {}", l.describe()),
+            ),
+            sent,
+            replies,
+            answer,
+            lookup,
+            dialed,
+            drop,
+        }
+    }
+
+    /// Each datagram passes several checkpoints: count them at the first one.
+    fn requests(&self) -> u32 {
+        let Some(first) = self.sent.first() else {
+            return 0;
+        };
+        self.sent
+            .iter()
+            .filter(|e| {
+                (&e.interface, &e.direction, &e.netns)
+                    == (&first.interface, &first.direction, &first.netns)
+            })
+            .count() as u32
+    }
+
+    /// What the explanation says before the rule's sentence.
+    fn rule_prefix(&self) -> Option<String> {
+        let what = &self.what;
+        self.netfilter.as_ref().map(|_| {
+            if self.reply_dropped {
+                format!("{what} was answered, but a rule stopped the reply on its way back. ")
+            } else {
+                format!("{what} was stopped by a rule. ")
+            }
         })
-        .collect();
-    let sent: Vec<&Event> = from_client
-        .iter()
-        .copied()
-        .filter(|e| e.kind == Kind::Packet)
-        .collect();
+    }
+}
+
+/// The DNS question the client asked (or, without it, the one the reply repeats) and the answer.
+fn lookup_of(sent: &[&Event], answer: Option<&Dns>) -> Option<DnsLookup> {
     let query = sent.iter().find_map(|e| e.dns.as_ref().filter(|d| d.query));
-    let replies: Vec<&Event> = events.iter().filter(|e| is_reply(e, client)).collect();
-    let answer = replies
-        .iter()
-        .find_map(|e| e.dns.as_ref().filter(|d| !d.query));
-    let dialed = sent.first().map(|e| (e.dst, e.dport));
-    let server = from_client
-        .last()
-        .map(|e| (e.dst, e.dport))
-        .or(dialed)
-        .unwrap_or((client.0, ctx.port));
-    let netfilter = events.iter().find_map(|e| e.netfilter.clone());
-    // A drop of a datagram on its way back to the client (a reply that never arrives).
-    let reply_dropped = events.iter().any(|e| {
-        matches!(e.kind, Kind::Drop | Kind::Netfilter)
-            && (e.dst, e.dport) == client
-            && e.drop.as_ref().is_none_or(|d| d.reason != "NOT_SPECIFIED")
-    });
-    let drop = from_client
-        .iter()
-        .copied()
-        .find(|e| e.kind == Kind::Drop && terminal(e, client));
-    let no_socket = drop
-        .filter(|d| d.drop.as_ref().is_some_and(|x| x.reason == "NO_SOCKET"))
-        .or_else(|| events.iter().find(|e| port_unreachable(e)));
-    let icmp = events.iter().find(|e| e.icmp.is_some());
-    let lookup = query.or(answer).map(|q| DnsLookup {
+    query.or(answer).map(|q| DnsLookup {
         id: q.id,
         name: q.name.clone(),
         qtype: q.qtype.clone(),
         rcode: answer.and_then(|a| a.rcode.clone()),
         answers: answer.map(|a| a.answers),
-    });
-    let what = lookup.as_ref().map_or_else(
-        || "The datagram".to_string(),
-        |l| format!("The DNS query {}", l.describe()),
-    );
-    // The client's own namespace: where its datagram was first seen leaving.
-    let client_ns = sent.first().and_then(|e| ns_name(e));
-    let mut listeners = Vec::new();
-    let mut next_steps = Vec::new();
-    let mut headline = None;
-    let (outcome, explanation) = if let Some(nf) = &netfilter {
-        let (o, why) = netfilter_verdict(nf, &mut next_steps);
-        if reply_dropped {
-            (
-                o,
-                format!("{what} was answered, but a rule stopped the reply on its way back. {why}"),
+    })
+}
+
+fn reply_dropped(events: &[Event], client: (IpAddr, u16)) -> bool {
+    events.iter().any(|e| {
+        matches!(e.kind, Kind::Drop | Kind::Netfilter)
+            && (e.dst, e.dport) == client
+            && e.drop
+                .as_ref()
+                .is_none_or(|d| d.reason != drop_reason::NOT_SPECIFIED)
+    })
+}
+
+/// The kernel found no socket: a NO_SOCKET drop of the client's datagram, or the ICMP port
+/// unreachable it sent.
+fn no_socket<'a>(events: &'a [Event], drop: Option<&'a Event>) -> Option<&'a Event> {
+    drop.filter(|d| {
+        d.drop
+            .as_ref()
+            .is_some_and(|x| x.reason == drop_reason::NO_SOCKET)
+    })
+    .or_else(|| events.iter().find(|e| port_unreachable(e)))
+}
+
+/// A reply came back: what its rcode means, and the headline that names it.
+fn answered(ev: &Evidence, next_steps: &mut Vec<String>) -> (String, Option<String>) {
+    let what = &ev.what;
+    let rcode = ev.answer.and_then(|a| a.rcode.as_deref());
+    let why = match rcode {
+        Some("NOERROR") => format!(
+            "{what} was answered: NOERROR, {} answer record(s).",
+            ev.answer.map_or(0, |a| a.answers)
+        ),
+        Some("NXDOMAIN") => {
+            next_steps.push("check the name: the Service or pod does not exist under it (namespace, search domains, ndots)".into());
+            format!(
+                "{what} was answered: NXDOMAIN, the name does not exist. That is the DNS server's answer, not a network failure."
             )
-        } else {
-            (o, format!("{what} was stopped by a rule. {why}"))
         }
-    } else if !replies.is_empty() && !sent.is_empty() {
-        let why = match answer.and_then(|a| a.rcode.as_deref()) {
-            Some("NOERROR") => format!(
-                "{what} was answered: NOERROR, {} answer record(s).",
-                answer.map_or(0, |a| a.answers)
-            ),
-            Some("NXDOMAIN") => {
-                next_steps.push("check the name: the Service or pod does not exist under it (namespace, search domains, ndots)".into());
-                format!(
-                    "{what} was answered: NXDOMAIN, the name does not exist. That is the DNS server's answer, not a network failure."
-                )
-            }
-            Some(rcode) => {
-                next_steps.push("look at the DNS server's logs (CoreDNS: kubectl -n kube-system logs -l k8s-app=kube-dns) and its upstreams".into());
-                format!(
-                    "{what} was answered with {rcode}: the DNS server was reached but could not answer."
-                )
-            }
-            None => "A reply came back.".to_string(),
-        };
-        if let Some(rcode) = answer.and_then(|a| a.rcode.as_deref()) {
-            headline = Some(format!("answered: {rcode}"));
+        Some(rcode) => {
+            next_steps.push("look at the DNS server's logs (CoreDNS: kubectl -n kube-system logs -l k8s-app=kube-dns) and its upstreams".into());
+            format!(
+                "{what} was answered with {rcode}: the DNS server was reached but could not answer."
+            )
         }
-        (Outcome::Answered, why)
-    } else if let Some(ns_ev) = no_socket {
+        None => "A reply came back.".to_string(),
+    };
+    (why, rcode.map(|r| format!("answered: {r}")))
+}
+
+fn unanswered(ev: &Evidence, next_steps: &mut Vec<String>) -> String {
+    let via = ev
+        .sent
+        .iter()
+        .rev()
+        .find(|e| e.direction == Some(Direction::Egress))
+        .map(|e| last_left_via("It", e))
+        .unwrap_or_default();
+    next_steps.push(if ev.lookup.is_some() {
+        "check the DNS server pods (kubectl -n kube-system get pods -l k8s-app=kube-dns) and that they are healthy; then the path to their node".into()
+    } else {
+        "check that the server reads its socket and answers; then the path to its node".into()
+    });
+    format!(
+        "{} left {} time(s), no reply came back and nothing on this node dropped it.{via}",
+        ev.what,
+        ev.sent.len()
+    )
+}
+
+/// What the verdict says: outcome, explanation, and a headline when it is not the outcome's.
+struct Decision {
+    outcome: Outcome,
+    explanation: String,
+    headline: Option<String>,
+}
+
+impl From<(Outcome, String)> for Decision {
+    fn from((outcome, explanation): (Outcome, String)) -> Self {
+        Self {
+            outcome,
+            explanation,
+            headline: None,
+        }
+    }
+}
+
+/// The outcome the evidence supports, strongest evidence first.
+fn decide(
+    ev: &Evidence,
+    ctx: &Context,
+    listeners: &mut Vec<Listener>,
+    next_steps: &mut Vec<String>,
+) -> Decision {
+    let what = &ev.what;
+    if let (Some(nf), Some(prefix)) = (&ev.netfilter, ev.rule_prefix()) {
+        let (o, why) = netfilter_verdict(nf, next_steps);
+        (o, format!("{prefix}{why}")).into()
+    } else if !ev.replies.is_empty() && !ev.sent.is_empty() {
+        let (explanation, headline) = answered(ev, next_steps);
+        Decision {
+            outcome: Outcome::Answered,
+            explanation,
+            headline,
+        }
+    } else if let Some(ns_ev) = ev.no_socket {
         // The ICMP error quotes the client's datagram: its destination is the server.
         let why = no_listener(
             ns_ev,
             ctx,
             "UDP",
             "the kernel answered with ICMP port unreachable (NO_SOCKET) and the client gets ECONNREFUSED or a failed lookup",
-            &mut listeners,
-            &mut next_steps,
+            listeners,
+            next_steps,
         );
         (
             Outcome::RefusedNoListener,
             format!("{what} reached no socket. {why}"),
         )
-    } else if let Some(d) = drop {
-        kernel_drop_verdict(d, "datagram", &mut next_steps)
-    } else if let Some(i) = icmp {
+            .into()
+    } else if let Some(d) = ev.drop {
+        kernel_drop_verdict(d, "datagram", next_steps).into()
+    } else if let Some(i) = ev.icmp {
         let c = i.icmp.as_ref().expect("icmp");
-        (
-            Outcome::Unreachable,
-            format!(
-                "{what} got an ICMP error (type {} code {}) from {} without a rule on this node rejecting it.",
-                c.icmp_type, c.code, i.src
-            ),
-        )
-    } else if !sent.is_empty() {
-        let via = sent
-            .iter()
-            .rev()
-            .find(|e| e.direction.as_deref() == Some("egress"))
-            .map(|e| last_left_via("It", e))
-            .unwrap_or_default();
-        next_steps.push(if lookup.is_some() {
-            "check the DNS server pods (kubectl -n kube-system get pods -l k8s-app=kube-dns) and that they are healthy; then the path to their node".into()
-        } else {
-            "check that the server reads its socket and answers; then the path to its node".into()
-        });
-        (
-            Outcome::Unanswered,
-            format!(
-                "{what} left {} time(s), no reply came back and nothing on this node dropped it.{via}",
-                sent.len()
-            ),
-        )
+        let why = format!(
+            "{what} got an ICMP error (type {} code {}) from {} without a rule on this node rejecting it.",
+            c.icmp_type, c.code, i.src
+        );
+        (Outcome::Unreachable, why).into()
+    } else if !ev.sent.is_empty() {
+        (Outcome::Unanswered, unanswered(ev, next_steps)).into()
     } else {
-        (
-            Outcome::Unknown,
-            "The trace ended before the exchange showed a result.".into(),
-        )
-    };
+        let why = "The trace ended before the exchange showed a result.";
+        (Outcome::Unknown, why.to_string()).into()
+    }
+}
+
+/// Classifies one UDP exchange's events (sorted by time).
+pub(super) fn classify(events: &[Event], client: (IpAddr, u16), ctx: &Context) -> Verdict {
+    let ev = Evidence::gather(events, client, ctx.port);
+    let mut listeners = Vec::new();
+    let mut next_steps = Vec::new();
+    let d = decide(&ev, ctx, &mut listeners, &mut next_steps);
     let plain = |(addr, port): (IpAddr, u16), netns| Endpoint {
         netns,
         ..Endpoint::at(addr, port)
     };
-    let server_ns = no_socket.and_then(ns_name);
+    // The client's own namespace: where its datagram was first seen leaving.
+    let client_ns = ev.sent.first().and_then(|e| ns_name(e));
     Verdict {
         schema: SCHEMA.into(),
         kind: "verdict".into(),
-        outcome,
-        headline: headline.unwrap_or_else(|| outcome.headline().into()),
+        outcome: d.outcome,
+        headline: d.headline.unwrap_or_else(|| d.outcome.headline().into()),
         client: plain(client, client_ns),
-        server: plain(server, server_ns),
-        dialed: dialed.filter(|d| *d != server).map(|d| plain(d, None)),
+        server: plain(ev.server, ev.no_socket.and_then(ns_name)),
+        dialed: ev
+            .dialed
+            .filter(|x| *x != ev.server)
+            .map(|x| plain(x, None)),
         timeline: timeline(events),
-        explanation,
+        explanation: d.explanation,
         next_steps,
-        drop: drop.and_then(|e| e.drop.clone()),
-        netfilter,
+        drop: ev.drop.and_then(|e| e.drop.clone()),
+        rule_prefix: ev.rule_prefix(),
+        netfilter: ev.netfilter.clone(),
         listeners,
         syn_retransmits: 0,
         // A connected UDP socket reports the ICMP error it got (ECONNREFUSED).
-        app_error: events.iter().rev().find_map(|e| {
-            e.error
-                .as_ref()
-                .filter(|x| x.errno != 0)
-                .map(|x| x.name.clone())
-        }),
+        app_error: app_error(events),
         arrived_via: None,
         left_via: None,
         route: None,
         cross_node: None,
         udp: Some(UdpExchange {
-            // Each datagram passes several checkpoints: count them at the first one.
-            requests: sent
-                .iter()
-                .filter(|e| {
-                    (&e.interface, &e.direction, &e.netns)
-                        == (&sent[0].interface, &sent[0].direction, &sent[0].netns)
-                })
-                .count() as u32,
-            replied: !replies.is_empty() && !reply_dropped,
-            dns: lookup,
+            requests: ev.requests(),
+            replied: !ev.replies.is_empty() && !ev.reply_dropped,
+            dns: ev.lookup,
         }),
     }
 }

@@ -3,7 +3,6 @@
 //! sees, and the object behind the rule.
 
 pub mod legacy;
-pub mod owners;
 pub mod ruleset;
 
 use std::{
@@ -11,57 +10,12 @@ use std::{
     process::Command,
 };
 
-use serde::{Deserialize, Serialize};
+use crate::model::{Backend, NfAction, OwnerSystem};
 
+use crate::attribution::cni;
+pub use crate::attribution::{Netfilter, Owner, Step};
 use crate::sources::nftrace::{TraceMsg, TraceType, Verdict};
-pub use owners::Owner;
 pub use ruleset::{RuleRef, Ruleset};
-
-/// One step of a packet's way through netfilter.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Step {
-    pub table: String,
-    pub chain: String,
-    /// Rule handle; absent for a chain policy.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub handle: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    pub verdict: String,
-}
-
-/// The rule that decided a packet's fate, and why it exists.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Netfilter {
-    /// `iptables-nft` (iptables rules in nf_tables), `nftables` (native), `iptables-legacy`.
-    pub backend: String,
-    /// nf_tables family of the table: `ip`, `ip6`, `inet`.
-    pub family: String,
-    /// Netfilter hook of the base chain the packet entered: `prerouting`, `input`, `forward`, …
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hook: Option<String>,
-    pub table: String,
-    pub chain: String,
-    /// nf_tables rule handle (absent when a chain policy decided).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub handle: Option<u64>,
-    /// 1-based position in the chain (as `iptables -L --line-numbers`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub position: Option<usize>,
-    /// Full rule text (iptables-save syntax for iptables-nft tables, nft syntax otherwise).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub comments: Vec<String>,
-    /// `drop` or `reject`.
-    pub action: String,
-    /// What the client application sees: `timeout` (silent drop), `connection refused`,
-    /// `no route to host`.
-    pub client_sees: String,
-    /// Chains and rules the packet went through before, in order.
-    pub path: Vec<Step>,
-    pub owner: Owner,
-}
 
 /// Reject flavours and what the peer application sees.
 fn reject_effect(text: &str) -> Option<&'static str> {
@@ -104,23 +58,19 @@ pub fn attribute(path: &[TraceMsg], rs: &Ruleset) -> Option<Netfilter> {
         });
     let dst = path_tuple(path).map(|(_, _, d, p)| (d, p));
     let owner = match &rule {
-        Some(r) => owners::owner_of(rs, r, dst),
-        None => Owner {
-            system: "user".into(),
-            kind: if last.kind == TraceType::Policy {
-                "chain-policy-drop".into()
+        Some(r) => cni::owner_of(rs, r, dst),
+        None => Owner::new(
+            OwnerSystem::User,
+            if last.kind == TraceType::Policy {
+                "chain-policy-drop"
             } else {
-                "unknown-rule".into()
+                "unknown-rule"
             },
-            policies: Vec::new(),
-            object: None,
-            interface: None,
-            workload: None,
-            explanation: format!(
+            format!(
                 "The policy of chain {} {} {} is drop",
                 family, last.table, last.chain
             ),
-        },
+        ),
     };
     let steps = path
         .iter()
@@ -153,9 +103,9 @@ pub fn attribute(path: &[TraceMsg], rs: &Ruleset) -> Option<Netfilter> {
         || rs.has_iptables_table(&family, &last.table);
     Some(Netfilter {
         backend: if iptables_nft {
-            "iptables-nft".into()
+            Backend::IptablesNft
         } else {
-            "nftables".into()
+            Backend::Nftables
         },
         family,
         hook,
@@ -166,9 +116,9 @@ pub fn attribute(path: &[TraceMsg], rs: &Ruleset) -> Option<Netfilter> {
         rule: text,
         comments: rule.map(|r| r.comments).unwrap_or_default(),
         action: if reject.is_some() {
-            "reject".into()
+            NfAction::Reject
         } else {
-            "drop".into()
+            NfAction::Drop
         },
         client_sees: reject.unwrap_or("timeout").into(),
         path: steps,
@@ -184,20 +134,20 @@ pub fn attribute_legacy(
 ) -> Option<Netfilter> {
     let rule = fired.first()?;
     let reject = reject_effect(&rule.text);
-    let mut owner = owners::owner_of(rs, rule, dst);
+    let mut owner = cni::owner_of(rs, rule, dst);
     if fired.len() > 1 {
         let others: Vec<String> = fired[1..]
             .iter()
             .map(|r| format!("{} {} #{}", r.table, r.chain, r.position.unwrap_or(0)))
             .collect();
-        owner.explanation.push_str(&format!(
+        owner.add_note(&format!(
             " (other legacy rules that also dropped meanwhile: {})",
             others.join(", ")
         ));
     }
     let builtin = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
     Some(Netfilter {
-        backend: "iptables-legacy".into(),
+        backend: Backend::IptablesLegacy,
         family: rule.family.clone(),
         hook: builtin
             .contains(&rule.chain.as_str())
@@ -209,9 +159,9 @@ pub fn attribute_legacy(
         rule: Some(rule.text.clone()),
         comments: rule.comments.clone(),
         action: if reject.is_some() {
-            "reject".into()
+            NfAction::Reject
         } else {
-            "drop".into()
+            NfAction::Drop
         },
         client_sees: reject.unwrap_or("timeout").into(),
         path: Vec::new(),
@@ -443,7 +393,7 @@ COMMIT
             ))
             .expect("drop ends the path");
         let nf = attribute(&path, &rs).unwrap();
-        assert_eq!(nf.backend, "iptables-nft");
+        assert_eq!(nf.backend, Backend::IptablesNft);
         assert_eq!(nf.hook.as_deref(), Some("forward"));
         assert_eq!(nf.chain, "cali-tw-cali0123456789a");
         assert_eq!(nf.position, Some(6));
@@ -451,7 +401,7 @@ COMMIT
             nf.comments
                 .contains(&"Drop if no policies passed packet".to_string())
         );
-        assert_eq!(nf.action, "drop");
+        assert_eq!(nf.action, NfAction::Drop);
         assert_eq!(nf.client_sees, "timeout");
         assert_eq!(nf.owner.kind, "calico-end-of-tier-deny");
         assert_eq!(

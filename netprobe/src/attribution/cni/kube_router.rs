@@ -1,0 +1,65 @@
+//! kube-router (k3s's network policy controller): its chain names change between versions,
+//! so rules are recognised by their comments: `rule to REJECT traffic destined for POD
+//! name:<pod> namespace: <ns>`, `run through nw policy <name>`, `rule to drop invalid state
+//! for pod …`.
+
+use crate::{
+    attribution::Owner,
+    enrich::rules::ruleset::{RuleRef, Ruleset},
+    model::Cni,
+};
+
+const POD_REJECT: &str = "rule to REJECT traffic destined for POD name:";
+const POLICY_JUMP: &str = "run through nw policy ";
+const INVALID_STATE: &str = "rule to drop invalid state for pod";
+
+pub fn owner(rs: &Ruleset, rule: &RuleRef) -> Option<Owner> {
+    rule.comments.iter().find_map(|c| {
+        if let Some(rest) = c.strip_prefix(POD_REJECT) {
+            return Some(policy_reject(rs, rule, rest));
+        }
+        c.starts_with(INVALID_STATE).then(|| {
+            Owner::new(
+                Cni::KubeRouter,
+                "kube-router-ctstate-invalid",
+                "kube-router drops packets conntrack considers INVALID".into(),
+            )
+        })
+    })
+}
+
+/// `rest`: `<pod> namespace: <ns>`; the policies are the chain's `run through nw policy` jumps.
+fn policy_reject(rs: &Ruleset, rule: &RuleRef, rest: &str) -> Owner {
+    let (pod, ns) = rest
+        .split_once(" namespace: ")
+        .map(|(p, n)| (p.trim(), n.trim()))
+        .unwrap_or((rest.trim(), "?"));
+    let policies: Vec<String> = rs
+        .rules_of(&rule.family, &rule.table, &rule.chain)
+        .iter()
+        .flat_map(|r| r.comments.clone())
+        .filter_map(|c| {
+            c.strip_prefix(POLICY_JUMP)
+                .map(|p| format!("{ns}/{}", p.trim()))
+        })
+        .collect();
+    let mut o = Owner::new(
+        Cni::KubeRouter,
+        "kube-router-policy-reject",
+        format!(
+            "NetworkPolicies select pod {ns}/{pod} and none admits this flow (k3s network policy controller){}",
+            if policies.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", policies.join(", "))
+            }
+        ),
+    );
+    o.object = Some(format!("{ns}/{pod}"));
+    o.policies = policies;
+    o
+}
+
+pub fn next_step() -> String {
+    "check the NetworkPolicies selecting the destination pod (k3s network policy controller)".into()
+}
