@@ -3,6 +3,7 @@
 //! formats, interface naming, explanations and next steps; the verdict engine only asks.
 
 pub mod cni;
+pub mod rules;
 
 use serde::{Deserialize, Serialize};
 

@@ -9,7 +9,6 @@ pub mod listeners;
 pub mod names;
 pub mod pods;
 pub mod route;
-pub mod rules;
 pub mod stages;
 
 use std::collections::HashMap;
@@ -24,7 +23,7 @@ use crate::{
 use kallsyms::Kallsyms;
 
 /// Enrichment that runs inside the session on every routed event, in order: names, conntrack,
-/// rule counters ([`stages`], [`crate::sources::xtables`]).
+/// rule counters (see `stages` here and `sources/xtables.rs`).
 pub trait Stage {
     /// Adds what this stage knows to `e`; events it derives (a rule found by counter
     /// difference) go to `derived` and pass the stages after it.

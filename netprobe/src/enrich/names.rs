@@ -1,5 +1,5 @@
 //! Names for what the kernel saw: this node's pods and Services from the Kubernetes API, bound
-//! to the network namespaces behind its veths, applied to events and verdicts.
+//! to the network namespaces behind its veths, applied to events (verdicts are named by `session::judge`).
 
 use std::net::IpAddr;
 
@@ -65,76 +65,16 @@ impl PodContext {
         e.destination = Some(self.inventory.peer(e.dst, e.dport, ns, None));
     }
 
-    /// Is this verdict about the client pod asked for (if any)?
-    pub fn wanted(&self, v: &crate::verdict::Verdict) -> bool {
-        let Some((ns, name)) = &self.from_pod else {
-            return true;
-        };
-        let Some(peer) = &v.client.peer else {
-            return false;
-        };
-        peer.pod.as_deref() == Some(name.as_str())
-            && ns
-                .as_ref()
-                .is_none_or(|n| peer.namespace.as_ref() == Some(n))
+    /// The inode of a traced namespace, by the name events and verdicts carry.
+    pub fn netns_inode(&self, name: &str) -> Option<u64> {
+        self.inodes.get(name).copied()
     }
 
-    pub fn annotate_verdict(&self, v: &mut crate::verdict::Verdict) {
-        let inode = |n: &Option<String>| n.as_ref().and_then(|n| self.inodes.get(n)).copied();
-        let cgroup = v.client.pid.and_then(cgroup_of);
-        v.client.peer = Some(self.inventory.peer(
-            v.client.addr,
-            v.client.port,
-            inode(&v.client.netns),
-            cgroup.as_deref(),
-        ));
-        v.server.peer =
-            Some(
-                self.inventory
-                    .peer(v.server.addr, v.server.port, inode(&v.server.netns), None),
-            );
-        if let Some(d) = &mut v.dialed {
-            d.peer = Some(self.inventory.peer(d.addr, d.port, None, None));
-        }
-        if let Some(iface) = v
-            .netfilter
+    /// `--from-pod`: (namespace, name) of the only client pod of interest.
+    pub fn from_pod(&self) -> Option<(Option<&str>, &str)> {
+        self.from_pod
             .as_ref()
-            .and_then(|nf| nf.owner.interface.as_ref())
-            && let Some(pod) = self.inventory.pod_of_calico_iface(iface)
-        {
-            v.name_rule_workload(format!("{}/{}", pod.namespace, pod.name));
-        }
-        let server_ns = inode(&v.server.netns);
-        for l in &mut v.listeners {
-            let cg = l.pid.and_then(cgroup_of);
-            l.container = self
-                .inventory
-                .peer(l.addr, l.port, server_ns, cg.as_deref())
-                .container;
-        }
-        // What the pod declares versus what listens: the classic S2 misconfiguration.
-        if v.outcome == crate::verdict::Outcome::RefusedNoListener
-            && let Some(peer) = &v.server.peer
-            && let (Some(ns), Some(name)) = (&peer.namespace, &peer.pod)
-            && let Some(pod) = self.inventory.find_pod(Some(ns), name).first()
-        {
-            let declared: Vec<String> = pod
-                .ports
-                .iter()
-                .map(|(c, p)| format!("{p} ({c})"))
-                .collect();
-            if let Some((c, _)) = pod.ports.iter().find(|(_, p)| *p == v.server.port) {
-                v.explanation.push_str(&format!(
-                    " Pod {ns}/{name} declares containerPort {} in container {c}, but nothing listens on it.",
-                    v.server.port
-                ));
-            } else if !declared.is_empty() {
-                v.explanation.push_str(&format!(
-                    " Pod {ns}/{name} declares containerPorts {}.",
-                    declared.join(", ")
-                ));
-            }
-        }
+            .map(|(ns, name)| (ns.as_deref(), name.as_str()))
     }
 }
 

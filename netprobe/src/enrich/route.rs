@@ -5,8 +5,8 @@ use std::net::IpAddr;
 
 use crate::{
     error::Result,
+    model::{Encap, RouteHint},
     netlink,
-    verdict::{Encap, RouteHint},
 };
 
 /// The route the calling thread's namespace uses toward `dst`; `None` when there is none.

@@ -7,6 +7,7 @@ mod names;
 mod outcome;
 mod packet;
 mod peer;
+mod route;
 
 use std::borrow::Cow;
 
@@ -16,6 +17,7 @@ pub(crate) use names::{by_name, fixed_names};
 pub use outcome::{DnsFailureReason, Outcome};
 pub use packet::{Direction, Family, Protocol, TcpFlag, TcpState, drop_reason};
 pub use peer::Peer;
+pub use route::{Encap, RouteHint};
 
 /// What a netfilter rule did to the packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

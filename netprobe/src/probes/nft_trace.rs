@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::{
-    enrich::rules::NETPROBE_TABLE_PREFIX,
+    attribution::rules::NETPROBE_TABLE_PREFIX,
     error::{Error, Result},
     netns::NetnsRef,
 };

@@ -5,7 +5,7 @@
 use std::{cell::RefCell, rc::Rc, time::Instant};
 
 use crate::{
-    enrich::names::PodContext,
+    enrich::{names::PodContext, pods::cgroup_of},
     events::Event,
     verdict::{Engine, Outcome, Verdict},
 };
@@ -77,8 +77,8 @@ impl Judge {
                     && (self.name_healthy || failed(&v))
                 {
                     let names = names.borrow();
-                    names.annotate_verdict(&mut v);
-                    if !names.wanted(&v) {
+                    name_verdict(&names, &mut v);
+                    if !wanted(&names, &v) {
                         return None;
                     }
                 }
@@ -104,5 +104,79 @@ fn add_route_hint(v: &mut Verdict) {
         v.explanation
             .push_str(&format!(" This node routes {} {}.", r.dst, r.describe()));
         v.route = Some(r);
+    }
+}
+
+/// Is this verdict about the client pod asked for (if any)?
+fn wanted(names: &PodContext, v: &Verdict) -> bool {
+    let Some((ns, name)) = names.from_pod() else {
+        return true;
+    };
+    let Some(peer) = &v.client.peer else {
+        return false;
+    };
+    peer.pod.as_deref() == Some(name) && ns.is_none_or(|n| peer.namespace.as_deref() == Some(n))
+}
+
+/// Pod, container, node or Service of both endpoints, of the dialled address, of the listeners
+/// and of the workload behind a Calico interface; for a refusal, what the pod declares.
+fn name_verdict(names: &PodContext, v: &mut Verdict) {
+    let inode = |n: &Option<String>| n.as_deref().and_then(|n| names.netns_inode(n));
+    let inv = &names.inventory;
+    let cgroup = v.client.pid.and_then(cgroup_of);
+    v.client.peer = Some(inv.peer(
+        v.client.addr,
+        v.client.port,
+        inode(&v.client.netns),
+        cgroup.as_deref(),
+    ));
+    let server_ns = inode(&v.server.netns);
+    v.server.peer = Some(inv.peer(v.server.addr, v.server.port, server_ns, None));
+    if let Some(d) = &mut v.dialed {
+        d.peer = Some(inv.peer(d.addr, d.port, None, None));
+    }
+    if let Some(iface) = v
+        .netfilter
+        .as_ref()
+        .and_then(|nf| nf.owner.interface.as_ref())
+        && let Some(pod) = inv.pod_of_calico_iface(iface)
+    {
+        v.name_rule_workload(format!("{}/{}", pod.namespace, pod.name));
+    }
+    for l in &mut v.listeners {
+        let cg = l.pid.and_then(cgroup_of);
+        l.container = inv.peer(l.addr, l.port, server_ns, cg.as_deref()).container;
+    }
+    if v.outcome == Outcome::RefusedNoListener {
+        declared_ports(names, v);
+    }
+}
+
+/// What the pod declares versus what listens: the classic S2 misconfiguration.
+fn declared_ports(names: &PodContext, v: &mut Verdict) {
+    let Some(peer) = &v.server.peer else {
+        return;
+    };
+    let (Some(ns), Some(name)) = (&peer.namespace, &peer.pod) else {
+        return;
+    };
+    let Some(pod) = names.inventory.find_pod(Some(ns), name).first().copied() else {
+        return;
+    };
+    let declared: Vec<String> = pod
+        .ports
+        .iter()
+        .map(|(c, p)| format!("{p} ({c})"))
+        .collect();
+    if let Some((c, _)) = pod.ports.iter().find(|(_, p)| *p == v.server.port) {
+        v.explanation.push_str(&format!(
+            " Pod {ns}/{name} declares containerPort {} in container {c}, but nothing listens on it.",
+            v.server.port
+        ));
+    } else if !declared.is_empty() {
+        v.explanation.push_str(&format!(
+            " Pod {ns}/{name} declares containerPorts {}.",
+            declared.join(", ")
+        ));
     }
 }

@@ -5,10 +5,8 @@
 
 use super::nftrace::SharedRules;
 use crate::{
-    enrich::{
-        Stage,
-        rules::{attribute_legacy, legacy},
-    },
+    attribution::rules::{attribute_legacy, legacy},
+    enrich::Stage,
     events::{self, Event, Kind},
 };
 

@@ -7,7 +7,7 @@
 use super::{Side, has};
 use crate::{
     attribution::Owner,
-    enrich::rules::ruleset::{RuleRef, Ruleset},
+    attribution::rules::ruleset::{RuleRef, Ruleset},
     model::Cni,
 };
 

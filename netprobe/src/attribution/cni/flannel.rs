@@ -1,7 +1,7 @@
 //! Flannel: `FLANNEL-…` chains (iptables) and `flannel…` tables (nft). Flannel itself only
 //! accepts and masquerades; a drop in its chains is a leftover of an old configuration.
 
-use crate::{attribution::Owner, enrich::rules::RuleRef, model::Cni};
+use crate::{attribution::Owner, attribution::rules::RuleRef, model::Cni};
 
 pub fn owns(rule: &RuleRef) -> bool {
     rule.chain.starts_with("FLANNEL") || rule.table.starts_with("flannel")

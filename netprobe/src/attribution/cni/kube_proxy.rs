@@ -5,7 +5,7 @@
 use super::has;
 use crate::{
     attribution::Owner,
-    enrich::rules::ruleset::{RuleRef, Ruleset},
+    attribution::rules::ruleset::{RuleRef, Ruleset},
     model::Cni,
 };
 

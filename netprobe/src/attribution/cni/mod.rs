@@ -12,7 +12,7 @@ pub mod kube_router;
 use super::Owner;
 pub use crate::model::Cni;
 use crate::{
-    enrich::rules::{Netfilter, RuleRef, Ruleset},
+    attribution::rules::{Netfilter, RuleRef, Ruleset},
     model::OwnerSystem,
 };
 

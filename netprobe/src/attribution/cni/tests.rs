@@ -23,7 +23,7 @@ fn a_policy_chain_cycle_does_not_recurse_forever() {
 }
 
 use super::*;
-use crate::enrich::rules::ruleset::{RuleRef, Ruleset};
+use crate::attribution::rules::ruleset::{RuleRef, Ruleset};
 use crate::model::OwnerSystem;
 
 #[test]

@@ -4,8 +4,6 @@
 //! `netfilter` event naming the rule and its owner. One reader thread per namespace (a blocking
 //! netlink socket); the table and the threads go away when the source is dropped.
 
-mod parse;
-
 use std::{
     cell::RefCell,
     net::IpAddr,
@@ -20,18 +18,16 @@ use std::{
 use futures::future::LocalBoxFuture;
 use tokio::sync::mpsc;
 
-pub use parse::{TraceMsg, TraceSocket, TraceType, Verdict, parse_trace};
+pub use crate::netlink::nftrace::{TraceMsg, TraceSocket};
 
 use crate::{
-    enrich::{
-        Enricher,
-        rules::{
-            PathCollector, attribute, fetch_ruleset,
-            legacy::{self, Counters},
-            path_tuple,
-            ruleset::Ruleset,
-        },
+    attribution::rules::{
+        PathCollector, attribute, fetch_ruleset,
+        legacy::{self, Counters},
+        path_tuple,
+        ruleset::Ruleset,
     },
+    enrich::Enricher,
     error::{Error, Result},
     events::{self, Event},
     netns::NetnsRef,

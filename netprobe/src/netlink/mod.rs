@@ -4,6 +4,8 @@
 
 use std::{io, os::fd::RawFd};
 
+pub mod nftrace;
+
 use crate::error::{Error, Result};
 
 const NLMSG_HDRLEN: usize = 16;

@@ -14,7 +14,7 @@ use crate::model::{Backend, NfAction, OwnerSystem};
 
 use crate::attribution::cni;
 pub use crate::attribution::{Netfilter, Owner, Step};
-use crate::sources::nftrace::{TraceMsg, TraceType, Verdict};
+use crate::netlink::nftrace::{TraceMsg, TraceType, Verdict};
 pub use ruleset::{RuleRef, Ruleset};
 
 /// Reject flavours and what the peer application sees.
