@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, io::Write};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     events::{Event, Kind},
@@ -16,9 +16,11 @@ pub enum Format {
 }
 
 /// Printed once when a trace ends: what was delivered and what was lost.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Summary {
+    #[serde(deserialize_with = "summary_tag")]
     pub schema: &'static str,
+    #[serde(deserialize_with = "summary_tag")]
     pub kind: &'static str,
     pub events: u64,
     /// Events the kernel could not queue (ring buffer full): counted, never silent.
@@ -34,6 +36,15 @@ pub struct Summary {
     /// Connection attempts judged, and how many of them failed.
     pub attempts: u64,
     pub failed: u64,
+}
+
+/// A summary's constant tags, read back (cluster mode relays a node's summary).
+fn summary_tag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    let tag = String::deserialize(d)?;
+    [crate::events::SCHEMA, "summary"]
+        .into_iter()
+        .find(|t| *t == tag)
+        .ok_or_else(|| serde::de::Error::custom(format!("not a summary tag: `{tag}`")))
 }
 
 pub struct Printer<W: Write> {
@@ -182,18 +193,17 @@ pub fn verdict_text(v: &Verdict) -> String {
             None => s.push_str(&format!("  UDP, {} datagram(s), {reply}\n", u.requests)),
         }
     }
-    // A joined cross-node timeline has one clock per node ("[node] …" checkpoints).
-    let clock = |c: &crate::verdict::Checkpoint| {
-        c.what
-            .strip_prefix('[')
-            .and_then(|r| r.split_once("] "))
-            .map(|(n, _)| n.to_string())
-    };
+    // A joined cross-node timeline has one clock per node (the checkpoints' `node`).
     let mut t0 = std::collections::HashMap::new();
     for c in &v.timeline {
-        let t0 = *t0.entry(clock(c)).or_insert(c.time_ns);
+        let t0 = *t0.entry(c.node.as_deref()).or_insert(c.time_ns);
+        let node = c
+            .node
+            .as_ref()
+            .map(|n| format!("[{n}] "))
+            .unwrap_or_default();
         s.push_str(&format!(
-            "    +{:>9.3} ms  {}\n",
+            "    +{:>9.3} ms  {node}{}\n",
             (c.time_ns.saturating_sub(t0)) as f64 / 1e6,
             c.what
         ));
