@@ -8,6 +8,7 @@
 //! [`trace`] wires them together for the `trace` command; front-ends stay thin.
 
 pub mod agent;
+pub mod cluster;
 pub mod collectors;
 pub mod enrich;
 pub mod error;
@@ -16,7 +17,6 @@ pub mod netlink;
 pub mod netns;
 pub mod outputs;
 pub mod probes;
-pub mod remote;
 pub mod trace;
 pub mod verdict;
 

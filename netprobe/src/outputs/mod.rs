@@ -19,9 +19,9 @@ pub enum Format {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Summary {
     #[serde(deserialize_with = "summary_tag")]
-    pub schema: &'static str,
+    pub schema: Tag,
     #[serde(deserialize_with = "summary_tag")]
-    pub kind: &'static str,
+    pub kind: Tag,
     pub events: u64,
     /// Events the kernel could not queue (ring buffer full): counted, never silent.
     pub lost: u64,
@@ -37,6 +37,10 @@ pub struct Summary {
     pub attempts: u64,
     pub failed: u64,
 }
+
+/// A constant tag. (Named: serde borrows a field spelled `&str` from its input; this one is read
+/// by [`summary_tag`].)
+pub type Tag = &'static str;
 
 /// A summary's constant tags, read back (cluster mode relays a node's summary).
 fn summary_tag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
