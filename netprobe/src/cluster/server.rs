@@ -290,9 +290,11 @@ async fn pump(
     let mut reading = true;
     loop {
         tokio::select! {
+            // One control line is all a client says (after a stop, a vanished client shows
+            // as a failed write).
             c = &mut reader, if reading => {
-                reading = matches!(c, Control::Stop);
-                let gone = !reading;
+                reading = false;
+                let gone = matches!(c, Control::Gone);
                 let _ = control.send(c);
                 if gone { return; }
             }
