@@ -317,6 +317,27 @@ mod tests {
     }
 
     #[test]
+    fn recorded_events_are_relayed_byte_identical() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/verdict/fixtures");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            for line in text.lines() {
+                let Frame::Event { event } = Frame::of_trace_record(line) else {
+                    panic!("not an event: {line}");
+                };
+                let framed = String::from_utf8(Frame::Event { event }.line()).unwrap();
+                let Ok(Frame::Event { event }) = Frame::parse(&framed) else {
+                    panic!("{framed}");
+                };
+                assert_eq!(serde_json::to_string(&event).unwrap(), line);
+                checked += 1;
+            }
+        }
+        assert!(checked > 20);
+    }
+
+    #[test]
     fn trace_records_become_typed_frames() {
         let v = verdict();
         let line = serde_json::to_string(&v).unwrap();
