@@ -5,7 +5,7 @@
 //! stages, a DNS judge (failed lookups), and as sinks the storm-controlled NDJSON log on stdout
 //! (schema `netprobe.event/v1`), Prometheus `/metrics` and Kubernetes Events. It serves
 //! `/metrics`, `/healthz`, `/readyz` and `/v1/trace` (cluster-mode trace, see
-//! [`crate::remote`]) on a loopback address. SIGTERM/SIGINT: detach and exit.
+//! [`crate::cluster`]) on a loopback address. SIGTERM/SIGINT: detach and exit.
 
 use std::{
     cell::{Cell, RefCell},
@@ -19,7 +19,6 @@ use std::{
 
 use futures::future::LocalBoxFuture;
 use netprobe_common::{DNS_PORT, Filter, quiet};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
     enrich::{
@@ -97,70 +96,29 @@ fn interesting(e: &Event) -> bool {
     }
 }
 
-async fn serve_http(
-    listener: tokio::net::TcpListener,
-    metrics: SharedMetrics,
-    traces: crate::remote::TraceServer,
-) {
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        let traces = traces.clone();
-        tokio::spawn(async move {
-            // A request head may arrive in pieces: read up to its end (or 4 KiB, or 5 s).
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            let head = async {
-                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), head).await;
-            let req = String::from_utf8_lossy(&buf[..n]).to_string();
-            let target = req.split_whitespace().nth(1).unwrap_or("/");
-            let (path, query) = target.split_once('?').unwrap_or((target, ""));
-            if path == crate::remote::TRACE_PATH {
-                traces.serve(sock, query).await;
-                return;
-            }
-            let (code, body) = {
-                let m = metrics.lock().expect("metrics lock");
-                match path {
-                    "/metrics" => (200, m.render()),
-                    "/healthz" => (200, "ok\n".to_string()),
-                    "/readyz" if m.ready && m.degraded.is_empty() => (200, "ready\n".to_string()),
-                    // Still useful (drops or resets are still seen): ready, and says what is missing.
-                    "/readyz" if m.ready => (
-                        200,
-                        format!(
-                            "ready, degraded: {}\n",
-                            m.degraded
-                                .iter()
-                                .map(|(p, why)| format!("probe {p} refused by the kernel ({why})"))
-                                .collect::<Vec<_>>()
-                                .join("; ")
-                        ),
-                    ),
-                    "/readyz" => (503, "probes not attached yet\n".to_string()),
-                    _ => (404, "not found\n".to_string()),
-                }
-            };
-            let reason = match code {
-                200 => "OK",
-                503 => "Service Unavailable",
-                _ => "Not Found",
-            };
-            let resp = format!(
-                "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
+/// The agent's metrics state as its HTTP endpoints read it.
+struct Status(SharedMetrics);
+
+impl crate::cluster::server::AgentStatus for Status {
+    fn metrics(&self) -> String {
+        self.0.lock().expect("metrics lock").render()
+    }
+
+    fn readiness(&self) -> std::result::Result<String, String> {
+        let m = self.0.lock().expect("metrics lock");
+        match (m.ready, m.degraded.is_empty()) {
+            (true, true) => Ok("ready\n".into()),
+            // Still useful (drops or resets are still seen): ready, and says what is missing.
+            (true, false) => Ok(format!(
+                "ready, degraded: {}\n",
+                m.degraded
+                    .iter()
+                    .map(|(p, why)| format!("probe {p} refused by the kernel ({why})"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+            (false, _) => Err("probes not attached yet\n".into()),
+        }
     }
 }
 
@@ -391,10 +349,10 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
         .await
         .map_err(|e| Error::io(format!("listening on {}", opts.metrics_addr), e))?;
-    tokio::spawn(serve_http(
+    tokio::spawn(crate::cluster::server::serve(
         listener,
-        metrics.clone(),
-        crate::remote::TraceServer::new()?,
+        std::sync::Arc::new(Status(metrics.clone())),
+        crate::cluster::server::TraceServer::new()?,
     ));
     // Held until the agent exits; the kernel turns the statistics off when it is closed.
     let _run_time_stats = opts

@@ -22,15 +22,18 @@
 //! - [`model`] holds the typed vocabulary every stage shares (outcomes, endpoints, TCP states,
 //!   netfilter actions, rule owners, pods as peers); it depends on nothing else in the crate.
 //! - [`enrich`] names things: reasons, code locations, namespaces, interfaces, pods and Services
-//!   ([`enrich::names`]), netfilter rules ([`enrich::rules`]), conntrack, routes, listeners.
-//!   [`enrich::stages`] runs them inside the session. [`attribution`] holds what each CNI's
-//!   rules mean (`attribution/cni/`: Calico, kube-proxy, kube-router, Flannel).
+//!   ([`enrich::names`]), conntrack, routes, listeners; [`enrich::stages`] runs them inside the
+//!   session.
+//! - [`attribution`] says which netfilter rule decided ([`attribution::rules`]: nftables trace
+//!   paths, rulesets, iptables-legacy counters) and what it means in the words of the CNI that
+//!   wrote it ([`attribution::cni`]: Calico, kube-proxy, kube-router, Flannel).
 //! - [`verdict`] is pure: it groups events into connection attempts (or DNS lookups) and judges
 //!   each with the evidence it has; [`session::Judge`] feeds it and names its endpoints.
 //! - [`sinks`] print or export: [`sinks::text`], [`sinks::ndjson`] (the only NDJSON writer),
 //!   [`sinks::prometheus`], [`sinks::kube_events`], [`sinks::storm`] (the agent's log).
 //! - [`trace`] and [`agent`] are the front-ends: each resolves its scope, attaches the probes and
-//!   configures a [`session::Session`]; [`remote`] is cluster mode. `main.rs` only parses flags.
+//!   configures a [`session::Session`]; [`cluster`] is cluster mode (protocol, agent-side server,
+//!   laptop-side client, cross-node plan). `main.rs` only parses flags.
 //!
 //! # Where to add things
 //!
@@ -50,6 +53,7 @@
 
 pub mod agent;
 pub mod attribution;
+pub mod cluster;
 pub mod enrich;
 pub mod error;
 pub mod events;
@@ -57,7 +61,6 @@ pub mod model;
 pub mod netlink;
 pub mod netns;
 pub mod probes;
-pub mod remote;
 pub mod session;
 pub mod sinks;
 pub mod sources;

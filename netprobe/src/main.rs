@@ -333,12 +333,13 @@ fn main() -> ExitCode {
                     eprintln!("netprobe: cluster mode needs --pod");
                     return ExitCode::from(EXIT_USAGE);
                 };
-                let opts = netprobe::remote::RemoteOptions {
+                let opts = netprobe::cluster::client::Options {
                     pod,
                     namespace,
                     agent_namespace,
                     agent_port,
-                    request: netprobe::remote::TraceRequest {
+                    format: output,
+                    request: netprobe::cluster::protocol::TraceRequest {
                         port,
                         udp,
                         pod: String::new(),
@@ -347,7 +348,6 @@ fn main() -> ExitCode {
                         count,
                         from_pod,
                         events,
-                        json: output == Format::Json,
                         no_rule_trace,
                     },
                 };
@@ -355,7 +355,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 };
                 let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr());
-                let run = netprobe::remote::run(opts, &mut stdout, &mut stderr);
+                let run = netprobe::cluster::client::run(opts, &mut stdout, &mut stderr);
                 return match rt.block_on(run) {
                     Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(EXIT_USAGE)),
                     Err(e) => {

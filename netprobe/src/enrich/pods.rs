@@ -124,13 +124,7 @@ impl Inventory {
             }
         }
         for ep in slices.iter().flat_map(|s| s.endpoints.iter()) {
-            let Some(r) = ep
-                .target_ref
-                .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-            else {
-                continue;
-            };
+            let Some(r) = pod_ref(ep) else { continue };
             for ip in ep.addresses.iter().filter_map(|a| a.parse().ok()) {
                 inv.endpoints.insert(
                     ip,
@@ -222,6 +216,107 @@ impl Inventory {
     }
 }
 
+/// The pod an EndpointSlice endpoint is (not a node or another kind).
+fn pod_ref(
+    ep: &k8s_openapi::api::discovery::v1::Endpoint,
+) -> Option<&k8s_openapi::api::core::v1::ObjectReference> {
+    ep.target_ref
+        .as_ref()
+        .filter(|r| r.kind.as_deref() == Some("Pod"))
+}
+
+/// A pod behind a destination address (cluster mode: which other node to trace too).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    /// NAMESPACE/NAME.
+    pub pod: String,
+    /// Empty when the EndpointSlice does not say (the pod does).
+    pub node: String,
+    pub ip: IpAddr,
+    /// The port the pod receives on (a Service's targetPort).
+    pub port: u16,
+}
+
+/// The Service (namespace, name) whose ClusterIP is `addr`, as the inventory resolves it.
+pub fn service_at_ip(services: &[Service], addr: IpAddr) -> Option<(String, String)> {
+    let inv = Inventory::build(&[], services, &[]);
+    let (ns, name) = inv.service_ips.get(&addr)?.split_once('/')?;
+    Some((ns.into(), name.into()))
+}
+
+/// The pods behind `addr:port`: the endpoints of the Service with that ClusterIP (from its
+/// `slices`), or the pod (of `pods`) with that IP.
+pub fn backends(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    pods: &[Pod],
+    addr: IpAddr,
+    port: u16,
+) -> Vec<Backend> {
+    let inv = Inventory::build(pods, services, slices);
+    if let Some(svc) = inv.service_ips.get(&addr) {
+        let service = services.iter().find(|s| {
+            let m = &s.metadata;
+            svc.split_once('/') == m.namespace.as_deref().zip(m.name.as_deref())
+        });
+        return service.map_or_else(Vec::new, |s| slice_backends(s, slices, port));
+    }
+    inv.pods
+        .iter()
+        .filter(|p| !p.host_network && p.ips.contains(&addr))
+        .filter_map(|p| {
+            Some(Backend {
+                pod: format!("{}/{}", p.namespace, p.name),
+                node: p.node.clone()?,
+                ip: addr,
+                port,
+            })
+        })
+        .collect()
+}
+
+/// The Service's pods in its EndpointSlices, each with the port it receives `port` on.
+fn slice_backends(service: &Service, slices: &[EndpointSlice], port: u16) -> Vec<Backend> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let ns = service.metadata.namespace.clone().unwrap_or_default();
+    let sport = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_ref())
+        .and_then(|ps| ps.iter().find(|p| p.port == i32::from(port)));
+    let mut out = Vec::new();
+    for slice in slices {
+        // The slice's port of the Service port (same name), else the targetPort number.
+        let target = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name == sport.and_then(|s| s.name.clone()))
+            .and_then(|p| p.port)
+            .or(match sport.and_then(|s| s.target_port.as_ref()) {
+                Some(IntOrString::Int(n)) => Some(*n),
+                _ => None,
+            })
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(port);
+        for ep in &slice.endpoints {
+            let Some(r) = pod_ref(ep) else { continue };
+            let (Some(name), Some(ip)) =
+                (&r.name, ep.addresses.first().and_then(|a| a.parse().ok()))
+            else {
+                continue;
+            };
+            out.push(Backend {
+                pod: format!("{}/{name}", r.namespace.as_deref().unwrap_or(&ns)),
+                node: ep.node_name.clone().unwrap_or_default(),
+                ip,
+                port: target,
+            });
+        }
+    }
+    out
+}
+
 /// (pod uid, container id) from a kubelet cgroup path, for the cgroupfs and systemd drivers:
 /// `…/kubepods/besteffort/pod<uid>/<cid>` and
 /// `…/kubepods-besteffort-pod<uid_with_underscores>.slice/cri-containerd-<cid>.scope`.
@@ -278,7 +373,7 @@ mod tests {
         assert_eq!(container_of_cgroup("/"), None);
     }
 
-    fn inventory() -> Inventory {
+    fn inventory_pods() -> Vec<Pod> {
         let pod: Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "mlserver-0", "namespace": "financial-ml", "uid": "u1"},
             "spec": {"nodeName": "node-a", "containers": [
@@ -288,6 +383,10 @@ mod tests {
                 {"name": "agent", "containerID": "containerd://aaaaaaaaaaaaaaaa", "image": "", "imageID": "", "ready": true, "restartCount": 0}]}
         }))
         .unwrap();
+        vec![pod]
+    }
+
+    fn inventory() -> Inventory {
         let svc: Service = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "seldon-scheduler", "namespace": "financial-inference"},
             "spec": {"clusterIP": "10.43.51.131", "ports": [{"name": "xds", "port": 9004}]}
@@ -300,9 +399,60 @@ mod tests {
                            "targetRef": {"kind": "Pod", "namespace": "financial-inference", "name": "seldon-scheduler-0"}}]
         }))
         .unwrap();
-        let mut inv = Inventory::build(&[pod], &[svc], &[slice]);
+        let mut inv = Inventory::build(&inventory_pods(), &[svc], &[slice]);
         inv.bind_netns(4026532000, &["10.42.0.10".parse().unwrap()]);
         inv
+    }
+
+    #[test]
+    fn a_services_backends_come_with_their_node_and_target_port() {
+        let svc: Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "sched", "namespace": "fi"},
+            "spec": {"clusterIP": "10.43.51.131", "ports": [{"name": "xds", "port": 9004, "targetPort": 9005}]}
+        }))
+        .unwrap();
+        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "sched-x", "namespace": "fi"},
+            "addressType": "IPv4",
+            "ports": [{"name": "xds", "port": 9006}],
+            "endpoints": [
+                {"addresses": ["10.42.1.7"], "nodeName": "node-b", "targetRef": {"kind": "Pod", "name": "sched-0"}},
+                {"addresses": ["10.42.0.8"], "targetRef": {"kind": "Pod", "namespace": "fi", "name": "sched-1"}},
+                {"addresses": ["10.42.0.9"], "targetRef": {"kind": "Node", "name": "n"}}]
+        }))
+        .unwrap();
+        let cluster_ip = "10.43.51.131".parse().unwrap();
+        assert_eq!(
+            service_at_ip(std::slice::from_ref(&svc), cluster_ip),
+            Some(("fi".into(), "sched".into()))
+        );
+        let b = backends(&[svc], &[slice], &[], cluster_ip, 9004);
+        assert_eq!(
+            b,
+            [
+                Backend {
+                    pod: "fi/sched-0".into(),
+                    node: "node-b".into(),
+                    ip: "10.42.1.7".parse().unwrap(),
+                    port: 9006
+                },
+                Backend {
+                    pod: "fi/sched-1".into(),
+                    node: String::new(),
+                    ip: "10.42.0.8".parse().unwrap(),
+                    port: 9006
+                }
+            ]
+        );
+        // A pod IP: that pod.
+        let pods = &inventory_pods();
+        let ip = "10.42.0.10".parse().unwrap();
+        let b = backends(&[], &[], pods, ip, 9000);
+        assert_eq!(b.len(), 1);
+        assert_eq!(
+            (b[0].pod.as_str(), b[0].node.as_str()),
+            ("financial-ml/mlserver-0", "node-a")
+        );
     }
 
     #[test]

@@ -96,12 +96,16 @@ impl Sink for Sinks<'_> {
 pub const SUMMARY_SCHEMA: &str = "netprobe.summary/v1";
 
 /// Printed once when a trace ends: what was delivered and what was lost.
-#[derive(Debug, Clone, Default, serde::Serialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct Summary {
     /// `netprobe.summary/v1`.
-    pub schema: &'static str,
+    #[serde(deserialize_with = "summary_tag")]
+    pub schema: Tag,
     /// Always `summary`.
-    pub kind: &'static str,
+    #[serde(deserialize_with = "summary_tag")]
+    pub kind: Tag,
     pub events: u64,
     /// Events the kernel could not queue (ring buffer full): counted, never silent.
     pub lost: u64,
@@ -128,6 +132,19 @@ impl Summary {
     }
 }
 
+/// A constant tag. (Named: serde borrows a field spelled `&str` from its input; this one is read
+/// by [`summary_tag`].)
+pub type Tag = &'static str;
+
+/// A summary's constant tags, read back (cluster mode relays a node's summary).
+fn summary_tag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+    let tag = <String as serde::Deserialize>::deserialize(d)?;
+    [SUMMARY_SCHEMA, "summary"]
+        .into_iter()
+        .find(|t| *t == tag)
+        .ok_or_else(|| serde::de::Error::custom(format!("not a summary tag: `{tag}`")))
+}
+
 /// How a person asked to see the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -142,7 +159,7 @@ pub enum Show {
     Verdicts,
 }
 
-/// Verdicts that arrive already made (cluster mode relays them from the nodes' traces), printed
+/// Records that arrive already made (cluster mode relays them from the nodes' traces), printed
 /// as the local sinks would print them.
 pub struct Printer<W: io::Write> {
     out: W,
@@ -158,6 +175,22 @@ impl<W: io::Write> Printer<W> {
         match self.format {
             Format::Json => ndjson::Ndjson::new(&mut self.out).write(v)?,
             Format::Text => write!(self.out, "{}", text::verdict_text(v))?,
+        }
+        self.out.flush()
+    }
+
+    pub fn event(&mut self, e: &Event) -> io::Result<()> {
+        match self.format {
+            Format::Json => ndjson::Ndjson::new(&mut self.out).write(e)?,
+            Format::Text => writeln!(self.out, "{}", text::text_line(e))?,
+        }
+        self.out.flush()
+    }
+
+    pub fn summary(&mut self, s: &Summary) -> io::Result<()> {
+        match self.format {
+            Format::Json => ndjson::Ndjson::new(&mut self.out).write(s)?,
+            Format::Text => writeln!(self.out, "{}", text::summary_text(s))?,
         }
         self.out.flush()
     }

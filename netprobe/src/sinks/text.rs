@@ -132,18 +132,17 @@ pub fn verdict_text(v: &Verdict) -> String {
             None => s.push_str(&format!("  UDP, {} datagram(s), {reply}\n", u.requests)),
         }
     }
-    // A joined cross-node timeline has one clock per node ("[node] …" checkpoints).
-    let clock = |c: &crate::verdict::Checkpoint| {
-        c.what
-            .strip_prefix('[')
-            .and_then(|r| r.split_once("] "))
-            .map(|(n, _)| n.to_string())
-    };
+    // A joined cross-node timeline has one clock per node (the checkpoints' `node`).
     let mut t0 = std::collections::HashMap::new();
     for c in &v.timeline {
-        let t0 = *t0.entry(clock(c)).or_insert(c.time_ns);
+        let t0 = *t0.entry(c.node.as_deref()).or_insert(c.time_ns);
+        let node = c
+            .node
+            .as_ref()
+            .map(|n| format!("[{n}] "))
+            .unwrap_or_default();
         s.push_str(&format!(
-            "    +{:>9.3} ms  {}\n",
+            "    +{:>9.3} ms  {node}{}\n",
             (c.time_ns.saturating_sub(t0)) as f64 / 1e6,
             c.what
         ));

@@ -99,7 +99,7 @@ pub fn join(
     }
     let mark = |node: &str, v: &mut Verdict| {
         for c in &mut v.timeline {
-            c.what = format!("[{node}] {}", c.what);
+            c.node = Some(node.to_string());
         }
     };
     mark(client_node, &mut client);
@@ -208,6 +208,7 @@ mod tests {
             timeline: vec![Checkpoint {
                 time_ns: 1,
                 what: "SYN egress".into(),
+                node: None,
             }],
             explanation: "x".into(),
             next_steps: vec![],
@@ -264,8 +265,9 @@ mod tests {
         let x = j.cross_node.unwrap();
         assert!(x.arrived);
         assert_eq!(x.server_node_outcome, Some(Outcome::DroppedByRule));
-        assert!(j.timeline.iter().any(|c| c.what.starts_with("[b] ")));
-        assert!(j.timeline.iter().any(|c| c.what.starts_with("[a] ")));
+        assert!(j.timeline.iter().any(|c| c.node.as_deref() == Some("b")));
+        assert!(j.timeline.iter().any(|c| c.node.as_deref() == Some("a")));
+        assert!(j.timeline.iter().all(|c| c.what == "SYN egress"));
     }
 
     #[test]

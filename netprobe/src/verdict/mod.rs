@@ -52,6 +52,9 @@ pub struct CrossNode {
 pub struct Checkpoint {
     pub time_ns: u64,
     pub what: String,
+    /// The node whose clock `time_ns` is on: set only in a cross-node timeline (cluster mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -544,6 +547,7 @@ fn timeline(events: &[Event]) -> Vec<Checkpoint> {
         .map(|e| Checkpoint {
             time_ns: e.time_ns,
             what: checkpoint(e),
+            node: None,
         })
         .collect()
 }

@@ -1,0 +1,23 @@
+//! Cluster mode: `netprobe trace --cluster --pod X` (or `kubectl netprobe trace --pod X`) run
+//! from a laptop finds the pod's node through the API, opens a port-forward to that node's
+//! agent (the agent is hostNetwork, so the port-forward lands on the node's loopback where the
+//! agent listens) and asks it to run the trace; verdicts stream back as they happen.
+//!
+//! Who may trace is decided by RBAC (`create` on `pods/portforward` of the agent pods); on the
+//! node the agent only accepts trace requests from root-owned sockets (the kubelet/containerd
+//! side of a port-forward), never from other local users, and nothing listens on the node
+//! network.
+//!
+//! - [`protocol`]: the request (`GET /v1/trace?…`, upgraded to a two-way stream) and the typed
+//!   frames the agent sends back (`netprobe.cluster.{ready,verdict,event,summary,log,error,exit}/v1`).
+//! - [`server`]: the agent's HTTP endpoints; a trace runs as a child `netprobe trace -o json`
+//!   (its own probes and temporary nftables table), whose records become frames and whose
+//!   `--ready-file` (a pipe) becomes the ready frame.
+//! - [`client`]: the laptop's side: pod → node → agent, port-forward, frames → the printer.
+//! - `crossnode`: when the destination's pods run on other nodes, their agents trace too and
+//!   each attempt's verdicts are joined.
+
+pub mod client;
+mod crossnode;
+pub mod protocol;
+pub mod server;
