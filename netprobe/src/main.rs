@@ -29,43 +29,12 @@ enum Command {
     /// RST/ICMP-unreachable packets and failed DNS lookups (dropped, rejected, unanswered,
     /// SERVFAIL) of the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics, /healthz, /readyz and /v1/trace (cluster-mode traces,
     /// root-owned connections only) on --metrics-addr. Installs no firewall rule.
-    Agent {
-        /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /v1/trace). Loopback by
-        /// default: nothing unauthenticated on the node network; Prometheus scrapes through the
-        /// authenticating proxy of deploy/ (kube-rbac-proxy), cluster-mode traces arrive through
-        /// pods/portforward. Example: --metrics-addr 127.0.0.1:9965
-        #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9965")]
-        metrics_addr: std::net::SocketAddr,
-        /// This node's name: the inventory then lists only this node's pods.
-        #[arg(long, env = "NODE_NAME")]
-        node_name: Option<String>,
-        /// Events per second written per (kind, reason, pod); the rest become `suppressed`
-        /// records with their count (and are all counted in /metrics).
-        #[arg(long, env = "RATE_LIMIT", default_value_t = 20)]
-        rate_limit: u32,
-        /// Create this file once all probes are attached.
-        #[arg(long, hide = true)]
-        ready_file: Option<PathBuf>,
-        /// Size of the kernel → agent ring buffer in KiB (a power of two). Events that find it
-        /// full are counted as lost (netprobe_lost_events_total), never dropped silently.
-        #[arg(long, env = "NETPROBE_RING_KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
-        ring_buffer_kib: u32,
-        /// Turn on the kernel's run-time statistics of BPF programs while the agent runs, so that
-        /// /metrics shows what netprobe's programs cost (netprobe_program_runs_total,
-        /// netprobe_program_run_seconds_total). System-wide: every program's runs then cost two
-        /// clock reads more; off by default.
-        #[arg(long, env = "NETPROBE_PROGRAM_STATS")]
-        program_stats: bool,
-    },
+    Agent(AgentArgs),
     /// Print the JSON Schemas of the objects `trace -o json` prints (events, verdicts, summary),
     /// keyed by their `schema` value.
     Schema,
     /// Report which kernel hooks and features this machine offers; exit 0 if tracing can work.
-    Check {
-        /// Output format.
-        #[arg(short, long, value_enum, default_value_t = Format::Text)]
-        output: Format,
-    },
+    Check(CheckArgs),
     /// Follow connection attempts to a port and print one verdict per attempt: connected,
     /// refused (no listener / by a rule), dropped (by a rule / by the kernel), reset, timed out —
     /// with the timeline, the rule and its owner, and what to check next. Exit 0 all connected,
@@ -87,82 +56,122 @@ enum Command {
     /// (with the rcode; NXDOMAIN is an answer), dropped (by a rule / by the kernel), refused (no
     /// socket: ICMP port unreachable), or unanswered (no reply after 5 s and no drop on this
     /// node); DNS verdicts name the query (name and type).
-    Trace {
-        /// Port to follow (source or destination); 53 with --dns. Example: --port 9500
-        #[arg(short, long, required_unless_present = "dns")]
-        port: Option<u16>,
-        /// Transport protocol to follow.
-        #[arg(long, value_enum, default_value_t = Proto::Tcp)]
-        proto: Proto,
-        /// Follow DNS lookups: --proto udp --port 53, queries and replies decoded (name, type,
-        /// rcode). Example: --pod client-0 --dns
-        #[arg(long, conflicts_with = "proto")]
-        dns: bool,
-        /// Only packets from or to this address. Example: --addr 10.43.51.131
-        #[arg(long)]
-        addr: Option<IpAddr>,
-        /// Trace inside this network namespace (name in /run/netns, or a path such as
-        /// /proc/PID/ns/net); tc programs go on all its interfaces. Repeatable.
-        /// Example: --netns cni-1234abcd
-        #[arg(long = "netns", value_name = "NAME|PATH")]
-        netns: Vec<String>,
-        /// Stop after this long (e.g. 30s, 500ms, 2m); default: until Ctrl-C.
-        #[arg(short, long, visible_alias = "timeout", value_parser = parse_duration)]
-        duration: Option<Duration>,
-        /// text: a block per verdict (a line per event with --events); json: one JSON object
-        /// per line (schemas netprobe.verdict/v1 and netprobe.event/v1),
-        /// the last one a summary with counts of lost events.
-        #[arg(short, long, value_enum, default_value_t = Format::Text)]
-        output: Format,
-        /// Print every event (packets, drops, resets, state changes, rule hits) as it happens,
-        /// instead of one verdict per connection attempt.
-        #[arg(long)]
-        events: bool,
-        /// Stop after this many verdicts. Example: --count 1
-        #[arg(long)]
-        count: Option<u64>,
-        /// Trace connections to or from this pod: found through the Kubernetes API (KUBECONFIG or
-        /// in-cluster config); its network namespace joins the trace. Example: --pod mlserver-0
-        #[arg(long, conflicts_with = "netns")]
-        pod: Option<String>,
-        /// Namespace of --pod. Example: -n financial-ml
-        #[arg(short = 'n', long, requires = "pod")]
-        namespace: Option<String>,
-        /// Only attempts made by this client pod (NAME or NAMESPACE/NAME); needs the API.
-        /// Example: --from-pod financial-inference/client-0
-        #[arg(long, value_name = "POD")]
-        from_pod: Option<String>,
-        /// This node's name: the inventory then lists only this node's pods.
-        #[arg(long, env = "NODE_NAME")]
-        node_name: Option<String>,
-        /// Also write every event to FILE as NDJSON (for offline analysis or a bug report).
-        #[arg(long, value_name = "FILE")]
-        record: Option<PathBuf>,
-        /// Do not install the temporary nftables trace table (no rule attribution).
-        #[arg(long)]
-        no_rule_trace: bool,
-        /// Create this file once all probes are attached (for scripts and tests).
-        #[arg(long, hide = true)]
-        ready_file: Option<PathBuf>,
-        /// Size of the kernel → netprobe ring buffer in KiB (a power of two). Events that find
-        /// it full are counted and reported as lost in the summary, never dropped silently.
-        #[arg(long, env = "NETPROBE_RING_KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
-        ring_buffer_kib: u32,
-        /// Cluster mode (from a laptop): find --pod's node through the Kubernetes API and run
-        /// the trace there by the node's netprobe agent, reached through a port-forward to the
-        /// agent pod (RBAC: `create` on pods/portforward in the agent's namespace). Default when
-        /// run as `kubectl netprobe` (the binary installed as kubectl-netprobe). With --addr
-        /// (ClusterIP or pod IP) whose pods run on other nodes, those nodes' agents trace too and
-        /// each attempt gets one verdict joined from both nodes.
-        #[arg(long, requires = "pod", conflicts_with_all = ["netns", "record", "ready_file"])]
-        cluster: bool,
-        /// Cluster mode: namespace of the netprobe DaemonSet.
-        #[arg(long, env = "NETPROBE_NAMESPACE", default_value = "netprobe")]
-        agent_namespace: String,
-        /// Cluster mode: the agent's loopback port (the port of its --metrics-addr).
-        #[arg(long, default_value_t = 9965)]
-        agent_port: u16,
-    },
+    Trace(TraceArgs),
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /v1/trace). Loopback by
+    /// default: nothing unauthenticated on the node network; Prometheus scrapes through the
+    /// authenticating proxy of deploy/ (kube-rbac-proxy), cluster-mode traces arrive through
+    /// pods/portforward. Example: --metrics-addr 127.0.0.1:9965
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9965")]
+    metrics_addr: std::net::SocketAddr,
+    /// This node's name: the inventory then lists only this node's pods.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Events per second written per (kind, reason, pod); the rest become `suppressed`
+    /// records with their count (and are all counted in /metrics).
+    #[arg(long, env = "RATE_LIMIT", default_value_t = 20)]
+    rate_limit: u32,
+    /// Create this file once all probes are attached.
+    #[arg(long, hide = true)]
+    ready_file: Option<PathBuf>,
+    /// Size of the kernel → agent ring buffer in KiB (a power of two). Events that find it
+    /// full are counted as lost (netprobe_lost_events_total), never dropped silently.
+    #[arg(long, env = "NETPROBE_RING_KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
+    ring_buffer_kib: u32,
+    /// Turn on the kernel's run-time statistics of BPF programs while the agent runs, so that
+    /// /metrics shows what netprobe's programs cost (netprobe_program_runs_total,
+    /// netprobe_program_run_seconds_total). System-wide: every program's runs then cost two
+    /// clock reads more; off by default.
+    #[arg(long, env = "NETPROBE_PROGRAM_STATS")]
+    program_stats: bool,
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+}
+
+#[derive(clap::Args)]
+struct TraceArgs {
+    /// Port to follow (source or destination); 53 with --dns. Example: --port 9500
+    #[arg(short, long, required_unless_present = "dns")]
+    port: Option<u16>,
+    /// Transport protocol to follow.
+    #[arg(long, value_enum, default_value_t = Proto::Tcp)]
+    proto: Proto,
+    /// Follow DNS lookups: --proto udp --port 53, queries and replies decoded (name, type,
+    /// rcode). Example: --pod client-0 --dns
+    #[arg(long, conflicts_with = "proto")]
+    dns: bool,
+    /// Only packets from or to this address. Example: --addr 10.43.51.131
+    #[arg(long)]
+    addr: Option<IpAddr>,
+    /// Trace inside this network namespace (name in /run/netns, or a path such as
+    /// /proc/PID/ns/net); tc programs go on all its interfaces. Repeatable.
+    /// Example: --netns cni-1234abcd
+    #[arg(long = "netns", value_name = "NAME|PATH")]
+    netns: Vec<String>,
+    /// Stop after this long (e.g. 30s, 500ms, 2m); default: until Ctrl-C.
+    #[arg(short, long, visible_alias = "timeout", value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// text: a block per verdict (a line per event with --events); json: one JSON object
+    /// per line (schemas netprobe.verdict/v1 and netprobe.event/v1),
+    /// the last one a summary with counts of lost events.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    /// Print every event (packets, drops, resets, state changes, rule hits) as it happens,
+    /// instead of one verdict per connection attempt.
+    #[arg(long)]
+    events: bool,
+    /// Stop after this many verdicts. Example: --count 1
+    #[arg(long)]
+    count: Option<u64>,
+    /// Trace connections to or from this pod: found through the Kubernetes API (KUBECONFIG or
+    /// in-cluster config); its network namespace joins the trace. Example: --pod mlserver-0
+    #[arg(long, conflicts_with = "netns")]
+    pod: Option<String>,
+    /// Namespace of --pod. Example: -n financial-ml
+    #[arg(short = 'n', long, requires = "pod")]
+    namespace: Option<String>,
+    /// Only attempts made by this client pod (NAME or NAMESPACE/NAME); needs the API.
+    /// Example: --from-pod financial-inference/client-0
+    #[arg(long, value_name = "POD")]
+    from_pod: Option<String>,
+    /// This node's name: the inventory then lists only this node's pods.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Also write every event to FILE as NDJSON (for offline analysis or a bug report).
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+    /// Do not install the temporary nftables trace table (no rule attribution).
+    #[arg(long)]
+    no_rule_trace: bool,
+    /// Create this file once all probes are attached (for scripts and tests).
+    #[arg(long, hide = true)]
+    ready_file: Option<PathBuf>,
+    /// Size of the kernel → netprobe ring buffer in KiB (a power of two). Events that find
+    /// it full are counted and reported as lost in the summary, never dropped silently.
+    #[arg(long, env = "NETPROBE_RING_KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
+    ring_buffer_kib: u32,
+    /// Cluster mode (from a laptop): find --pod's node through the Kubernetes API and run
+    /// the trace there by the node's netprobe agent, reached through a port-forward to the
+    /// agent pod (RBAC: `create` on pods/portforward in the agent's namespace). Default when
+    /// run as `kubectl netprobe` (the binary installed as kubectl-netprobe). With --addr
+    /// (ClusterIP or pod IP) whose pods run on other nodes, those nodes' agents trace too and
+    /// each attempt gets one verdict joined from both nodes.
+    #[arg(long, requires = "pod", conflicts_with_all = ["netns", "record", "ready_file"])]
+    cluster: bool,
+    /// Cluster mode: namespace of the netprobe DaemonSet.
+    #[arg(long, env = "NETPROBE_NAMESPACE", default_value = "netprobe")]
+    agent_namespace: String,
+    /// Cluster mode: the agent's loopback port (the port of its --metrics-addr).
+    #[arg(long, default_value_t = 9965)]
+    agent_port: u16,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -229,37 +238,8 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Agent {
-            metrics_addr,
-            node_name,
-            rate_limit,
-            ready_file,
-            ring_buffer_kib,
-            program_stats,
-        } => {
-            let opts = netprobe::agent::AgentOptions {
-                ring_bytes: ring_buffer_kib * 1024,
-                metrics_addr,
-                node_name,
-                rate_limit,
-                ready_file,
-                program_stats,
-            };
-            let Some(rt) = runtime() else {
-                return ExitCode::from(EXIT_USAGE);
-            };
-            // Buffered: the agent flushes once per batch of events.
-            let out = std::io::BufWriter::new(std::io::stdout().lock());
-            match rt.block_on(netprobe::agent::run(opts, out)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("netprobe: {:#}", anyhow::Error::from(e));
-                    ExitCode::from(EXIT_USAGE)
-                }
-            }
-        }
+    match Cli::parse().command {
+        Command::Agent(a) => agent(a),
         Command::Schema => {
             println!(
                 "{}",
@@ -268,138 +248,146 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Check { output } => {
-            let report = check::run();
-            match output {
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("serializable")
-                ),
-                Format::Text => {
-                    println!("kernel {}", report.kernel);
-                    for f in &report.features {
-                        let mark = match (f.available, f.required) {
-                            (true, _) => "ok  ",
-                            (false, true) => "FAIL",
-                            (false, false) => "no  ",
-                        };
-                        println!("{mark} {:<28} {}", f.name, f.detail);
-                    }
-                    println!(
-                        "{}",
-                        if report.tracing_possible() {
-                            "tracing can work on this machine"
-                        } else {
-                            "tracing cannot work on this machine"
-                        }
-                    );
+        Command::Check(c) => check(c.output),
+        Command::Trace(t) => trace(t),
+    }
+}
+
+/// An error at the edge: printed whole (with its causes), exit 2.
+fn failed(e: netprobe::Error) -> ExitCode {
+    eprintln!("netprobe: {:#}", anyhow::Error::from(e));
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn agent(a: AgentArgs) -> ExitCode {
+    let opts = netprobe::agent::AgentOptions {
+        ring_bytes: a.ring_buffer_kib * 1024,
+        metrics_addr: a.metrics_addr,
+        node_name: a.node_name,
+        rate_limit: a.rate_limit,
+        ready_file: a.ready_file,
+        program_stats: a.program_stats,
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::from(EXIT_USAGE);
+    };
+    // Buffered: the agent flushes once per batch of events.
+    let out = std::io::BufWriter::new(std::io::stdout().lock());
+    match rt.block_on(netprobe::agent::run(opts, out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => failed(e),
+    }
+}
+
+fn check(output: Format) -> ExitCode {
+    let report = check::run();
+    match output {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializable")
+        ),
+        Format::Text => {
+            println!("kernel {}", report.kernel);
+            for f in &report.features {
+                let mark = match (f.available, f.required) {
+                    (true, _) => "ok  ",
+                    (false, true) => "FAIL",
+                    (false, false) => "no  ",
+                };
+                println!("{mark} {:<28} {}", f.name, f.detail);
+            }
+            println!(
+                "{}",
+                if report.tracing_possible() {
+                    "tracing can work on this machine"
+                } else {
+                    "tracing cannot work on this machine"
                 }
-            }
-            if report.tracing_possible() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(EXIT_USAGE)
-            }
+            );
         }
-        Command::Trace {
+    }
+    if report.tracing_possible() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_USAGE)
+    }
+}
+
+fn trace(t: TraceArgs) -> ExitCode {
+    let udp = t.dns || t.proto == Proto::Udp;
+    let Some(port) = t.port.or(t.dns.then_some(netprobe_common::DNS_PORT)) else {
+        eprintln!("netprobe: --port is required (or --dns)");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    if t.cluster || invoked_as_kubectl_plugin() {
+        return cluster_trace(t, port, udp);
+    }
+    let opts = trace::TraceOptions {
+        ring_bytes: t.ring_buffer_kib * 1024,
+        port,
+        udp,
+        addr: t.addr,
+        netns: t.netns,
+        duration: t.duration,
+        format: t.output,
+        rule_trace: !t.no_rule_trace,
+        events: t.events,
+        count: t.count,
+        record: t.record,
+        ready_file: t.ready_file,
+        pod: t.pod,
+        namespace: t.namespace,
+        node_name: t.node_name,
+        from_pod: t.from_pod,
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let events_mode = opts.events;
+    match rt.block_on(trace::run(opts, std::io::stdout().lock())) {
+        Ok(_) if events_mode => ExitCode::SUCCESS,
+        Ok(s) if s.failed > 0 => ExitCode::from(EXIT_DIAGNOSED),
+        Ok(s) if s.attempts == 0 => {
+            eprintln!("netprobe: no connection attempt seen");
+            ExitCode::from(EXIT_NO_ATTEMPT)
+        }
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => failed(e),
+    }
+}
+
+/// `kubectl netprobe trace`: the node's agent runs the trace; its exit code is ours.
+fn cluster_trace(t: TraceArgs, port: u16, udp: bool) -> ExitCode {
+    let Some(pod) = t.pod else {
+        eprintln!("netprobe: cluster mode needs --pod");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let opts = netprobe::cluster::client::Options {
+        pod,
+        namespace: t.namespace,
+        agent_namespace: t.agent_namespace,
+        agent_port: t.agent_port,
+        format: t.output,
+        request: netprobe::cluster::protocol::TraceRequest {
             port,
-            proto,
-            dns,
-            addr,
-            netns,
-            duration,
-            output,
-            events,
-            count,
-            record,
-            pod,
-            namespace,
-            node_name,
-            from_pod,
-            no_rule_trace,
-            ready_file,
-            cluster,
-            agent_namespace,
-            agent_port,
-            ring_buffer_kib,
-        } => {
-            let udp = dns || proto == Proto::Udp;
-            let Some(port) = port.or(dns.then_some(netprobe_common::DNS_PORT)) else {
-                eprintln!("netprobe: --port is required (or --dns)");
-                return ExitCode::from(EXIT_USAGE);
-            };
-            if cluster || invoked_as_kubectl_plugin() {
-                let Some(pod) = pod else {
-                    eprintln!("netprobe: cluster mode needs --pod");
-                    return ExitCode::from(EXIT_USAGE);
-                };
-                let opts = netprobe::cluster::client::Options {
-                    pod,
-                    namespace,
-                    agent_namespace,
-                    agent_port,
-                    format: output,
-                    request: netprobe::cluster::protocol::TraceRequest {
-                        port,
-                        udp,
-                        pod: String::new(),
-                        addr,
-                        duration,
-                        count,
-                        from_pod,
-                        events,
-                        no_rule_trace,
-                    },
-                };
-                let Some(rt) = runtime() else {
-                    return ExitCode::from(EXIT_USAGE);
-                };
-                let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr());
-                let run = netprobe::cluster::client::run(opts, &mut stdout, &mut stderr);
-                return match rt.block_on(run) {
-                    Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(EXIT_USAGE)),
-                    Err(e) => {
-                        eprintln!("netprobe: {:#}", anyhow::Error::from(e));
-                        ExitCode::from(EXIT_USAGE)
-                    }
-                };
-            }
-            let opts = trace::TraceOptions {
-                ring_bytes: ring_buffer_kib * 1024,
-                port,
-                udp,
-                addr,
-                netns,
-                duration,
-                format: output,
-                rule_trace: !no_rule_trace,
-                events,
-                count,
-                record,
-                ready_file,
-                pod,
-                namespace,
-                node_name,
-                from_pod,
-            };
-            let Some(rt) = runtime() else {
-                return ExitCode::from(EXIT_USAGE);
-            };
-            let events_mode = opts.events;
-            match rt.block_on(trace::run(opts, std::io::stdout().lock())) {
-                Ok(_) if events_mode => ExitCode::SUCCESS,
-                Ok(s) if s.failed > 0 => ExitCode::from(EXIT_DIAGNOSED),
-                Ok(s) if s.attempts == 0 => {
-                    eprintln!("netprobe: no connection attempt seen");
-                    ExitCode::from(EXIT_NO_ATTEMPT)
-                }
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("netprobe: {:#}", anyhow::Error::from(e));
-                    ExitCode::from(EXIT_USAGE)
-                }
-            }
-        }
+            udp,
+            pod: String::new(),
+            addr: t.addr,
+            duration: t.duration,
+            count: t.count,
+            from_pod: t.from_pod,
+            events: t.events,
+            no_rule_trace: t.no_rule_trace,
+        },
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr());
+    let run = netprobe::cluster::client::run(opts, &mut stdout, &mut stderr);
+    match rt.block_on(run) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(EXIT_USAGE)),
+        Err(e) => failed(e),
     }
 }
 

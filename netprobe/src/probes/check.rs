@@ -58,6 +58,47 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Every tracepoint netprobe uses, loaded and attached for real.
+fn check_tracepoints(r: &mut Report, probes: &mut Probes) {
+    match aya::Btf::parse_file(super::btf::vmlinux_path(), aya::Endianness::default()) {
+        Err(e) => r.add("tp_btf", true, Err(e.to_string())),
+        Ok(btf) => {
+            for &(program, tp) in TRACEPOINTS {
+                r.add(
+                    &format!("tp_btf/{tp}"),
+                    true,
+                    probes
+                        .attach_tracepoint(&btf, program, tp)
+                        .map(|_| "loaded and attached".into())
+                        .map_err(|e| chain(&e)),
+                );
+            }
+        }
+    }
+}
+
+/// Both ways of attaching tc programs, tried in a private namespace.
+fn check_tc(r: &mut Report, probes: &mut Probes) {
+    match probes.probe_tc_modes() {
+        Err(e) => r.add("tc", true, Err(chain(&e))),
+        Ok((tcx, clsact)) => {
+            r.add(
+                "tc tcx",
+                false,
+                tcx.map(|_| "bpf_link attach (preferred)".into())
+                    .map_err(|e| chain(&e)),
+            );
+            r.add(
+                "tc clsact",
+                false,
+                clsact
+                    .map(|_| "netlink clsact attach (fallback)".into())
+                    .map_err(|e| chain(&e)),
+            );
+        }
+    }
+}
+
 pub fn run() -> Report {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .unwrap_or_default()
@@ -125,39 +166,8 @@ pub fn run() -> Report {
                 true,
                 Ok("loaded (ring buffer, per-CPU counters, filter maps)".into()),
             );
-            match aya::Btf::parse_file(super::btf::vmlinux_path(), aya::Endianness::default()) {
-                Err(e) => r.add("tp_btf", true, Err(e.to_string())),
-                Ok(btf) => {
-                    for &(program, tp) in TRACEPOINTS {
-                        r.add(
-                            &format!("tp_btf/{tp}"),
-                            true,
-                            probes
-                                .attach_tracepoint(&btf, program, tp)
-                                .map(|_| "loaded and attached".into())
-                                .map_err(|e| chain(&e)),
-                        );
-                    }
-                }
-            }
-            match probes.probe_tc_modes() {
-                Err(e) => r.add("tc", true, Err(chain(&e))),
-                Ok((tcx, clsact)) => {
-                    r.add(
-                        "tc tcx",
-                        false,
-                        tcx.map(|_| "bpf_link attach (preferred)".into())
-                            .map_err(|e| chain(&e)),
-                    );
-                    r.add(
-                        "tc clsact",
-                        false,
-                        clsact
-                            .map(|_| "netlink clsact attach (fallback)".into())
-                            .map_err(|e| chain(&e)),
-                    );
-                }
-            }
+            check_tracepoints(&mut r, &mut probes);
+            check_tc(&mut r, &mut probes);
         }
     }
     let fentry = aya::sys::is_program_supported(aya::programs::ProgramType::Tracing);
