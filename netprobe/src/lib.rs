@@ -46,10 +46,12 @@
 //! - **A new sink** (say, OpenTelemetry logs): one module under `sinks/` implementing
 //!   [`sinks::Sink`] (events, verdicts, ticks, the summary; every method optional), added with
 //!   `Sinks::with` where it should run. No other sink changes.
-//! - **A new outcome class**: a variant of [`verdict::Outcome`] (its headline and whether it is
-//!   a failure live beside it) and the rule that decides it in `verdict::classify`; the
-//!   recorded fixtures under `verdict/fixtures/` and `verdict/tests.rs` show how to test it
-//!   from a lab recording, and the JSON Schema (`netprobe schema`) follows from the types.
+//! - **A new outcome class**: a variant of [`model::Outcome`] in `model/outcome.rs` (its
+//!   headline and whether it is a failure live beside it) and the rule that decides it in
+//!   `decide` of `verdict/mod.rs` (`verdict/udp.rs` for datagrams), from the evidence
+//!   `Evidence::gather` collects; the recorded fixtures under `verdict/fixtures/`, their golden
+//!   verdicts and `verdict/tests.rs` show how to test it from a lab recording, and the JSON
+//!   Schema (`netprobe schema`) follows from the types.
 
 pub mod agent;
 pub mod attribution;
