@@ -98,8 +98,8 @@ struct CheckArgs {
 
 #[derive(clap::Args)]
 struct TraceArgs {
-    /// Port to follow (source or destination); 53 with --dns. Example: --port 9500
-    #[arg(short, long, required_unless_present = "dns")]
+    /// Port to follow (source or destination), 1-65535; 53 with --dns. Example: --port 9500
+    #[arg(short, long, required_unless_present = "dns", value_parser = clap::value_parser!(u16).range(1..))]
     port: Option<u16>,
     /// Transport protocol to follow.
     #[arg(long, value_enum, default_value_t = Proto::Tcp)]
@@ -224,7 +224,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
             ));
         }
     };
-    Ok(Duration::from_secs_f64(secs))
+    // A negative, NaN or astronomically large duration is a usage error, not a panic.
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("duration `{s}` is out of range"))
 }
 
 /// The single-threaded runtime every command runs on; `None` (after saying why) if it can't start.
@@ -403,9 +404,18 @@ mod tests {
         assert_eq!(parse_duration("5").unwrap(), Duration::from_secs(5));
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
+        assert!(parse_duration("1e300s").is_err(), "an error, not a panic");
+        assert!(parse_duration("99999999999999999999h").is_err());
         assert_eq!(parse_ring_kib("4096").unwrap(), 4096);
         assert!(parse_ring_kib("3").is_err());
         assert!(parse_ring_kib("1000").is_err());
+    }
+
+    #[test]
+    fn port_zero_is_refused_not_every_port() {
+        let parse = |p: &str| Cli::try_parse_from(["netprobe", "trace", "--port", p]);
+        assert!(parse("0").is_err());
+        assert!(parse("9500").is_ok());
     }
 
     #[test]

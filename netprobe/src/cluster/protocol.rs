@@ -145,10 +145,22 @@ impl TraceRequest {
     pub fn from_query(query: &str) -> Result<Self, String> {
         let mut r = Self::default();
         let mut port = None;
+        let mut seen = std::collections::HashSet::new();
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            if !seen.insert(k.clone()) {
+                // Which of two values counts is a guess a proxy and the agent could make apart.
+                return Err(format!("parameter `{k}` given twice"));
+            }
             let bad = |what: &str| format!("invalid {what} `{v}`");
             match &*k {
-                "port" => port = Some(v.parse().map_err(|_| bad("port"))?),
+                "port" => {
+                    let p: u16 = v.parse().map_err(|_| bad("port"))?;
+                    // Port 0 would mean every port to the kernel filter: never implicit.
+                    port = Some(p)
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| bad("port"))
+                        .map(Some)?;
+                }
                 "pod" => r.pod = v.to_string(),
                 "addr" => r.addr = Some(v.parse().map_err(|_| bad("addr"))?),
                 "duration_ms" => {
@@ -264,6 +276,12 @@ mod tests {
         assert!(TraceRequest::from_query("port=1&pod=a/b&from_pod=..%2Fx%20y").is_err());
         assert!(TraceRequest::from_query("port=1&pod=a/b&shell=1").is_err());
         assert!(TraceRequest::from_query("port=99999&pod=a/b").is_err());
+        assert!(TraceRequest::from_query("port=0&pod=a/b").is_err());
+        assert!(
+            TraceRequest::from_query("port=1&pod=a/b&port=2")
+                .unwrap_err()
+                .contains("twice")
+        );
     }
 
     #[test]
