@@ -69,13 +69,13 @@ mod tests {
         assert!(err.is_err());
     }
 
+    /// Distinct and real. (Whether a port is still free when bound is not asserted here: other
+    /// tests of this binary run in parallel in the same namespace and the kernel may give one of
+    /// them the port meanwhile — the lab's callers bind in their own namespace.)
     #[test]
-    fn free_ports_are_distinct_and_bindable() {
+    fn free_ports_are_distinct() {
         let ports: HashSet<u16> = (0..20).map(|_| free_tcp_here().unwrap()).collect();
         assert_eq!(ports.len(), 20);
-        for p in ports {
-            assert!(p > 0);
-            drop(TcpListener::bind((Ipv4Addr::LOCALHOST, p)).unwrap());
-        }
+        assert!(ports.iter().all(|p| *p > 0));
     }
 }
