@@ -5,22 +5,11 @@
 
 use std::collections::HashMap;
 
-use super::{Context, Engine, Listener, Verdict};
+use super::{Context, Engine, Verdict, tests::listener};
 use crate::events::Event;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/verdict/fixtures");
 const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/verdict/golden");
-
-fn listener(addr: &str, port: u16) -> Listener {
-    Listener {
-        addr: addr.parse().unwrap(),
-        port,
-        v6only: false,
-        pid: Some(1),
-        comm: Some("mlserver".into()),
-        container: None,
-    }
-}
 
 /// The context each fixture was recorded with (as in verdict/tests.rs).
 fn context(name: &str) -> Context {

@@ -27,7 +27,7 @@ fn run(name: &str, ctx: Context) -> Vec<Verdict> {
     out
 }
 
-fn listener(addr: &str, port: u16) -> Listener {
+pub(super) fn listener(addr: &str, port: u16) -> Listener {
     Listener {
         addr: addr.parse().unwrap(),
         port,
