@@ -16,6 +16,7 @@ use crate::{
         stages,
     },
     error::{Error, Result},
+    model::Protocol,
     netlink,
     netns::{self, NetnsRef},
     probes::{Probes, btf::KernelBtf, require_root},
@@ -319,7 +320,11 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     let enricher = Rc::new(Enricher::new(&kbtf)?);
     let mut probes = Probes::load_with_ring(&kbtf, filter_for(&opts), opts.ring_bytes)?;
     let interfaces = attach_tc(&opts, &scope, &mut probes, &enricher)?;
-    let proto = if opts.udp { "udp" } else { "tcp" };
+    let proto = if opts.udp {
+        Protocol::Udp
+    } else {
+        Protocol::Tcp
+    };
     let mut sources: Vec<Box<dyn Source>> = Vec::new();
     let mut enrichment: Vec<Box<dyn Stage>> = Vec::new();
     if let Some(n) = &names {

@@ -282,7 +282,7 @@ pub fn derived(
 /// of `protocol` (`tcp` or `udp`, the traced one; anything else is taken as tcp).
 pub fn netfilter(
     time_ns: u64,
-    protocol: &str,
+    protocol: Protocol,
     netns: Option<Netns>,
     interface: Option<Interface>,
     tuple: Option<(IpAddr, u16, IpAddr, u16)>,
@@ -290,7 +290,6 @@ pub fn netfilter(
 ) -> Event {
     let unspecified = IpAddr::from([0u8, 0, 0, 0]);
     let tuple = tuple.unwrap_or((unspecified, 0, unspecified, 0));
-    let protocol = Protocol::from_name(protocol).unwrap_or(Protocol::Tcp);
     Event {
         netns,
         interface,

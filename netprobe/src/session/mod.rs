@@ -234,7 +234,7 @@ impl<'a> Session<'a> {
     }
 
     /// Routes, enriches, judges and hands on one batch of events.
-    pub fn deliver(&mut self, events: Vec<Event>) -> io::Result<()> {
+    fn deliver(&mut self, events: Vec<Event>) -> io::Result<()> {
         let mut queue = std::collections::VecDeque::from(events);
         let mut derived = Vec::new();
         while let Some(mut e) = queue.pop_front() {

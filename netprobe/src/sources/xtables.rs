@@ -8,16 +8,17 @@ use crate::{
     attribution::rules::{attribute_legacy, legacy},
     enrich::Stage,
     events::{self, Event, Kind},
+    model::Protocol,
 };
 
 pub struct XtablesCounters {
     rules: SharedRules,
-    /// `tcp` or `udp`: the traced flow's protocol.
-    proto: &'static str,
+    /// The traced flow's protocol (TCP or UDP).
+    proto: Protocol,
 }
 
 impl XtablesCounters {
-    pub fn new(rules: SharedRules, proto: &'static str) -> Self {
+    pub fn new(rules: SharedRules, proto: Protocol) -> Self {
         Self { rules, proto }
     }
 }

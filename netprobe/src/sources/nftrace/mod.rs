@@ -18,7 +18,7 @@ use std::{
 use futures::future::LocalBoxFuture;
 use tokio::sync::mpsc;
 
-pub use crate::netlink::nftrace::{TraceMsg, TraceSocket};
+use crate::netlink::nftrace::{TraceMsg, TraceSocket};
 
 use crate::{
     attribution::rules::{
@@ -30,6 +30,7 @@ use crate::{
     enrich::Enricher,
     error::{Error, Result},
     events::{self, Event},
+    model::Protocol,
     netns::NetnsRef,
     probes::nft_trace::TraceTable,
     session::{Input, Source},
@@ -52,8 +53,8 @@ pub type SharedRules = Rc<RefCell<Vec<NsRules>>>;
 pub struct RuleTrace {
     rules: SharedRules,
     rx: mpsc::UnboundedReceiver<(usize, TraceMsg)>,
-    /// `tcp` or `udp`: the traced flow's protocol.
-    proto: &'static str,
+    /// The traced flow's protocol (TCP or UDP).
+    proto: Protocol,
     enricher: Rc<Enricher>,
     tables: Vec<TraceTable>,
     stop: Arc<AtomicBool>,
@@ -66,7 +67,7 @@ impl RuleTrace {
     /// Listens first, then marks the flow, so no message is missed.
     pub fn start(
         namespaces: &[NetnsRef],
-        proto: &'static str,
+        proto: Protocol,
         port: u16,
         addr: Option<IpAddr>,
         enricher: Rc<Enricher>,
@@ -86,7 +87,7 @@ impl RuleTrace {
             trace.listen(i, ns, tx.clone())?;
             trace
                 .tables
-                .push(TraceTable::install(ns, proto, port, addr)?);
+                .push(TraceTable::install(ns, &proto.to_string(), port, addr)?);
             let ruleset = ns.run(fetch_ruleset)?;
             let legacy = if ruleset.legacy_rules > 0 {
                 Some(ns.run(legacy::snapshot)?)
