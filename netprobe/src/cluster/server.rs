@@ -529,10 +529,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_trace_streams_typed_frames_over_the_upgraded_connection() {
-        // SAFETY: geteuid has no preconditions. Only root-owned sockets may trace.
-        if unsafe { libc::geteuid() } != 0 {
-            return;
-        }
         let v = crate::verdict::classify(
             &[],
             ("10.42.0.5".parse().unwrap(), 40000),
@@ -550,12 +546,18 @@ mod tests {
         let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
         let req = TraceRequest::from_query("port=9500&pod=ns/p").unwrap();
         let mut frames = Vec::new();
-        let code =
+        let result =
             crate::cluster::client::session(sock, &req, |f| frames.push(f), std::future::pending())
-                .await
-                .unwrap();
+                .await;
         let _ = std::fs::remove_file(exe);
-        assert_eq!(code, 1);
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            // Only root-owned client sockets may trace: this one is refused, nothing runs.
+            assert!(result.is_err(), "{frames:?}");
+            assert!(frames.is_empty(), "{frames:?}");
+            return;
+        }
+        assert_eq!(result.unwrap(), 1);
         assert!(frames.contains(&Frame::Ready {}), "{frames:?}");
         assert!(frames.contains(&Frame::Log {
             line: "netprobe: waiting".into()
