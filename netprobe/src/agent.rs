@@ -9,7 +9,7 @@
 
 use std::{
     cell::{Cell, RefCell},
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     io::Write,
     net::SocketAddr,
     path::PathBuf,
@@ -67,14 +67,22 @@ pub struct AgentOptions {
     /// Keep the kernel's run-time statistics of BPF programs on while the agent runs, so that
     /// `netprobe_program_run_seconds_total` measures what netprobe's programs cost.
     pub program_stats: bool,
+    /// Also write raw kernel events to stdout (see `--raw-events`).
+    pub raw_events: bool,
 }
 
-/// Which events go where: what explains failures to the sinks, DNS to the judge, nothing else.
+/// Which events go where: TCP and DNS to the judge (one verdict per failed attempt), what
+/// explains failures to the sinks (counted in /metrics; written with `--raw-events`).
 fn route(e: &Event) -> Route {
     Route {
-        judge: dns_related(e),
+        judge: e.protocol == crate::model::Protocol::Tcp || dns_related(e) || quotes_tcp(e),
         sinks: interesting(e),
     }
+}
+
+/// An ICMP error about a TCP segment (it quotes a port other than DNS's): the TCP engine's.
+fn quotes_tcp(e: &Event) -> bool {
+    e.protocol.is_icmp() && !dns_related(e)
 }
 
 /// What the DNS engine takes: UDP to or from port 53, and ICMP errors quoting it.
@@ -202,10 +210,15 @@ struct AgentHousekeeping {
     names: Option<Rc<RefCell<PodContext>>>,
     metrics: SharedMetrics,
     scope: HashSet<u64>,
+    /// The namespaces present now, by inode (the judge reads listeners in them).
+    present: Namespaces,
     attached: HashSet<(u32, String)>,
     delay_max_ns: Rc<Cell<u64>>,
     delay_window: Instant,
 }
+
+/// The node's and its pods' namespaces present now, by inode.
+type Namespaces = Rc<RefCell<HashMap<u64, NetnsRef>>>;
 
 impl AgentHousekeeping {
     fn add_scope(&mut self, ns: &NetnsRef) -> Result<()> {
@@ -252,9 +265,14 @@ impl Housekeeping for AgentHousekeeping {
             &mut self.attached,
         )
         .unwrap_or(self.attached.len());
-        for ns in netns::veth_peers().unwrap_or_default() {
-            self.add_scope(&ns)?;
+        let peers = netns::veth_peers().unwrap_or_default();
+        for ns in &peers {
+            self.add_scope(ns)?;
         }
+        let mut present = self.present.borrow_mut();
+        present.retain(|inode, _| *inode == self.node.inode);
+        present.extend(peers.into_iter().map(|ns| (ns.inode, ns)));
+        drop(present);
         if self.ticks.is_multiple_of(5)
             && let Some(names) = &self.names
         {
@@ -385,11 +403,12 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
         opts.metrics_addr
     );
     let probes = Rc::new(RefCell::new(probes));
+    let present: Namespaces = Rc::new(RefCell::new(HashMap::from([(node.inode, node.clone())])));
     let mut session = Session {
         sources: vec![Box::new(ring), Box::new(LinkChanges::open()?)],
         route,
         stages: enrichment(names.as_ref()),
-        judge: Some(dns_judge(names.clone())),
+        judge: Some(judge(names.clone(), present.clone(), enricher.clone())),
         sinks: agent_sinks(&opts, out, &metrics, names.as_ref()),
         housekeeping: Box::new(AgentHousekeeping {
             ticks: 0,
@@ -399,6 +418,7 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
             names,
             metrics: metrics.clone(),
             scope,
+            present,
             attached,
             delay_max_ns,
             delay_window: Instant::now(),
@@ -444,16 +464,50 @@ fn enrichment(names: Option<&Rc<RefCell<PodContext>>>) -> Vec<Box<dyn Stage>> {
     ]
 }
 
-/// DNS lookups: queries paired with replies, drops and ICMP errors (UDP has no handshake to
-/// tell failure from success, so the agent judges them as a trace does). Only failed lookups
-/// get names.
-fn dns_judge(names: Option<Rc<RefCell<PodContext>>>) -> Judge {
-    let engine = Engine::new(Context {
+/// The verdict engine on every TCP port (one verdict per failed connection attempt, as `trace`
+/// gives it), and on DNS lookups: queries paired with replies, drops and ICMP errors (UDP has
+/// no handshake to tell failure from success). Only failures get names; refusals get the
+/// listeners of their namespace as they are then.
+fn judge(
+    names: Option<Rc<RefCell<PodContext>>>,
+    present: Namespaces,
+    enricher: Rc<Enricher>,
+) -> Judge {
+    let tcp = Engine::new(Context {
+        port: crate::verdict::ANY_PORT,
+        udp: false,
+        listeners: Default::default(),
+    });
+    let dns = Engine::new(Context {
         port: DNS_PORT,
         udp: true,
         listeners: Default::default(),
     });
-    Judge::new(engine).with_names(names).name_failures_only()
+    let lookup = move |inode: u64| {
+        // A pod that came up since the last tick is looked for at once.
+        let known = present.borrow().get(&inode).cloned();
+        let ns = known.or_else(|| {
+            let ns = netns::veth_peers()
+                .ok()?
+                .into_iter()
+                .find(|n| n.inode == inode)?;
+            present.borrow_mut().insert(inode, ns.clone());
+            Some(ns)
+        })?;
+        let listeners = crate::enrich::listeners::listeners_in(&ns).ok()?;
+        // Named as the events' namespaces are, so the engine finds them.
+        let name = enricher
+            .netns(inode)
+            .name
+            .unwrap_or_else(|| inode.to_string());
+        Some((name, listeners))
+    };
+    Judge::new(tcp)
+        .and(dns)
+        .with_names(names)
+        .name_failures_only()
+        .with_route_hints()
+        .with_listener_lookup(Box::new(lookup))
 }
 
 /// The NDJSON log on stdout (storm-controlled), /metrics, and Kubernetes Events when an API
@@ -466,7 +520,7 @@ fn agent_sinks<'a>(
 ) -> Sinks<'a> {
     let sinks = Sinks::default()
         .with(PrometheusSink::new(metrics.clone()))
-        .with(StormControlledLog::new(out, opts.rate_limit));
+        .with(StormControlledLog::new(out, opts.rate_limit).with_raw_events(opts.raw_events));
     match names {
         Some(n) => sinks.with(KubeEventsSink::new(n.clone(), opts.node_name.clone())),
         None => sinks,

@@ -87,6 +87,13 @@ struct AgentArgs {
     /// clock reads more; off by default.
     #[arg(long, env = "NETPROBE_PROGRAM_STATS")]
     program_stats: bool,
+    /// Also write the raw kernel events (drops, resets, retransmits, ICMP errors) to stdout,
+    /// those that belong to no connection attempt included (IPv6 router solicitations, packets
+    /// of connections that ended). By default stdout has one verdict per failed connection
+    /// attempt, one `dns_failure` per failed lookup and `suppressed` records; raw drops are only
+    /// counted by reason in /metrics.
+    #[arg(long, env = "NETPROBE_RAW_EVENTS")]
+    raw_events: bool,
 }
 
 #[derive(clap::Args)]
@@ -268,6 +275,7 @@ fn agent(a: AgentArgs) -> ExitCode {
         rate_limit: a.rate_limit,
         ready_file: a.ready_file,
         program_stats: a.program_stats,
+        raw_events: a.raw_events,
     };
     let Some(rt) = runtime() else {
         return ExitCode::from(EXIT_USAGE);

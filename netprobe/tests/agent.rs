@@ -82,7 +82,8 @@ fn agent_storm_is_rate_limited_and_nothing_is_lost_silently() {
         "iptables -A FORWARD -p tcp --dport 9004 -j DROP",
     )
     .unwrap();
-    let agent = start_agent(&lab, &["--rate-limit", "5"]);
+    // Raw events written too: the storm control of the log is what is tested.
+    let agent = start_agent(&lab, &["--rate-limit", "5", "--raw-events"]);
     // ~2000 SYNs per second for 2 seconds.
     let _ = lab.sh(
         &a.netns,
@@ -103,11 +104,15 @@ fn agent_storm_is_rate_limited_and_nothing_is_lost_silently() {
     support::assert_schema_valid(&lines);
     let written = lines
         .iter()
-        .filter(|e| e["drop"]["reason"] == "NETFILTER_DROP")
+        .filter(|e| e["kind"] == "drop" && e["drop"]["reason"] == "NETFILTER_DROP")
         .count() as u64;
     let suppressed: u64 = lines
         .iter()
-        .filter(|e| e["kind"] == "suppressed" && e["reason"] == "NETFILTER_DROP")
+        .filter(|e| {
+            e["kind"] == "suppressed"
+                && e["event_kind"] == "drop"
+                && e["reason"] == "NETFILTER_DROP"
+        })
         .map(|e| e["count"].as_u64().unwrap())
         .sum();
     assert!(
@@ -186,7 +191,8 @@ fn agent_exports_drops_as_ndjson_and_metrics_attaches_new_veths_and_cleans_up() 
         "iptables -A FORWARD -p tcp --dport 9004 -j DROP",
     )
     .unwrap();
-    let agent = start_agent(&lab, &[]);
+    // Raw events too (by default the log has verdicts only; agent_verdicts.rs tests those).
+    let agent = start_agent(&lab, &["--raw-events"]);
     assert_eq!(support::get(&agent, "/readyz").0, 200);
     assert_eq!(support::get(&agent, "/healthz").0, 200);
     let progs = agent_programs(agent.id());
@@ -224,7 +230,7 @@ fn agent_exports_drops_as_ndjson_and_metrics_attaches_new_veths_and_cleans_up() 
     support::assert_schema_valid(&lines);
     let drops: Vec<_> = lines
         .iter()
-        .filter(|e| e["drop"]["reason"] == "NETFILTER_DROP")
+        .filter(|e| e["kind"] == "drop" && e["drop"]["reason"] == "NETFILTER_DROP")
         .collect();
     assert!(drops.len() >= 2, "first SYN and a retransmit: {lines:#?}");
     assert_eq!(

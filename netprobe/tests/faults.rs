@@ -35,9 +35,10 @@ fn agent_runs_degraded_when_the_kernel_refuses_one_probe() {
     let p = lab
         .add_pod("financial-ml", "mlserver-0", "10.42.0.10".parse().unwrap())
         .unwrap();
+    // Raw events too: which probes still report is what is tested.
     let agent = support::start_agent(
         lab.node(),
-        &[],
+        &["--raw-events"],
         &[("NETPROBE_FAULT_PROBE", "kfree_skb")],
         true,
     );
@@ -78,6 +79,12 @@ fn agent_runs_degraded_when_the_kernel_refuses_one_probe() {
     );
     assert!(
         !stdout.lines().any(|l| l.contains("\"kind\":\"drop\"")),
+        "{stdout}"
+    );
+    // The reset alone still explains the refusal.
+    assert!(
+        stdout.lines().any(|l| l.contains("\"kind\":\"verdict\"")
+            && l.contains("\"outcome\":\"refused_no_listener\"")),
         "{stdout}"
     );
 }
@@ -367,10 +374,10 @@ fn agent_survives_a_30s_api_outage_and_a_vanishing_veth() {
     std::thread::sleep(Duration::from_millis(500));
     let (stdout, _) = stop(agent);
     assert!(
-        stdout
-            .lines()
-            .any(|l| l.contains("NETFILTER_DROP") && l.contains("\"dport\":9009")),
-        "drops are still reported after the outage:\n{stdout}"
+        stdout.lines().any(|l| l.contains("\"kind\":\"verdict\"")
+            && l.contains("NETFILTER_DROP")
+            && l.contains("\"port\":9009")),
+        "drops are still explained after the outage:\n{stdout}"
     );
     let _ = std::fs::remove_file(kubeconfig);
 }

@@ -5,14 +5,21 @@
 use std::{cell::RefCell, rc::Rc, time::Instant};
 
 use crate::{
-    enrich::{names::PodContext, pods::cgroup_of},
-    events::Event,
-    verdict::{Engine, Outcome, Verdict},
+    enrich::{listeners::Listener, names::PodContext, pods::cgroup_of},
+    events::{Event, Kind},
+    model::{Protocol, drop_reason},
+    verdict::{Engine, EngineStats, Outcome, Verdict},
 };
 
+/// The listeners of a namespace (by inode), read when the kernel refused a connection there:
+/// its name as the engine keys it, and who listens.
+pub type ListenerLookup = Box<dyn FnMut(u64) -> Option<(String, Vec<Listener>)>>;
+
 pub struct Judge {
-    engine: Engine,
+    /// One engine, or (the agent) one for TCP on every port and one for DNS.
+    engines: Vec<Engine>,
     started: Instant,
+    listeners: Option<ListenerLookup>,
     names: Option<Rc<RefCell<PodContext>>>,
     /// Name the endpoints of healthy verdicts too (the always-on agent only counts them).
     name_healthy: bool,
@@ -23,12 +30,37 @@ pub struct Judge {
 impl Judge {
     pub fn new(engine: Engine) -> Self {
         Self {
-            engine,
+            engines: vec![engine],
             started: Instant::now(),
+            listeners: None,
             names: None,
             name_healthy: true,
             route_hints: false,
         }
+    }
+
+    /// A second engine for the other protocol: UDP events (and ICMP errors quoting the UDP
+    /// engine's port) go to the UDP engine, the rest to the TCP one.
+    pub fn and(mut self, engine: Engine) -> Self {
+        self.engines.push(engine);
+        self
+    }
+
+    /// Refusals get the listeners of their namespace as they are at that moment (an always-on
+    /// engine has no listener snapshot from its start).
+    pub fn with_listener_lookup(mut self, lookup: ListenerLookup) -> Self {
+        self.listeners = Some(lookup);
+        self
+    }
+
+    /// What the engines had to let go of to stay bounded.
+    pub fn stats(&self) -> EngineStats {
+        self.engines
+            .iter()
+            .fold(EngineStats::default(), |acc, e| EngineStats {
+                judged_early: acc.judged_early + e.stats.judged_early,
+                forgotten_early: acc.forgotten_early + e.stats.forgotten_early,
+            })
     }
 
     pub fn with_names(mut self, names: Option<Rc<RefCell<PodContext>>>) -> Self {
@@ -54,18 +86,44 @@ impl Judge {
 
     pub fn push(&mut self, e: Event) -> Vec<Verdict> {
         let now = self.now();
-        let v = self.engine.push(e, now);
+        if let Some(lookup) = &mut self.listeners
+            && no_socket(&e)
+            && let Some(inode) = e.netns.as_ref().map(|n| n.inode)
+            && let Some((name, found)) = lookup(inode)
+        {
+            for engine in &mut self.engines {
+                engine.set_listeners(name.clone(), found.clone());
+            }
+        }
+        let i = self.engine_for(&e);
+        let v = self.engines[i].push(e, now);
         self.finalize(v)
+    }
+
+    /// Which engine takes `e`.
+    fn engine_for(&self, e: &Event) -> usize {
+        if self.engines.len() == 1 {
+            return 0;
+        }
+        let udp = |eng: &Engine| {
+            let port = eng.port();
+            e.protocol == Protocol::Udp
+                || (e.protocol.is_icmp() && (e.sport == port || e.dport == port))
+        };
+        self.engines
+            .iter()
+            .position(|eng| eng.is_udp() == udp(eng))
+            .unwrap_or(0)
     }
 
     pub fn poll(&mut self) -> Vec<Verdict> {
         let now = self.now();
-        let v = self.engine.poll(now);
+        let v = self.engines.iter_mut().flat_map(|e| e.poll(now)).collect();
         self.finalize(v)
     }
 
     pub fn finish(&mut self) -> Vec<Verdict> {
-        let v = self.engine.finish();
+        let v = self.engines.iter_mut().flat_map(Engine::finish).collect();
         self.finalize(v)
     }
 
@@ -88,6 +146,16 @@ impl Judge {
                 Some(v)
             })
             .collect()
+    }
+}
+
+/// The kernel found no socket for a packet: the namespace's listeners explain the refusal.
+fn no_socket(e: &Event) -> bool {
+    let no_socket = |r: Option<&str>| r == Some(drop_reason::NO_SOCKET);
+    match e.kind {
+        Kind::SendReset => no_socket(e.reset.as_ref().and_then(|r| r.reason.as_deref())),
+        Kind::Drop => no_socket(e.drop.as_ref().map(|d| d.reason.as_str())),
+        _ => false,
     }
 }
 

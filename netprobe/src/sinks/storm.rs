@@ -116,6 +116,8 @@ pub struct StormControlledLog<W: io::Write> {
     out: Ndjson<W>,
     storm: Storm,
     rate_limit: u32,
+    /// Also write raw kernel events (by default verdicts only: raw ones are counted).
+    raw_events: bool,
 }
 
 impl<W: io::Write> StormControlledLog<W> {
@@ -124,7 +126,13 @@ impl<W: io::Write> StormControlledLog<W> {
             out: Ndjson::new(out),
             storm: Storm::default(),
             rate_limit,
+            raw_events: false,
         }
+    }
+
+    pub fn with_raw_events(mut self, raw: bool) -> Self {
+        self.raw_events = raw;
+        self
     }
 
     fn report_suppressed(&mut self, before: u64) -> io::Result<()> {
@@ -143,20 +151,47 @@ impl<W: io::Write> StormControlledLog<W> {
         }
         Ok(())
     }
+
+    /// A failed connection attempt, under the same storm control as events (keyed by outcome
+    /// and server pod).
+    fn admit_and_write_verdict(&mut self, v: &Verdict) -> io::Result<()> {
+        let server = v.server.peer.as_ref();
+        let key = (
+            "verdict".to_string(),
+            format!("{:?}", v.outcome),
+            server.and_then(|p| p.namespace.clone()).unwrap_or_default(),
+            server.and_then(|p| p.pod.clone()).unwrap_or_default(),
+        );
+        if self.storm.admit(key, unix_second(), self.rate_limit) {
+            self.out.write(v)?;
+        }
+        Ok(())
+    }
 }
 
 impl<W: io::Write> Sink for StormControlledLog<W> {
     fn event(&mut self, e: &Event) -> io::Result<()> {
         self.report_suppressed(unix_second())?;
-        self.admit_and_write(e)
+        if self.raw_events {
+            self.admit_and_write(e)?;
+        }
+        Ok(())
     }
 
+    /// Failed lookups as `dns_failure` records, failed connection attempts as verdicts; what
+    /// worked (NXDOMAIN included) is only counted.
     fn verdict(&mut self, v: &Verdict) -> io::Result<()> {
-        // Healthy lookups (NXDOMAIN included) are only counted, never written.
-        match crate::verdict::dns_failure(v) {
-            Some(e) => self.admit_and_write(&e),
-            None => Ok(()),
+        self.report_suppressed(unix_second())?;
+        if v.udp.is_some() {
+            return match crate::verdict::dns_failure(v) {
+                Some(e) => self.admit_and_write(&e),
+                None => Ok(()),
+            };
         }
+        if v.outcome.is_failure() {
+            self.admit_and_write_verdict(v)?;
+        }
+        Ok(())
     }
 
     fn tick(&mut self) -> io::Result<()> {

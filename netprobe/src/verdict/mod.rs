@@ -108,6 +108,7 @@ pub struct Verdict {
 /// namespace name.
 #[derive(Debug, Clone, Default)]
 pub struct Context {
+    /// The traced port; [`ANY_PORT`] (0) judges attempts to every port (the always-on agent).
     pub port: u16,
     /// UDP exchanges (DNS lookups) instead of TCP connection attempts.
     pub udp: bool,
@@ -118,11 +119,30 @@ pub struct Context {
 /// ask A and AAAA from one socket at once.
 type Key = (IpAddr, u16, Option<u16>);
 
+/// [`Context::port`] for an engine that judges attempts to every port.
+pub const ANY_PORT: u16 = 0;
+
+/// Every port: an attempt that shows no result for this long after its last event is judged
+/// with what it has (a SYN dropped once and never retried, a client that gave up).
+pub const IDLE_NS: u64 = 5_000_000_000;
+
+/// Every port: attempts open at once; beyond it the oldest is judged early (counted).
+pub const MAX_OPEN: usize = 4096;
+
+/// Every port: how long a decided attempt is remembered, so that the retransmits still to come
+/// (the kernel tries for about two minutes) do not open it again; and how many at most.
+pub const DONE_KEEP_NS: u64 = 150_000_000_000;
+pub const MAX_DONE: usize = 16384;
+
 #[derive(Debug, Default)]
 struct Attempt {
     events: Vec<Event>,
+    /// The server port dialled (the traced port, or with [`ANY_PORT`] the opening event's).
+    port: u16,
     /// Caller's clock at the first event (UDP: unanswered after [`udp::UDP_TIMEOUT_NS`]).
     started_at: u64,
+    /// Caller's clock at the latest event.
+    last_at: u64,
     /// Userspace clock (caller's) when a terminal event was seen.
     terminal_at: Option<u64>,
     /// The client's SYN dropped on this node, counting retransmissions.
@@ -138,6 +158,12 @@ pub const PERSISTENT_SYN_DROPS: u32 = 2;
 /// terminal event before the verdict is final.
 pub const SETTLE_NS: u64 = 300_000_000;
 
+/// Every port: how often the engine looks for verdicts that are due.
+const SCAN_EVERY_NS: u64 = 50_000_000;
+
+/// Errors connect() reports for an attempt that failed (never for an established connection).
+const CONNECT_ERRORS: &[&str] = &["ECONNREFUSED", "EHOSTUNREACH", "ENETUNREACH"];
+
 pub struct Engine {
     ctx: Context,
     attempts: HashMap<Key, Attempt>,
@@ -152,6 +178,19 @@ pub struct Engine {
     syn_sent: HashSet<String>,
     /// Event time from which every probe was in place; see [`Engine::armed_at`].
     armed_at: u64,
+    /// Every port: the caller's clock at the last scan for due verdicts and at the last pruning.
+    scanned_at: u64,
+    pruned_at: u64,
+    pub stats: EngineStats,
+}
+
+/// What an always-on engine had to let go of to stay bounded.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Attempts judged early because [`MAX_OPEN`] were open.
+    pub judged_early: u64,
+    /// Decided attempts forgotten early because [`MAX_DONE`] were remembered.
+    pub forgotten_early: u64,
 }
 
 fn flags(e: &Event) -> (bool, bool, bool) {
@@ -173,7 +212,23 @@ impl Engine {
             sock_key: HashMap::new(),
             syn_sent: HashSet::new(),
             armed_at: 0,
+            scanned_at: 0,
+            pruned_at: 0,
+            stats: EngineStats::default(),
         }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.ctx.port
+    }
+
+    pub fn is_udp(&self) -> bool {
+        self.ctx.udp
+    }
+
+    /// The listeners of namespace `netns` as they are now (refusals name them).
+    pub fn set_listeners(&mut self, netns: String, listeners: Vec<Listener>) {
+        self.ctx.listeners.insert(netns, listeners);
     }
 
     /// From `time_ns` (event time) on, every probe was in place. An attempt with evidence from
@@ -186,6 +241,9 @@ impl Engine {
     /// The client side of an event's tuple: the side whose port is not the traced one.
     fn key(&self, e: &Event) -> Option<Key> {
         let port = self.ctx.port;
+        if port == ANY_PORT {
+            return self.key_any_port(e);
+        }
         let (syn, ack, _) = flags(e);
         let client = if e.kind == Kind::Packet && syn {
             if ack {
@@ -202,6 +260,59 @@ impl Engine {
             (e.src, e.sport)
         };
         (client.1 != 0).then_some((client.0, client.1, None))
+    }
+
+    /// Every port: the attempt an event belongs to, by its tuple in either direction; only
+    /// evidence of a connection attempt opens one (a dropped SYN, a SYN retransmit, the kernel's
+    /// NO_SOCKET reset, a refused or unreachable connect(), a rule, a reset or ICMP error on the
+    /// way back). Anything else (segments of established connections) belongs to no attempt.
+    fn key_any_port(&self, e: &Event) -> Option<Key> {
+        let fwd = (e.src, e.sport, None);
+        let rev = (e.dst, e.dport, None);
+        let known = |k: &Key| self.attempts.contains_key(k) || self.done.contains_key(k);
+        if known(&fwd) {
+            return Some(fwd);
+        }
+        if known(&rev) {
+            return Some(rev);
+        }
+        let (syn, ack, rst) = flags(e);
+        let opener = match e.kind {
+            Kind::Packet if syn => Some(if ack { rev } else { fwd }),
+            // The quoted SYN of an ICMP error; a reset coming back from the server.
+            Kind::Packet if e.icmp.is_some() => Some(fwd),
+            Kind::Packet if rst => Some(rev),
+            Kind::Drop | Kind::Retransmit if syn => Some(if ack { rev } else { fwd }),
+            Kind::SendReset => e
+                .reset
+                .as_ref()
+                .is_some_and(|r| r.reason.as_deref() == Some(drop_reason::NO_SOCKET))
+                .then_some(fwd),
+            Kind::SocketError => e
+                .error
+                .as_ref()
+                .is_some_and(|x| CONNECT_ERRORS.contains(&x.name.as_str()))
+                .then_some(fwd),
+            Kind::Netfilter => Some(fwd),
+            Kind::StateChange => e
+                .state
+                .as_ref()
+                .is_some_and(|s| s.new == TcpState::SynSent)
+                .then_some(fwd),
+            _ => None,
+        };
+        opener.filter(|k| k.1 != 0)
+    }
+
+    /// The server port of a new attempt: the other side of the event that opened it.
+    fn port_of(&self, e: &Event, key: Key) -> u16 {
+        if self.ctx.port != ANY_PORT {
+            self.ctx.port
+        } else if (e.src, e.sport) == (key.0, key.1) {
+            e.dport
+        } else {
+            e.sport
+        }
     }
 
     fn terminal(e: &Event, port: u16) -> bool {
@@ -257,8 +368,14 @@ impl Engine {
         if self.done.contains_key(&key) {
             return self.poll(now);
         }
-        let terminal = Self::terminal(&e, self.ctx.port);
+        let port = self.port_of(&e, key);
+        let mut early = self.make_room(key, now);
         let a = self.attempt(key, now);
+        if a.port == 0 {
+            a.port = port;
+        }
+        a.last_at = now;
+        let terminal = Self::terminal(&e, a.port);
         let (syn, ack, _) = flags(&e);
         if e.kind == Kind::Drop && syn && !ack {
             a.syn_drops += 1;
@@ -268,7 +385,20 @@ impl Engine {
         if terminal && a.terminal_at.is_none() {
             a.terminal_at = Some(now);
         }
-        self.poll(now)
+        early.extend(self.poll(now));
+        early
+    }
+
+    /// Every port: a new attempt beyond [`MAX_OPEN`] has the oldest one judged now.
+    fn make_room(&mut self, key: Key, now: u64) -> Vec<Verdict> {
+        if self.attempts.len() < MAX_OPEN || self.attempts.contains_key(&key) {
+            return Vec::new();
+        }
+        let Some(&oldest) = self.order.first() else {
+            return Vec::new();
+        };
+        self.stats.judged_early += 1;
+        self.take(oldest, now).into_iter().collect()
     }
 
     fn attempt(&mut self, key: Key, now: u64) -> &mut Attempt {
@@ -276,6 +406,7 @@ impl Engine {
             self.order.push(key);
             Attempt {
                 started_at: now,
+                last_at: now,
                 ..Attempt::default()
             }
         })
@@ -335,13 +466,25 @@ impl Engine {
     /// Verdicts whose settle time has passed (and UDP exchanges left without an answer).
     pub fn poll(&mut self, now: u64) -> Vec<Verdict> {
         let udp = self.ctx.udp;
+        let any_port = !udp && self.ctx.port == ANY_PORT;
+        if any_port {
+            // Every port sees many events: scan every 50 ms, not at each one.
+            if now < self.scanned_at + SCAN_EVERY_NS {
+                return Vec::new();
+            }
+            self.scanned_at = now;
+            self.prune(now);
+        }
         let ready: Vec<Key> = self
             .order
             .iter()
             .filter(|k| {
                 self.attempts.get(k).is_some_and(|a| match a.terminal_at {
                     Some(t) => now >= t + SETTLE_NS,
-                    None => udp && now >= a.started_at + udp::UDP_TIMEOUT_NS,
+                    None => {
+                        (udp && now >= a.started_at + udp::UDP_TIMEOUT_NS)
+                            || (any_port && now >= a.last_at + IDLE_NS)
+                    }
                 })
             })
             .copied()
@@ -354,6 +497,30 @@ impl Engine {
             .into_iter()
             .filter_map(|k| self.take(k, now))
             .collect()
+    }
+
+    /// Every port, once a second: decided attempts are forgotten after [`DONE_KEEP_NS`] (or
+    /// the oldest half of them beyond [`MAX_DONE`]), and so are the sockets that led to them.
+    fn prune(&mut self, now: u64) {
+        if now < self.pruned_at + 1_000_000_000 {
+            return;
+        }
+        self.pruned_at = now;
+        self.done.retain(|_, t| now < *t + DONE_KEEP_NS);
+        if self.done.len() > MAX_DONE {
+            let mut times: Vec<u64> = self.done.values().copied().collect();
+            let (_, median, _) = times.select_nth_unstable(MAX_DONE / 2);
+            let cut = *median;
+            let before = self.done.len();
+            self.done.retain(|_, t| *t > cut);
+            self.stats.forgotten_early += (before - self.done.len()) as u64;
+        }
+        let (attempts, done) = (&self.attempts, &self.done);
+        self.sock_key
+            .retain(|_, k| attempts.contains_key(k) || done.contains_key(k));
+        let socks = &self.sock_key;
+        self.sock_process.retain(|s, _| socks.contains_key(s));
+        self.syn_sent.retain(|s| socks.contains_key(s));
     }
 
     /// Everything still open, classified with what was seen (the trace is ending).
@@ -374,13 +541,18 @@ impl Engine {
         if events.first().is_some_and(|e| e.time_ns < self.armed_at) {
             return None;
         }
-        if !self.ctx.udp && began_before_the_trace(&events, client, &self.syn_sent) {
+        // The always-on agent does not watch connect() (it would cost an event per healthy
+        // connection): every attempt it sees began while it was watching.
+        if !self.ctx.udp
+            && self.ctx.port != ANY_PORT
+            && began_before_the_trace(&events, client, &self.syn_sent)
+        {
             return None;
         }
         let v = if self.ctx.udp {
             udp::classify(&events, client, &self.ctx)
         } else {
-            classify(&events, client, &self.ctx, &self.sock_process)
+            classify_to(&events, client, a.port, &self.ctx, &self.sock_process)
         };
         (v.outcome != Outcome::Unknown || was_an_attempt(&events, &v)).then_some(v)
     }
@@ -403,6 +575,9 @@ fn was_an_attempt(events: &[Event], v: &Verdict) -> bool {
             || e.state
                 .as_ref()
                 .is_some_and(|s| syn_state(s.old) || syn_state(s.new))
+            || e.error
+                .as_ref()
+                .is_some_and(|x| CONNECT_ERRORS.contains(&x.name.as_str()))
     }) || v.udp.as_ref().is_some_and(|u| u.requests > 0)
 }
 
@@ -587,8 +762,9 @@ impl<'a> Evidence<'a> {
                     e.kind == Kind::StateChange && e.dport == port && (e.src, e.sport) == client
                 })
                 .or(first_syn)
+                .or_else(|| client_socket(events, client))
                 .map(|e| (e.dst, e.dport)),
-            netfilter: events.iter().find_map(|e| e.netfilter.clone()),
+            netfilter: most_detailed_rule(events),
             syn_drop,
             no_socket,
             syn_ack: events
@@ -614,6 +790,27 @@ impl<'a> Evidence<'a> {
             last_egress: syn_via(events.iter().rev(), Direction::Egress),
         }
     }
+}
+
+/// An event of the client's own socket (a SYN retransmit, its error): its peer address is the
+/// one dialled, before any DNAT.
+fn client_socket(events: &[Event], client: (IpAddr, u16)) -> Option<&Event> {
+    events.iter().find(|e| {
+        matches!(e.kind, Kind::Retransmit | Kind::SocketError) && (e.src, e.sport) == client
+    })
+}
+
+/// The rule that decided: of several reports, the first with the longest chain path (a trace
+/// of a retransmit shows the path; a counter difference at the first drop names only the rule).
+fn most_detailed_rule(events: &[Event]) -> Option<Netfilter> {
+    events
+        .iter()
+        .filter_map(|e| e.netfilter.as_ref())
+        .fold(None, |best: Option<&Netfilter>, nf| match best {
+            Some(b) if b.path.len() >= nf.path.len() => Some(b),
+            _ => Some(nf),
+        })
+        .cloned()
 }
 
 /// The server as the SYN's last observation shows it (after DNAT).
@@ -791,7 +988,18 @@ pub fn classify(
     ctx: &Context,
     procs: &HashMap<String, (String, u32)>,
 ) -> Verdict {
-    let ev = Evidence::gather(events, client, ctx.port);
+    classify_to(events, client, ctx.port, ctx, procs)
+}
+
+/// Classifies one attempt's events (sorted by time) to server port `port`.
+fn classify_to(
+    events: &[Event],
+    client: (IpAddr, u16),
+    port: u16,
+    ctx: &Context,
+    procs: &HashMap<String, (String, u32)>,
+) -> Verdict {
+    let ev = Evidence::gather(events, client, port);
     let mut listeners = Vec::new();
     let mut next_steps = Vec::new();
     let (outcome, explanation) = decide(&ev, ctx, &mut listeners, &mut next_steps);
@@ -800,7 +1008,7 @@ pub fn classify(
         kind: "verdict".into(),
         outcome,
         headline: outcome.headline().into(),
-        client: client_endpoint(events, client, ctx.port, procs),
+        client: client_endpoint(events, client, port, procs),
         server: server_endpoint(events, &ev, client),
         dialed: ev
             .dialed

@@ -445,3 +445,137 @@ fn leftovers_without_a_syn_get_no_verdict() {
     out.extend(engine.finish());
     assert!(out.is_empty(), "{out:#?}");
 }
+
+/// What the always-on agent's kernel side emits of a recorded trace: failure signals only (no
+/// SYN packets, no state changes), and the routine teardown drops kept in the kernel.
+fn as_the_agent_sees_it(events: Vec<Event>) -> Vec<Event> {
+    events
+        .into_iter()
+        .filter(|e| match e.kind {
+            Kind::Packet => e.has_flag(TcpFlag::Rst) || e.icmp.is_some(),
+            Kind::StateChange => false,
+            Kind::Drop => e.drop.as_ref().is_some_and(|d| {
+                !["QUEUE_PURGE", "SOCKET_CLOSE"].contains(&d.reason.as_str())
+                    && (d.reason != drop_reason::NOT_SPECIFIED || e.is_syn())
+            }),
+            _ => true,
+        })
+        .collect()
+}
+
+/// Every TCP fixture, judged on every port from what the agent sees, gets the outcome (and the
+/// rule, the dialled address) the trace got for its port; the healthy one gets no verdict.
+#[test]
+fn an_engine_on_every_port_judges_what_the_agent_sees_as_the_trace_did() {
+    type Case = (&'static str, u16, Vec<(&'static str, Listener)>);
+    let cases: [Case; 6] = [
+        ("s1_calico", 9004, vec![]),
+        ("kube_proxy_reject", 9004, vec![]),
+        ("rp_filter", 9004, vec![]),
+        (
+            "s2_refused",
+            9500,
+            vec![("pod", listener("127.0.0.1", 9000))],
+        ),
+        ("s2_v6only", 9500, vec![("pod", listener("::1", 9500))]),
+        ("success", 9005, vec![]),
+    ];
+    for (name, port, listeners) in cases {
+        let listeners: HashMap<String, Vec<Listener>> = listeners
+            .into_iter()
+            .map(|(ns, l)| (ns.to_string(), vec![l]))
+            .collect();
+        let traced = run(
+            name,
+            Context {
+                port,
+                udp: false,
+                listeners: listeners.clone(),
+            },
+        );
+        let mut engine = Engine::new(Context {
+            port: ANY_PORT,
+            udp: false,
+            listeners,
+        });
+        let mut always_on = Vec::new();
+        for (i, e) in as_the_agent_sees_it(load(name)).into_iter().enumerate() {
+            always_on.extend(engine.push(e, i as u64 * 100_000_000));
+        }
+        always_on.extend(engine.finish());
+        let failed: Vec<&Verdict> = always_on
+            .iter()
+            .filter(|v| v.outcome.is_failure())
+            .collect();
+        let traced_failed: Vec<&Verdict> =
+            traced.iter().filter(|v| v.outcome.is_failure()).collect();
+        assert_eq!(failed.len(), traced_failed.len(), "{name}: {always_on:#?}");
+        for (a, t) in failed.iter().zip(&traced_failed) {
+            assert_eq!(a.outcome, t.outcome, "{name}");
+            assert_eq!(
+                (a.client.addr, a.client.port),
+                (t.client.addr, t.client.port),
+                "{name}"
+            );
+            assert_eq!(a.server.port, t.server.port, "{name}");
+            assert_eq!(
+                a.dialed.as_ref().map(|d| (d.addr, d.port)),
+                t.dialed.as_ref().map(|d| (d.addr, d.port)),
+                "{name}: the dialled address"
+            );
+            assert_eq!(
+                a.netfilter.as_ref().map(|n| (&n.chain, n.position)),
+                t.netfilter.as_ref().map(|n| (&n.chain, n.position)),
+                "{name}"
+            );
+            assert_eq!(a.listeners, t.listeners, "{name}");
+        }
+    }
+}
+
+/// An always-on engine stays bounded: beyond MAX_OPEN attempts the oldest is judged early
+/// (counted), and a SYN dropped once and never retried is judged after IDLE_NS.
+#[test]
+fn an_engine_on_every_port_is_bounded_and_judges_idle_attempts() {
+    let s1 = load("s1_calico");
+    let drop = s1
+        .iter()
+        .find(|e| e.kind == Kind::Drop && e.is_syn())
+        .expect("the S1 fixture has a dropped SYN")
+        .clone();
+    let mut engine = Engine::new(Context {
+        port: ANY_PORT,
+        ..Context::default()
+    });
+    let mut verdicts = Vec::new();
+    for i in 0..(MAX_OPEN as u16 + 10) {
+        let mut e = drop.clone();
+        e.sport = 1000 + i;
+        verdicts.extend(engine.push(e, 1));
+    }
+    assert_eq!(engine.stats.judged_early, 10);
+    assert_eq!(verdicts.len(), 10);
+    assert!(
+        verdicts
+            .iter()
+            .all(|v| v.outcome == Outcome::DroppedInNetfilter)
+    );
+    assert!(engine.poll(IDLE_NS).is_empty(), "not idle long enough yet");
+    let idle = engine.poll(IDLE_NS + 2 + SCAN_EVERY_NS);
+    assert_eq!(idle.len(), MAX_OPEN, "every idle attempt judged");
+    assert!(engine.finish().is_empty());
+    // Decided attempts are remembered (late retransmits open nothing), then forgotten.
+    let mut late = drop.clone();
+    late.sport = 1000;
+    assert!(
+        engine
+            .push(late.clone(), IDLE_NS + 3 + SCAN_EVERY_NS)
+            .is_empty()
+    );
+    assert!(
+        engine.attempts.is_empty(),
+        "a decided attempt is not opened again"
+    );
+    engine.poll(IDLE_NS + DONE_KEEP_NS + 3 * SCAN_EVERY_NS);
+    assert!(engine.done.is_empty() && engine.sock_key.is_empty());
+}
