@@ -1,8 +1,8 @@
 //! `cargo xtask bench`: what leaving netprobe on costs, measured side by side in one run inside a
 //! lab (namespaces only): throughput and connection rate without / with the agent (and with an
 //! active trace), a drop storm (generated vs counted in the kernel vs delivered vs lost, agent CPU
-//! and memory), attach time for 250 veths, time from a new veth to its attachment, and time from
-//! a dropped SYN to `trace`'s verdict. Writes `bench/results/latest.json` and the numbers section
+//! and memory), attach time for 250 veths, time from a new veth to its attachment, time from
+//! a dropped SYN to `trace`'s verdict, and to the agent's own verdict naming the rule. Writes `bench/results/latest.json` and the numbers section
 //! of `BENCHMARKS.md`.
 
 use std::{
@@ -561,6 +561,105 @@ fn verdict_latency(bench: &mut Bench) -> Result<(f64, String)> {
     r
 }
 
+/// One failure the agent alone explains: how long from the client's first SYN to the agent's
+/// verdict on stdout, the outcome, and the rule it names (empty: none).
+struct AgentVerdict {
+    seconds: f64,
+    outcome: String,
+    rule: String,
+}
+
+/// The agent's verdicts on its NDJSON stdout, read on a thread: (server port, arrival, verdict).
+fn verdict_lines(agent: &mut Agent) -> Result<std::sync::mpsc::Receiver<(u64, Instant, Value)>> {
+    let out = agent.proc.child().stdout.take().context("piped stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            if v["kind"] == "verdict" {
+                let port = v["server"]["port"].as_u64().unwrap_or(0);
+                if tx.send((port, Instant::now(), v)).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Time from the first SYN to the agent's verdict, with the agent alone, for a SYN dropped by a
+/// rule and retried (the rule is named from the traced retransmit) and for a REJECT the client
+/// does not retry (named from the rule counters).
+fn agent_verdict_latency(bench: &mut Bench) -> Result<Vec<(&'static str, AgentVerdict)>> {
+    let node = bench.node();
+    let cases = [
+        ("retried_drop", 9997u16, "DROP"),
+        ("reject", 9996, "REJECT"),
+    ];
+    for (_, port, target) in cases {
+        bench.lab.sh(
+            &node,
+            &format!("iptables -I FORWARD -p tcp --dport {port} -j {target}"),
+        )?;
+    }
+    let r = (|| -> Result<Vec<(&'static str, AgentVerdict)>> {
+        let mut agent = Agent::start_on(&netprobe_bin(true), &node, bench.port, |s| {
+            s.env_remove("KUBECONFIG")
+                .env_remove("KUBERNETES_SERVICE_HOST")
+                .stdout(Stdio::piped())
+                .ready_limit(READY_LIMIT)
+        })?;
+        let verdicts = verdict_lines(&mut agent)?;
+        let mut found = Vec::new();
+        for (name, port, _) in cases {
+            let to = SocketAddr::new(bench.b.ip.into(), port);
+            let ns = bench.a.netns.clone();
+            let t0 = Instant::now();
+            let client = std::thread::spawn(move || {
+                let _ = in_netns(&ns, move || {
+                    TcpStream::connect_timeout(&to, Duration::from_secs(3))
+                });
+            });
+            let deadline = t0 + Duration::from_secs(10);
+            let (at, v) = loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match verdicts.recv_timeout(left) {
+                    Ok((p, at, v)) if p == u64::from(port) => break (at, v),
+                    Ok(_) => continue,
+                    Err(_) => bail!("no agent verdict for the {name} case within 10 s"),
+                }
+            };
+            let _ = client.join();
+            let nf = &v["netfilter"];
+            found.push((
+                name,
+                AgentVerdict {
+                    seconds: at.duration_since(t0).as_secs_f64(),
+                    outcome: v["outcome"].as_str().unwrap_or("").to_string(),
+                    rule: match nf["chain"].as_str() {
+                        Some(c) => format!(
+                            "{} {} #{}",
+                            nf["table"].as_str().unwrap_or(""),
+                            c,
+                            nf["position"]
+                        ),
+                        None => String::new(),
+                    },
+                },
+            ));
+        }
+        stop_agent(agent)?;
+        Ok(found)
+    })();
+    for (_, port, target) in cases {
+        bench.lab.sh(
+            &node,
+            &format!("iptables -D FORWARD -p tcp --dport {port} -j {target}"),
+        )?;
+    }
+    r
+}
+
 pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
     netprobe_lab::require_root();
     if !skip_setup {
@@ -623,6 +722,7 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
     };
     let (attach_250_s, attached, new_veth_ms) = attach(&mut bench, baseline_start_s)?;
     let (verdict_s, outcome) = verdict_latency(&mut bench)?;
+    let agent_verdicts = agent_verdict_latency(&mut bench)?;
     let soak = if opts.soak_seconds > 0 {
         let s = drop_storm(&mut bench, opts.soak_seconds, true)?;
         Some(s)
@@ -672,6 +772,11 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
         "new_veth_attach_ms": (new_veth_ms * 10.0).round() / 10.0,
         "verdict_latency_s": (verdict_s * 1000.0).round() / 1000.0,
         "verdict_outcome": outcome,
+        "agent_verdict": agent_verdicts.iter().map(|(name, v)| (name.to_string(), json!({
+            "seconds": (v.seconds * 1000.0).round() / 1000.0,
+            "outcome": v.outcome,
+            "rule": v.rule,
+        }))).collect::<serde_json::Map<_, _>>(),
     });
     if let (Some(bin), Some(other_storm)) = (&opts.compare_with, other_storm) {
         results["compared_with"] = json!({
@@ -786,6 +891,18 @@ fn table(r: &Value) -> String {
         r["verdict_outcome"].as_str().unwrap_or(""),
         r["verdict_latency_s"]
     ));
+    for (case, label, goal) in [
+        ("retried_drop", "a SYN dropped by a rule, retried", "≤ 1.5"),
+        ("reject", "a REJECT, not retried", "≤ 0.5"),
+    ] {
+        let v = &r["agent_verdict"][case];
+        t.push_str(&format!(
+            "| first SYN to the agent's verdict naming the rule: {label} (`{}`, {}), s | {} ({goal}) |\n",
+            v["outcome"].as_str().unwrap_or(""),
+            v["rule"].as_str().filter(|r| !r.is_empty()).unwrap_or("no rule named"),
+            v["seconds"]
+        ));
+    }
     if let Some(soak) = r.get("soak") {
         t.push_str(&format!(
             "\nSoak{}: {} s drop storm, {} drops generated, {} counted, {} delivered, {} lost; agent RSS {} MiB at start, {} MiB at end, peak {} MiB; kernel-to-agent event delay: max {} ms, p99 of the per-second maxima {} ms.\n",
