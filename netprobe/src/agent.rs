@@ -349,10 +349,14 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
         .await
         .map_err(|e| Error::io(format!("listening on {}", opts.metrics_addr), e))?;
+    // Hook (failures, #14 §7): the agent's memory of failures, served on /v1/failures.
+    let failures = crate::sinks::failures::Failures::shared(crate::sinks::failures::this_node(
+        opts.node_name.as_deref(),
+    ));
     tokio::spawn(crate::cluster::server::serve(
         listener,
         std::sync::Arc::new(Status(metrics.clone())),
-        crate::cluster::server::TraceServer::new()?,
+        crate::cluster::server::TraceServer::new()?.with_failures(failures.clone()),
     ));
     // Held until the agent exits; the kernel turns the statistics off when it is closed.
     let _run_time_stats = opts
@@ -390,7 +394,9 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
         route,
         stages: enrichment(names.as_ref()),
         judge: Some(dns_judge(names.clone())),
-        sinks: agent_sinks(&opts, out, &metrics, names.as_ref()),
+        // Hook (failures, #14 §7): every failed verdict into the memory.
+        sinks: agent_sinks(&opts, out, &metrics, names.as_ref())
+            .with(crate::sinks::failures::FailuresSink::new(failures)),
         housekeeping: Box::new(AgentHousekeeping {
             ticks: 0,
             node,
