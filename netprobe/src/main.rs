@@ -59,15 +59,18 @@ enum Command {
     /// socket: ICMP port unreachable), or unanswered (no reply after 5 s and no drop on this
     /// node); DNS verdicts name the query (name and type).
     Trace(TraceArgs),
-    /// What is failing on the cluster right now and in the last minutes (also `kubectl
-    /// netprobe failures`, from a laptop): every node's agent remembers its failed connection
-    /// attempts and DNS lookups (refused, dropped by a rule or the kernel, unreachable, reset,
-    /// timed out) for 60 minutes; this asks every agent, through a port-forward to each agent
-    /// pod as cluster-mode trace does (RBAC: `create` on pods/portforward in the agent's
-    /// namespace), and prints them merged, grouped by client workload → Service:port (else the
-    /// server's workload), outcome and rule/policy, with counts (now = this minute and the
-    /// previous; and over --since) and one example verdict's explanation per group. An agent
-    /// that does not answer is reported, not fatal. Exit 0 when an agent answered, 2 otherwise.
+    /// What is failing on the cluster right now and in the last minutes, as every node's agent
+    /// saw it (also `kubectl netprobe failures`, from a laptop).
+    ///
+    /// Every agent remembers the failed connection attempts and DNS lookups it judged (refused,
+    /// dropped by a rule or the kernel, unreachable, reset, timed out) for 60 minutes. This
+    /// asks every agent through a port-forward to its pod, as cluster-mode trace does (RBAC:
+    /// the netprobe-tracer roles of deploy/, i.e. list pods and pods/portforward in the agent's
+    /// namespace), and prints the answers merged, grouped by client workload → Service:port
+    /// (else the server's workload), outcome and rule/policy, with counts (now = this minute
+    /// and the previous; and over --since) and one example verdict's explanation per group. An
+    /// agent that does not answer is reported, not fatal. Exit 0 when an agent answered, 2
+    /// otherwise.
     ///
     /// Examples: `kubectl netprobe failures`; `kubectl netprobe failures -n financial-inference
     /// --since 30m`; `kubectl netprobe failures --workload Deployment/client -o json`.

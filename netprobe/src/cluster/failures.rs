@@ -374,7 +374,8 @@ pub fn text(a: &FailuresAnswer) -> String {
     let since = span(a.since_s);
     let asked: Vec<String> = a.nodes.iter().map(node_line).collect();
     let mut s = format!(
-        "failures in the last {since} (now = this minute and the previous) from {} agent(s): {}\n",
+        "failures in the last {since}{} (now = this minute and the previous) from {} agent(s): {}\n",
+        memory_note(a),
         a.nodes.len(),
         asked.join(", ")
     );
@@ -397,6 +398,14 @@ pub fn text(a: &FailuresAnswer) -> String {
         }
     }
     s
+}
+
+/// When `since` reaches further back than an agent remembers, say so.
+fn memory_note(a: &FailuresAnswer) -> String {
+    match a.nodes.iter().filter_map(|n| n.window_s).min() {
+        Some(w) if w < a.since_s => format!(" (the agents remember {})", span(w)),
+        _ => String::new(),
+    }
 }
 
 fn node_line(n: &NodeReport) -> String {
@@ -596,6 +605,14 @@ mod tests {
 
         let text = text(&m);
         assert!(text.contains("node-c (NO ANSWER: refused)"), "{text}");
+        assert!(text.starts_with("failures in the last 10m (now"), "{text}");
+        let mut long = m.clone();
+        long.since_s = 7200;
+        assert!(
+            super::text(&long).starts_with("failures in the last 2h (the agents remember 1h) (now"),
+            "{}",
+            super::text(&long)
+        );
         assert!(text.contains("node-a (2 older groups evicted)"), "{text}");
         assert!(
             text.contains("\nx/Deployment/client\n  → financial-inference/Service/seldon-scheduler:9004  dropped_by_rule\n      now 7, last 10m 10; last seen 0s ago on node-a, node-b\n      e.g. "),
