@@ -343,11 +343,19 @@ fn absorb(m: &mut FailureGroup, g: FailureGroup) {
     m.nodes.dedup();
 }
 
-/// The first sentence of a verdict's explanation: the one line a group shows.
+/// The headline, the DNS question if any, and the first sentence of the explanation: the one
+/// line a group shows.
 pub fn one_line(v: &Verdict) -> String {
     let e = v.explanation.trim();
     let end = e.find(". ").map_or(e.len(), |i| i + 1);
-    format!("{}: {}", v.headline, &e[..end])
+    let dns = v.udp.as_ref().and_then(|u| u.dns.as_ref());
+    let question = dns.map(|q| format!(" (DNS {})", q.describe()));
+    format!(
+        "{}{}: {}",
+        v.headline,
+        question.unwrap_or_default(),
+        &e[..end]
+    )
 }
 
 fn ago(at: u64, t: u64) -> String {

@@ -496,6 +496,32 @@ mod tests {
     }
 
     #[test]
+    fn a_servfail_is_a_failure_nxdomain_is_not_and_the_example_names_the_query() {
+        use crate::verdict::udp::{DnsLookup, UdpExchange};
+        let mut v = dropped("client-0", Some("Deployment/client"), "x.");
+        v.outcome = Outcome::Answered;
+        let lookup = |rcode: &str| DnsLookup {
+            id: 7,
+            name: Some("seldon-scheduler.financial-inference.svc.cluster.local".into()),
+            qtype: Some("A".into()),
+            rcode: Some(rcode.into()),
+            answers: Some(0),
+        };
+        v.udp = Some(UdpExchange {
+            requests: 1,
+            replied: true,
+            dns: Some(lookup("SERVFAIL")),
+        });
+        assert!(failed(&v));
+        assert!(
+            crate::cluster::failures::one_line(&v)
+                .contains(" (DNS A seldon-scheduler.financial-inference.svc.cluster.local): x.")
+        );
+        v.udp.as_mut().unwrap().dns = Some(lookup("NXDOMAIN"));
+        assert!(!failed(&v), "NXDOMAIN is an answer");
+    }
+
+    #[test]
     fn the_sink_keeps_failures_only() {
         let shared = Failures::shared("node-a".into());
         let mut sink = FailuresSink::new(shared.clone());
