@@ -228,9 +228,9 @@ fn failed_dns_lookups_on_both_nodes_are_listed_with_the_query() {
     let (code, text, _) = failures(&lab, &[]);
     assert_eq!(code, 0, "{text}");
     assert!(
-        text.contains(&format!(
+        text.contains(
             "\nfinancial-inference/Pod/client-0\n  → financial-inference/Pod/seldon-scheduler-0:53  dropped"
-        )),
+        ),
         "{text}"
     );
     assert!(text.contains(&format!("(DNS A {name}): ")), "{text}");
