@@ -234,4 +234,16 @@ fn failed_dns_lookups_on_both_nodes_are_listed_with_the_query() {
         "{text}"
     );
     assert!(text.contains(&format!("(DNS A {name}): ")), "{text}");
+    // Another user on the node cannot read them through the loopback port.
+    let a = &lab.labs[0];
+    let direct = a
+        .sh(
+            a.node(),
+            &format!(
+                "setpriv --reuid=65534 --regid=65534 --clear-groups python3 -c \"import socket; s=socket.create_connection(('127.0.0.1',{})); s.sendall(b'GET /v1/failures HTTP/1.1\\r\\n\\r\\n'); print(s.recv(200))\"",
+                lab.port
+            ),
+        )
+        .unwrap();
+    assert!(direct.contains("403 Forbidden"), "{direct}");
 }
