@@ -18,6 +18,18 @@ fn question_end(msg: &[u8]) -> Option<usize> {
     }
 }
 
+/// An A query as a stub resolver sends it: id, RD, one question, class IN.
+pub fn a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        m.push(label.len() as u8);
+        m.extend_from_slice(label.as_bytes());
+    }
+    m.extend_from_slice(&[0, 0, 1, 0, 1]);
+    m
+}
+
 /// The response to an A query: the question echoed, QR/RA set, NOERROR, one A record `addr`.
 pub fn answer_a(query: &[u8], addr: Ipv4Addr) -> Option<Vec<u8>> {
     let end = question_end(query)?;

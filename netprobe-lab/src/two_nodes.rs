@@ -32,7 +32,8 @@ pub const NODES: [&str; 2] = ["node-a", "node-b"];
 pub const CLIENT_IP: &str = "10.42.0.5";
 pub const SERVER_IP: &str = "10.42.1.7";
 
-fn agent_pod(name: &str, node: &str) -> Value {
+/// The agent DaemonSet's pod on `node`, as the API lists it.
+pub fn agent_pod(name: &str, node: &str) -> Value {
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -190,12 +191,11 @@ impl TwoNodes {
         Ok(())
     }
 
-    /// `netprobe trace --cluster … --count 1 -o <output>` as nobody on the first node ("the
-    /// laptop"), while the client pod dials the Service every second (3 s connect timeout, like
-    /// a Go dialer with a short timeout).
-    pub fn trace(&self, bin: &Path, output: &str) -> Result<ClusterTrace> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", self.labs[0].node()])
+    /// `bin` as nobody on the first node ("the laptop", which cannot load eBPF or enter
+    /// namespaces), with the API stand-in's kubeconfig; output piped.
+    pub fn laptop(&self, bin: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", self.labs[0].node()])
             .args([
                 "setpriv",
                 "--reuid=65534",
@@ -203,6 +203,20 @@ impl TwoNodes {
                 "--clear-groups",
             ])
             .arg(bin)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env_remove("NODE_NAME")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// `netprobe trace --cluster … --count 1 -o <output>` as nobody on the first node ("the
+    /// laptop"), while the client pod dials the Service every second (3 s connect timeout, like
+    /// a Go dialer with a short timeout).
+    pub fn trace(&self, bin: &Path, output: &str) -> Result<ClusterTrace> {
+        let child = self
+            .laptop(bin)
             .args([
                 "trace",
                 "--cluster",
@@ -223,11 +237,6 @@ impl TwoNodes {
                 "-o",
                 output,
             ])
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env_remove("NODE_NAME")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .context("start netprobe trace --cluster")?;
         let waited = std::thread::spawn(move || wait_output(child, Duration::from_secs(90)));

@@ -367,10 +367,14 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.metrics_addr)
         .await
         .map_err(|e| Error::io(format!("listening on {}", opts.metrics_addr), e))?;
+    // The memory of recent failures, fed by a sink, served on /v1/failures.
+    let failures = crate::sinks::failures::Failures::shared(crate::sinks::failures::this_node(
+        opts.node_name.as_deref(),
+    ));
     tokio::spawn(crate::cluster::server::serve(
         listener,
         std::sync::Arc::new(Status(metrics.clone())),
-        crate::cluster::server::TraceServer::new()?,
+        crate::cluster::server::TraceServer::new()?.with_failures(failures.clone()),
     ));
     // Held until the agent exits; the kernel turns the statistics off when it is closed.
     let _run_time_stats = opts
@@ -409,7 +413,8 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
         route,
         stages: enrichment(names.as_ref()),
         judge: Some(judge(names.clone(), present.clone(), enricher.clone())),
-        sinks: agent_sinks(&opts, out, &metrics, names.as_ref()),
+        sinks: agent_sinks(&opts, out, &metrics, names.as_ref())
+            .with(crate::sinks::failures::FailuresSink::new(failures)),
         housekeeping: Box::new(AgentHousekeeping {
             ticks: 0,
             node,

@@ -27,11 +27,13 @@ struct Cli {
 enum Command {
     /// Always-on mode (DaemonSet): drops, resets, application errors, SYN retransmits,
     /// RST/ICMP-unreachable packets and failed DNS lookups (dropped, rejected, unanswered,
-    /// SERVFAIL) of the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics, /healthz, /readyz and /v1/trace (cluster-mode traces,
-    /// root-owned connections only) on --metrics-addr. Installs no firewall rule.
+    /// SERVFAIL) of the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics, /healthz, /readyz, /v1/trace (cluster-mode traces,
+    /// root-owned connections only) and /v1/failures (what failed in the last 60 minutes, for
+    /// `netprobe failures`; root-owned connections only) on --metrics-addr. Installs no
+    /// firewall rule.
     Agent(AgentArgs),
-    /// Print the JSON Schemas of the objects `trace -o json` prints (events, verdicts, summary),
-    /// keyed by their `schema` value.
+    /// Print the JSON Schemas of the objects `trace -o json` prints (events, verdicts, summary)
+    /// and of the answer `failures -o json` prints, keyed by their `schema` value.
     Schema,
     /// Report which kernel hooks and features this machine offers; exit 0 if tracing can work.
     Check(CheckArgs),
@@ -57,14 +59,30 @@ enum Command {
     /// socket: ICMP port unreachable), or unanswered (no reply after 5 s and no drop on this
     /// node); DNS verdicts name the query (name and type).
     Trace(TraceArgs),
+    /// What is failing on the cluster right now and in the last minutes, as every node's agent
+    /// saw it (also `kubectl netprobe failures`, from a laptop).
+    ///
+    /// Every agent remembers the failed connection attempts and DNS lookups it judged (refused,
+    /// dropped by a rule or the kernel, unreachable, reset, timed out) for 60 minutes. This
+    /// asks every agent through a port-forward to its pod, as cluster-mode trace does (RBAC:
+    /// the netprobe-tracer roles of deploy/, i.e. list pods and pods/portforward in the agent's
+    /// namespace), and prints the answers merged, grouped by client workload → Service:port
+    /// (else the server's workload), outcome and rule/policy, with counts (now = this minute
+    /// and the previous; and over --since) and one example verdict's explanation per group. An
+    /// agent that does not answer is reported, not fatal. Exit 0 when an agent answered, 2
+    /// otherwise.
+    ///
+    /// Examples: `kubectl netprobe failures`; `kubectl netprobe failures -n financial-inference
+    /// --since 30m`; `kubectl netprobe failures --workload Deployment/client -o json`.
+    Failures(FailuresArgs),
 }
 
 #[derive(clap::Args)]
 struct AgentArgs {
-    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /v1/trace). Loopback by
-    /// default: nothing unauthenticated on the node network; Prometheus scrapes through the
-    /// authenticating proxy of deploy/ (kube-rbac-proxy), cluster-mode traces arrive through
-    /// pods/portforward. Example: --metrics-addr 127.0.0.1:9965
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /v1/trace, /v1/failures).
+    /// Loopback by default: nothing unauthenticated on the node network; Prometheus scrapes
+    /// through the authenticating proxy of deploy/ (kube-rbac-proxy), cluster-mode traces and
+    /// `failures` arrive through pods/portforward. Example: --metrics-addr 127.0.0.1:9965
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9965")]
     metrics_addr: std::net::SocketAddr,
     /// This node's name: the inventory then lists only this node's pods.
@@ -181,6 +199,32 @@ struct TraceArgs {
     agent_port: u16,
 }
 
+#[derive(clap::Args)]
+struct FailuresArgs {
+    /// Only failures whose client or destination is in this namespace.
+    /// Example: -n financial-inference
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// Only failures whose client or destination is this workload: `Kind/name` or a bare name
+    /// (a pod without owner is `Pod/name`, a Service `Service/name`).
+    /// Example: --workload Deployment/client
+    #[arg(long)]
+    workload: Option<String>,
+    /// How far back to count (whole s, m or h; at most 24h, and the agents remember 60 min).
+    /// Example: --since 30m
+    #[arg(long, default_value = "10m", value_parser = netprobe::cluster::failures::parse_since)]
+    since: Duration,
+    /// text: grouped by client workload; json: the merged answer (schema netprobe.failures/v1).
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    output: Format,
+    /// Namespace of the netprobe DaemonSet.
+    #[arg(long, env = "NETPROBE_NAMESPACE", default_value = "netprobe")]
+    agent_namespace: String,
+    /// The agents' loopback port (the port of their --metrics-addr).
+    #[arg(long, default_value_t = 9965)]
+    agent_port: u16,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Proto {
     Tcp,
@@ -258,6 +302,7 @@ fn main() -> ExitCode {
         }
         Command::Check(c) => check(c.output),
         Command::Trace(t) => trace(t),
+        Command::Failures(f) => failures(f),
     }
 }
 
@@ -394,10 +439,35 @@ fn cluster_trace(t: TraceArgs, port: u16, udp: bool) -> ExitCode {
     };
     let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr());
     let run = netprobe::cluster::client::run(opts, &mut stdout, &mut stderr);
-    match rt.block_on(run) {
+    exit_with(rt.block_on(run))
+}
+
+/// A cluster-mode command's exit code as ours; an error is printed, exit 2.
+fn exit_with(result: Result<i32, netprobe::Error>) -> ExitCode {
+    match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(EXIT_USAGE)),
         Err(e) => failed(e),
     }
+}
+
+/// `kubectl netprobe failures`: every agent's memory of failures, merged.
+fn failures(f: FailuresArgs) -> ExitCode {
+    let opts = netprobe::cluster::client::FailuresOptions {
+        agent_namespace: f.agent_namespace,
+        agent_port: f.agent_port,
+        format: f.output,
+        query: netprobe::cluster::failures::FailuresQuery {
+            since: f.since,
+            namespace: f.namespace,
+            workload: f.workload,
+        },
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr());
+    let run = netprobe::cluster::client::failures(opts, &mut stdout, &mut stderr);
+    exit_with(rt.block_on(run))
 }
 
 #[cfg(test)]
@@ -424,6 +494,27 @@ mod tests {
         let parse = |p: &str| Cli::try_parse_from(["netprobe", "trace", "--port", p]);
         assert!(parse("0").is_err());
         assert!(parse("9500").is_ok());
+    }
+
+    #[test]
+    fn failures_arguments_are_checked_before_asking_anyone() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["netprobe", "failures"].iter().chain(args).copied())
+        };
+        assert!(parse(&[]).is_ok());
+        assert!(
+            parse(&[
+                "-n",
+                "team-a",
+                "--workload",
+                "Deployment/x",
+                "--since",
+                "30m"
+            ])
+            .is_ok()
+        );
+        assert!(parse(&["--since", "25h"]).is_err());
+        assert!(parse(&["--since", "10"]).is_err());
     }
 
     #[test]

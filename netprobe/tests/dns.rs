@@ -13,6 +13,7 @@ use std::{
 
 use netprobe_lab::{
     Lab, Pod,
+    dns::a_query,
     kubeapi::{FakeKube, Kind, endpoint_slice, pod, service},
     rules::{KUBE_DNS_IP, calico_egress_filter, kube_dns_dnat, restore},
 };
@@ -24,18 +25,6 @@ const NODE: &str = "lab-node";
 const COREDNS: &str = "coredns-6799fbcd5-x7k2p";
 /// What the CoreDNS stand-in answers (the scheduler Service's ClusterIP).
 const ANSWER: Ipv4Addr = Ipv4Addr::new(10, 43, 51, 131);
-
-/// An A query as a stub resolver sends it: id, RD, one question, class IN.
-fn a_query(id: u16, name: &str) -> Vec<u8> {
-    let mut m = id.to_be_bytes().to_vec();
-    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.') {
-        m.push(label.len() as u8);
-        m.extend_from_slice(label.as_bytes());
-    }
-    m.extend_from_slice(&[0, 0, 1, 0, 1]);
-    m
-}
 
 struct DnsLab {
     lab: Lab,

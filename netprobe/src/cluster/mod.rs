@@ -19,5 +19,6 @@
 
 pub mod client;
 mod crossnode;
+pub mod failures;
 pub mod protocol;
 pub mod server;

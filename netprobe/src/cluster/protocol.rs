@@ -105,7 +105,7 @@ impl Frame {
 }
 
 /// DNS-1123: starts and ends alphanumeric, so never read as a flag or a path.
-fn valid_name(s: &str) -> bool {
+pub(super) fn valid_name(s: &str) -> bool {
     s.len() <= 253
         && s.starts_with(|c: char| c.is_ascii_alphanumeric())
         && s.ends_with(|c: char| c.is_ascii_alphanumeric())

@@ -1,6 +1,7 @@
 //! The agent's HTTP endpoints (one hyper server): `/metrics`, `/healthz`, `/readyz` from the
 //! agent's [`AgentStatus`], and `/v1/trace`, which runs `netprobe trace -o json` as a child
-//! process and streams its records back as typed [`Frame`]s.
+//! process and streams its records back as typed [`Frame`]s, and `/v1/failures`, what the
+//! agent remembers of failed connections ([`super::failures`]).
 
 use std::{
     convert::Infallible,
@@ -24,8 +25,14 @@ use tokio::{
     sync::{Semaphore, mpsc},
 };
 
-use super::protocol::{Frame, READY_FD, TRACE_PATH, TraceRequest};
-use crate::error::{Error, Result};
+use super::{
+    failures::{FAILURES_PATH, FailuresQuery},
+    protocol::{Frame, READY_FD, TRACE_PATH, TraceRequest},
+};
+use crate::{
+    error::{Error, Result},
+    sinks::failures::{SharedFailures, unix_now},
+};
 
 /// Concurrent remote traces per agent (each loads its own probes).
 pub const MAX_CONCURRENT: usize = 4;
@@ -95,6 +102,7 @@ fn route(
 ) -> Response<Body> {
     match req.uri().path() {
         TRACE_PATH => traces.answer(req, peer, local),
+        FAILURES_PATH => traces.failures(&req, peer, local),
         "/metrics" => text(StatusCode::OK, status.metrics()),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match status.readiness() {
@@ -106,8 +114,21 @@ fn route(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Who may trace: root-owned sockets only
+// Who may trace (or read failures): root-owned sockets only
 // ---------------------------------------------------------------------------------------------
+
+/// Only root-owned peers: the kubelet/containerd end of a port-forward (RBAC-checked by the API
+/// server), or root on the node. Other local users must not start traces or read what failed.
+fn authorised(peer: SocketAddr, local: Option<SocketAddr>) -> bool {
+    local.and_then(|l| socket_uid(peer, l)) == Some(0)
+}
+
+fn forbidden(what: &str) -> Response<Body> {
+    text(
+        StatusCode::FORBIDDEN,
+        format!("{what} through the Kubernetes API (pods/portforward) or by root on the node\n"),
+    )
+}
 
 /// The owner uid of the local socket `local` connected to `remote`, from /proc/net/tcp{,6} of
 /// this namespace.
@@ -166,6 +187,8 @@ pub struct TraceServer {
     /// The `netprobe` executable the traces run (a stand-in in tests).
     exe: PathBuf,
     slots: Arc<Semaphore>,
+    /// What the agent remembers of failures (`/v1/failures`), when it keeps them.
+    failures: Option<SharedFailures>,
 }
 
 /// What the client says on an upgraded stream.
@@ -188,7 +211,44 @@ impl TraceServer {
         Self {
             exe,
             slots: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+            failures: None,
         }
+    }
+
+    /// Also answers `/v1/failures` from `failures` (fed by the agent's failures sink).
+    pub fn with_failures(mut self, failures: SharedFailures) -> Self {
+        self.failures = Some(failures);
+        self
+    }
+
+    /// Answers one `GET /v1/failures?…` from the agent's memory, as JSON.
+    fn failures(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+    ) -> Response<Body> {
+        if !authorised(peer, local) {
+            return forbidden("failures are read");
+        }
+        let Some(memory) = &self.failures else {
+            return text(StatusCode::NOT_FOUND, "this agent keeps no failures\n");
+        };
+        let query = match FailuresQuery::from_query(req.uri().query().unwrap_or("")) {
+            Ok(q) => q,
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        };
+        // Copied under the lock, serialized after it: the session's sink is not held up.
+        let answer = memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .answer(&query, unix_now());
+        let mut body = serde_json::to_vec(&answer).expect("answers serialize");
+        body.push(b'\n');
+        let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+        r.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
     }
 
     /// Answers one `GET /v1/trace?…`: refused, or a stream of frames (an upgraded two-way
@@ -199,13 +259,8 @@ impl TraceServer {
         peer: SocketAddr,
         local: Option<SocketAddr>,
     ) -> Response<Body> {
-        // Only root-owned peers: the kubelet/containerd end of a port-forward (RBAC-checked by
-        // the API server), or root on the node. Other local users must not start traces.
-        if local.and_then(|l| socket_uid(peer, l)) != Some(0) {
-            return text(
-                StatusCode::FORBIDDEN,
-                "traces are started through the Kubernetes API (pods/portforward) or by root on the node\n",
-            );
+        if !authorised(peer, local) {
+            return forbidden("traces are started");
         }
         let trace = match TraceRequest::from_query(req.uri().query().unwrap_or("")) {
             Ok(r) => r,
@@ -513,6 +568,41 @@ mod tests {
         );
         assert!(get(addr, "/healthz").await.ends_with("\r\n\r\nok\n"));
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+    }
+
+    #[tokio::test]
+    async fn failures_are_answered_as_typed_json_to_root_only_with_a_strict_query() {
+        let memory = crate::sinks::failures::Failures::shared("node-a".into());
+        let mut v = crate::verdict::classify(
+            &[],
+            ("10.42.0.5".parse().unwrap(), 40000),
+            &Default::default(),
+            &Default::default(),
+        );
+        v.outcome = crate::model::Outcome::RefusedNoListener;
+        memory.lock().unwrap().record(&v, unix_now());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = TraceServer::new().unwrap().with_failures(memory);
+        tokio::spawn(serve(listener, Arc::new(Fixed), server));
+        let r = get(addr, "/v1/failures?since=10m").await;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+            return;
+        }
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.contains("application/json"), "{r}");
+        let body = r.split("\r\n\r\n").nth(1).unwrap();
+        let a: super::super::failures::FailuresAnswer = serde_json::from_str(body).unwrap();
+        assert_eq!(a.schema, "netprobe.failures/v1");
+        assert_eq!((a.since_s, a.nodes[0].node.as_str()), (600, "node-a"));
+        assert_eq!(a.groups.len(), 1);
+        assert_eq!(a.groups[0].count, 1);
+        for bad in ["since=99h", "since=1m&since=2m", "pod=x"] {
+            let r = get(addr, &format!("/v1/failures?{bad}")).await;
+            assert!(r.starts_with("HTTP/1.1 400"), "{bad}: {r}");
+        }
     }
 
     /// A stand-in for `netprobe trace -o json`: says it is ready, logs, prints one record.

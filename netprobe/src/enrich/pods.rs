@@ -212,6 +212,7 @@ impl Inventory {
             container,
             node: pod.node.clone(),
             service: None,
+            workload: None,
         }
     }
 }
