@@ -11,6 +11,10 @@ pub struct Peer {
     pub node: Option<String>,
     /// `namespace/name:port` of the Service whose ClusterIP this is.
     pub service: Option<String>,
+    /// `Kind/name` of the workload owning the pod (Deployment, StatefulSet, DaemonSet, Job,
+    /// CronJob; a bare ReplicaSet or the pod itself when there is no higher owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 impl Peer {
