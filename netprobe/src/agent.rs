@@ -37,7 +37,7 @@ use crate::{
     sinks::{
         Sinks,
         kube_events::KubeEventsSink,
-        prometheus::{PrometheusSink, SharedMetrics},
+        prometheus::{MetricsOptions, PrometheusSink, SharedMetrics},
         storm::StormControlledLog,
     },
     sources::ring::{EventReader, RingSource},
@@ -67,6 +67,8 @@ pub struct AgentOptions {
     /// Keep the kernel's run-time statistics of BPF programs on while the agent runs, so that
     /// `netprobe_program_run_seconds_total` measures what netprobe's programs cost.
     pub program_stats: bool,
+    /// Labels and bound of `netprobe_failed_connections_total`.
+    pub metrics: MetricsOptions,
 }
 
 /// Which events go where: what explains failures to the sinks, DNS to the judge, nothing else.
@@ -465,7 +467,11 @@ fn agent_sinks<'a>(
     names: Option<&Rc<RefCell<PodContext>>>,
 ) -> Sinks<'a> {
     let sinks = Sinks::default()
-        .with(PrometheusSink::new(metrics.clone()))
+        .with(
+            PrometheusSink::new(metrics.clone())
+                .with_options(opts.metrics)
+                .with_inventory(names.cloned()),
+        )
         .with(StormControlledLog::new(out, opts.rate_limit));
     match names {
         Some(n) => sinks.with(KubeEventsSink::new(n.clone(), opts.node_name.clone())),
