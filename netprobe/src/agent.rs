@@ -474,7 +474,9 @@ fn agent_sinks<'a>(
         )
         .with(StormControlledLog::new(out, opts.rate_limit));
     match names {
-        Some(n) => sinks.with(KubeEventsSink::new(n.clone(), opts.node_name.clone())),
+        Some(n) => sinks.with(
+            KubeEventsSink::new(n.clone(), opts.node_name.clone()).with_metrics(metrics.clone()),
+        ),
         None => sinks,
     }
 }

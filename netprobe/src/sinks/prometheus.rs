@@ -54,6 +54,9 @@ pub struct Metrics {
     /// Failed connection attempts and DNS lookups by outcome, rule owner, policy, Service and
     /// workloads (bounded, expiring).
     pub failed: failed::FailedConnections,
+    /// Kubernetes Events by result: created, updated, held (rate limit), failed, evicted (keys
+    /// of the rate limiter).
+    pub kube_events: BTreeMap<&'static str, u64>,
 }
 
 fn label(v: &str) -> String {
@@ -108,6 +111,12 @@ impl Metrics {
             ));
         }
         self.failed.render(&mut s);
+        s.push_str("# HELP netprobe_kube_events_total Kubernetes Events about failed connections, by result: created, updated (series count of repeats), held (rate limit: counted into the next update), failed (the API refused), evicted (keys the bounded rate limiter forgot).\n# TYPE netprobe_kube_events_total counter\n");
+        for (result, n) in &self.kube_events {
+            s.push_str(&format!(
+                "netprobe_kube_events_total{{result=\"{result}\"}} {n}\n"
+            ));
+        }
         s.push_str("# HELP netprobe_lost_events_total Events the kernel could not queue (ring buffer full).\n# TYPE netprobe_lost_events_total counter\n");
         s.push_str(&format!("netprobe_lost_events_total {}\n", self.lost));
         s.push_str("# HELP netprobe_kernel_drops_total Drops in the watched namespaces counted in the kernel, by reason (events lost or not).\n# TYPE netprobe_kernel_drops_total counter\n");
