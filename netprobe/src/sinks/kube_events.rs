@@ -678,4 +678,36 @@ mod tests {
             "the oldest went first"
         );
     }
+
+    /// Creation and update go through the real kube-rs client to the API stand-in (loopback).
+    #[tokio::test]
+    async fn an_event_is_created_then_updated_with_its_series() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let kube = netprobe_lab::kubeapi::FakeKube::start(
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        );
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&kube.kubeconfig()).unwrap();
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap();
+        let client = kube::Client::try_from(config).unwrap();
+        let (_, pod) = side_of(&s1_calico(), Side::Server, &inventory()).unwrap();
+        let mut l = EventRateLimit::default();
+        let t0 = Instant::now();
+        let make = || event(&s1_calico(), &pod, Side::Server, "netprobe-node-a", 1);
+        let create = l.observe(key("Deployment/a"), t0, make).unwrap();
+        create.send(client.clone()).await.unwrap();
+        l.observe(key("Deployment/a"), t0, make);
+        let update = l
+            .observe(key("Deployment/a"), t0 + EVENT_INTERVAL, make)
+            .unwrap();
+        update.send(client).await.unwrap();
+        let posted = kube.posted();
+        assert_eq!(posted.len(), 2, "{posted:#?}");
+        assert_eq!(posted[0]["metadata"]["name"], posted[1]["metadata"]["name"]);
+        assert_eq!(posted[0]["reason"], "ConnectionDropped");
+        assert_eq!(posted[0]["reportingController"], "netprobe");
+        assert!(posted[0]["series"].is_null());
+        assert_eq!(posted[1]["series"]["count"], 3, "{:#}", posted[1]);
+    }
 }
