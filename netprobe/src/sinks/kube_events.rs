@@ -130,7 +130,7 @@ impl Sink for KubeEventsSink {
         let names = self.names.clone();
         let names = names.borrow();
         let now = Instant::now();
-        for side in [Side::Server, Side::Client] {
+        for &side in sides(v) {
             self.observe(v, side, &names.inventory, now);
         }
         Ok(())
@@ -151,6 +151,21 @@ impl Sink for KubeEventsSink {
 pub enum Side {
     Client,
     Server,
+}
+
+/// The sides to post on: both, or the server alone when the client is the same pod (a refusal
+/// on its own loopback), so one failure is one Event.
+fn sides(v: &Verdict) -> &'static [Side] {
+    let pod = |p: &Option<Peer>| {
+        p.as_ref()
+            .and_then(|p| Some((p.namespace.clone()?, p.pod.clone()?)))
+    };
+    let server = pod(&v.server.peer);
+    if server.is_some() && server == pod(&v.client.peer) {
+        &[Side::Server]
+    } else {
+        &[Side::Server, Side::Client]
+    }
 }
 
 /// What the limiter counts by: the pod, the reason, the other side (its workload, else its
@@ -522,6 +537,8 @@ mod tests {
         );
         let v = refused_no_listener();
         assert_eq!(reason(&v), "ConnectionRefused");
+        assert_eq!(sides(&v), [Side::Server], "one pod: one Event");
+        assert_eq!(sides(&s1_calico()), [Side::Server, Side::Client]);
         assert_note_starts(
             &v,
             "mlserver → mlserver:9500: refused: nothing listens there. ",
