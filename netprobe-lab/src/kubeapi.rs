@@ -616,6 +616,26 @@ pub fn pod(
     })
 }
 
+/// A [`pod`] whose controller is `kind`/`name` (its `metadata.ownerReferences`), e.g.
+/// `owned_by(pod(…), "StatefulSet", "seldon-scheduler")`. A Deployment's pod: see
+/// [`of_deployment`].
+pub fn owned_by(mut pod: Value, kind: &str, name: &str) -> Value {
+    pod["metadata"]["ownerReferences"] = json!([{
+        "apiVersion": "apps/v1", "kind": kind, "name": name,
+        "uid": format!("{:08x}-0000-4000-8000-000000000000", name.len()),
+        "controller": true, "blockOwnerDeletion": true,
+    }]);
+    pod
+}
+
+/// A [`pod`] of Deployment `deployment`, as the API shows it: owned by ReplicaSet
+/// `<deployment>-<hash>`, labelled `pod-template-hash: <hash>`.
+pub fn of_deployment(pod: Value, deployment: &str, hash: &str) -> Value {
+    let mut pod = owned_by(pod, "ReplicaSet", &format!("{deployment}-{hash}"));
+    pod["metadata"]["labels"]["pod-template-hash"] = json!(hash);
+    pod
+}
+
 /// A ClusterIP Service.
 pub fn service(namespace: &str, name: &str, cluster_ip: &str, ports: &[(&str, u16, u16)]) -> Value {
     json!({

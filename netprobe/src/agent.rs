@@ -37,7 +37,7 @@ use crate::{
     sinks::{
         Sinks,
         kube_events::KubeEventsSink,
-        prometheus::{PrometheusSink, SharedMetrics},
+        prometheus::{MetricsOptions, PrometheusSink, SharedMetrics},
         storm::StormControlledLog,
     },
     sources::ring::{EventReader, RingSource},
@@ -69,6 +69,8 @@ pub struct AgentOptions {
     pub program_stats: bool,
     /// Also write raw kernel events to stdout (see `--raw-events`).
     pub raw_events: bool,
+    /// Labels and bound of `netprobe_failed_connections_total`.
+    pub metrics: MetricsOptions,
 }
 
 /// Which events go where: TCP and DNS to the judge (one verdict per failed attempt), what
@@ -524,10 +526,16 @@ fn agent_sinks<'a>(
     names: Option<&Rc<RefCell<PodContext>>>,
 ) -> Sinks<'a> {
     let sinks = Sinks::default()
-        .with(PrometheusSink::new(metrics.clone()))
+        .with(
+            PrometheusSink::new(metrics.clone())
+                .with_options(opts.metrics)
+                .with_inventory(names.cloned()),
+        )
         .with(StormControlledLog::new(out, opts.rate_limit).with_raw_events(opts.raw_events));
     match names {
-        Some(n) => sinks.with(KubeEventsSink::new(n.clone(), opts.node_name.clone())),
+        Some(n) => sinks.with(
+            KubeEventsSink::new(n.clone(), opts.node_name.clone()).with_metrics(metrics.clone()),
+        ),
         None => sinks,
     }
 }

@@ -112,6 +112,17 @@ struct AgentArgs {
     /// counted by reason in /metrics.
     #[arg(long, env = "NETPROBE_RAW_EVENTS")]
     raw_events: bool,
+    /// Also label netprobe_failed_connections_total by pod (src_pod, dst_pod). Off by default:
+    /// workload labels (Deployment/…, StatefulSet/…) survive restarts, pod labels make a new
+    /// series for every new pod.
+    #[arg(long, env = "NETPROBE_METRICS_POD_LABELS")]
+    metrics_pod_labels: bool,
+    /// At most this many netprobe_failed_connections_total series; a new one evicts the least
+    /// recently counted (netprobe_metric_series_evicted_total{reason="limit"}).
+    #[arg(long, env = "NETPROBE_METRICS_MAX_SERIES",
+          default_value_t = netprobe::sinks::prometheus::failed::DEFAULT_MAX_SERIES as u32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    metrics_max_series: u32,
 }
 
 #[derive(clap::Args)]
@@ -321,6 +332,10 @@ fn agent(a: AgentArgs) -> ExitCode {
         ready_file: a.ready_file,
         program_stats: a.program_stats,
         raw_events: a.raw_events,
+        metrics: netprobe::sinks::prometheus::MetricsOptions {
+            pod_labels: a.metrics_pod_labels,
+            max_series: a.metrics_max_series as usize,
+        },
     };
     let Some(rt) = runtime() else {
         return ExitCode::from(EXIT_USAGE);

@@ -256,8 +256,11 @@ fn agent_exports_drops_as_ndjson_and_metrics_attaches_new_veths_and_cleans_up() 
     assert!(!still_loaded(&progs), "tc programs left behind");
 }
 
-/// A drop hitting a known pod becomes a Kubernetes Event on that pod (through the real kube-rs
-/// client, against the API stand-in), once per pod and reason however many packets drop.
+/// A failed connection becomes a Kubernetes Event on the server pod and on the client pod
+/// (through the real kube-rs client, against the API stand-in), once per pod, reason, peer and
+/// port however many attempts fail within the minute. Raw drops make no Event of their own: the
+/// attempt's verdict explains them (issue #14: formerly one `PacketDropped` per drop on the
+/// destination pod, which said neither the rule nor the client).
 #[test]
 fn agent_publishes_a_rate_limited_kubernetes_event_on_the_affected_pod() {
     use netprobe_lab::kubeapi::{FakeKube, Kind, pod};
@@ -314,37 +317,50 @@ fn agent_publishes_a_rate_limited_kubernetes_event_on_the_affected_pod() {
         ],
         false,
     );
-    assert_eq!(
-        lab.connect(
-            &a.netns,
-            "10.42.0.82:9004".parse().unwrap(),
-            Duration::from_millis(2500)
-        ),
-        Connect::TimedOut
-    );
+    for _ in 0..2 {
+        assert_eq!(
+            lab.connect(
+                &a.netns,
+                "10.42.0.82:9004".parse().unwrap(),
+                Duration::from_millis(2500)
+            ),
+            Connect::TimedOut
+        );
+    }
     std::thread::sleep(Duration::from_millis(500));
     let _ = agent.stop();
-    let events: Vec<serde_json::Value> = kube
-        .posted()
-        .into_iter()
-        .filter(|e| e["reason"] == "PacketDropped")
-        .collect();
-    assert_eq!(
-        events.len(),
-        1,
-        "one Event for several dropped SYNs: {events:#?}"
-    );
-    let e = &events[0];
-    assert_eq!(e["regarding"]["kind"], "Pod");
-    assert_eq!(
-        e["regarding"]["name"], "server-0",
-        "the pod the packets were for: {e:#}"
-    );
-    assert_eq!(e["type"], "Warning");
+    let posted = kube.posted();
     assert!(
-        e["note"].as_str().unwrap().contains("NETFILTER_DROP"),
-        "{e:#}"
+        !posted.iter().any(|e| e["reason"] == "PacketDropped"),
+        "raw drops are explained by the attempt's Event: {posted:#?}"
     );
+    let events: Vec<&serde_json::Value> = posted
+        .iter()
+        .filter(|e| e["reason"] == "ConnectionDropped")
+        .collect();
+    let on = |pod: &str| -> Vec<&serde_json::Value> {
+        events
+            .iter()
+            .copied()
+            .filter(|e| e["regarding"]["name"] == pod)
+            .collect()
+    };
+    let (on_server, on_client) = (on("server-0"), on("a-0"));
+    assert_eq!(
+        (on_server.len(), on_client.len(), events.len()),
+        (1, 1, 2),
+        "one Event per pod for two failed attempts: {posted:#?}"
+    );
+    for (e, other) in [(on_server[0], "a-0"), (on_client[0], "server-0")] {
+        assert_eq!(e["regarding"]["kind"], "Pod");
+        assert_eq!(e["type"], "Warning");
+        assert_eq!(e["related"]["name"], other, "{e:#}");
+        let note = e["note"].as_str().unwrap();
+        assert!(
+            note.contains("a-0 → server-0:9004") && note.contains("(FORWARD rule 1)"),
+            "the rule and both sides: {e:#}"
+        );
+    }
     let _ = std::fs::remove_file(kubeconfig);
 }
 

@@ -587,7 +587,8 @@ fn the_helm_chart_values_change_only_what_they_name() {
         "rateLimit": 5,
         "programStats": true,
         "logLevel": "info",
-        "metrics": {"address": "127.0.0.1:19965", "rbacProxy": {"port": 19966}},
+        "metrics": {"address": "127.0.0.1:19965", "rbacProxy": {"port": 19966},
+                    "podLabels": true, "maxSeries": 100},
     }));
     assert_eq!(r.error, None);
     let cm: ConfigMap = typed(find(&r.objects, "ConfigMap", "netprobe"));
@@ -596,6 +597,8 @@ fn the_helm_chart_values_change_only_what_they_name() {
     assert_eq!(data["NETPROBE_PROGRAM_STATS"], "true");
     assert_eq!(data["RUST_LOG"], "info");
     assert_eq!(data["METRICS_ADDR"], "127.0.0.1:19965");
+    assert_eq!(data["NETPROBE_METRICS_POD_LABELS"], "true");
+    assert_eq!(data["NETPROBE_METRICS_MAX_SERIES"], "100");
     let ds: DaemonSet = typed(find(&r.objects, "DaemonSet", "netprobe"));
     let pod = ds.spec.unwrap().template.spec.unwrap();
     assert_eq!(

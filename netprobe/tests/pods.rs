@@ -9,7 +9,6 @@ use std::{path::PathBuf, time::Duration};
 use netprobe_lab::{
     Connect, Lab, Pod,
     kubeapi::{FakeKube, Kind, endpoint_slice, pod, service},
-    rules::{calico_filter, kube_proxy_dnat, restore},
 };
 use serde_json::Value;
 use support::{TraceOutput, start_verdict_trace_env};
@@ -58,13 +57,7 @@ fn s1_pod_trace_names_client_backend_service_and_cluster_ip() {
     let _l = lab
         .listen(&server.netns, "10.42.0.30:9004".parse().unwrap())
         .unwrap();
-    restore(&lab, "iptables-restore", &kube_proxy_dnat("10.42.0.30")).unwrap();
-    restore(
-        &lab,
-        "iptables-restore",
-        &calico_filter(&server.host_if, &client.host_if),
-    )
-    .unwrap();
+    support::s1_rules(&lab, &server, &client);
     let (kube, kubeconfig) = api(&lab);
     publish(&kube, &client, &[("client", "c0c0c0c0c0c0c0c0", &[])]);
     publish(

@@ -192,6 +192,19 @@ pub fn s1_lab(tag: &str) -> S1 {
     }
 }
 
+/// The S1 rules, loaded with iptables-restore: kube-proxy's DNAT of the ClusterIP to the
+/// scheduler pod (10.42.0.30) and Calico's ingress policy on its endpoint (9004 denied).
+pub fn s1_rules(lab: &netprobe_lab::Lab, server: &netprobe_lab::Pod, client: &netprobe_lab::Pod) {
+    use netprobe_lab::rules::{calico_filter, kube_proxy_dnat, restore};
+    restore(lab, "iptables-restore", &kube_proxy_dnat("10.42.0.30")).unwrap();
+    restore(
+        lab,
+        "iptables-restore",
+        &calico_filter(&server.host_if, &client.host_if),
+    )
+    .unwrap();
+}
+
 /// The S1 client pod `financial-inference/client-0` (10.42.0.20).
 pub fn add_client(lab: &mut netprobe_lab::Lab) -> netprobe_lab::Pod {
     lab.add_pod(

@@ -111,13 +111,9 @@ impl KubeSource {
             })
     }
 
-    /// A recorder of Kubernetes Events (reported by `netprobe` on `node`).
-    pub fn recorder(&self, node: Option<&str>) -> kube::runtime::events::Recorder {
-        let reporter = kube::runtime::events::Reporter {
-            controller: "netprobe".into(),
-            instance: node.map(|n| format!("netprobe-{n}")),
-        };
-        kube::runtime::events::Recorder::new(self.client.clone(), reporter)
+    /// The API client (Kubernetes Events are posted with it).
+    pub fn client(&self) -> Client {
+        self.client.clone()
     }
 
     /// The current state as an inventory (namespaces are bound by the caller).

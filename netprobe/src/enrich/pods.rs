@@ -25,6 +25,8 @@ pub struct PodEntry {
     pub containers: HashMap<String, String>,
     /// Declared containerPorts: (container, port).
     pub ports: Vec<(String, u16)>,
+    /// `Kind/name` of the workload that owns the pod ([`workload_of`]).
+    pub workload: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -91,6 +93,7 @@ impl Inventory {
                 })
                 .unwrap_or_default();
             inv.pods.push(PodEntry {
+                workload: workload_of(&p.metadata, &name),
                 namespace,
                 name,
                 uid: p.metadata.uid.clone().unwrap_or_default(),
@@ -212,9 +215,54 @@ impl Inventory {
             container,
             node: pod.node.clone(),
             service: None,
-            workload: None,
+            workload: Some(pod.workload.clone()),
         }
     }
+
+    /// `namespace/Kind/name` of every workload with a pod in the inventory (metrics of the
+    /// others expire).
+    pub fn workloads(&self) -> std::collections::HashSet<String> {
+        self.pods
+            .iter()
+            .map(|p| format!("{}/{}", p.namespace, p.workload))
+            .collect()
+    }
+}
+
+/// `Kind/name` of the workload a pod belongs to, from its controller's ownerReference: a
+/// ReplicaSet made by a Deployment (named `<deployment>-<pod-template-hash>`, the hash also a
+/// label of the pod) is that Deployment, so a rollout or a restarted pod keeps the name;
+/// StatefulSet, DaemonSet, Job and others as they are; no controller: the pod itself.
+pub fn workload_of(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    pod: &str,
+) -> String {
+    let Some(owner) = meta
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+    else {
+        return format!("Pod/{pod}");
+    };
+    if owner.kind == "ReplicaSet"
+        && let Some(deployment) = deployment_of_replicaset(meta, &owner.name)
+    {
+        return format!("Deployment/{deployment}");
+    }
+    format!("{}/{}", owner.kind, owner.name)
+}
+
+/// The Deployment behind ReplicaSet `rs`: its name less the `-<pod-template-hash>` suffix,
+/// when the pod carries that hash as its `pod-template-hash` label.
+fn deployment_of_replicaset<'a>(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    rs: &'a str,
+) -> Option<&'a str> {
+    let hash = meta.labels.as_ref()?.get("pod-template-hash")?;
+    rs.strip_suffix(hash.as_str())?
+        .strip_suffix('-')
+        .filter(|d| !d.is_empty())
 }
 
 /// The pod an EndpointSlice endpoint is (not a node or another kind).
@@ -456,6 +504,82 @@ mod tests {
         );
     }
 
+    fn meta(owner: Option<(&str, &str, bool)>, hash: Option<&str>) -> serde_json::Value {
+        let mut m = serde_json::json!({"name": "p-0", "namespace": "fi"});
+        if let Some((kind, name, controller)) = owner {
+            m["ownerReferences"] = serde_json::json!([{"apiVersion": "apps/v1", "kind": kind,
+                "name": name, "uid": "u", "controller": controller}]);
+        }
+        if let Some(h) = hash {
+            m["labels"] = serde_json::json!({"pod-template-hash": h});
+        }
+        m
+    }
+
+    fn workload(owner: Option<(&str, &str, bool)>, hash: Option<&str>) -> String {
+        workload_of(&serde_json::from_value(meta(owner, hash)).unwrap(), "p-0")
+    }
+
+    #[test]
+    fn a_pods_workload_comes_from_its_controller() {
+        let rs = Some(("ReplicaSet", "predictor-7d9f8b6c5", true));
+        assert_eq!(
+            workload(rs, Some("7d9f8b6c5")),
+            "Deployment/predictor",
+            "a Deployment's ReplicaSet: the Deployment"
+        );
+        assert_eq!(
+            workload(rs, None),
+            "ReplicaSet/predictor-7d9f8b6c5",
+            "no pod-template-hash: a bare ReplicaSet"
+        );
+        assert_eq!(
+            workload(rs, Some("other")),
+            "ReplicaSet/predictor-7d9f8b6c5"
+        );
+        assert_eq!(
+            workload(Some(("ReplicaSet", "7d9f8b6c5", true)), Some("7d9f8b6c5")),
+            "ReplicaSet/7d9f8b6c5",
+            "nothing left of the name: kept"
+        );
+        assert_eq!(
+            workload(Some(("StatefulSet", "seldon-scheduler", true)), None),
+            "StatefulSet/seldon-scheduler"
+        );
+        assert_eq!(
+            workload(Some(("DaemonSet", "calico-node", true)), None),
+            "DaemonSet/calico-node"
+        );
+        assert_eq!(
+            workload(Some(("Job", "backfill-29123456", true)), None),
+            "Job/backfill-29123456",
+            "a CronJob's Job stays a Job"
+        );
+        assert_eq!(
+            workload(Some(("StatefulSet", "s", false)), None),
+            "Pod/p-0",
+            "an owner that is not the controller"
+        );
+        assert_eq!(workload(None, None), "Pod/p-0");
+    }
+
+    #[test]
+    fn a_pods_peer_names_its_workload_and_the_inventory_lists_them() {
+        let mut pod = inventory_pods().remove(0);
+        pod.metadata = serde_json::from_value(serde_json::json!({
+            "name": "mlserver-0", "namespace": "financial-ml", "uid": "u1",
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet",
+                "name": "mlserver", "uid": "s", "controller": true}]}))
+        .unwrap();
+        let inv = Inventory::build(&[pod], &[], &[]);
+        let p = inv.peer("10.42.0.10".parse().unwrap(), 9000, None, None);
+        assert_eq!(p.workload.as_deref(), Some("StatefulSet/mlserver"));
+        assert_eq!(
+            inv.workloads(),
+            ["financial-ml/StatefulSet/mlserver".to_string()].into()
+        );
+    }
+
     #[test]
     fn a_backend_on_another_node_is_named_from_its_endpointslice() {
         let p = inventory().peer("10.42.1.7".parse().unwrap(), 9004, None, None);
@@ -464,6 +588,10 @@ mod tests {
             (Some("seldon-scheduler-0"), Some("node-b"))
         );
         assert!(p.container.is_none(), "not guessed");
+        assert!(
+            p.workload.is_none(),
+            "no ownerReferences for pods of other nodes: not guessed"
+        );
     }
 
     #[test]

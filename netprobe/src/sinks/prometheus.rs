@@ -1,17 +1,26 @@
 //! Prometheus: the agent's `/metrics`. The sink counts what the session delivers (drops,
-//! resets, errors, retransmits, DNS lookups); the agent's housekeeping sets the gauges (probes,
-//! interfaces, namespaces, kernel counters). Label values come from the kernel's names and the
-//! inventory.
+//! resets, errors, retransmits, DNS lookups, failed connections by workload — [`failed`]); the
+//! agent's housekeeping sets the gauges (probes, interfaces, namespaces, kernel counters). Label
+//! values come from the kernel's names and the inventory.
+
+pub mod failed;
 
 use std::{
+    cell::RefCell,
     collections::BTreeMap,
     io,
+    rc::Rc,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
+
+pub use failed::MetricsOptions;
 
 use super::Sink;
 use crate::{
+    enrich::names::PodContext,
     events::{Event, Kind},
+    model::{Named, drop_reason},
     verdict::{Outcome, Verdict},
 };
 
@@ -42,6 +51,12 @@ pub struct Metrics {
     pub dns_failures: BTreeMap<(String, String, String), u64>,
     /// rcode of the answer (`none`: no answer) → DNS lookups judged.
     pub dns_queries: BTreeMap<String, u64>,
+    /// Failed connection attempts and DNS lookups by outcome, rule owner, policy, Service and
+    /// workloads (bounded, expiring).
+    pub failed: failed::FailedConnections,
+    /// Kubernetes Events by result: created, updated, held (rate limit), failed, evicted (keys
+    /// of the rate limiter).
+    pub kube_events: BTreeMap<&'static str, u64>,
 }
 
 fn label(v: &str) -> String {
@@ -93,6 +108,13 @@ impl Metrics {
             s.push_str(&format!(
                 "netprobe_dns_queries_total{{rcode=\"{}\"}} {n}\n",
                 label(rcode)
+            ));
+        }
+        self.failed.render(&mut s);
+        s.push_str("# HELP netprobe_kube_events_total Kubernetes Events about failed connections, by result: created, updated (series count of repeats), held (rate limit: counted into the next update), failed (the API refused), evicted (keys the bounded rate limiter forgot).\n# TYPE netprobe_kube_events_total counter\n");
+        for (result, n) in &self.kube_events {
+            s.push_str(&format!(
+                "netprobe_kube_events_total{{result=\"{result}\"}} {n}\n"
             ));
         }
         s.push_str("# HELP netprobe_lost_events_total Events the kernel could not queue (ring buffer full).\n# TYPE netprobe_lost_events_total counter\n");
@@ -164,7 +186,7 @@ impl Metrics {
                     d.reason.clone(),
                     peer.and_then(|p| p.namespace.clone()).unwrap_or_default(),
                     peer.and_then(|p| p.pod.clone()).unwrap_or_default(),
-                    String::new(),
+                    drop_owner(e),
                 );
                 *self.drops.entry(key).or_default() += 1;
             }
@@ -200,17 +222,61 @@ impl Metrics {
     }
 }
 
+/// Who a drop event is owed to: the owner of the rule when the event names it; `unknown` for a
+/// netfilter drop whose rule is not named; `kernel` for every other drop reason.
+fn drop_owner(e: &Event) -> String {
+    match (&e.netfilter, &e.drop) {
+        (Some(nf), _) => nf.owner.system.name().into_owned(),
+        (None, Some(d)) if d.reason == drop_reason::NETFILTER_DROP => "unknown".into(),
+        _ => "kernel".into(),
+    }
+}
+
 /// The metrics state, shared with the HTTP endpoint and the agent's housekeeping.
 pub type SharedMetrics = Arc<Mutex<Metrics>>;
+
+/// How often series of workloads gone from the inventory are looked for.
+const EXPIRY_EVERY: Duration = Duration::from_secs(5);
 
 /// Counts every event and verdict the session delivers.
 pub struct PrometheusSink {
     metrics: SharedMetrics,
+    options: MetricsOptions,
+    /// The inventory, to expire series of workloads that are gone.
+    names: Option<Rc<RefCell<PodContext>>>,
+    expired_at: Instant,
 }
 
 impl PrometheusSink {
     pub fn new(metrics: SharedMetrics) -> Self {
-        Self { metrics }
+        Self {
+            metrics,
+            options: MetricsOptions::default(),
+            names: None,
+            expired_at: Instant::now(),
+        }
+    }
+
+    /// Labels and bound of `netprobe_failed_connections_total`.
+    pub fn with_options(mut self, options: MetricsOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Series of workloads that leave this inventory expire.
+    pub fn with_inventory(mut self, names: Option<Rc<RefCell<PodContext>>>) -> Self {
+        self.names = names;
+        self
+    }
+
+    /// Counts a failed attempt or lookup (answered lookups, SERVFAIL included, are DNS's own).
+    fn count_failure(&self, v: &Verdict) {
+        if v.outcome.is_failure() {
+            let key = failed::FailedKey::of(v, self.options.pod_labels);
+            self.lock()
+                .failed
+                .add(key, Instant::now(), self.options.max_series);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Metrics> {
@@ -224,9 +290,10 @@ impl Sink for PrometheusSink {
         Ok(())
     }
 
-    /// DNS lookups: every one by the rcode of its answer (`none`: no answer), failures by client
-    /// pod and reason.
+    /// Failed attempts and lookups by workload; DNS lookups: every one by the rcode of its
+    /// answer (`none`: no answer), failures by client pod and reason.
     fn verdict(&mut self, v: &Verdict) -> io::Result<()> {
+        self.count_failure(v);
         let Some(rcode) = v
             .udp
             .as_ref()
@@ -242,5 +309,81 @@ impl Sink for PrometheusSink {
             m.count(&e);
         }
         Ok(())
+    }
+
+    /// Every few seconds: series of workloads without a pod in the inventory expire.
+    fn tick(&mut self) -> io::Result<()> {
+        let Some(names) = &self.names else {
+            return Ok(());
+        };
+        if self.expired_at.elapsed() >= EXPIRY_EVERY {
+            self.expired_at = Instant::now();
+            let workloads = names.borrow().inventory.workloads();
+            self.lock().failed.expire(&workloads, self.expired_at);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_drop(fixture: &str) -> Event {
+        let line = fixture
+            .lines()
+            .find(|l| l.contains(r#""kind":"drop""#))
+            .expect("a drop");
+        serde_json::from_str(line).expect("an event")
+    }
+
+    fn owners(m: &Metrics) -> Vec<(&str, &str)> {
+        m.drops
+            .keys()
+            .map(|(reason, _, _, owner)| (reason.as_str(), owner.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn a_drop_always_has_a_rule_owner() {
+        let mut m = Metrics::default();
+        let mut netfilter = first_drop(include_str!("../verdict/fixtures/s1_calico.ndjson"));
+        m.count(&netfilter);
+        assert_eq!(owners(&m), [("NETFILTER_DROP", "unknown")]);
+        netfilter.netfilter = failed::testing::s1_calico().netfilter;
+        netfilter.dport += 1;
+        let mut m = Metrics::default();
+        m.count(&netfilter);
+        m.count(&first_drop(include_str!(
+            "../verdict/fixtures/rp_filter.ndjson"
+        )));
+        assert_eq!(
+            owners(&m),
+            [("IP_RPFILTER", "kernel"), ("NETFILTER_DROP", "calico")]
+        );
+    }
+
+    #[test]
+    fn failed_verdicts_are_counted_by_workload_and_healthy_ones_are_not() {
+        let metrics = SharedMetrics::default();
+        let mut sink = PrometheusSink::new(metrics.clone()).with_options(MetricsOptions {
+            pod_labels: false,
+            max_series: 10,
+        });
+        sink.verdict(&failed::testing::s1_calico()).unwrap();
+        let mut ok = failed::testing::s1_calico();
+        ok.outcome = Outcome::Connected;
+        sink.verdict(&ok).unwrap();
+        let text = metrics.lock().unwrap().render();
+        let failed: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("netprobe_failed_connections_total{"))
+            .collect();
+        assert_eq!(failed.len(), 1, "{text}");
+        assert!(
+            failed[0].contains(r#"src_workload="Deployment/baseline-predictor""#)
+                && failed[0].ends_with(" 1"),
+            "{text}"
+        );
     }
 }

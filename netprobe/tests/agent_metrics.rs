@@ -1,0 +1,207 @@
+//! Privileged tests of what the always-on agent tells an operator about failed connections:
+//! `/metrics` by workload and Kubernetes Events on both pods. The S1 lab (Calico end-of-tier
+//! deny behind a kube-proxy ClusterIP), the real kube-rs client against the API stand-in, the
+//! agent alone (no trace running).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use netprobe_lab::{
+    Connect, Lab, Pod,
+    kubeapi::{FakeKube, Kind, endpoint_slice, of_deployment, owned_by, pod, service},
+    metrics::{self, Sample},
+    process::Agent,
+    rules::CLUSTER_IP,
+};
+use serde_json::Value;
+
+const NODE: &str = "lab-node";
+const NS: &str = "financial-inference";
+const CLIENT: &str = "baseline-predictor-7d9f8b6c5-x2x9z";
+const SERVER: &str = "seldon-scheduler-0";
+
+/// S1 with a Deployment's pod as the client and a StatefulSet's as the server.
+struct S1Workloads {
+    lab: Lab,
+    client: Pod,
+    kube: FakeKube,
+    kubeconfig: std::path::PathBuf,
+}
+
+fn s1_workloads(tag: &str) -> S1Workloads {
+    let mut lab = Lab::new(tag).unwrap();
+    let client = lab
+        .add_pod(NS, CLIENT, "10.42.0.20".parse().unwrap())
+        .unwrap();
+    let server = lab
+        .add_pod(NS, SERVER, "10.42.0.30".parse().unwrap())
+        .unwrap();
+    netprobe_lab::serve(
+        lab.listen(&server.netns, "10.42.0.30:9004".parse().unwrap())
+            .unwrap(),
+    );
+    support::s1_rules(&lab, &server, &client);
+    let (kube, kubeconfig) = support::kube_api(&lab);
+    let c = pod(
+        NS,
+        CLIENT,
+        NODE,
+        "10.42.0.20",
+        &[("predictor", "c0c0c0c0c0c0c0c0", &[])],
+    );
+    kube.apply(
+        Kind::Pod,
+        of_deployment(c, "baseline-predictor", "7d9f8b6c5"),
+    );
+    let s = pod(
+        NS,
+        SERVER,
+        NODE,
+        "10.42.0.30",
+        &[("scheduler", "5e5e5e5e5e5e5e5e", &[9004])],
+    );
+    kube.apply(Kind::Pod, owned_by(s, "StatefulSet", "seldon-scheduler"));
+    kube.apply(
+        Kind::Service,
+        service(NS, "seldon-scheduler", CLUSTER_IP, &[("xds", 9004, 9004)]),
+    );
+    kube.apply(
+        Kind::EndpointSlice,
+        endpoint_slice(
+            NS,
+            "seldon-scheduler",
+            &[("10.42.0.30", SERVER)],
+            &[("xds", 9004)],
+        ),
+    );
+    S1Workloads {
+        lab,
+        client,
+        kube,
+        kubeconfig,
+    }
+}
+
+fn start_agent(s1: &S1Workloads, extra: &[&str]) -> Agent {
+    support::start_agent(
+        s1.lab.node(),
+        extra,
+        &[
+            ("KUBECONFIG", s1.kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", NODE),
+        ],
+        false,
+    )
+}
+
+/// The samples of `name` in `/metrics`, polled until there is one (at most `limit`).
+fn samples_within(agent: &Agent, name: &str, limit: Duration) -> (Vec<Sample>, String) {
+    let t = Instant::now();
+    loop {
+        let (_, body) = support::get(agent, "/metrics");
+        let found: Vec<Sample> = metrics::parse(&body)
+            .into_iter()
+            .filter(|s| s.name == name)
+            .collect();
+        if !found.is_empty() || t.elapsed() > limit {
+            return (found, body);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn label<'a>(s: &'a Sample, name: &str) -> &'a str {
+    s.labels
+        .iter()
+        .find(|(k, _)| k == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+/// The Events posted about `pod` with `reason` (creations and their updates).
+fn events_on<'a>(posted: &'a [Value], pod: &str, reason: &str) -> Vec<&'a Value> {
+    posted
+        .iter()
+        .filter(|e| e["regarding"]["name"] == pod && e["reason"] == reason)
+        .collect()
+}
+
+/// Done-when of issue #14 §4 and §5: the S1 drop is counted by workload with its rule owner,
+/// policy and Service, and explained in an Event on the server pod and on the client pod.
+#[test]
+fn s1_failure_is_counted_by_workload_and_posted_on_both_pods() {
+    netprobe_lab::require_root();
+    let s1 = s1_workloads("agentmet");
+    let agent = start_agent(&s1, &["--metrics-pod-labels"]);
+    let cluster_ip = format!("{CLUSTER_IP}:9004").parse().unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            s1.lab
+                .connect(&s1.client.netns, cluster_ip, Duration::from_secs(3)),
+            Connect::TimedOut
+        );
+    }
+
+    let (_, body) = support::get(&agent, "/metrics");
+    assert!(
+        !body.contains("rule_owner=\"\""),
+        "rule_owner is never empty:\n{body}"
+    );
+    let (failed, body) = samples_within(
+        &agent,
+        "netprobe_failed_connections_total",
+        Duration::from_secs(5),
+    );
+    let s1_series: Vec<&Sample> = failed
+        .iter()
+        .filter(|s| label(s, "src_workload") == "Deployment/baseline-predictor")
+        .collect();
+    assert_eq!(s1_series.len(), 1, "one series for both attempts:\n{body}");
+    let s = s1_series[0];
+    assert_eq!(s.value, 2.0, "{body}");
+    let expected = [
+        ("outcome", "dropped_by_rule"),
+        ("rule_owner", "calico"),
+        ("service", "financial-inference/seldon-scheduler"),
+        ("src_namespace", NS),
+        ("dst_namespace", NS),
+        ("dst_workload", "StatefulSet/seldon-scheduler"),
+        ("src_pod", CLIENT),
+        ("dst_pod", SERVER),
+    ];
+    for (k, v) in expected {
+        assert_eq!(label(s, k), v, "{k}:\n{body}");
+    }
+    assert!(
+        label(s, "policy").starts_with("financial-inference/"),
+        "the Calico policy in force:\n{body}"
+    );
+    let held = metrics::sum(&body, "netprobe_kube_events_total", &[("result", "held")]);
+    let _ = agent.stop();
+
+    let posted = s1.kube.posted();
+    let on_server = events_on(&posted, SERVER, "ConnectionDropped");
+    let on_client = events_on(&posted, CLIENT, "ConnectionDropped");
+    assert_eq!(
+        (on_server.len(), on_client.len()),
+        (1, 1),
+        "one Event per pod for two failed attempts (the second held): {posted:#?}"
+    );
+    assert_eq!(held, 2, "the second attempt, on both pods:\n{body}");
+    assert!(
+        !posted.iter().any(|e| e["reason"] == "PacketDropped"),
+        "raw drops are explained by the attempt's Event: {posted:#?}"
+    );
+    for (e, other) in [(on_server[0], CLIENT), (on_client[0], SERVER)] {
+        assert_eq!(e["type"], "Warning");
+        assert_eq!(e["related"]["name"], other, "{e:#}");
+        let note = e["note"].as_str().unwrap();
+        assert!(
+            note.starts_with("Calico policy financial-inference/")
+                && note.contains("baseline-predictor → seldon-scheduler:9004")
+                && note.contains("(cali-tw-"),
+            "{note}"
+        );
+    }
+    let _ = std::fs::remove_file(&s1.kubeconfig);
+}
