@@ -217,6 +217,7 @@ struct AgentHousekeeping {
     attached: HashSet<(u32, String)>,
     delay_max_ns: Rc<Cell<u64>>,
     delay_window: Instant,
+    tcp_opens: crate::sources::tcp_opens::TcpOpens,
 }
 
 /// The node's and its pods' namespaces present now, by inode.
@@ -257,8 +258,9 @@ impl AgentHousekeeping {
 }
 
 impl Housekeeping for AgentHousekeeping {
-    fn tick(&mut self, _stats: &Stats) -> Result<Option<Error>> {
+    fn tick(&mut self, stats: &Stats) -> Result<Option<Error>> {
         self.ticks += 1;
+        self.metrics.lock().expect("metrics lock").engine = stats.engine;
         // New veths (new pods) within 200 ms; their namespaces join the filter.
         let n = attach_new(
             &mut self.probes.borrow_mut(),
@@ -279,6 +281,11 @@ impl Housekeeping for AgentHousekeeping {
             && let Some(names) = &self.names
         {
             names.borrow_mut().rescan(&self.node);
+        }
+        if self.ticks == 1 || self.ticks.is_multiple_of(25) {
+            // Healthy attempts: counted from the namespaces' TCP MIB every 5 s.
+            self.tcp_opens.update(self.present.borrow().values());
+            self.metrics.lock().expect("metrics lock").tcp_attempts = self.tcp_opens.total;
         }
         self.update_metrics(n)?;
         Ok(None)
@@ -429,6 +436,7 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
             attached,
             delay_max_ns,
             delay_window: Instant::now(),
+            tcp_opens: Default::default(),
         }),
         tick: Duration::from_millis(200),
         deadline: None,

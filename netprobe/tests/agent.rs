@@ -453,6 +453,21 @@ fn healthy_connections_cost_the_agent_no_event() {
         ns_per_run > 0.0 && ns_per_run < 20_000.0,
         "tc_ingress: {ns_per_run} ns per run"
     );
+    // The attempts are counted all the same, from the namespaces' TCP MIB (read every 5 s).
+    let made = n + LATE as u64;
+    let deadline = Instant::now() + Duration::from_secs(7);
+    let attempts = loop {
+        let (_, m) = support::get(&agent, "/metrics");
+        let attempts = metric_sum(&m, "netprobe_connection_attempts_total", &[]);
+        if attempts >= made || Instant::now() > deadline {
+            break attempts;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        attempts >= made,
+        "{attempts} attempts counted for {made} connections"
+    );
     let out = support::stop(agent);
     assert!(out.success());
     let stdout = out.stdout;

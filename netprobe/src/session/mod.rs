@@ -95,6 +95,8 @@ pub struct Stats {
     pub events: u64,
     pub attempts: u64,
     pub failed: u64,
+    /// What the judge's engines let go of to stay bounded.
+    pub engine: crate::verdict::EngineStats,
 }
 
 /// SIGINT and SIGTERM, listened to from the moment a front-end starts: a signal that arrives
@@ -192,7 +194,7 @@ impl<'a> Session<'a> {
                     Ok(())
                 }
                 Wake::Input(_, Err(e)) => return Err(e),
-                Wake::Tick => match self.housekeeping.tick(&self.stats)? {
+                Wake::Tick => match self.housekeep()? {
                     Some(e) => break Ended::Scope(e),
                     None => self.poll(),
                 },
@@ -227,6 +229,14 @@ impl<'a> Session<'a> {
             Err(e) => Ended::OutputGone(e),
             Ok(()) => ended,
         }
+    }
+
+    /// The front-end's tick, with what the session counted (the judge's evictions included).
+    fn housekeep(&mut self) -> Result<Option<Error>> {
+        if let Some(j) = &self.judge {
+            self.stats.engine = j.stats();
+        }
+        self.housekeeping.tick(&self.stats)
     }
 
     fn count_reached(&self) -> bool {

@@ -57,6 +57,10 @@ pub struct Metrics {
     /// Kubernetes Events by result: created, updated, held (rate limit), failed, evicted (keys
     /// of the rate limiter).
     pub kube_events: BTreeMap<&'static str, u64>,
+    /// TCP connect() attempts and their failures in the watched namespaces (their TCP MIB).
+    pub tcp_attempts: crate::sources::tcp_opens::TcpMib,
+    /// What the verdict engines let go of to stay bounded.
+    pub engine: crate::verdict::EngineStats,
 }
 
 fn label(v: &str) -> String {
@@ -117,6 +121,21 @@ impl Metrics {
                 "netprobe_kube_events_total{{result=\"{result}\"}} {n}\n"
             ));
         }
+        s.push_str("# HELP netprobe_connection_attempts_total TCP connection attempts (connect() calls that sent a SYN) in the watched namespaces, from their TCP MIB (ActiveOpens): healthy attempts are only counted, at no event cost.\n# TYPE netprobe_connection_attempts_total counter\n");
+        s.push_str(&format!(
+            "netprobe_connection_attempts_total {}\n",
+            self.tcp_attempts.active_opens
+        ));
+        s.push_str("# HELP netprobe_tcp_attempt_fails_total TCP attempts the kernel counted as failed in the watched namespaces (TCP MIB AttemptFails).\n# TYPE netprobe_tcp_attempt_fails_total counter\n");
+        s.push_str(&format!(
+            "netprobe_tcp_attempt_fails_total {}\n",
+            self.tcp_attempts.attempt_fails
+        ));
+        s.push_str("# HELP netprobe_verdict_engine_evicted_total Connection attempts the always-on verdict engine let go of to stay bounded: judged_early (too many open at once: the oldest judged with what it had), forgotten_early (too many decided ones remembered).\n# TYPE netprobe_verdict_engine_evicted_total counter\n");
+        s.push_str(&format!(
+            "netprobe_verdict_engine_evicted_total{{reason=\"judged_early\"}} {}\nnetprobe_verdict_engine_evicted_total{{reason=\"forgotten_early\"}} {}\n",
+            self.engine.judged_early, self.engine.forgotten_early
+        ));
         s.push_str("# HELP netprobe_lost_events_total Events the kernel could not queue (ring buffer full).\n# TYPE netprobe_lost_events_total counter\n");
         s.push_str(&format!("netprobe_lost_events_total {}\n", self.lost));
         s.push_str("# HELP netprobe_kernel_drops_total Drops in the watched namespaces counted in the kernel, by reason (events lost or not).\n# TYPE netprobe_kernel_drops_total counter\n");

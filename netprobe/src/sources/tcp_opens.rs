@@ -1,7 +1,9 @@
 //! Healthy connection attempts cost the always-on agent no event: it counts them from each
 //! watched namespace's TCP MIB (`/proc/net/snmp`: `ActiveOpens`, every connect() that sent a
-//! SYN; `AttemptFails`, those that failed), read once a second. Counters of namespaces that
-//! vanish (a deleted pod) stay in the totals: only the differences are added.
+//! SYN; `AttemptFails`, those that failed), read every few seconds. Counters of namespaces that
+//! vanish (a deleted pod) stay in the totals: only the differences are added. What namespaces
+//! counted before the first reading is not counted; a namespace that appears later is new (a
+//! new pod) and counts from zero.
 
 use std::collections::HashMap;
 
@@ -32,6 +34,8 @@ pub fn parse_snmp(text: &str) -> Option<TcpMib> {
 #[derive(Default)]
 pub struct TcpOpens {
     last: HashMap<u64, TcpMib>,
+    /// The first reading was taken: later namespaces are new.
+    started: bool,
     pub total: TcpMib,
 }
 
@@ -49,12 +53,17 @@ impl TcpOpens {
             }
         }
         for (inode, now) in &seen {
-            // A namespace seen for the first time counts from now on (its past is not ours).
-            let before = self.last.get(inode).copied().unwrap_or(*now);
+            let before = match self.last.get(inode) {
+                Some(b) => *b,
+                None if self.started => TcpMib::default(),
+                // Before the first reading: the past is not ours.
+                None => *now,
+            };
             self.total.active_opens += now.active_opens.saturating_sub(before.active_opens);
             self.total.attempt_fails += now.attempt_fails.saturating_sub(before.attempt_fails);
         }
         self.last = seen;
+        self.started = true;
     }
 }
 
@@ -78,7 +87,7 @@ mod tests {
     }
 
     #[test]
-    fn differences_are_added_and_a_new_namespace_counts_from_now() {
+    fn differences_are_added_and_the_past_is_not_counted() {
         let ns = NetnsRef::current().expect("this process's namespace");
         let mut opens = TcpOpens::default();
         opens.update([&ns]);
