@@ -192,6 +192,16 @@ pub fn s1_lab(tag: &str) -> S1 {
     }
 }
 
+/// Loads S1's rules into the node: kube-proxy's DNAT of the ClusterIP to the scheduler, then
+/// Calico's filter (the scheduler's ingress policy admits 9005 only).
+pub fn load_s1_rules(s1: &S1) {
+    use netprobe_lab::rules::{calico_filter, kube_proxy_dnat, restore};
+    let filter = calico_filter(&s1.server.host_if, &s1.client.host_if);
+    for rules in [kube_proxy_dnat("10.42.0.30"), filter] {
+        restore(&s1.lab, "iptables-restore", &rules).unwrap();
+    }
+}
+
 /// The S1 client pod `financial-inference/client-0` (10.42.0.20).
 pub fn add_client(lab: &mut netprobe_lab::Lab) -> netprobe_lab::Pod {
     lab.add_pod(

@@ -4,7 +4,9 @@
 //! `netfilter` event naming the rule and its owner. One reader thread per namespace (a blocking
 //! netlink socket); the table and the threads go away when the source is dropped.
 
+pub mod armed;
 pub mod reader;
+pub mod worker;
 
 use std::{collections::HashMap, net::IpAddr, rc::Rc};
 
