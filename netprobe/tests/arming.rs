@@ -27,7 +27,7 @@ use netprobe::{
 };
 use netprobe_lab::{
     Connect, Lab,
-    rules::{CLUSTER_IP, kube_proxy_no_endpoints, restore},
+    rules::{CLUSTER_IP, calico_egress_filter, kube_proxy_no_endpoints, restore},
 };
 use support::{S1, load_s1_rules, s1_lab};
 
@@ -87,21 +87,20 @@ impl Kernel {
     }
 }
 
-/// Connects from `client_netns` to the S1 ClusterIP (2 s timeout) while the ring runs through
-/// `stages` (and the armed trace, if any), until the first `netfilter` event or 3 s; asserts
-/// the connect's outcome is `expect` and the event came `within` the connect's start.
-fn connect_until_netfilter(
+/// Runs `client` (on its own thread) while the ring runs through `stages` (and the armed
+/// trace, if any), until the first `netfilter` event or 3 s; asserts the event came `within`
+/// the client's start. What the client returned, and the event.
+fn named_within<R: Send>(
     rt: &tokio::runtime::Runtime,
-    (lab, client_netns): (&Lab, &str),
-    (expect, within): (Connect, Duration),
+    client: impl FnOnce() -> R + Send,
+    within: Duration,
     ring: &mut RingSource,
     armed: Option<&mut ArmedTrace>,
     stages: &mut [&mut dyn Stage],
-) -> Event {
-    let to: SocketAddr = format!("{CLUSTER_IP}:9004").parse().unwrap();
+) -> (R, Event) {
     let start = wall_ns();
     let (outcome, found, seen) = std::thread::scope(|s| {
-        let c = s.spawn(|| lab.connect(client_netns, to, Duration::from_secs(2)));
+        let c = s.spawn(client);
         let (found, seen) = rt.block_on(first_netfilter(ring, armed, stages));
         (c.join().unwrap(), found, seen)
     });
@@ -112,11 +111,19 @@ fn connect_until_netfilter(
             .collect();
         panic!("no netfilter event:\n{}", dump.join("\n"))
     });
-    assert_eq!(outcome, expect);
     let elapsed = Duration::from_nanos(named_at - start);
-    eprintln!("the rule was named {elapsed:?} after the first SYN");
-    assert!(elapsed <= within, "named {elapsed:?} after the first SYN");
-    e
+    eprintln!("the rule was named {elapsed:?} after the first packet");
+    assert!(
+        elapsed <= within,
+        "named {elapsed:?} after the first packet"
+    );
+    (outcome, e)
+}
+
+/// A TCP connect from `client_netns` to the S1 ClusterIP, 2 s timeout.
+fn dial_cluster_ip(lab: &Lab, client_netns: &str) -> impl FnOnce() -> Connect + Send {
+    let to: SocketAddr = format!("{CLUSTER_IP}:9004").parse().unwrap();
+    move || lab.connect(client_netns, to, Duration::from_secs(2))
 }
 
 /// Runs the pipeline until the first `netfilter` event (or 3 s): it and when it came out
@@ -196,14 +203,15 @@ fn s1_dropped_syn_arms_its_flow_and_the_retransmit_names_the_calico_rule() {
     let mut arm = ArmOnDrop(arming.clone());
 
     // The first retransmit leaves 1 s after the SYN.
-    let e = connect_until_netfilter(
+    let (outcome, e) = named_within(
         &k.rt,
-        (&lab, &client.netns),
-        (Connect::TimedOut, Duration::from_millis(1500)),
+        dial_cluster_ip(&lab, &client.netns),
+        Duration::from_millis(1500),
         &mut k.ring,
         Some(&mut armed),
         &mut [&mut arm],
     );
+    assert_eq!(outcome, Connect::TimedOut);
     let n = e.netfilter.as_ref().unwrap();
     assert_eq!(n.chain, format!("cali-tw-{}", server.host_if));
     assert!(
@@ -264,14 +272,15 @@ fn no_endpoints_reject_is_named_by_counters_within_half_a_second() {
     let scope = counters.scope();
     scope.add_netns(&k.node).unwrap();
 
-    let e = connect_until_netfilter(
+    let (outcome, e) = named_within(
         &k.rt,
-        (&lab, &client.netns),
-        (Connect::Refused, Duration::from_millis(500)),
+        dial_cluster_ip(&lab, &client.netns),
+        Duration::from_millis(500),
         &mut k.ring,
         None,
         &mut [&mut counters],
     );
+    assert_eq!(outcome, Connect::Refused);
     let n = e.netfilter.as_ref().unwrap();
     assert_eq!(n.chain, "KUBE-SERVICES");
     assert_eq!(n.backend.as_str(), "iptables-nft");
@@ -288,6 +297,56 @@ fn no_endpoints_reject_is_named_by_counters_within_half_a_second() {
     let stats = scope.stats();
     assert!(stats.reads >= 1 && stats.attributed >= 1, "{stats:?}");
     assert_eq!(stateless_ruleset(&lab), before, "counters only read");
+}
+
+/// A DNS query dropped by the client's Calico egress policy (§6): the drop arms the query's
+/// flow, and the resolver's retry from the same socket names the rule and the policy.
+#[test]
+fn dropped_dns_query_arms_its_flow_and_the_retry_names_the_egress_rule() {
+    let s1 = s1_lab("armdns");
+    let S1 {
+        lab,
+        client,
+        server,
+    } = s1;
+    let egress = calico_egress_filter(&client.host_if, &server.host_if, false);
+    restore(&lab, "iptables-restore", &egress).unwrap();
+    let mut k = Kernel::attach(&lab);
+    let mut armed = ArmedTrace::new(k.enricher.clone(), 32, TTL);
+    let arming = armed.arming();
+    arming.add_netns(&k.node).unwrap();
+    let mut arm = ArmOnDrop(arming.clone());
+    let resolver = SocketAddr::new(server.ip.into(), 53);
+    let query_twice = || {
+        netprobe_lab::in_netns(&client.netns, || {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            sock.send_to(b"\x42\x42query", resolver).unwrap();
+            // A resolver's retry, from the same socket (same source port).
+            std::thread::sleep(Duration::from_millis(300));
+            sock.send_to(b"\x42\x42query", resolver).unwrap();
+            sock.local_addr().unwrap().port()
+        })
+        .unwrap()
+    };
+    let (sport, e) = named_within(
+        &k.rt,
+        query_twice,
+        Duration::from_millis(1000),
+        &mut k.ring,
+        Some(&mut armed),
+        &mut [&mut arm],
+    );
+    assert_eq!(e.protocol, Protocol::Udp);
+    assert_eq!((e.sport, e.dst, e.dport), (sport, resolver.ip(), 53));
+    let n = e.netfilter.as_ref().unwrap();
+    assert_eq!(n.chain, format!("cali-fw-{}", client.host_if));
+    assert!(
+        n.comments
+            .contains(&"Drop if no policies passed packet".to_string()),
+        "{n:#?}"
+    );
+    assert_eq!(n.owner.policies, ["financial-inference/client-egress"]);
+    assert!(n.evidence.is_trace());
 }
 
 /// The armed-flows table exists only while a flow is armed: none at start, gone after the
