@@ -194,7 +194,7 @@ fn s1_dropped_syn_arms_its_flow_and_the_retransmit_names_the_calico_rule() {
     let mut k = Kernel::attach(&lab);
     let mut armed = ArmedTrace::new(k.enricher.clone(), 32, TTL);
     let arming = armed.arming();
-    arming.add_netns(&k.node).unwrap();
+    arming.add_netns(&k.node);
     assert_eq!(
         stateless_ruleset(&lab),
         before,
@@ -252,7 +252,9 @@ fn s1_dropped_syn_arms_its_flow_and_the_retransmit_names_the_calico_rule() {
         "arming kept the session {} µs; the longest nft run (table, chains, element or the table's removal) took {} µs on the worker",
         stats.arm_us_max, stats.nft_us_max
     );
-    assert!(stats.arm_us_max < 5_000, "{stats:?}");
+    // The first arm in a namespace opens its trace socket (a thread in the namespace); the
+    // nft run is on the worker. The session must not wait ~20 ms.
+    assert!(stats.arm_us_max < 20_000, "{stats:?}");
     assert_eq!(
         stateless_ruleset(&lab),
         before,
@@ -314,7 +316,7 @@ fn dropped_dns_query_arms_its_flow_and_the_retry_names_the_egress_rule() {
     let mut k = Kernel::attach(&lab);
     let mut armed = ArmedTrace::new(k.enricher.clone(), 32, TTL);
     let arming = armed.arming();
-    arming.add_netns(&k.node).unwrap();
+    arming.add_netns(&k.node);
     let mut arm = ArmOnDrop(arming.clone());
     let resolver = SocketAddr::new(server.ip.into(), 53);
     let query_twice = || {
@@ -361,7 +363,7 @@ fn armed_flows_leave_the_ruleset_untouched_and_stale_tables_are_removed() {
     let node = node_ns(&lab);
     let armed = ArmedTrace::new(enricher(&node), 32, TTL);
     let arming = armed.arming();
-    arming.add_netns(&node).unwrap();
+    arming.add_netns(&node);
     let ours = nft_trace::armed_table_name();
     let flow = (IpAddr::from(client.ip), 40000);
 
@@ -422,7 +424,7 @@ fn arming_more_flows_than_the_bound_is_refused_and_counted() {
     let node = node_ns(&lab);
     let armed = ArmedTrace::new(enricher(&node), 2, TTL);
     let arming = armed.arming();
-    arming.add_netns(&node).unwrap();
+    arming.add_netns(&node);
     let ip = IpAddr::from(client.ip);
     assert!(arming.arm(node.inode, Protocol::Tcp, (ip, 40001)));
     assert!(arming.arm(node.inode, Protocol::Udp, (ip, 40002)));

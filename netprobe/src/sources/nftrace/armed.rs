@@ -60,7 +60,8 @@ pub struct ArmStats {
     pub expired: u64,
     /// Armed flows whose next packet was traced to a dropping rule.
     pub traced: u64,
-    /// Table changes nft refused (a flow not armed).
+    /// Flows not armed because nft refused the change, or the namespace's trace socket could
+    /// not be opened.
     pub errors: u64,
     /// Trace socket overruns (the kernel dropped trace messages).
     pub trace_overruns: u64,
@@ -112,6 +113,12 @@ impl State {
             return false;
         }
         let started = Instant::now();
+        // Listening before anything is marked, so no message is missed; a namespace where
+        // nothing was ever armed costs no reader thread.
+        if self.readers.listen(&ns.rules.ns).is_err() {
+            self.stats.errors += 1;
+            return false;
+        }
         let flow = client_flow(&key);
         let op = if ns.flows == 0 {
             ArmedOp::Create(flow)
@@ -168,23 +175,18 @@ impl Drop for State {
 pub struct Arming(Rc<RefCell<State>>);
 
 impl Arming {
-    /// Watches a namespace: flows dropped in it can be armed there. Listens to its trace group
-    /// now (nothing is marked yet, so nothing arrives); the ruleset is read when a first
-    /// armed packet is traced.
-    pub fn add_netns(&self, ns: &NetnsRef) -> Result<()> {
-        let mut s = self.0.borrow_mut();
-        if s.namespaces.contains_key(&ns.inode) {
-            return Ok(());
-        }
-        s.readers.listen(ns)?;
-        s.namespaces.insert(
-            ns.inode,
-            ArmedNs {
+    /// Watches a namespace: flows dropped in it can be armed there. Costs nothing until a
+    /// first flow is armed in it: then a reader listens to its trace group (until the
+    /// namespace is removed), and the ruleset is read when a first armed packet is traced.
+    pub fn add_netns(&self, ns: &NetnsRef) {
+        self.0
+            .borrow_mut()
+            .namespaces
+            .entry(ns.inode)
+            .or_insert_with(|| ArmedNs {
                 rules: NsRules::new(ns),
                 flows: 0,
-            },
-        );
-        Ok(())
+            });
     }
 
     /// Forgets a namespace (deleted): its flows, its table (if the namespace still exists),
@@ -251,7 +253,7 @@ impl Arming {
         ArmStats {
             armed_now: s.flows.len() as u64,
             trace_overruns: s.readers.overruns(),
-            errors: s.worker.errors(),
+            errors: s.stats.errors + s.worker.errors(),
             nft_us_max: s.worker.us_max(),
             ..s.stats
         }
