@@ -389,6 +389,20 @@ fn armed_flows_leave_the_ruleset_untouched_and_stale_tables_are_removed() {
     assert_eq!(stateless_ruleset(&lab), before, "expired: no chain hooked");
 
     assert!(arming.arm(node.inode, Protocol::Tcp, flow));
+    arming.remove_netns(node.inode);
+    arming.settle();
+    assert_eq!(
+        stateless_ruleset(&lab),
+        before,
+        "namespace forgotten: table removed"
+    );
+    assert!(
+        !arming.arm(node.inode, Protocol::Tcp, flow),
+        "not watched any more"
+    );
+
+    arming.add_netns(&node);
+    assert!(arming.arm(node.inode, Protocol::Tcp, flow));
     drop((armed, arming));
     assert_eq!(stateless_ruleset(&lab), before, "dropped: table removed");
 

@@ -195,7 +195,8 @@ impl ClientFlow {
     }
 }
 
-/// The armed-flows table with its sets, base chains and first element: one nft transaction.
+/// The armed-flows table with its sets, base chains and first element, replacing any table of
+/// the same name: one nft transaction.
 /// The chains match the client's source address and port before conntrack and DNAT, so the
 /// retransmit of a SYN to a ClusterIP is marked as the client sent it.
 pub fn armed_table_script(name: &str, first: &ClientFlow, ttl: Duration) -> String {
@@ -211,8 +212,10 @@ pub fn armed_table_script(name: &str, first: &ClientFlow, ttl: Duration) -> Stri
             "  set {n} {{\n    type {ty} . inet_proto . inet_service\n    flags timeout\n  }}\n"
         )
     };
+    // Whatever of ours is there goes first (one transaction): a fresh table, never chains
+    // holding their rules twice.
     format!(
-        "table inet {name} {{\n{}{}{}{}}}\nadd element inet {name} {} {}\n",
+        "add table inet {name}\ndelete table inet {name}\ntable inet {name} {{\n{}{}{}{}}}\nadd element inet {name} {} {}\n",
         set("v4", "ipv4_addr"),
         set("v6", "ipv6_addr"),
         chain("pre", "prerouting"),
@@ -297,6 +300,9 @@ mod tests {
         let s = armed_table_script("netprobe_1_armed", &flow, Duration::from_secs(5));
         assert!(s.contains("hook prerouting priority -2147483648"));
         assert!(s.contains("hook output priority -2147483648"));
+        assert!(s.starts_with(
+            "add table inet netprobe_1_armed\ndelete table inet netprobe_1_armed\ntable inet"
+        ));
         assert!(s.contains("type ipv4_addr . inet_proto . inet_service"));
         assert!(s.contains("type ipv6_addr . inet_proto . inet_service"));
         assert_eq!(
