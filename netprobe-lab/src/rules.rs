@@ -44,6 +44,20 @@ COMMIT
     )
 }
 
+/// kube-proxy (iptables mode) for the S1 Service without endpoints: new connections to
+/// 10.43.51.131:9004 are REJECTed (icmp-port-unreachable, the client sees refused).
+pub fn kube_proxy_no_endpoints() -> String {
+    format!(
+        "*filter
+:FORWARD ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+-A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A KUBE-SERVICES -d {CLUSTER_IP}/32 -p tcp -m comment --comment \"financial-inference/seldon-scheduler:xds has no endpoints\" -m tcp --dport 9004 -j REJECT --reject-with icmp-port-unreachable
+COMMIT
+"
+    )
+}
+
 /// Calico (iptables mode, v3.2x) ingress policy for the scheduler's endpoint: a policy selects
 /// the pod and admits only 9005, so 9004 reaches the end of the tier.
 /// The client's endpoint has no policy: its profile admits everything (replies included).

@@ -25,7 +25,7 @@ use crate::{
     sources::{
         nftrace::RuleTrace,
         ring::{EventReader, RingSource},
-        xtables::XtablesCounters,
+        xtables::{Counted, RuleCounters},
     },
     verdict::{Context, Engine},
 };
@@ -338,7 +338,11 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
             opts.addr,
             enricher.clone(),
         )?;
-        enrichment.push(Box::new(XtablesCounters::new(rt.rules(), proto)));
+        let counters = RuleCounters::new(Counted::Legacy);
+        for ns in &scope.attach_in {
+            counters.scope().add_netns(ns)?;
+        }
+        enrichment.push(Box::new(counters));
         sources.push(Box::new(rt));
     }
     // The tracepoints last: an attempt whose connect() (SYN_SENT) they see began after the tc

@@ -11,7 +11,7 @@ use netprobe_lab::{Connect, Lab, Pod};
 use serde_json::Value;
 use support::{S1, TraceOutput, s1_lab, start_trace};
 
-use netprobe_lab::rules::{CLUSTER_IP, calico_filter, kube_proxy_dnat};
+use netprobe_lab::rules::{CLUSTER_IP, calico_filter, kube_proxy_dnat, kube_proxy_no_endpoints};
 
 fn load(lab: &Lab, restore: &str, rules: &str) {
     let path = std::env::temp_dir().join(format!("netprobe-rules-{}", std::process::id()));
@@ -166,19 +166,7 @@ fn s1_admitted_port_connects_and_gives_no_netfilter_event() {
 #[test]
 fn kube_proxy_no_endpoints_reject_names_the_service() {
     let S1 { lab, client, .. } = s1_lab("kpnoep");
-    load(
-        &lab,
-        "iptables-restore",
-        &format!(
-            "*filter
-:FORWARD ACCEPT [0:0]
-:KUBE-SERVICES - [0:0]
--A FORWARD -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
--A KUBE-SERVICES -d {CLUSTER_IP}/32 -p tcp -m comment --comment \"financial-inference/seldon-scheduler:xds has no endpoints\" -m tcp --dport 9004 -j REJECT --reject-with icmp-port-unreachable
-COMMIT
-"
-        ),
-    );
+    load(&lab, "iptables-restore", &kube_proxy_no_endpoints());
     let out = trace_connect(
         &lab,
         "9004",

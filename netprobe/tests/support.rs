@@ -196,13 +196,15 @@ pub fn s1_lab(tag: &str) -> S1 {
 /// scheduler pod (10.42.0.30) and Calico's ingress policy on its endpoint (9004 denied).
 pub fn s1_rules(lab: &netprobe_lab::Lab, server: &netprobe_lab::Pod, client: &netprobe_lab::Pod) {
     use netprobe_lab::rules::{calico_filter, kube_proxy_dnat, restore};
-    restore(lab, "iptables-restore", &kube_proxy_dnat("10.42.0.30")).unwrap();
-    restore(
-        lab,
-        "iptables-restore",
-        &calico_filter(&server.host_if, &client.host_if),
-    )
-    .unwrap();
+    let filter = calico_filter(&server.host_if, &client.host_if);
+    for rules in [kube_proxy_dnat("10.42.0.30"), filter] {
+        restore(lab, "iptables-restore", &rules).unwrap();
+    }
+}
+
+/// [`s1_rules`] for an [`S1`] lab.
+pub fn load_s1_rules(s1: &S1) {
+    s1_rules(&s1.lab, &s1.server, &s1.client)
 }
 
 /// The S1 client pod `financial-inference/client-0` (10.42.0.20).

@@ -102,4 +102,27 @@ pub struct Netfilter {
     /// Chains and rules the packet went through before, in order.
     pub path: Vec<Step>,
     pub owner: Owner,
+    /// How the rule was found; absent: `trace`.
+    #[serde(default, skip_serializing_if = "Evidence::is_trace")]
+    pub evidence: Evidence,
+}
+
+/// How netprobe knows which rule decided.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Evidence {
+    /// An nftables trace of the packet: `path` shows its way to the rule.
+    #[default]
+    Trace,
+    /// The rule's packet counter moved when the kernel dropped the packet (a REJECT, a drop
+    /// never retried, iptables-legacy): `path` is empty, the way there is unknown.
+    Counters,
+}
+
+impl Evidence {
+    pub fn is_trace(&self) -> bool {
+        *self == Self::Trace
+    }
 }

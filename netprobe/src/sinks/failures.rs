@@ -341,6 +341,7 @@ mod tests {
             client_sees: "timeout".into(),
             path: Vec::new(),
             owner,
+            evidence: Default::default(),
         });
         v
     }

@@ -2,8 +2,11 @@
 //! a new source (say, Cilium's datapath drop notifications) is one new module here.
 //!
 //! - [`ring`]: the kernel programs' ring buffer (tc checkpoints, drops, resets, socket states).
-//! - [`nftrace`]: the nftables trace, naming the netfilter rule behind a drop or reject.
-//! - [`xtables`]: iptables-legacy rule counters, read when x_tables drops a traced packet.
+//! - [`nftrace`]: the nftables trace, naming the netfilter rule behind a drop or reject: of
+//!   the traced port (`trace`), or of single flows armed after a drop ([`nftrace::armed`], the
+//!   agent).
+//! - [`xtables`]: rule counters (iptables-legacy; nf_tables too for the agent), read when
+//!   netfilter drops a packet, for drops no trace explains.
 //! - [`recorded`]: a recorded NDJSON stream, replayed without a kernel.
 //! - [`tcp_opens`]: connection attempts counted from each namespace's TCP MIB (healthy ones
 //!   cost the agent no event).

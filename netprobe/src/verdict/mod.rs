@@ -800,14 +800,16 @@ fn client_socket(events: &[Event], client: (IpAddr, u16)) -> Option<&Event> {
     })
 }
 
-/// The rule that decided: of several reports, the first with the longest chain path (a trace
-/// of a retransmit shows the path; a counter difference at the first drop names only the rule).
+/// The rule that decided: of several reports, the first traced one with the longest chain path
+/// (a trace of a retransmit shows the path; a counter difference at the first drop names only
+/// the rule).
 fn most_detailed_rule(events: &[Event]) -> Option<Netfilter> {
+    let detail = |nf: &Netfilter| (nf.evidence.is_trace(), nf.path.len());
     events
         .iter()
         .filter_map(|e| e.netfilter.as_ref())
         .fold(None, |best: Option<&Netfilter>, nf| match best {
-            Some(b) if b.path.len() >= nf.path.len() => Some(b),
+            Some(b) if detail(b) >= detail(nf) => Some(b),
             _ => Some(nf),
         })
         .cloned()

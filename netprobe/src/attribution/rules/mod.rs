@@ -2,6 +2,7 @@
 //! rule that dropped or rejected it, the chain path that led there, what the client therefore
 //! sees, and the object behind the rule.
 
+pub mod counters;
 pub mod legacy;
 pub mod ruleset;
 
@@ -13,7 +14,7 @@ use std::{
 use crate::model::{Backend, NfAction, OwnerSystem};
 
 use crate::attribution::cni;
-pub use crate::attribution::{Netfilter, Owner, Step};
+pub use crate::attribution::{Evidence, Netfilter, Owner, Step};
 use crate::netlink::nftrace::{TraceMsg, TraceType, Verdict};
 pub use ruleset::{RuleRef, Ruleset};
 
@@ -123,11 +124,14 @@ pub fn attribute(path: &[TraceMsg], rs: &Ruleset) -> Option<Netfilter> {
         client_sees: reject.unwrap_or("timeout").into(),
         path: steps,
         owner,
+        evidence: Evidence::Trace,
     })
 }
 
-/// Attribution of an iptables-legacy drop from the rules whose counters moved (see [`legacy`]).
-pub fn attribute_legacy(
+/// Attribution of a drop from the rules whose counters moved (iptables-legacy: see [`legacy`];
+/// nf_tables: see [`counters`]); the first rule is taken as the one that fired, the others are
+/// named in the explanation. No trace, so no path.
+pub fn attribute_counted(
     fired: &[RuleRef],
     rs: &Ruleset,
     dst: Option<(std::net::IpAddr, u16)>,
@@ -141,20 +145,30 @@ pub fn attribute_legacy(
             .map(|r| format!("{} {} #{}", r.table, r.chain, r.position.unwrap_or(0)))
             .collect();
         owner.add_note(&format!(
-            " (other legacy rules that also dropped meanwhile: {})",
+            " (other rules whose counters also moved meanwhile: {})",
             others.join(", ")
         ));
     }
-    let builtin = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
+    // Legacy rules have no nf_tables handle (see legacy::fired).
+    let legacy = rule.handle == 0;
+    let backend = if legacy {
+        Backend::IptablesLegacy
+    } else if rs
+        .table(&rule.family, &rule.table)
+        .is_some_and(|t| t.iptables_nft)
+        || rs.has_iptables_table(&rule.family, &rule.table)
+    {
+        Backend::IptablesNft
+    } else {
+        Backend::Nftables
+    };
     Some(Netfilter {
-        backend: Backend::IptablesLegacy,
+        backend,
         family: rule.family.clone(),
-        hook: builtin
-            .contains(&rule.chain.as_str())
-            .then(|| rule.chain.to_lowercase()),
+        hook: hook_of(rs, rule, legacy),
         table: rule.table.clone(),
         chain: rule.chain.clone(),
-        handle: None,
+        handle: (!legacy).then_some(rule.handle),
         position: rule.position,
         rule: Some(rule.text.clone()),
         comments: rule.comments.clone(),
@@ -166,7 +180,21 @@ pub fn attribute_legacy(
         client_sees: reject.unwrap_or("timeout").into(),
         path: Vec::new(),
         owner,
+        evidence: Evidence::Counters,
     })
+}
+
+/// The hook of a counted rule's chain when it is a base chain (a jump target's hook is not
+/// known without a path).
+fn hook_of(rs: &Ruleset, rule: &RuleRef, legacy: bool) -> Option<String> {
+    if legacy {
+        let builtin = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
+        return builtin
+            .contains(&rule.chain.as_str())
+            .then(|| rule.chain.to_lowercase());
+    }
+    rs.chain(&rule.family, &rule.table, &rule.chain)
+        .and_then(|c| c.hook.clone())
 }
 
 /// The packet's addresses: nf_tables includes the headers only in the first message per hook.
