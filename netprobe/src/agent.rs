@@ -40,7 +40,11 @@ use crate::{
         prometheus::{MetricsOptions, PrometheusSink, SharedMetrics},
         storm::StormControlledLog,
     },
-    sources::ring::{EventReader, RingSource},
+    sources::{
+        nftrace::armed::{self, ArmOnDrop, ArmedTrace, Arming},
+        ring::{EventReader, RingSource},
+        xtables::{Counted, CounterScope, RuleCounters},
+    },
     verdict::{Context, Engine},
 };
 
@@ -218,6 +222,9 @@ struct AgentHousekeeping {
     delay_max_ns: Rc<Cell<u64>>,
     delay_window: Instant,
     tcp_opens: crate::sources::tcp_opens::TcpOpens,
+    /// Armed flows expire here; both report to /metrics.
+    arming: Arming,
+    counted: CounterScope,
 }
 
 /// The node's and its pods' namespaces present now, by inode.
@@ -246,6 +253,8 @@ impl AgentHousekeeping {
         }
         m.interfaces = interfaces;
         m.namespaces = self.scope.len();
+        m.arming = self.arming.stats();
+        m.rule_counters = self.counted.stats();
         m.lost = c.lost;
         m.emitted = c.emitted;
         m.kernel_drops = c
@@ -282,11 +291,12 @@ impl Housekeeping for AgentHousekeeping {
         {
             names.borrow_mut().rescan(&self.node);
         }
-        if self.ticks == 1 || self.ticks.is_multiple_of(25) {
+        if self.ticks.is_multiple_of(25) {
             // Healthy attempts: counted from the namespaces' TCP MIB every 5 s.
             self.tcp_opens.update(self.present.borrow().values());
             self.metrics.lock().expect("metrics lock").tcp_attempts = self.tcp_opens.total;
         }
+        self.arming.expire(Instant::now());
         self.update_metrics(n)?;
         Ok(None)
     }
@@ -404,6 +414,17 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
     let names = pod_context(false, opts.node_name.as_deref(), None, &node)
         .await?
         .map(|p| Rc::new(RefCell::new(p)));
+    // Before ready: the first drop after it is diffed against these counters, and the first
+    // connection after it is counted.
+    let attribution = RuleAttribution::start(&node, enricher.clone())?;
+    let present: Namespaces = Rc::new(RefCell::new(
+        std::iter::once(node.clone())
+            .chain(netns::veth_peers()?)
+            .map(|ns| (ns.inode, ns))
+            .collect(),
+    ));
+    let mut tcp_opens = crate::sources::tcp_opens::TcpOpens::default();
+    tcp_opens.update(present.borrow().values());
     mark_ready(&metrics, &missing, attached.len(), scope.len());
     if let Some(path) = &opts.ready_file {
         std::fs::write(path, b"ready\n")
@@ -416,14 +437,20 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
         opts.metrics_addr
     );
     let probes = Rc::new(RefCell::new(probes));
-    let present: Namespaces = Rc::new(RefCell::new(HashMap::from([(node.inode, node.clone())])));
+    let arming = attribution.armed.arming();
+    let counted = attribution.counters.scope();
     let mut session = Session {
-        sources: vec![Box::new(ring), Box::new(LinkChanges::open()?)],
+        sources: vec![
+            Box::new(ring),
+            Box::new(LinkChanges::open()?),
+            Box::new(attribution.armed),
+        ],
         route,
-        stages: enrichment(names.as_ref()),
+        stages: enrichment(names.as_ref(), attribution.counters, arming.clone()),
         judge: Some(judge(names.clone(), present.clone(), enricher.clone())),
         sinks: agent_sinks(&opts, out, &metrics, names.as_ref())
-            .with(crate::sinks::failures::FailuresSink::new(failures)),
+            .with(crate::sinks::failures::FailuresSink::new(failures))
+            .with(Disarm(arming.clone())),
         housekeeping: Box::new(AgentHousekeeping {
             ticks: 0,
             node,
@@ -436,7 +463,9 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
             attached,
             delay_max_ns,
             delay_window: Instant::now(),
-            tcp_opens: Default::default(),
+            tcp_opens,
+            arming,
+            counted,
         }),
         tick: Duration::from_millis(200),
         deadline: None,
@@ -469,14 +498,55 @@ fn mark_ready(
 }
 
 /// Names (when an API server is configured), then conntrack for connections to Services.
-fn enrichment(names: Option<&Rc<RefCell<PodContext>>>) -> Vec<Box<dyn Stage>> {
-    let Some(n) = names else {
-        return Vec::new();
-    };
-    vec![
-        Box::new(stages::Names(n.clone())),
-        Box::new(stages::Conntrack(n.clone())),
-    ]
+/// Names (when an API server is configured), then conntrack for connections to Services, then
+/// the rule behind a netfilter drop: the rule counters name it at once, and the flow is armed so
+/// that its retransmit (or the lookup's retry) is traced through every chain.
+fn enrichment(
+    names: Option<&Rc<RefCell<PodContext>>>,
+    counters: RuleCounters,
+    arming: Arming,
+) -> Vec<Box<dyn Stage>> {
+    let mut stages: Vec<Box<dyn Stage>> = Vec::new();
+    if let Some(n) = names {
+        stages.push(Box::new(stages::Names(n.clone())));
+        stages.push(Box::new(stages::Conntrack(n.clone())));
+    }
+    stages.push(Box::new(counters));
+    stages.push(Box::new(ArmOnDrop(arming)));
+    stages
+}
+
+/// Rule attribution without a trace, in the node's namespace (where kube-proxy, Calico and
+/// kube-router keep their rules): the counters stage, the armed-flow trace source, and the
+/// handles the housekeeping and the sinks use.
+struct RuleAttribution {
+    counters: RuleCounters,
+    armed: ArmedTrace,
+}
+
+impl RuleAttribution {
+    fn start(node: &NetnsRef, enricher: Rc<Enricher>) -> Result<Self> {
+        let counters = RuleCounters::new(Counted::All);
+        counters.scope().add_netns(node)?;
+        let armed = ArmedTrace::new(enricher, armed::DEFAULT_LIMIT, armed::DEFAULT_TTL);
+        armed.arming().add_netns(node);
+        Ok(Self { counters, armed })
+    }
+}
+
+/// After a verdict its flow needs no trace any more.
+struct Disarm(Arming);
+
+impl crate::sinks::Sink for Disarm {
+    fn verdict(&mut self, v: &crate::verdict::Verdict) -> std::io::Result<()> {
+        let proto = if v.udp.is_some() {
+            crate::model::Protocol::Udp
+        } else {
+            crate::model::Protocol::Tcp
+        };
+        self.0.disarm(proto, (v.client.addr, v.client.port));
+        Ok(())
+    }
 }
 
 /// The verdict engine on every TCP port (one verdict per failed connection attempt, as `trace`

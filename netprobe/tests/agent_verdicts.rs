@@ -11,6 +11,7 @@ use netprobe_lab::{
     Connect, Lab, Pod,
     kubeapi::{FakeKube, Kind, pod},
     process::Agent,
+    rules::{CLUSTER_IP, restore},
 };
 use serde_json::Value;
 
@@ -44,8 +45,105 @@ fn records(agent: Agent) -> (Vec<Value>, String) {
     (records, out.stderr)
 }
 
+/// With the agent alone running: `client` dials the scheduler's ClusterIP (S1) and gets
+/// `expect`; the agent's records once it had time to judge.
+fn dial_the_cluster_ip(
+    lab: &Lab,
+    kubeconfig: &Path,
+    client: &Pod,
+    expect: Connect,
+) -> (Vec<Value>, String) {
+    let agent = start_agent(lab, kubeconfig);
+    assert_eq!(
+        lab.connect(
+            &client.netns,
+            format!("{CLUSTER_IP}:9004").parse().unwrap(),
+            Duration::from_millis(2500)
+        ),
+        expect
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    records(agent)
+}
+
 fn verdicts(records: &[Value]) -> Vec<&Value> {
     records.iter().filter(|r| r["kind"] == "verdict").collect()
+}
+
+fn stateless_ruleset(lab: &Lab) -> String {
+    lab.sh(lab.node(), "nft -s list ruleset").unwrap()
+}
+
+/// The S1 objects: both pods, the Service and its endpoints.
+fn publish_s1(kube: &FakeKube, client: &Pod, server: &Pod) {
+    publish(kube, client, &[("client", "c0c0c0c0c0c0c0c0", &[])]);
+    publish(
+        kube,
+        server,
+        &[("scheduler", "5e5e5e5e5e5e5e5e", &[9004, 9005])],
+    );
+    support::publish_seldon_scheduler(kube);
+}
+
+/// Done-when of #14: with only the agent running, the S1 drop (Calico end-of-tier deny behind
+/// the kube-proxy ClusterIP) is one verdict naming the chain, the rule comment, the policy, the
+/// Service with its ClusterIP and both pods; nothing else is written (no kernel noise); the
+/// ruleset is as it was once the agent is gone.
+#[test]
+fn s1_the_agent_alone_names_rule_policy_service_and_both_pods() {
+    let support::S1 {
+        lab,
+        client,
+        server,
+    } = support::s1_lab("avs1");
+    let _l = lab
+        .listen(&server.netns, "10.42.0.30:9004".parse().unwrap())
+        .unwrap();
+    support::s1_rules(&lab, &server, &client);
+    let (kube, kubeconfig) = support::kube_api(&lab);
+    publish_s1(&kube, &client, &server);
+    let before = stateless_ruleset(&lab);
+    let (records, stderr) = dial_the_cluster_ip(&lab, &kubeconfig, &client, Connect::TimedOut);
+    assert_eq!(
+        before,
+        stateless_ruleset(&lab),
+        "the agent left the ruleset changed"
+    );
+    let dump = || format!("{records:#?}\n{stderr}");
+    let v = verdicts(&records);
+    assert_eq!(v.len(), 1, "one verdict for one attempt: {}", dump());
+    let v = v[0];
+    assert_eq!(v["schema"], "netprobe.verdict/v1");
+    assert_eq!(v["outcome"], "dropped_by_rule", "{v:#}");
+    let n = &v["netfilter"];
+    assert_eq!(n["chain"], format!("cali-tw-{}", server.host_if), "{v:#}");
+    assert!(
+        n["comments"]
+            .as_array()
+            .is_some_and(|c| c.contains(&"Drop if no policies passed packet".into())),
+        "{v:#}"
+    );
+    assert_eq!(n["owner"]["system"], "calico", "{v:#}");
+    assert_eq!(
+        n["owner"]["policies"],
+        serde_json::json!(["financial-inference/scheduler-allow-xds"]),
+        "{v:#}"
+    );
+    assert_eq!(v["dialed"]["addr"], CLUSTER_IP, "{v:#}");
+    assert_eq!(
+        v["dialed"]["peer"]["service"], "financial-inference/seldon-scheduler:xds",
+        "{v:#}"
+    );
+    assert_eq!(v["client"]["peer"]["pod"], "client-0", "{v:#}");
+    assert_eq!(v["server"]["peer"]["pod"], "seldon-scheduler-0", "{v:#}");
+    // Only verdicts reach the log: no raw drops, no IPv6 router solicitations.
+    for r in &records {
+        assert!(
+            ["verdict", "suppressed"].contains(&r["kind"].as_str().unwrap_or("")),
+            "not a verdict: {r:#}"
+        );
+    }
+    let _ = std::fs::remove_file(kubeconfig);
 }
 
 /// Done-when of #14, S2: a refusal on 127.0.0.1:9500 inside the pod is explained with what
@@ -101,4 +199,73 @@ fn s2_the_agent_alone_explains_a_refusal_with_listeners_and_declared_ports() {
         "{why}"
     );
     let _ = std::fs::remove_file(kubeconfig);
+}
+
+/// Done-when of #14: a kube-proxy "has no endpoints" REJECT that the client does not retry is
+/// named by the agent alone, with its Service.
+#[test]
+fn a_no_endpoints_reject_not_retried_is_named_with_its_service() {
+    let support::S1 { lab, client, .. } = support::s1_lab("avnoep");
+    restore(
+        &lab,
+        "iptables-restore",
+        &netprobe_lab::rules::kube_proxy_no_endpoints(),
+    )
+    .unwrap();
+    let (kube, kubeconfig) = support::kube_api(&lab);
+    publish(&kube, &client, &[("client", "c0c0c0c0c0c0c0c0", &[])]);
+    support::publish_seldon_scheduler(&kube);
+    let (records, stderr) = dial_the_cluster_ip(&lab, &kubeconfig, &client, Connect::Refused);
+    let v = verdicts(&records);
+    assert_eq!(v.len(), 1, "{records:#?}\n{stderr}");
+    let v = v[0];
+    assert_eq!(v["outcome"], "refused_by_rule", "{v:#}");
+    let n = &v["netfilter"];
+    assert_eq!(n["chain"], "KUBE-SERVICES", "{v:#}");
+    assert_eq!(n["owner"]["kind"], "kube-proxy-no-endpoints", "{v:#}");
+    assert_eq!(
+        n["owner"]["object"], "financial-inference/seldon-scheduler:xds",
+        "{v:#}"
+    );
+    assert_eq!(v["server"]["addr"], CLUSTER_IP, "{v:#}");
+    assert_eq!(
+        v["server"]["peer"]["service"], "financial-inference/seldon-scheduler:xds",
+        "{v:#}"
+    );
+    assert_eq!(v["client"]["peer"]["pod"], "client-0", "{v:#}");
+    let _ = std::fs::remove_file(kubeconfig);
+}
+
+/// A killed agent's armed-flow table (its process is gone) is removed when the next agent
+/// starts; the rest of the ruleset is left as it was.
+#[test]
+fn a_killed_agents_armed_table_is_removed_at_the_next_start() {
+    netprobe_lab::require_root();
+    let lab = Lab::new("avleft").unwrap();
+    lab.sh(
+        lab.node(),
+        "iptables -A FORWARD -p tcp --dport 9004 -j DROP",
+    )
+    .unwrap();
+    let before = stateless_ruleset(&lab);
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let table = format!("netprobe_{dead}_armed");
+    lab.sh(
+        lab.node(),
+        &format!(
+            "nft add table inet {table}; nft add chain inet {table} pre '{{ type filter hook prerouting priority -2147483648; policy accept; }}'"
+        ),
+    )
+    .unwrap();
+    assert!(stateless_ruleset(&lab).contains(&table));
+    let agent = support::start_agent(lab.node(), &[], &[], false);
+    assert_eq!(
+        stateless_ruleset(&lab),
+        before,
+        "the left-over is gone, nothing else changed"
+    );
+    support::stop(agent);
+    assert_eq!(stateless_ruleset(&lab), before);
 }

@@ -408,4 +408,29 @@ fn agent_reports_a_blocked_lookup_as_a_dns_failure_of_the_pod() {
         "{f:#}"
     );
     assert_eq!(f["dns_failure"]["backend"]["addr"], "10.42.0.3", "{f:#}");
+    // The agent names the rule by itself (#14 §6): the policy chain's end-of-tier drop.
+    let nf = &f["netfilter"];
+    assert_eq!(
+        nf["chain"],
+        format!("cali-fw-{}", d.client.host_if),
+        "{f:#}"
+    );
+    assert!(
+        nf["comments"]
+            .as_array()
+            .is_some_and(|c| c.contains(&"Drop if no policies passed packet".into())),
+        "{f:#}"
+    );
+    assert_eq!(
+        nf["owner"]["policies"],
+        serde_json::json!(["financial-inference/client-egress"]),
+        "{f:#}"
+    );
+    assert!(
+        !f["dns_failure"]["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("not traced"),
+        "{f:#}"
+    );
 }

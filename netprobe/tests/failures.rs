@@ -64,6 +64,16 @@ fn group<'a>(a: &'a Value, client: &str, port: u16) -> Option<&'a Value> {
         .find(|g| g["client"]["name"] == client && g["port"] == port)
 }
 
+/// The group of attempts to `port` with `outcome` (one attempt across nodes may be judged by
+/// both agents, each with what its node saw; an agent names only its own node's pods, so the
+/// server's node knows the client by its address).
+fn group_of<'a>(a: &'a Value, port: u16, outcome: &str) -> Option<&'a Value> {
+    a["groups"]
+        .as_array()?
+        .iter()
+        .find(|g| g["port"] == port && g["outcome"] == outcome)
+}
+
 fn seen_on(g: &Value, node: &str) -> bool {
     g["nodes"].as_array().unwrap().iter().any(|n| n == node)
 }
@@ -132,7 +142,7 @@ fn failing_connections_on_both_nodes_are_listed_grouped_with_counts() {
     let all_three = |a: &Value| {
         group(a, "Pod/client-0", 9004).is_some()
             && group(a, "Pod/seldon-scheduler-0", 9100).is_some()
-            && group(a, "Pod/client-0", 9005).is_some()
+            && group_of(a, 9005, "refused_no_listener").is_some()
     };
     let (answer, err) = answer_until(&lab, &["--since", "10m"], all_three);
     assert_eq!(answer["schema"], "netprobe.failures/v1");
@@ -159,8 +169,13 @@ fn failing_connections_on_both_nodes_are_listed_grouped_with_counts() {
     let dropped_b = group(&answer, "Pod/seldon-scheduler-0", 9100).unwrap();
     assert_eq!(dropped_b["outcome"], "dropped_by_rule", "{dropped_b:#}");
     assert!(seen_on(dropped_b, "node-b"), "{dropped_b:#}");
-    let refused_b = group(&answer, "Pod/client-0", 9005).unwrap();
-    assert_eq!(refused_b["outcome"], "refused_no_listener", "{refused_b:#}");
+    // node-b's kernel answered the SYN with RST (nothing listens there); node-a, where the
+    // client is, saw only the peer's reset.
+    let reset_a = group_of(&answer, 9005, "reset_by_peer").unwrap_or_else(|| panic!("{dump}"));
+    assert_eq!(reset_a["client"]["name"], "Pod/client-0", "{reset_a:#}");
+    assert!(seen_on(reset_a, "node-a"), "{reset_a:#}");
+    let refused_b =
+        group_of(&answer, 9005, "refused_no_listener").unwrap_or_else(|| panic!("{dump}"));
     assert_eq!(
         refused_b["destination"]["name"], "Pod/seldon-scheduler-0",
         "{refused_b:#}"

@@ -8,7 +8,7 @@ use std::{path::PathBuf, time::Duration};
 
 use netprobe_lab::{
     Connect, Lab, Pod,
-    kubeapi::{FakeKube, Kind, endpoint_slice, pod, service},
+    kubeapi::{FakeKube, Kind, pod},
 };
 use serde_json::Value;
 use support::{TraceOutput, start_verdict_trace_env};
@@ -65,24 +65,7 @@ fn s1_pod_trace_names_client_backend_service_and_cluster_ip() {
         &server,
         &[("scheduler", "5e5e5e5e5e5e5e5e", &[9004, 9005])],
     );
-    kube.apply(
-        Kind::Service,
-        service(
-            "financial-inference",
-            "seldon-scheduler",
-            "10.43.51.131",
-            &[("xds", 9004, 9004)],
-        ),
-    );
-    kube.apply(
-        Kind::EndpointSlice,
-        endpoint_slice(
-            "financial-inference",
-            "seldon-scheduler",
-            &[("10.42.0.30", "seldon-scheduler-0")],
-            &[("xds", 9004)],
-        ),
-    );
+    support::publish_seldon_scheduler(&kube);
 
     let trace = start_verdict_trace_env(
         lab.node(),

@@ -202,6 +202,30 @@ pub fn s1_rules(lab: &netprobe_lab::Lab, server: &netprobe_lab::Pod, client: &ne
     }
 }
 
+/// S1's Service `financial-inference/seldon-scheduler` (ClusterIP 10.43.51.131, port `xds`
+/// 9004) and its EndpointSlice (the scheduler pod, 10.42.0.30), in the API stand-in.
+pub fn publish_seldon_scheduler(kube: &netprobe_lab::kubeapi::FakeKube) {
+    use netprobe_lab::kubeapi::{Kind, endpoint_slice, service};
+    kube.apply(
+        Kind::Service,
+        service(
+            "financial-inference",
+            "seldon-scheduler",
+            "10.43.51.131",
+            &[("xds", 9004, 9004)],
+        ),
+    );
+    kube.apply(
+        Kind::EndpointSlice,
+        endpoint_slice(
+            "financial-inference",
+            "seldon-scheduler",
+            &[("10.42.0.30", "seldon-scheduler-0")],
+            &[("xds", 9004)],
+        ),
+    );
+}
+
 /// [`s1_rules`] for an [`S1`] lab.
 pub fn load_s1_rules(s1: &S1) {
     s1_rules(&s1.lab, &s1.server, &s1.client)

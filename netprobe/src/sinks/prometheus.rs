@@ -61,6 +61,10 @@ pub struct Metrics {
     pub tcp_attempts: crate::sources::tcp_opens::TcpMib,
     /// What the verdict engines let go of to stay bounded.
     pub engine: crate::verdict::EngineStats,
+    /// Flows armed for an nftables trace (rule attribution without a trace running).
+    pub arming: crate::sources::nftrace::armed::ArmStats,
+    /// Rule counter reads after netfilter drops.
+    pub rule_counters: crate::sources::xtables::CounterStats,
 }
 
 fn label(v: &str) -> String {
@@ -136,6 +140,7 @@ impl Metrics {
             "netprobe_verdict_engine_evicted_total{{reason=\"judged_early\"}} {}\nnetprobe_verdict_engine_evicted_total{{reason=\"forgotten_early\"}} {}\n",
             self.engine.judged_early, self.engine.forgotten_early
         ));
+        self.render_attribution(&mut s);
         s.push_str("# HELP netprobe_lost_events_total Events the kernel could not queue (ring buffer full).\n# TYPE netprobe_lost_events_total counter\n");
         s.push_str(&format!("netprobe_lost_events_total {}\n", self.lost));
         s.push_str("# HELP netprobe_kernel_drops_total Drops in the watched namespaces counted in the kernel, by reason (events lost or not).\n# TYPE netprobe_kernel_drops_total counter\n");
@@ -190,6 +195,46 @@ impl Metrics {
             ));
         }
         s
+    }
+
+    /// How the agent names rules without a trace: armed flows and rule counter reads.
+    fn render_attribution(&self, s: &mut String) {
+        let a = &self.arming;
+        s.push_str(&format!(
+            "# HELP netprobe_armed_flows Flows armed now for an nftables trace of their next packet (a dropped SYN or DNS query whose retry names the rule).\n# TYPE netprobe_armed_flows gauge\nnetprobe_armed_flows {}\n",
+            a.armed_now
+        ));
+        s.push_str("# HELP netprobe_armed_flows_total Flows armed (armed), refused because the bound of flows armed at once was reached (refused), disarmed unused after their TTL (expired), traced to the dropping rule (traced), not armed because nft or the trace socket failed (errors).\n# TYPE netprobe_armed_flows_total counter\n");
+        for (result, n) in [
+            ("armed", a.armed_total),
+            ("refused", a.refused),
+            ("expired", a.expired),
+            ("traced", a.traced),
+            ("errors", a.errors),
+        ] {
+            s.push_str(&format!(
+                "netprobe_armed_flows_total{{result=\"{result}\"}} {n}\n"
+            ));
+        }
+        s.push_str(&format!(
+            "# HELP netprobe_nftrace_overruns_total Trace messages the kernel dropped (armed-flow trace socket full).\n# TYPE netprobe_nftrace_overruns_total counter\nnetprobe_nftrace_overruns_total {}\n",
+            a.trace_overruns
+        ));
+        let c = &self.rule_counters;
+        s.push_str(&format!(
+            "# HELP netprobe_rule_counter_reads_total Reads of the ruleset's counters after a netfilter drop (at most one per namespace per 200 ms).\n# TYPE netprobe_rule_counter_reads_total counter\nnetprobe_rule_counter_reads_total {}\n",
+            c.reads
+        ));
+        s.push_str("# HELP netprobe_rule_counter_drops_total Netfilter drops by how the counters named their rule: attributed, reused (the previous read, same destination), skipped (not attributed: within 200 ms of a read, another destination).\n# TYPE netprobe_rule_counter_drops_total counter\n");
+        for (result, n) in [
+            ("attributed", c.attributed),
+            ("reused", c.reused),
+            ("skipped", c.skipped),
+        ] {
+            s.push_str(&format!(
+                "netprobe_rule_counter_drops_total{{result=\"{result}\"}} {n}\n"
+            ));
+        }
     }
 
     pub fn count(&mut self, e: &Event) {

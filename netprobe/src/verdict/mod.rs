@@ -828,7 +828,11 @@ fn server_of(events: &[Event], client: (IpAddr, u16), port: u16) -> (IpAddr, u16
                 )
         })
         .or(events.last())
-        .map_or((client.0, port), |e| (e.dst, e.dport))
+        .map_or((client.0, port), |e| match &e.translated {
+            // A rule report of an armed flow shows the address dialled, and where DNAT sent it.
+            Some(t) if e.kind == Kind::Netfilter => (t.dst, t.dport),
+            _ => (e.dst, e.dport),
+        })
 }
 
 /// The SYN's decisive drop (answered SYNs may be freed with NOT_SPECIFIED; QUEUE_PURGE etc.
