@@ -388,7 +388,10 @@ fn armed_flows_leave_the_ruleset_untouched_and_stale_tables_are_removed() {
     assert_eq!(arming.stats().expired, 1);
     assert_eq!(stateless_ruleset(&lab), before, "expired: no chain hooked");
 
-    assert!(arming.arm(node.inode, Protocol::Tcp, flow));
+    // A flow whose verdict is out is not armed again: another one.
+    let other = (flow.0, flow.1 + 1);
+    assert!(!arming.arm(node.inode, Protocol::Tcp, flow));
+    assert!(arming.arm(node.inode, Protocol::Tcp, other));
     arming.remove_netns(node.inode);
     arming.settle();
     assert_eq!(
@@ -396,13 +399,14 @@ fn armed_flows_leave_the_ruleset_untouched_and_stale_tables_are_removed() {
         before,
         "namespace forgotten: table removed"
     );
+    let third = (flow.0, flow.1 + 2);
     assert!(
-        !arming.arm(node.inode, Protocol::Tcp, flow),
+        !arming.arm(node.inode, Protocol::Tcp, third),
         "not watched any more"
     );
 
     arming.add_netns(&node);
-    assert!(arming.arm(node.inode, Protocol::Tcp, flow));
+    assert!(arming.arm(node.inode, Protocol::Tcp, third));
     drop((armed, arming));
     assert_eq!(stateless_ruleset(&lab), before, "dropped: table removed");
 
@@ -459,9 +463,15 @@ fn arming_more_flows_than_the_bound_is_refused_and_counted() {
     assert!(rs.contains("10.42.0.20 . tcp . 40001"), "{rs}");
     assert!(rs.contains("10.42.0.20 . udp . 40002"), "{rs}");
     assert!(!rs.contains("40003"), "{rs}");
-    // A disarmed flow makes room again.
+    // A disarmed flow makes room again; its own retransmits do not arm it again (its verdict
+    // is out), nor does a flow whose verdict came without it being armed.
     arming.disarm(Protocol::Tcp, (ip, 40001));
     assert!(arming.arm(node.inode, Protocol::Tcp, (ip, 40003)));
+    assert!(!arming.arm(node.inode, Protocol::Tcp, (ip, 40001)));
+    arming.disarm(Protocol::Tcp, (ip, 40005));
+    arming.disarm(Protocol::Udp, (ip, 40002));
+    assert!(!arming.arm(node.inode, Protocol::Tcp, (ip, 40005)));
+    assert!(arming.arm(node.inode, Protocol::Tcp, (ip, 40006)));
     drop((armed, arming));
     assert_eq!(stateless_ruleset(&lab), before);
 }

@@ -829,9 +829,10 @@ fn server_of(events: &[Event], client: (IpAddr, u16), port: u16) -> (IpAddr, u16
         })
         .or(events.last())
         .map_or((client.0, port), |e| match &e.translated {
-            // A rule report of an armed flow shows the address dialled, and where DNAT sent it.
-            Some(t) if e.kind == Kind::Netfilter => (t.dst, t.dport),
-            _ => (e.dst, e.dport),
+            // A rule report of an armed flow, or the client's socket (its retransmit, its
+            // error), shows the address dialled; where DNAT sent it is the server.
+            Some(t) => (t.dst, t.dport),
+            None => (e.dst, e.dport),
         })
 }
 

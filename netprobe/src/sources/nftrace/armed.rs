@@ -90,7 +90,15 @@ struct State {
     limit: usize,
     ttl: Duration,
     stats: ArmStats,
+    /// Flows already explained (their drop traced, or their verdict out): the client keeps
+    /// retransmitting for a while, and each drop must not arm the flow again.
+    explained: HashMap<FlowKey, Instant>,
 }
+
+/// How long an explained flow is not armed again (the kernel retries a SYN for about two
+/// minutes), and how many such flows are remembered at most.
+const EXPLAINED_KEEP: Duration = Duration::from_secs(150);
+const MAX_EXPLAINED: usize = 4096;
 
 fn client_flow(&(_, proto, addr, port): &FlowKey) -> ClientFlow {
     ClientFlow {
@@ -104,6 +112,13 @@ impl State {
     fn arm(&mut self, key: FlowKey) -> bool {
         if self.flows.contains_key(&key) {
             return true;
+        }
+        if self
+            .explained
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < EXPLAINED_KEEP)
+        {
+            return false;
         }
         let Some(ns) = self.namespaces.get_mut(&key.0) else {
             return false;
@@ -149,6 +164,19 @@ impl State {
             self.worker.submit(&ns.rules.ns, op);
         }
         true
+    }
+
+    /// Disarms a flow whose drop is explained, and keeps it from being armed again.
+    fn explained(&mut self, key: &FlowKey) {
+        self.disarm(key);
+        if self.explained.len() >= MAX_EXPLAINED {
+            self.explained.retain(|_, at| at.elapsed() < EXPLAINED_KEEP);
+            if self.explained.len() >= MAX_EXPLAINED {
+                // All recent: forgetting them only costs a second trace of a retried flow.
+                self.explained.clear();
+            }
+        }
+        self.explained.insert(*key, Instant::now());
     }
 
     /// The armed flow a traced packet from `client` belongs to.
@@ -217,17 +245,17 @@ impl Arming {
         self.0.borrow().worker.flush();
     }
 
-    /// Stops marking the flow of `client` (its verdict is out), in whichever namespace.
+    /// Stops marking the flow of `client` (its verdict is out), in whichever namespace, and
+    /// keeps its later retransmits from arming it again.
     pub fn disarm(&self, proto: Protocol, client: (IpAddr, u16)) {
         let mut s = self.0.borrow_mut();
         let keys: Vec<FlowKey> = s
-            .flows
+            .namespaces
             .keys()
-            .filter(|k| k.1 == proto && (k.2, k.3) == client)
-            .copied()
+            .map(|inode| (*inode, proto, client.0, client.1))
             .collect();
         for k in keys {
-            s.disarm(&k);
+            s.explained(&k);
         }
     }
 
@@ -279,6 +307,7 @@ impl ArmedTrace {
             limit,
             ttl,
             stats: ArmStats::default(),
+            explained: HashMap::new(),
         };
         Self {
             arming: Arming(Rc::new(RefCell::new(state))),
@@ -304,7 +333,7 @@ impl ArmedTrace {
         let (src, sport, dst, dport) = path.iter().find_map(|m| m.tuple)?;
         let dropped = path.iter().rev().find_map(|m| m.tuple);
         let key = s.armed_flow(inode, (src, sport))?;
-        s.disarm(&key);
+        s.explained(&key);
         s.stats.traced += 1;
         let mut e = events::netfilter(
             self.enricher.now_ns(),
