@@ -387,7 +387,7 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
         .await
         .map_err(|e| Error::io(format!("listening on {}", opts.metrics_addr), e))?;
     // The memory of recent failures, fed by a sink, served on /v1/failures.
-    let failures = crate::sinks::failures::Failures::shared(crate::sinks::failures::this_node(
+    let failures = crate::cluster::memory::Failures::shared(crate::cluster::memory::this_node(
         opts.node_name.as_deref(),
     ));
     tokio::spawn(crate::cluster::server::serve(
@@ -449,7 +449,7 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
         stages: enrichment(names.as_ref(), attribution.counters, arming.clone()),
         judge: Some(judge(names.clone(), present.clone(), enricher.clone())),
         sinks: agent_sinks(&opts, out, &metrics, names.as_ref())
-            .with(crate::sinks::failures::FailuresSink::new(failures))
+            .with(crate::cluster::memory::FailuresSink::new(failures))
             .with(Disarm(arming.clone())),
         housekeeping: Box::new(AgentHousekeeping {
             ticks: 0,

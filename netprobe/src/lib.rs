@@ -70,3 +70,13 @@ pub mod trace;
 pub mod verdict;
 
 pub use error::Error;
+
+/// JSON Schemas of everything netprobe writes as JSON (`netprobe schema`), keyed by the
+/// `schema` value each record carries: the NDJSON records and the failures answer.
+pub fn json_schemas() -> serde_json::Value {
+    let mut all = sinks::ndjson::json_schemas();
+    all[cluster::failures::FAILURES_SCHEMA] =
+        serde_json::to_value(schemars::schema_for!(cluster::failures::FailuresAnswer))
+            .expect("a schema is JSON");
+    all
+}

@@ -306,8 +306,7 @@ fn main() -> ExitCode {
         Command::Schema => {
             println!(
                 "{}",
-                serde_json::to_string_pretty(&netprobe::sinks::ndjson::json_schemas())
-                    .expect("serializable")
+                serde_json::to_string_pretty(&netprobe::json_schemas()).expect("serializable")
             );
             ExitCode::SUCCESS
         }

@@ -331,17 +331,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
         enrichment.push(Box::new(stages::Names(n.clone())));
     }
     if opts.rule_trace {
-        let rt = RuleTrace::start(
-            &scope.attach_in,
-            proto,
-            opts.port,
-            opts.addr,
-            enricher.clone(),
-        )?;
-        let counters = RuleCounters::new(Counted::Legacy);
-        for ns in &scope.attach_in {
-            counters.scope().add_netns(ns)?;
-        }
+        let (rt, counters) = rule_trace(&opts, &scope, proto, enricher.clone())?;
         enrichment.push(Box::new(counters));
         sources.push(Box::new(rt));
     }
@@ -423,6 +413,22 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
         );
     }
     Ok(summary)
+}
+
+/// The nftables trace of the traced port in the scope's namespaces, and the iptables-legacy
+/// counters (legacy rules have no trace).
+fn rule_trace(
+    opts: &TraceOptions,
+    scope: &Scope,
+    proto: Protocol,
+    enricher: Rc<Enricher>,
+) -> Result<(RuleTrace, RuleCounters)> {
+    let rt = RuleTrace::start(&scope.attach_in, proto, opts.port, opts.addr, enricher)?;
+    let counters = RuleCounters::new(Counted::Legacy);
+    for ns in &scope.attach_in {
+        counters.scope().add_netns(ns)?;
+    }
+    Ok((rt, counters))
 }
 
 /// Says on stderr what the trace waits for; returns the progress line's prefix.

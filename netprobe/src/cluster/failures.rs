@@ -1,5 +1,5 @@
 //! `kubectl netprobe failures`: what the agents remember of failed connection attempts and DNS
-//! lookups ([`crate::sinks::failures`]), asked of every agent and merged. Here: the request
+//! lookups ([`crate::cluster::memory`]), asked of every agent and merged. Here: the request
 //! (`GET /v1/failures?since=10m&namespace=N&workload=W`), the typed answer
 //! (`netprobe.failures/v1`), the merge across nodes and the text rendering.
 

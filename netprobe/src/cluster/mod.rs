@@ -14,11 +14,14 @@
 //!   (its own probes and temporary nftables table), whose records become frames and whose
 //!   `--ready-file` (a pipe) becomes the ready frame.
 //! - [`client`]: the laptop's side: pod → node → agent, port-forward, frames → the printer.
+//! - [`failures`] and [`memory`]: `kubectl netprobe failures` — the agent's memory of recent
+//!   failures (a sink fed with its verdicts), served on `/v1/failures`, asked of every agent.
 //! - `crossnode`: when the destination's pods run on other nodes, their agents trace too and
 //!   each attempt's verdicts are joined.
 
 pub mod client;
 mod crossnode;
 pub mod failures;
+pub mod memory;
 pub mod protocol;
 pub mod server;

@@ -27,12 +27,10 @@ use tokio::{
 
 use super::{
     failures::{FAILURES_PATH, FailuresQuery},
+    memory::{SharedFailures, unix_now},
     protocol::{Frame, READY_FD, TRACE_PATH, TraceRequest},
 };
-use crate::{
-    error::{Error, Result},
-    sinks::failures::{SharedFailures, unix_now},
-};
+use crate::error::{Error, Result};
 
 /// Concurrent remote traces per agent (each loads its own probes).
 pub const MAX_CONCURRENT: usize = 4;
@@ -572,7 +570,7 @@ mod tests {
 
     #[tokio::test]
     async fn failures_are_answered_as_typed_json_to_root_only_with_a_strict_query() {
-        let memory = crate::sinks::failures::Failures::shared("node-a".into());
+        let memory = crate::cluster::memory::Failures::shared("node-a".into());
         let mut v = crate::verdict::classify(
             &[],
             ("10.42.0.5".parse().unwrap(), 40000),

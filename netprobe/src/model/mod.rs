@@ -8,6 +8,7 @@ mod outcome;
 mod packet;
 mod peer;
 mod route;
+pub mod stats;
 
 use std::borrow::Cow;
 

@@ -3,7 +3,6 @@
 //! storm control), Prometheus counters, Kubernetes Events. A new sink is one new module that
 //! implements [`Sink`]; the session and the other sinks do not change.
 
-pub mod failures;
 pub mod kube_events;
 pub mod ndjson;
 pub mod prometheus;

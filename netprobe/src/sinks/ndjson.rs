@@ -103,7 +103,6 @@ pub fn json_schemas() -> serde_json::Value {
         crate::verdict::SCHEMA: schemars::schema_for!(Verdict),
         super::SUMMARY_SCHEMA: schemars::schema_for!(Summary),
         super::storm::SUPPRESSED_SCHEMA: schemars::schema_for!(super::storm::Suppressed),
-        crate::cluster::failures::FAILURES_SCHEMA: schemars::schema_for!(crate::cluster::failures::FailuresAnswer),
     })
 }
 

@@ -58,13 +58,13 @@ pub struct Metrics {
     /// of the rate limiter).
     pub kube_events: BTreeMap<&'static str, u64>,
     /// TCP connect() attempts and their failures in the watched namespaces (their TCP MIB).
-    pub tcp_attempts: crate::sources::tcp_opens::TcpMib,
+    pub tcp_attempts: crate::model::stats::TcpMib,
     /// What the verdict engines let go of to stay bounded.
-    pub engine: crate::verdict::EngineStats,
+    pub engine: crate::model::stats::EngineStats,
     /// Flows armed for an nftables trace (rule attribution without a trace running).
-    pub arming: crate::sources::nftrace::armed::ArmStats,
+    pub arming: crate::model::stats::ArmStats,
     /// Rule counter reads after netfilter drops.
-    pub rule_counters: crate::sources::xtables::CounterStats,
+    pub rule_counters: crate::model::stats::CounterStats,
 }
 
 fn label(v: &str) -> String {
@@ -125,21 +125,7 @@ impl Metrics {
                 "netprobe_kube_events_total{{result=\"{result}\"}} {n}\n"
             ));
         }
-        s.push_str("# HELP netprobe_connection_attempts_total TCP connection attempts (connect() calls that sent a SYN) in the watched namespaces, from their TCP MIB (ActiveOpens): healthy attempts are only counted, at no event cost.\n# TYPE netprobe_connection_attempts_total counter\n");
-        s.push_str(&format!(
-            "netprobe_connection_attempts_total {}\n",
-            self.tcp_attempts.active_opens
-        ));
-        s.push_str("# HELP netprobe_tcp_attempt_fails_total TCP attempts the kernel counted as failed in the watched namespaces (TCP MIB AttemptFails).\n# TYPE netprobe_tcp_attempt_fails_total counter\n");
-        s.push_str(&format!(
-            "netprobe_tcp_attempt_fails_total {}\n",
-            self.tcp_attempts.attempt_fails
-        ));
-        s.push_str("# HELP netprobe_verdict_engine_evicted_total Connection attempts the always-on verdict engine let go of to stay bounded: judged_early (too many open at once: the oldest judged with what it had), forgotten_early (too many decided ones remembered).\n# TYPE netprobe_verdict_engine_evicted_total counter\n");
-        s.push_str(&format!(
-            "netprobe_verdict_engine_evicted_total{{reason=\"judged_early\"}} {}\nnetprobe_verdict_engine_evicted_total{{reason=\"forgotten_early\"}} {}\n",
-            self.engine.judged_early, self.engine.forgotten_early
-        ));
+        self.render_engine(&mut s);
         self.render_attribution(&mut s);
         s.push_str("# HELP netprobe_lost_events_total Events the kernel could not queue (ring buffer full).\n# TYPE netprobe_lost_events_total counter\n");
         s.push_str(&format!("netprobe_lost_events_total {}\n", self.lost));
@@ -195,6 +181,25 @@ impl Metrics {
             ));
         }
         s
+    }
+
+    /// Attempts counted without events, and what the verdict engine let go of.
+    fn render_engine(&self, s: &mut String) {
+        s.push_str("# HELP netprobe_connection_attempts_total TCP connection attempts (connect() calls that sent a SYN) in the watched namespaces, from their TCP MIB (ActiveOpens): healthy attempts are only counted, at no event cost.\n# TYPE netprobe_connection_attempts_total counter\n");
+        s.push_str(&format!(
+            "netprobe_connection_attempts_total {}\n",
+            self.tcp_attempts.active_opens
+        ));
+        s.push_str("# HELP netprobe_tcp_attempt_fails_total TCP attempts the kernel counted as failed in the watched namespaces (TCP MIB AttemptFails).\n# TYPE netprobe_tcp_attempt_fails_total counter\n");
+        s.push_str(&format!(
+            "netprobe_tcp_attempt_fails_total {}\n",
+            self.tcp_attempts.attempt_fails
+        ));
+        s.push_str("# HELP netprobe_verdict_engine_evicted_total Connection attempts the always-on verdict engine let go of to stay bounded: judged_early (too many open at once: the oldest judged with what it had), forgotten_early (too many decided ones remembered).\n# TYPE netprobe_verdict_engine_evicted_total counter\n");
+        s.push_str(&format!(
+            "netprobe_verdict_engine_evicted_total{{reason=\"judged_early\"}} {}\nnetprobe_verdict_engine_evicted_total{{reason=\"forgotten_early\"}} {}\n",
+            self.engine.judged_early, self.engine.forgotten_early
+        ));
     }
 
     /// How the agent names rules without a trace: armed flows and rule counter reads.

@@ -7,14 +7,9 @@
 
 use std::collections::HashMap;
 
-use crate::netns::NetnsRef;
+pub use crate::model::stats::TcpMib;
 
-/// The two TCP MIB counters of one namespace.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct TcpMib {
-    pub active_opens: u64,
-    pub attempt_fails: u64,
-}
+use crate::netns::NetnsRef;
 
 /// `Tcp:` header and value lines of /proc/net/snmp → the counters, None if absent.
 pub fn parse_snmp(text: &str) -> Option<TcpMib> {

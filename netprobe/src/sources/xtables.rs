@@ -16,6 +16,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use crate::model::stats::CounterStats;
+
 use crate::{
     attribution::{
         Netfilter,
@@ -46,19 +48,6 @@ pub enum Counted {
     Legacy,
     /// iptables-legacy and nf_tables (the agent, which traces only armed, retried flows).
     All,
-}
-
-/// Counts for `/metrics`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CounterStats {
-    /// Counter reads (one `nft`/`iptables-legacy-save` run per backend).
-    pub reads: u64,
-    /// Drops attributed by counters (reused results included).
-    pub attributed: u64,
-    /// Drops in a read interval that reused the previous result (same destination).
-    pub reused: u64,
-    /// Drops in a read interval left unattributed (another destination).
-    pub skipped: u64,
 }
 
 /// What the counters stage keeps of one namespace.

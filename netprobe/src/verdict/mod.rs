@@ -10,6 +10,8 @@ use std::{
     net::IpAddr,
 };
 
+pub use crate::model::stats::EngineStats;
+
 use serde::{Deserialize, Serialize};
 
 pub use crate::model::{Encap, Endpoint, Outcome, RouteHint};
@@ -182,15 +184,6 @@ pub struct Engine {
     scanned_at: u64,
     pruned_at: u64,
     pub stats: EngineStats,
-}
-
-/// What an always-on engine had to let go of to stay bounded.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct EngineStats {
-    /// Attempts judged early because [`MAX_OPEN`] were open.
-    pub judged_early: u64,
-    /// Decided attempts forgotten early because [`MAX_DONE`] were remembered.
-    pub forgotten_early: u64,
 }
 
 fn flags(e: &Event) -> (bool, bool, bool) {

@@ -19,6 +19,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use crate::model::stats::ArmStats;
+
 use futures::future::LocalBoxFuture;
 use tokio::sync::mpsc;
 
@@ -46,31 +48,6 @@ const DNS_PORT: u16 = 53;
 
 /// Flows armed at once, by default.
 pub const DEFAULT_LIMIT: usize = 32;
-
-/// Counts for `/metrics`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ArmStats {
-    /// Flows armed now.
-    pub armed_now: u64,
-    /// Flows ever armed.
-    pub armed_total: u64,
-    /// Arm requests refused because `limit` flows were armed.
-    pub refused: u64,
-    /// Flows disarmed by the TTL (no traced drop, no verdict).
-    pub expired: u64,
-    /// Armed flows whose next packet was traced to a dropping rule.
-    pub traced: u64,
-    /// Flows not armed because nft refused the change, or the namespace's trace socket could
-    /// not be opened.
-    pub errors: u64,
-    /// Trace socket overruns (the kernel dropped trace messages).
-    pub trace_overruns: u64,
-    /// Longest time one `arm` call kept the session waiting, in µs (the `nft` run itself is
-    /// on the worker thread).
-    pub arm_us_max: u64,
-    /// Longest time one table change (one `nft` run) took on the worker thread, in µs.
-    pub nft_us_max: u64,
-}
 
 /// (netns inode, protocol, client address, client port).
 type FlowKey = (u64, Protocol, IpAddr, u16);

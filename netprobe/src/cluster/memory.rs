@@ -1,4 +1,4 @@
-//! The agent's memory of failures: every failed connection attempt or DNS lookup verdict,
+//! The agent's memory of failures, a sink: every failed connection attempt or DNS lookup verdict,
 //! grouped by client workload → destination (Service, else server workload) and port, outcome
 //! and rule, counted per minute for a window (default 60 min), with the latest verdict of each
 //! group as its example. Served on `/v1/failures` ([`crate::cluster::failures`]).
@@ -14,13 +14,13 @@ use std::{
     time::Duration,
 };
 
-use super::Sink;
+use super::failures::{
+    FailureGroup, FailuresAnswer, FailuresQuery, GroupKey, MinuteCount, NodeReport, Party, RuleRef,
+    minute_of, recent,
+};
 use crate::{
-    cluster::failures::{
-        FailureGroup, FailuresAnswer, FailuresQuery, GroupKey, MinuteCount, NodeReport, Party,
-        RuleRef, minute_of, recent,
-    },
     model::{DnsFailureReason, Endpoint, Named, Peer},
+    sinks::Sink,
     verdict::Verdict,
 };
 

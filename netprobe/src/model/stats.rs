@@ -1,0 +1,56 @@
+//! Counts the pipeline's parts report for `/metrics`: plain data, so that sinks need not know
+//! the sources or the engine that produce them.
+
+/// The two TCP MIB counters of one namespace, or their totals (`sources::tcp_opens`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TcpMib {
+    pub active_opens: u64,
+    pub attempt_fails: u64,
+}
+
+/// Flows armed for an nftables trace (`sources::nftrace::armed`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ArmStats {
+    /// Flows armed now.
+    pub armed_now: u64,
+    /// Flows ever armed.
+    pub armed_total: u64,
+    /// Arm requests refused because `limit` flows were armed.
+    pub refused: u64,
+    /// Flows disarmed by the TTL (no traced drop, no verdict).
+    pub expired: u64,
+    /// Armed flows whose next packet was traced to a dropping rule.
+    pub traced: u64,
+    /// Flows not armed because nft refused the change, or the namespace's trace socket could
+    /// not be opened.
+    pub errors: u64,
+    /// Trace socket overruns (the kernel dropped trace messages).
+    pub trace_overruns: u64,
+    /// Longest time one `arm` call kept the session waiting, in µs (the `nft` run itself is
+    /// on the worker thread).
+    pub arm_us_max: u64,
+    /// Longest time one table change (one `nft` run) took on the worker thread, in µs.
+    pub nft_us_max: u64,
+}
+
+/// Rule counter reads after netfilter drops (`sources::xtables`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterStats {
+    /// Counter reads (one `nft`/`iptables-legacy-save` run per backend).
+    pub reads: u64,
+    /// Drops attributed by counters (reused results included).
+    pub attributed: u64,
+    /// Drops in a read interval that reused the previous result (same destination).
+    pub reused: u64,
+    /// Drops in a read interval left unattributed (another destination).
+    pub skipped: u64,
+}
+
+/// What an always-on engine had to let go of to stay bounded.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Attempts judged early because `verdict::MAX_OPEN` were open.
+    pub judged_early: u64,
+    /// Decided attempts forgotten early because `verdict::MAX_DONE` were remembered.
+    pub forgotten_early: u64,
+}
