@@ -415,6 +415,19 @@ fn drop_storm_of(bench: &mut Bench, bin: &Path, seconds: u64, rss_samples: bool)
     let lost = metrics::sum(&after, "netprobe_lost_events_total", &[]) - lost0;
     let rss_end = rss_mib(agent.id());
     let hwm = proc_status_kib(agent.id(), "VmHWM:") / 1024.0;
+    // What the storm made the agent do besides counting: arm flows for a trace (bounded), read
+    // rule counters (at most every 200 ms), judge attempts (bounded).
+    let armed = |r: &str| metrics::sum(&after, "netprobe_armed_flows_total", &[("result", r)]);
+    let verdict_work = json!({
+        "flows_armed": armed("armed"),
+        "arms_refused_at_bound": armed("refused"),
+        "rule_counter_reads": metrics::sum(&after, "netprobe_rule_counter_reads_total", &[]),
+        "attempts_judged_early": metrics::sum(
+            &after,
+            "netprobe_verdict_engine_evicted_total",
+            &[("reason", "judged_early")]
+        ),
+    });
     stop_agent(agent)?;
     bench.lab.sh(
         &node,
@@ -434,6 +447,7 @@ fn drop_storm_of(bench: &mut Bench, bin: &Path, seconds: u64, rss_samples: bool)
         "agent_rss_end_mib": (rss_end * 10.0).round() / 10.0,
         "agent_rss_peak_mib": (hwm * 10.0).round() / 10.0,
         "program_cost": programs,
+        "verdict_work": verdict_work,
     });
     delays_ms.sort_by(|a, b| a.total_cmp(b));
     let p99 = delays_ms
@@ -872,6 +886,11 @@ fn table(r: &Value) -> String {
     t.push_str(&format!(
         "| kernel-to-agent event delay, max, ms | {} |\n",
         s["event_delay_ms"]["max"]
+    ));
+    let w = &s["verdict_work"];
+    t.push_str(&format!(
+        "| flows armed for a rule trace (bound 32 at once) / arms refused at the bound | {} / {} |\n| rule counter reads (at most one per 200 ms) | {} |\n| attempts judged early (bound: 4096 open) | {} |\n",
+        w["flows_armed"], w["arms_refused_at_bound"], w["rule_counter_reads"], w["attempts_judged_early"]
     ));
     t.push_str("\n| timing | value |\n|---|---|\n");
     t.push_str(&format!(
