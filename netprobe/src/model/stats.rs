@@ -15,7 +15,8 @@ pub struct ArmStats {
     pub armed_now: u64,
     /// Flows ever armed.
     pub armed_total: u64,
-    /// Arm requests refused because `limit` flows were armed.
+    /// Arm requests refused because `limit` flows were armed, or `MAX_ARMS_PER_SECOND` were
+    /// armed this second.
     pub refused: u64,
     /// Flows disarmed by the TTL (no traced drop, no verdict).
     pub expired: u64,

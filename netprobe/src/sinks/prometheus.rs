@@ -209,7 +209,7 @@ impl Metrics {
             "# HELP netprobe_armed_flows Flows armed now for an nftables trace of their next packet (a dropped SYN or DNS query whose retry names the rule).\n# TYPE netprobe_armed_flows gauge\nnetprobe_armed_flows {}\n",
             a.armed_now
         ));
-        s.push_str("# HELP netprobe_armed_flows_total Flows armed (armed), refused because the bound of flows armed at once was reached (refused), disarmed unused after their TTL (expired), traced to the dropping rule (traced), not armed because nft or the trace socket failed (errors).\n# TYPE netprobe_armed_flows_total counter\n");
+        s.push_str("# HELP netprobe_armed_flows_total Flows armed (armed), refused because the bound of flows armed at once (32) or of new flows armed per second (4) was reached (refused), disarmed unused after their TTL (expired), traced to the dropping rule (traced), not armed because nft or the trace socket failed (errors).\n# TYPE netprobe_armed_flows_total counter\n");
         for (result, n) in [
             ("armed", a.armed_total),
             ("refused", a.refused),

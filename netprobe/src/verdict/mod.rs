@@ -6,7 +6,7 @@
 pub mod udp;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     net::IpAddr,
 };
 
@@ -169,7 +169,8 @@ const CONNECT_ERRORS: &[&str] = &["ECONNREFUSED", "EHOSTUNREACH", "ENETUNREACH"]
 pub struct Engine {
     ctx: Context,
     attempts: HashMap<Key, Attempt>,
-    order: Vec<Key>,
+    /// Open attempts, oldest first (each leaves it where it is taken).
+    order: VecDeque<Key>,
     /// Decided attempts (later events of theirs are ignored), with the caller's clock then.
     done: HashMap<Key, u64>,
     /// Kernel socket → process that created the connection (from SYN_SENT in process context).
@@ -199,7 +200,7 @@ impl Engine {
         Self {
             ctx,
             attempts: HashMap::new(),
-            order: Vec::new(),
+            order: VecDeque::new(),
             done: HashMap::new(),
             sock_process: HashMap::new(),
             sock_key: HashMap::new(),
@@ -387,16 +388,18 @@ impl Engine {
         if self.attempts.len() < MAX_OPEN || self.attempts.contains_key(&key) {
             return Vec::new();
         }
-        let Some(&oldest) = self.order.first() else {
-            return Vec::new();
-        };
-        self.stats.judged_early += 1;
-        self.take(oldest, now).into_iter().collect()
+        while let Some(oldest) = self.order.pop_front() {
+            if self.attempts.contains_key(&oldest) {
+                self.stats.judged_early += 1;
+                return self.take(oldest, now).into_iter().collect();
+            }
+        }
+        Vec::new()
     }
 
     fn attempt(&mut self, key: Key, now: u64) -> &mut Attempt {
         self.attempts.entry(key).or_insert_with(|| {
-            self.order.push(key);
+            self.order.push_back(key);
             Attempt {
                 started_at: now,
                 last_at: now,
@@ -486,6 +489,11 @@ impl Engine {
             // An always-on engine must not grow: decided exchanges are forgotten after a while.
             self.done.retain(|_, t| now < *t + 6 * udp::UDP_TIMEOUT_NS);
         }
+        if !ready.is_empty() {
+            // One pass over the order, not one per attempt (an always-on engine has thousands).
+            let taken: HashSet<Key> = ready.iter().copied().collect();
+            self.order.retain(|k| !taken.contains(k));
+        }
         ready
             .into_iter()
             .filter_map(|k| self.take(k, now))
@@ -518,7 +526,7 @@ impl Engine {
 
     /// Everything still open, classified with what was seen (the trace is ending).
     pub fn finish(&mut self) -> Vec<Verdict> {
-        let keys = self.order.clone();
+        let keys: Vec<Key> = self.order.drain(..).collect();
         keys.into_iter()
             .filter_map(|k| self.take(k, u64::MAX))
             .collect()
@@ -526,7 +534,6 @@ impl Engine {
 
     fn take(&mut self, key: Key, now: u64) -> Option<Verdict> {
         let a = self.attempts.remove(&key)?;
-        self.order.retain(|k| *k != key);
         self.done.insert(key, now);
         let mut events = a.events;
         events.sort_by_key(|e| e.time_ns);

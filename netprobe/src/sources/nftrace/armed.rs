@@ -70,7 +70,15 @@ struct State {
     /// Flows already explained (their drop traced, or their verdict out): the client keeps
     /// retransmitting for a while, and each drop must not arm the flow again.
     explained: HashMap<FlowKey, Instant>,
+    /// Arms in the current second: each costs `nft` runs (10–30 ms of CPU), so a storm of
+    /// distinct dropped flows must not turn into a storm of `nft` processes.
+    arms_this_second: (u64, u32),
+    started: Instant,
 }
+
+/// New flows armed per second at most; more are refused (counted with those refused at the
+/// bound). A failure worth a trace is retried: one of its later drops finds room.
+pub const MAX_ARMS_PER_SECOND: u32 = 4;
 
 /// How long an explained flow is not armed again (the kernel retries a SYN for about two
 /// minutes), and how many such flows are remembered at most.
@@ -100,10 +108,15 @@ impl State {
         let Some(ns) = self.namespaces.get_mut(&key.0) else {
             return false;
         };
-        if self.flows.len() >= self.limit {
+        let second = self.started.elapsed().as_secs();
+        if self.arms_this_second.0 != second {
+            self.arms_this_second = (second, 0);
+        }
+        if self.flows.len() >= self.limit || self.arms_this_second.1 >= MAX_ARMS_PER_SECOND {
             self.stats.refused += 1;
             return false;
         }
+        self.arms_this_second.1 += 1;
         let started = Instant::now();
         // Listening before anything is marked, so no message is missed; a namespace where
         // nothing was ever armed costs no reader thread.
@@ -285,6 +298,8 @@ impl ArmedTrace {
             ttl,
             stats: ArmStats::default(),
             explained: HashMap::new(),
+            arms_this_second: (0, 0),
+            started: Instant::now(),
         };
         Self {
             arming: Arming(Rc::new(RefCell::new(state))),
