@@ -889,7 +889,7 @@ fn table(r: &Value) -> String {
     ));
     let w = &s["verdict_work"];
     t.push_str(&format!(
-        "| flows armed for a rule trace (bound 32 at once) / arms refused at the bound | {} / {} |\n| rule counter reads (at most one per 200 ms) | {} |\n| attempts judged early (bound: 4096 open) | {} |\n",
+        "| flows armed for a rule trace (bound: 32 at once, 4 new a second) / arms refused at a bound | {} / {} |\n| rule counter reads (at most one per 200 ms) | {} |\n| attempts judged early (bound: 4096 open) | {} |\n",
         w["flows_armed"], w["arms_refused_at_bound"], w["rule_counter_reads"], w["attempts_judged_early"]
     ));
     t.push_str("\n| timing | value |\n|---|---|\n");
