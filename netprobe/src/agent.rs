@@ -23,6 +23,7 @@ use netprobe_common::{DNS_PORT, Filter, quiet};
 use crate::{
     enrich::{
         Enricher,
+        listeners::Listener,
         names::{PodContext, pod_context},
         stages,
     },
@@ -539,6 +540,15 @@ struct Disarm(Arming);
 
 impl crate::sinks::Sink for Disarm {
     fn verdict(&mut self, v: &crate::verdict::Verdict) -> std::io::Result<()> {
+        // Only a drop in netfilter arms a flow: other verdicts (every healthy lookup) have
+        // nothing to disarm.
+        let in_netfilter = v.netfilter.is_some()
+            || v.drop
+                .as_ref()
+                .is_some_and(|d| d.reason == crate::model::drop_reason::NETFILTER_DROP);
+        if !in_netfilter {
+            return Ok(());
+        }
         let proto = if v.udp.is_some() {
             crate::model::Protocol::Udp
         } else {
@@ -568,24 +578,17 @@ fn judge(
         udp: true,
         listeners: Default::default(),
     });
+    // Read at most once a second per namespace: a client retrying a closed port in a loop
+    // must not cost a namespace switch and a /proc read per refusal.
+    let mut recent: HashMap<u64, (Instant, String, Vec<Listener>)> = HashMap::new();
     let lookup = move |inode: u64| {
-        // A pod that came up since the last tick is looked for at once.
-        let known = present.borrow().get(&inode).cloned();
-        let ns = known.or_else(|| {
-            let ns = netns::veth_peers()
-                .ok()?
-                .into_iter()
-                .find(|n| n.inode == inode)?;
-            present.borrow_mut().insert(inode, ns.clone());
-            Some(ns)
-        })?;
-        let listeners = crate::enrich::listeners::listeners_in(&ns).ok()?;
-        // Named as the events' namespaces are, so the engine finds them.
-        let name = enricher
-            .netns(inode)
-            .name
-            .unwrap_or_else(|| inode.to_string());
-        Some((name, listeners))
+        recent.retain(|_, (at, _, _)| at.elapsed() < Duration::from_secs(1));
+        if let Some((_, name, found)) = recent.get(&inode) {
+            return Some((name.clone(), found.clone()));
+        }
+        let (name, found) = read_listeners(&present, &enricher, inode)?;
+        recent.insert(inode, (Instant::now(), name.clone(), found.clone()));
+        Some((name, found))
     };
     Judge::new(tcp)
         .and(dns)
@@ -593,6 +596,31 @@ fn judge(
         .name_failures_only()
         .with_route_hints()
         .with_listener_lookup(Box::new(lookup))
+}
+
+/// Who listens in namespace `inode` now, and its name as the events carry it.
+fn read_listeners(
+    present: &Namespaces,
+    enricher: &Enricher,
+    inode: u64,
+) -> Option<(String, Vec<Listener>)> {
+    // A pod that came up since the last tick is looked for at once.
+    let known = present.borrow().get(&inode).cloned();
+    let ns = known.or_else(|| {
+        let ns = netns::veth_peers()
+            .ok()?
+            .into_iter()
+            .find(|n| n.inode == inode)?;
+        present.borrow_mut().insert(inode, ns.clone());
+        Some(ns)
+    })?;
+    let listeners = crate::enrich::listeners::listeners_in(&ns).ok()?;
+    // Named as the events' namespaces are, so the engine finds them.
+    let name = enricher
+        .netns(inode)
+        .name
+        .unwrap_or_else(|| inode.to_string());
+    Some((name, listeners))
 }
 
 /// The NDJSON log on stdout (storm-controlled), /metrics, and Kubernetes Events when an API

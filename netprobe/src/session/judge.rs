@@ -92,7 +92,7 @@ impl Judge {
             && let Some((name, found)) = lookup(inode)
         {
             for engine in &mut self.engines {
-                engine.set_listeners(name.clone(), found.clone());
+                engine.listeners_now(name.clone(), found.clone());
             }
         }
         let i = self.engine_for(&e);

@@ -200,9 +200,10 @@ impl RuleCounters {
 /// `nf_hook_slow` (x_tables on kernels that report no reason there).
 fn in_netfilter(e: &Event) -> bool {
     e.kind == Kind::Drop
-        && e.drop
-            .as_ref()
-            .is_some_and(|d| d.reason == "NETFILTER_DROP" || d.location.starts_with("nf_hook_slow"))
+        && e.drop.as_ref().is_some_and(|d| {
+            d.reason == crate::model::drop_reason::NETFILTER_DROP
+                || d.location.starts_with("nf_hook_slow")
+        })
 }
 
 impl Scope {

@@ -220,9 +220,10 @@ impl Engine {
         self.ctx.udp
     }
 
-    /// The listeners of namespace `netns` as they are now (refusals name them).
-    pub fn set_listeners(&mut self, netns: String, listeners: Vec<Listener>) {
-        self.ctx.listeners.insert(netns, listeners);
+    /// The listeners known now: those of namespace `netns`, read at a refusal there (an
+    /// always-on engine keeps no snapshot of every pod's listeners).
+    pub fn listeners_now(&mut self, netns: String, listeners: Vec<Listener>) {
+        self.ctx.listeners = HashMap::from([(netns, listeners)]);
     }
 
     /// From `time_ns` (event time) on, every probe was in place. An attempt with evidence from

@@ -372,7 +372,7 @@ pub fn dropped_attempt(e: &Event) -> Option<(u64, Protocol, (IpAddr, u16))> {
     let by_rule = e.kind == Kind::Drop
         && e.drop
             .as_ref()
-            .is_some_and(|d| d.reason == "NETFILTER_DROP");
+            .is_some_and(|d| d.reason == crate::model::drop_reason::NETFILTER_DROP);
     let attempt = match e.protocol {
         Protocol::Tcp => {
             e.tcp_flags.contains(&TcpFlag::Syn) && !e.tcp_flags.contains(&TcpFlag::Ack)
