@@ -151,7 +151,13 @@ fn ring_buffer_overflow_is_counted_in_metrics_and_trace_output() {
     let lost = metric_sum(&m, "netprobe_lost_events_total", &[]);
     assert_eq!(counted, generated, "every drop counted in the kernel:\n{m}");
     assert!(lost > 0, "a 4 KiB ring must overflow:\n{m}");
-    assert_eq!(delivered + lost, generated, "nothing lost silently:\n{m}");
+    // The lost count covers events of every kind: the lab's own background drops (IPv6
+    // neighbour discovery on new links) may be among them.
+    let background = metric_sum(&m, "netprobe_kernel_drops_total", &[]) - counted;
+    assert!(
+        (generated..=generated + background).contains(&(delivered + lost)),
+        "nothing lost silently ({background} background drops):\n{m}"
+    );
     let (_, _) = stop(agent);
     let st = trace.wait_output(Duration::from_secs(60)).unwrap().status;
     let out = std::fs::read_to_string(dir.join("out")).unwrap();
