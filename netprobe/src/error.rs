@@ -58,6 +58,10 @@ pub enum Error {
         "network namespace `{name}` ({path}) was deleted during the trace (pod deleted or restarted?); what was seen until then is above"
     )]
     NetnsVanished { name: String, path: PathBuf },
+    #[error(
+        "interrupted (SIGINT/SIGTERM) before the trace was in place; what was installed is removed"
+    )]
+    Interrupted,
     #[error("netlink {what} failed")]
     Netlink {
         what: &'static str,

@@ -9,8 +9,15 @@ use netprobe::{probes::check, sinks::Format, trace};
 const EXIT_DIAGNOSED: u8 = 1;
 /// Exit code when the trace ended without any connection attempt.
 const EXIT_NO_ATTEMPT: u8 = 3;
-/// Exit code for usage and environment errors (unknown netns, not root, no BTF, probes failed).
+/// Exit code for usage and environment errors (unknown netns, not root, no BTF, probes failed,
+/// a traced namespace deleted mid-trace).
 const EXIT_USAGE: u8 = 2;
+/// Exit code when SIGINT/SIGTERM stopped a trace before it was in place (128 + SIGINT, as a
+/// shell reports Ctrl-C); what it had installed is removed.
+const EXIT_INTERRUPTED: u8 = 130;
+/// The longest `--duration`: a trace runs until Ctrl-C without one; longer ones are typos that
+/// would otherwise overflow the clock.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 #[derive(Parser)]
 #[command(
@@ -40,7 +47,9 @@ enum Command {
     /// Follow connection attempts to a port and print one verdict per attempt: connected,
     /// refused (no listener / by a rule), dropped (by a rule / by the kernel), reset, timed out —
     /// with the timeline, the rule and its owner, and what to check next. Exit 0 all connected,
-    /// 1 a failure was diagnosed, 2 usage/environment error, 3 no attempt seen.
+    /// 1 a failure was diagnosed, 2 usage/environment error (also: a traced namespace, e.g. the
+    /// --pod's, deleted mid-trace), 3 no attempt seen, 130 interrupted (SIGINT/SIGTERM) before
+    /// the trace was in place (what it had installed is removed).
     /// With --events, print every SYN, SYN-ACK, RST, ICMP unreachable, drop, reset, retransmit,
     /// state change, socket error and netfilter rule hit instead.
     ///
@@ -152,7 +161,7 @@ struct TraceArgs {
     /// Example: --netns cni-1234abcd
     #[arg(long = "netns", value_name = "NAME|PATH")]
     netns: Vec<String>,
-    /// Stop after this long (e.g. 30s, 500ms, 2m); default: until Ctrl-C.
+    /// Stop after this long (e.g. 30s, 500ms, 2m; at most 365 days); default: until Ctrl-C.
     #[arg(short, long, visible_alias = "timeout", value_parser = parse_duration)]
     duration: Option<Duration>,
     /// text: a block per verdict (a line per event with --events); json: one JSON object
@@ -287,7 +296,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         }
     };
     // A negative, NaN or astronomically large duration is a usage error, not a panic.
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("duration `{s}` is out of range"))
+    let out_of_range = || format!("duration `{s}` is out of range (at most 365 days)");
+    let d = Duration::try_from_secs_f64(secs).map_err(|_| out_of_range())?;
+    if d > MAX_DURATION {
+        return Err(out_of_range());
+    }
+    Ok(d)
 }
 
 /// The single-threaded runtime every command runs on; `None` (after saying why) if it can't start.
@@ -316,10 +330,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// An error at the edge: printed whole (with its causes), exit 2.
+/// An error at the edge: printed whole (with its causes), exit 2 (130 when interrupted).
 fn failed(e: netprobe::Error) -> ExitCode {
+    let code = if matches!(e, netprobe::Error::Interrupted) {
+        EXIT_INTERRUPTED
+    } else {
+        EXIT_USAGE
+    };
     eprintln!("netprobe: {:#}", anyhow::Error::from(e));
-    ExitCode::from(EXIT_USAGE)
+    ExitCode::from(code)
 }
 
 fn agent(a: AgentArgs) -> ExitCode {
@@ -498,6 +517,14 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("1e300s").is_err(), "an error, not a panic");
         assert!(parse_duration("99999999999999999999h").is_err());
+        // Fits a Duration, overflows Instant + Duration: refused before anything starts.
+        assert!(parse_duration("99999999999h").is_err());
+        assert!(parse_duration("9000000h").is_err());
+        assert_eq!(parse_duration("8760h").unwrap(), MAX_DURATION);
+        let parse =
+            |d: &str| Cli::try_parse_from(["netprobe", "trace", "--port", "1", "--timeout", d]);
+        assert!(parse("99999999999h").is_err());
+        assert!(parse("1h").is_ok());
         assert_eq!(parse_ring_kib("4096").unwrap(), 4096);
         assert!(parse_ring_kib("3").is_err());
         assert!(parse_ring_kib("1000").is_err());

@@ -171,6 +171,7 @@ fn attach_tc(
     scope: &Scope,
     probes: &mut Probes,
     enricher: &Enricher,
+    signals: &Signals,
 ) -> Result<Vec<String>> {
     probes.set_netns_filter(&scope.all.iter().map(|n| n.inode).collect::<Vec<_>>())?;
     for ns in &scope.all {
@@ -184,6 +185,7 @@ fn attach_tc(
         crate::probes::leftovers::remove_orphans_in(ns)?;
     }
     for (i, ns) in scope.attach_in.iter().enumerate() {
+        signals.check()?;
         // lo has ifindex 1 in every namespace: with a pod's namespace attached too, the node's lo
         // is left out so that tc events on lo name their namespace unambiguously.
         let skip_lo = opts.pod.is_some() && scope.attach_in.len() > 1 && i == 0;
@@ -297,48 +299,66 @@ impl Housekeeping for TraceHousekeeping {
     }
 }
 
-/// Runs a trace until `duration`, Ctrl-C or SIGTERM; prints events to `out` as they arrive and
-/// a summary at the end.
-pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
-    require_root()?;
-    let signals = Signals::install()?;
-    let kbtf = KernelBtf::load()?;
+/// What a trace installed, ready to run: everything in it is removed when it is dropped (tc
+/// filters with the probes, the rule-trace tables with their source).
+struct Installed {
+    names: Option<Rc<RefCell<PodContext>>>,
+    scope: Scope,
+    enricher: Rc<Enricher>,
+    probes: Probes,
+    interfaces: Vec<String>,
+    sources: Vec<Box<dyn Source>>,
+    stages: Vec<Box<dyn Stage>>,
+    engine: Engine,
+}
+
+/// Resolves the scope, loads and attaches the probes and installs the rule trace. A signal
+/// stops it at the next step (`Interrupted`), what was installed by then going with the drops.
+async fn install(opts: &TraceOptions, signals: &mut Signals) -> Result<Installed> {
+    let kbtf = signals.step(KernelBtf::load())?;
     let current = NetnsRef::current()?;
-    let names = pod_context(
-        opts.pod.is_some() || opts.from_pod.is_some(),
-        opts.node_name.as_deref(),
-        opts.from_pod.as_deref(),
-        &current,
-    )
-    .await?
-    .map(|p| Rc::new(RefCell::new(p)));
-    let scope = Scope::resolve(
-        &opts,
+    // The one step that waits on someone else (up to 15 s for an API server that does not
+    // answer): a signal ends the wait.
+    let names = signals
+        .interruptible(pod_context(
+            opts.pod.is_some() || opts.from_pod.is_some(),
+            opts.node_name.as_deref(),
+            opts.from_pod.as_deref(),
+            &current,
+        ))
+        .await?
+        .map(|p| Rc::new(RefCell::new(p)));
+    let scope = signals.step(Scope::resolve(
+        opts,
         names.as_ref().map(|n| n.borrow()).as_deref(),
         current,
-    )?;
+    ))?;
     let enricher = Rc::new(Enricher::new(&kbtf)?);
-    let mut probes = Probes::load_with_ring(&kbtf, filter_for(&opts), opts.ring_bytes)?;
-    let interfaces = attach_tc(&opts, &scope, &mut probes, &enricher)?;
-    let proto = if opts.udp {
-        Protocol::Udp
-    } else {
-        Protocol::Tcp
-    };
+    let mut probes = signals.step(Probes::load_with_ring(
+        &kbtf,
+        filter_for(opts),
+        opts.ring_bytes,
+    ))?;
+    let interfaces = signals.step(attach_tc(opts, &scope, &mut probes, &enricher, signals))?;
     let mut sources: Vec<Box<dyn Source>> = Vec::new();
-    let mut enrichment: Vec<Box<dyn Stage>> = Vec::new();
+    let mut stages: Vec<Box<dyn Stage>> = Vec::new();
     if let Some(n) = &names {
-        enrichment.push(Box::new(stages::Names(n.clone())));
+        stages.push(Box::new(stages::Names(n.clone())));
     }
     if opts.rule_trace {
-        let (rt, counters) = rule_trace(&opts, &scope, proto, enricher.clone())?;
-        enrichment.push(Box::new(counters));
+        let proto = if opts.udp {
+            Protocol::Udp
+        } else {
+            Protocol::Tcp
+        };
+        let (rt, counters) = signals.step(rule_trace(opts, &scope, proto, enricher.clone()))?;
+        stages.push(Box::new(counters));
         sources.push(Box::new(rt));
     }
     // The tracepoints last: an attempt whose connect() (SYN_SENT) they see began after the tc
     // programs and the rule trace were in place, so nothing of it was missed. Attempts already
     // under way are not judged (see verdict::began_before_the_trace).
-    probes.attach_tracepoints(kbtf.aya())?;
+    signals.step(probes.attach_tracepoints(kbtf.aya()))?;
     let mut engine = Engine::new(Context {
         port: opts.port,
         udp: opts.udp,
@@ -347,17 +367,36 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     engine.armed_at(enricher.now_ns());
     let ring = RingSource::new(EventReader::new(probes.take_events()?)?, enricher.clone());
     sources.insert(0, Box::new(ring));
+    Ok(Installed {
+        names,
+        scope,
+        enricher,
+        probes,
+        interfaces,
+        sources,
+        stages,
+        engine,
+    })
+}
+
+/// Runs a trace until `duration`, Ctrl-C or SIGTERM; prints events to `out` as they arrive and
+/// a summary at the end. A signal before everything is in place: `Interrupted`, nothing left.
+pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
+    require_root()?;
+    let mut signals = Signals::install()?;
+    let installed = install(&opts, &mut signals).await?;
+    let (names, scope, enricher) = (installed.names, installed.scope, installed.enricher);
     if let Some(path) = &opts.ready_file {
         std::fs::write(path, b"ready\n")
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     }
-    let waiting = announce(&opts, &scope, &interfaces);
+    let waiting = announce(&opts, &scope, &installed.interfaces);
     let judge = (!opts.events).then(|| {
-        Judge::new(engine)
+        Judge::new(installed.engine)
             .with_names(names.clone())
             .with_route_hints()
     });
-    let probes = Rc::new(RefCell::new(probes));
+    let probes = Rc::new(RefCell::new(installed.probes));
     let follow = (opts.netns.is_empty() && opts.pod.is_none())
         .then(|| (scope.all[0].clone(), probes.clone()));
     let progress = (opts.format == Format::Text
@@ -365,9 +404,9 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
         && std::io::IsTerminal::is_terminal(&std::io::stderr()))
     .then_some(waiting);
     let mut session = Session {
-        sources,
+        sources: installed.sources,
         route: |_| Route::ALL,
-        stages: enrichment,
+        stages: installed.stages,
         judge,
         sinks: sinks(&opts, out)?,
         housekeeping: Box::new(TraceHousekeeping {
@@ -386,11 +425,28 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     };
     let ended = session.run().await?;
     let mut summary = Summary::new();
-    summary.interfaces = interfaces;
+    summary.interfaces = installed.interfaces;
     session.summarize(&mut summary);
     // Drops the sources (the rule-trace table goes) and the housekeeping's hold on the probes.
     let mut sinks = session.into_sinks();
-    let mut probes = probes.borrow_mut();
+    finish(
+        ended,
+        &mut sinks,
+        summary,
+        &mut probes.borrow_mut(),
+        &enricher,
+    )
+}
+
+/// The kernel's counts into the summary, the tc programs detached, the summary written
+/// (unless the output is gone or the scope ended the trace with an error).
+fn finish(
+    ended: Ended,
+    sinks: &mut Sinks<'_>,
+    mut summary: Summary,
+    probes: &mut Probes,
+    enricher: &Enricher,
+) -> Result<Summary> {
     let counters = probes.counters()?;
     probes.detach_tc();
     summary.lost = counters.lost;
@@ -403,7 +459,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
         Ended::Scope(e) => return Err(e),
         Ended::OutputGone(_) => {}
         _ => {
-            let _ = crate::sinks::Sink::finish(&mut sinks, &summary);
+            let _ = crate::sinks::Sink::finish(sinks, &summary);
         }
     }
     if summary.lost > 0 {

@@ -438,3 +438,60 @@ fn clsact_filters_of_a_killed_netprobe_are_removed_at_next_start_and_live_ones_k
     let _ = live.finish_with_code(3);
     assert_eq!(ours(&lab), 0);
 }
+
+/// `trace --pod` whose pod's network namespace is deleted mid-trace (the pod is deleted): the
+/// message says so and the exit code is 2, as for `--netns` (it used to be 0 with `--pod`).
+#[test]
+fn pod_trace_whose_pod_namespace_vanishes_exits_non_zero() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("podgone").unwrap();
+    let (p, _kube, kubeconfig) = support::published_pod(&mut lab, "gone-1", "10.42.0.94");
+    let trace = support::start_verdict_trace_env(
+        lab.node(),
+        &[
+            "--pod",
+            "gone-1",
+            "-n",
+            "default",
+            "--port",
+            "9500",
+            "--node-name",
+            "lab-node",
+            "--duration",
+            "30s",
+        ],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let t = Instant::now();
+    lab.remove_pod(&p).unwrap();
+    let stderr = trace.finish_error(2);
+    assert!(t.elapsed() < Duration::from_secs(10), "noticed promptly");
+    assert!(stderr.contains("was deleted during the trace"), "{stderr}");
+    let left = support::netprobe_tables(&lab, lab.node());
+    assert!(left.is_empty(), "{left:?}");
+    let _ = std::fs::remove_file(kubeconfig);
+}
+
+/// Durations too large for the clock (`Instant + Duration` overflows) are a usage error, not a
+/// panic: `--duration` / `--timeout` are at most 365 days.
+#[test]
+fn a_huge_duration_is_a_clear_error_not_a_panic() {
+    netprobe_lab::require_root();
+    let lab = Lab::new("hugedur").unwrap();
+    for d in ["99999999999h", "18446744073709551615s", "9000000h"] {
+        for flag in ["--duration", "--timeout"] {
+            let out = Command::new("ip")
+                .args(["netns", "exec", lab.node()])
+                .arg(support::netprobe_bin())
+                .args(["trace", "--port", "9500", flag, d])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{flag} {d}: {stderr}");
+            assert!(
+                !stderr.contains("panicked") && stderr.contains("at most 365 days"),
+                "{flag} {d}: {stderr}"
+            );
+        }
+    }
+}

@@ -330,3 +330,55 @@ pub fn assert_schema_valid(records: &[Value]) {
         );
     }
 }
+
+/// Adds pod `default/NAME` at `ip` to `lab` and publishes it (one container `c` declaring port
+/// 9500) in the API stand-in, which listens in the node namespace; the kubeconfig is removed
+/// by the caller.
+pub fn published_pod(
+    lab: &mut netprobe_lab::Lab,
+    name: &str,
+    ip: &str,
+) -> (netprobe_lab::Pod, netprobe_lab::kubeapi::FakeKube, PathBuf) {
+    let p = lab.add_pod("default", name, ip.parse().unwrap()).unwrap();
+    let (kube, kubeconfig) = kube_api(lab);
+    publish_pod(&kube, &p);
+    (p, kube, kubeconfig)
+}
+
+/// Publishes a lab pod on `lab-node` (one container `c` declaring port 9500).
+pub fn publish_pod(kube: &netprobe_lab::kubeapi::FakeKube, p: &netprobe_lab::Pod) {
+    use netprobe_lab::kubeapi::{Kind, pod};
+    let obj = pod(
+        &p.namespace,
+        &p.name,
+        "lab-node",
+        &p.ip.to_string(),
+        &[("c", "c1c1c1c1c1c1c1c1", &[9500])],
+    );
+    kube.apply(Kind::Pod, obj);
+}
+
+/// What netprobe may leave in `netns`: its nft tables (`netprobe_…`) and the BPF tc filters on
+/// the clsact hooks of every interface (anybody's: `tc filter show` lines).
+pub fn netprobe_tables(lab: &netprobe_lab::Lab, netns: &str) -> Vec<String> {
+    lab.sh(netns, "nft list tables")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("netprobe"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The BPF tc filters in `netns` (every interface, both clsact hooks), as `tc` prints them.
+pub fn bpf_filters(lab: &netprobe_lab::Lab, netns: &str) -> Vec<String> {
+    lab.sh(
+        netns,
+        "for d in $(ls /sys/class/net); do tc filter show dev $d ingress; \
+         tc filter show dev $d egress; done 2>/dev/null || true",
+    )
+    .unwrap()
+    .lines()
+    .filter(|l| l.contains(" bpf ") && l.contains(" id "))
+    .map(str::to_string)
+    .collect()
+}

@@ -381,3 +381,117 @@ fn check_reports_required_hooks_available() {
         "{names:?}"
     );
 }
+
+/// What netprobe left in `netns`: its nft tables and the BPF tc filters on any interface.
+fn netprobe_leftovers(lab: &Lab, netns: &str) -> Vec<String> {
+    let mut left = support::netprobe_tables(lab, netns);
+    left.extend(support::bpf_filters(lab, netns));
+    left
+}
+
+/// Installation steps of a `trace --pod` in clsact mode (filters outlive the process) at which
+/// the test interrupts it: the condition that says the step is reached.
+enum Step {
+    /// Still waiting for the inventory (the API server answers nothing).
+    Inventory,
+    /// The first tc filter is attached (node namespace), no table yet.
+    FirstFilter,
+    /// The rule-trace table is in the node namespace.
+    NodeTable,
+    /// The rule-trace table is in the pod namespace too.
+    PodTable,
+}
+
+/// SIGINT or SIGTERM while `trace --pod` is still installing (issue #15 point 3): it stops
+/// promptly — also while it waits for the API server — and leaves no nft table and no tc filter
+/// in the node's or the pod's namespace, whichever step it was at. Exit 130 when interrupted
+/// before the trace was in place (3 when it was just in place: no attempt seen).
+#[test]
+fn a_signal_during_installation_removes_everything_in_every_namespace() {
+    use std::os::unix::process::CommandExt;
+
+    use netprobe_lab::process::{Signal, signal};
+    let mut lab = Lab::new("siginst").unwrap();
+    let (p, kube, kubeconfig) = support::published_pod(&mut lab, "sig-0", "10.42.0.91");
+    // (step, signal, to the whole process group as a terminal's Ctrl-C: nft children too)
+    let steps = [
+        (Step::Inventory, Signal::Int, false),
+        (Step::FirstFilter, Signal::Int, false),
+        (Step::NodeTable, Signal::Term, false),
+        (Step::PodTable, Signal::Int, false),
+        (Step::FirstFilter, Signal::Int, true),
+        (Step::NodeTable, Signal::Int, true),
+    ];
+    for (step, sig, group) in steps {
+        kube.set_down(matches!(step, Step::Inventory));
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", lab.node()])
+            .arg(support::netprobe_bin())
+            .args(["trace", "--pod", "sig-0", "-n", "default", "--port", "9500"])
+            .args(["--node-name", "lab-node", "--duration", "60s", "-o", "json"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("NETPROBE_TC_MODE", "clsact")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let reached = |lab: &Lab| match step {
+            Step::Inventory => true,
+            Step::FirstFilter => !netprobe_leftovers(lab, lab.node()).is_empty(),
+            Step::NodeTable => lab
+                .sh(lab.node(), "nft list tables")
+                .unwrap()
+                .contains("netprobe"),
+            Step::PodTable => lab
+                .sh(&p.netns, "nft list tables")
+                .unwrap()
+                .contains("netprobe"),
+        };
+        let start = std::time::Instant::now();
+        if matches!(step, Step::Inventory) {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        while !reached(&lab) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30) && child.try_wait().unwrap().is_none(),
+                "step never reached"
+            );
+        }
+        if group {
+            netprobe_lab::process::signal_group(child.id(), sig).unwrap();
+        } else {
+            signal(child.id(), sig).unwrap();
+        }
+        let sent = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                sent.elapsed() < Duration::from_secs(5),
+                "still running 5 s after the signal"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(
+            matches!(status.code(), Some(130) | Some(3)),
+            "exit {status}: {stderr}"
+        );
+        if matches!(step, Step::Inventory) {
+            assert_eq!(
+                status.code(),
+                Some(130),
+                "interrupted while installing: {stderr}"
+            );
+        }
+        for ns in [lab.node(), p.netns.as_str()] {
+            let left = netprobe_leftovers(&lab, ns);
+            assert!(left.is_empty(), "left in {ns}: {left:?}\n{stderr}");
+        }
+    }
+    kube.set_down(false);
+    let _ = std::fs::remove_file(kubeconfig);
+}

@@ -102,7 +102,13 @@ impl TraceTable {
         let script = table_script(&name, proto, port, addr);
         netns.run(|| {
             remove_stale();
-            run_script(&script, &format!("installing trace table {name}"))
+            let r = run_script(&script, &format!("installing trace table {name}"));
+            if r.is_err() {
+                // nft killed after its commit (a terminal's Ctrl-C reaches the whole process
+                // group) would leave the table with no owner to remove it.
+                let _ = nft("", &["delete", "table", "inet", &name]);
+            }
+            r
         })??;
         Ok(Self {
             netns: netns.clone(),

@@ -100,22 +100,69 @@ pub struct Stats {
 }
 
 /// SIGINT and SIGTERM, listened to from the moment a front-end starts: a signal that arrives
-/// while probes and tables are still being installed ends the session as soon as it starts,
+/// while probes and tables are still being installed stops the installation at its next step
+/// ([`Signals::check`], [`Signals::interruptible`]) or ends the session as soon as it starts,
 /// and everything installed is removed on the way out.
 pub struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
+    /// Set by the signal handler itself: synchronous install steps run without polling the
+    /// runtime, so the streams above would only see the signal once they finish.
+    arrived: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Signals {
     pub fn install() -> Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
+        let arrived = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            let flag = arrived.clone();
+            // SAFETY: the action only stores to an atomic, which is async-signal-safe; the
+            // registry chains it with tokio's own action for the same signal.
+            unsafe {
+                signal_hook_registry::register(sig, move || {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst)
+                })
+            }
+            .map_err(|e| Error::io("installing the signal flag", e))?;
+        }
         Ok(Self {
             int: signal(SignalKind::interrupt())
                 .map_err(|e| Error::io("installing the SIGINT handler", e))?,
             term: signal(SignalKind::terminate())
                 .map_err(|e| Error::io("installing the SIGTERM handler", e))?,
+            arrived,
         })
+    }
+
+    /// Has SIGINT or SIGTERM arrived since [`Signals::install`]?
+    pub fn arrived(&self) -> bool {
+        self.arrived.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Between install steps: `Err(Interrupted)` once a signal arrived.
+    pub fn check(&self) -> Result<()> {
+        if self.arrived() {
+            return Err(Error::Interrupted);
+        }
+        Ok(())
+    }
+
+    /// What an install step returns, as `Interrupted` when a signal came first or while it ran
+    /// (a failure then, e.g. a child process killed by the terminal's Ctrl-C, is the signal's).
+    pub fn step<T>(&self, r: Result<T>) -> Result<T> {
+        self.check()?;
+        r
+    }
+
+    /// Waits for `f` unless a signal arrives first (e.g. the inventory of an API server that
+    /// does not answer): `Interrupted` then, at once.
+    pub async fn interruptible<T>(&mut self, f: impl Future<Output = Result<T>>) -> Result<T> {
+        self.check()?;
+        tokio::select! {
+            r = f => self.step(r),
+            () = self.recv() => Err(Error::Interrupted),
+        }
     }
 
     async fn recv(&mut self) {
@@ -171,7 +218,11 @@ impl<'a> Session<'a> {
     /// source, a gone output or the housekeeping's word. Returns why it ended.
     pub async fn run(&mut self) -> Result<Ended> {
         let mut tick = tokio::time::interval(self.tick);
-        let deadline = self.deadline.map(|d| tokio::time::Instant::now() + d);
+        // A deadline beyond what the clock can hold is never reached: no deadline (the CLI refuses
+        // such durations; this keeps a library caller from a panic).
+        let deadline = self
+            .deadline
+            .and_then(|d| tokio::time::Instant::now().checked_add(d));
         let mut exhausted = vec![false; self.sources.len()];
         let ended = loop {
             let wake = tokio::select! {
