@@ -236,6 +236,9 @@ impl AgentHousekeeping {
         if self.scope.insert(ns.inode) {
             self.probes.borrow_mut().set_netns_filter(&[ns.inode])?;
             self.enricher.add_netns(ns.inode, &ns.name);
+            // Off the loop: listing its tables runs nft (tens of ms), per new pod.
+            let ns = ns.clone();
+            std::thread::spawn(move || clean_pod_leftovers(&ns));
         }
         Ok(())
     }
@@ -342,16 +345,32 @@ struct Attached {
     missing: Vec<(String, String)>,
 }
 
+/// Leftovers of a killed `trace --pod` in a pod's namespace: its `netprobe_<pid>` table and,
+/// in clsact mode, its tc filters. A pod namespace may vanish meanwhile: said, not fatal.
+fn clean_pod_leftovers(ns: &NetnsRef) {
+    let cleaned = crate::probes::nft_trace::remove_stale_in(ns)
+        .and_then(|()| crate::probes::leftovers::remove_orphans_in(ns));
+    if let Err(e) = cleaned {
+        eprintln!(
+            "netprobe agent: cannot clean leftovers in netns {}: {e}",
+            ns.name
+        );
+    }
+}
+
 fn attach(node: &NetnsRef, ring_bytes: u32) -> Result<Attached> {
     let kbtf = KernelBtf::load()?;
-    // Leftovers of traces whose process was killed (the agent's own remote traces included).
+    // Leftovers of traces whose process was killed (the agent's own remote traces included),
+    // in the node's namespace and in every pod's (a `trace --pod` installs in both).
     crate::probes::nft_trace::remove_stale_in(node)?;
     crate::probes::leftovers::remove_orphans_in(node)?;
+    let pods = netns::veth_peers()?;
+    pods.iter().for_each(clean_pod_leftovers);
     let enricher = Enricher::new(&kbtf)?;
     // Every port; the namespace filter keeps the host's other namespaces out.
     let mut probes = load(&kbtf, ring_bytes)?;
     let mut scope = HashSet::new();
-    for ns in std::iter::once(node.clone()).chain(netns::veth_peers()?) {
+    for ns in std::iter::once(node.clone()).chain(pods) {
         if scope.insert(ns.inode) {
             probes.set_netns_filter(&[ns.inode])?;
             enricher.add_netns(ns.inode, &ns.name);

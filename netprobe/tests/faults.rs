@@ -439,6 +439,108 @@ fn clsact_filters_of_a_killed_netprobe_are_removed_at_next_start_and_live_ones_k
     assert_eq!(ours(&lab), 0);
 }
 
+/// A program that is not netprobe's but carries the name of its ingress program: `tc_ingress`,
+/// returning TC_ACT_UNSPEC, with no map (assembled with llvm-mc into `dir`).
+fn foreign_tc_ingress_object(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = dir.join("foreign.s");
+    let obj = dir.join("foreign.o");
+    std::fs::write(
+        &src,
+        "\t.section \"classifier\",\"ax\"\n\t.globl tc_ingress\n\t.type tc_ingress,@function\n\
+         tc_ingress:\n\tr0 = -1\n\texit\n\t.size tc_ingress, .-tc_ingress\n\
+         \t.section \"license\",\"aw\"\n_license:\n\t.asciz \"GPL\"\n",
+    )
+    .unwrap();
+    let mc = ["llvm-mc", "/usr/lib/llvm-22/bin/llvm-mc"]
+        .into_iter()
+        .find(|m| Command::new(m).arg("--version").output().is_ok())
+        .expect("llvm-mc (the LLVM the toolchain route installs)");
+    let st = Command::new(mc)
+        .args(["-triple", "bpfel", "-filetype=obj"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&obj)
+        .status()
+        .unwrap();
+    assert!(st.success(), "assembling the foreign program");
+    obj
+}
+
+/// A SIGKILLed `trace --pod` in clsact mode (pre-6.6 kernels) leaves its tc filters and its
+/// `netprobe_<pid>` table in the pod's namespace as well as the node's. The agent's start
+/// removes both in both namespaces; a foreign clsact filter whose program is also named
+/// `tc_ingress` (not netprobe's: none of netprobe's maps) and held by no process stays.
+#[test]
+fn agent_start_cleans_a_killed_pod_trace_in_the_pod_namespace_and_keeps_foreign_filters() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("podleft").unwrap();
+    let (p, _kube, kubeconfig) = support::published_pod(&mut lab, "left-0", "10.42.0.93");
+    let env = [
+        ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+        ("NETPROBE_TC_MODE", "clsact"),
+    ];
+    let args = ["--pod", "left-0", "-n", "default", "--port", "9500"];
+    let trace = support::start_verdict_trace_env(
+        lab.node(),
+        &[&args[..], &["--node-name", "lab-node", "--duration", "60s"]].concat(),
+        &env,
+    );
+    trace.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    let pod_filters = support::bpf_filters(&lab, &p.netns);
+    assert!(
+        !support::netprobe_tables(&lab, &p.netns).is_empty(),
+        "the killed trace left its table in the pod"
+    );
+    assert!(
+        pod_filters.iter().any(|f| f.contains("name tc_ingress"))
+            && pod_filters.iter().any(|f| f.contains("name tc_egress")),
+        "the killed trace left its filters in the pod: {pod_filters:?}"
+    );
+    let dir = std::env::temp_dir().join(format!("netprobe-foreign-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let obj = foreign_tc_ingress_object(&dir);
+    lab.sh(
+        &p.netns,
+        &format!(
+            "tc filter add dev eth0 ingress pref 7 bpf da obj {} sec classifier",
+            obj.display()
+        ),
+    )
+    .unwrap();
+    let foreign: Vec<String> = support::bpf_filters(&lab, &p.netns)
+        .into_iter()
+        .filter(|f| f.contains("foreign.o"))
+        .collect();
+    assert!(
+        foreign.len() == 1 && foreign[0].contains("name tc_ingress"),
+        "{foreign:?}"
+    );
+
+    let agent = support::start_agent(lab.node(), &[], &[], false);
+    for ns in [p.netns.as_str(), lab.node()] {
+        let left = support::netprobe_tables(&lab, ns);
+        assert!(left.is_empty(), "tables left in {ns}: {left:?}");
+    }
+    assert_eq!(
+        support::bpf_filters(&lab, &p.netns),
+        foreign,
+        "only the foreign filter is left in the pod"
+    );
+    assert!(
+        support::bpf_filters(&lab, lab.node()).is_empty(),
+        "node: {:?}",
+        support::bpf_filters(&lab, lab.node())
+    );
+    let (_, stderr) = stop(agent);
+    assert!(
+        stderr.contains("tc filter(s) a killed netprobe left on"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_file(kubeconfig);
+}
+
 /// `trace --pod` whose pod's network namespace is deleted mid-trace (the pod is deleted): the
 /// message says so and the exit code is 2, as for `--netns` (it used to be 0 with `--pod`).
 #[test]

@@ -1,8 +1,11 @@
 //! tc filters a SIGKILLed netprobe left behind. On kernels before 6.6 netprobe attaches with a
 //! clsact qdisc and netlink filters, which outlive their process (tcx links do not). At start,
-//! a filter running a `tc_ingress`/`tc_egress` program that no live process holds (no fd on
-//! the program anywhere in /proc) is an orphan of netprobe and is deleted. Filters of live
-//! netprobe processes (another trace, the agent) and everybody else's stay.
+//! a filter is an orphan of netprobe when its program is netprobe's — named `tc_ingress` or
+//! `tc_egress` **and** using netprobe's maps (`EVENTS`, `COUNTERS`, `LAST_WAKEUP`: the kernel
+//! keeps each program's map ids, and each map's name) — and no live process holds it (no fd on the program
+//! anywhere in /proc). Orphans are deleted. Filters of live netprobe processes (another trace,
+//! the agent), and everybody else's — another tool's program called `tc_ingress` included —
+//! stay.
 
 use std::collections::HashSet;
 
@@ -25,6 +28,11 @@ const TCA_BPF_ID: u16 = 11;
 const CLSACT_PARENTS: [u32; 2] = [0xFFFF_FFF2, 0xFFFF_FFF3];
 /// The names netprobe's programs carry (netprobe-ebpf's tc entry points).
 const OURS: [&str; 2] = ["tc_ingress", "tc_egress"];
+/// Maps every netprobe tc program uses, by the names the kernel keeps (the statics of
+/// netprobe-ebpf's `emit`: the ring buffer, the per-CPU counters, the wakeup clock). A name
+/// alone is a weak mark (any tool may call its classifier `tc_ingress`); a program with all
+/// three is netprobe's.
+const OUR_MAPS: [&str; 3] = ["EVENTS", "COUNTERS", "LAST_WAKEUP"];
 
 /// A tc filter running a BPF program.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,17 +146,56 @@ fn held_program_ids() -> HashSet<u32> {
     ids
 }
 
+/// Does a program using the maps `map_names` look like netprobe's?
+fn uses_our_maps<'a>(map_names: impl IntoIterator<Item = &'a str>) -> bool {
+    let names: HashSet<&str> = map_names.into_iter().collect();
+    OUR_MAPS.iter().all(|m| names.contains(m))
+}
+
+/// The names of the maps program `prog_id` uses; `None` if it is gone or unreadable.
+fn map_names_of(prog_id: u32, programs: &[aya::programs::ProgramInfo]) -> Option<Vec<String>> {
+    let info = programs.iter().find(|p| p.id() == prog_id)?;
+    let ids = info.map_ids().ok()??;
+    Some(
+        ids.into_iter()
+            .filter_map(|id| aya::maps::MapInfo::from_id(id).ok())
+            .filter_map(|m| m.name_as_str().map(str::to_string))
+            .collect(),
+    )
+}
+
+/// Of `candidates` (filters named like netprobe's), those running netprobe's programs.
+fn netprobes(candidates: Vec<BpfFilter>) -> Vec<BpfFilter> {
+    if candidates.is_empty() {
+        return candidates;
+    }
+    // One pass over the loaded programs (ids → info) for all candidates.
+    let ids: HashSet<u32> = candidates.iter().map(|f| f.prog_id).collect();
+    let programs: Vec<_> = aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| ids.contains(&p.id()))
+        .collect();
+    candidates
+        .into_iter()
+        .filter(|f| {
+            map_names_of(f.prog_id, &programs)
+                .is_some_and(|names| uses_our_maps(names.iter().map(String::as_str)))
+        })
+        .collect()
+}
+
 /// Deletes orphaned netprobe filters on every interface of the calling thread's namespace;
 /// returns what was removed.
 pub fn remove_orphans() -> Result<Vec<BpfFilter>> {
-    let mut candidates = Vec::new();
+    let mut named = Vec::new();
     for link in netlink::links()? {
-        candidates.extend(
+        named.extend(
             clsact_filters(link.index)?
                 .into_iter()
                 .filter(|f| OURS.contains(&f.name.as_str())),
         );
     }
+    let candidates = netprobes(named);
     if candidates.is_empty() {
         return Ok(candidates);
     }
@@ -192,6 +239,20 @@ pub fn remove_orphans_in(netns: &crate::netns::NetnsRef) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_program_with_netprobes_maps_is_netprobes() {
+        // What the kernel lists for a netprobe tc_ingress (bpftool prog show: map_ids).
+        assert!(uses_our_maps([
+            "COUNTERS",
+            ".rodata",
+            "EVENTS",
+            "LAST_WAKEUP"
+        ]));
+        // Another tool's `tc_ingress`: no map, or maps of its own.
+        assert!(!uses_our_maps([]));
+        assert!(!uses_our_maps(["EVENTS", "COUNTERS", "config"]));
+    }
 
     #[test]
     fn parses_a_bpf_filter_and_skips_the_rest() {
