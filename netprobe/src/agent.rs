@@ -111,29 +111,37 @@ fn interesting(e: &Event) -> bool {
     }
 }
 
-/// The agent's metrics state as its HTTP endpoints read it.
-struct Status(SharedMetrics);
+/// The agent's metrics state and its inventory's sync, as its HTTP endpoints read them.
+struct Status {
+    metrics: SharedMetrics,
+    /// Set once the inventory is started (an API server is configured).
+    inventory: std::sync::Arc<std::sync::OnceLock<crate::enrich::kube::InventorySync>>,
+}
 
 impl crate::cluster::server::AgentStatus for Status {
     fn metrics(&self) -> String {
-        self.0.lock().expect("metrics lock").render()
+        self.metrics.lock().expect("metrics lock").render()
     }
 
+    /// Ready once the probes are attached. A refused probe or an inventory not synced (API
+    /// server unreachable) is said in the body but still ready (200): the agent still judges
+    /// and counts failures, and a readiness that follows the API server would mark every
+    /// agent unready in an API outage, stalling DaemonSet rollouts when they are needed most.
     fn readiness(&self) -> std::result::Result<String, String> {
-        let m = self.0.lock().expect("metrics lock");
-        match (m.ready, m.degraded.is_empty()) {
-            (true, true) => Ok("ready\n".into()),
-            // Still useful (drops or resets are still seen): ready, and says what is missing.
-            (true, false) => Ok(format!(
-                "ready, degraded: {}\n",
-                m.degraded
-                    .iter()
-                    .map(|(p, why)| format!("probe {p} refused by the kernel ({why})"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )),
-            (false, _) => Err("probes not attached yet\n".into()),
+        let m = self.metrics.lock().expect("metrics lock");
+        if !m.ready {
+            return Err("probes not attached yet\n".into());
         }
+        let mut missing: Vec<String> = m
+            .degraded
+            .iter()
+            .map(|(p, why)| format!("probe {p} refused by the kernel ({why})"))
+            .collect();
+        missing.extend(self.inventory.get().and_then(|i| i.not_synced()));
+        if missing.is_empty() {
+            return Ok("ready\n".into());
+        }
+        Ok(format!("ready, degraded: {}\n", missing.join("; ")))
     }
 }
 
@@ -410,9 +418,13 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
     let failures = crate::cluster::memory::Failures::shared(crate::cluster::memory::this_node(
         opts.node_name.as_deref(),
     ));
+    let inventory = std::sync::Arc::new(std::sync::OnceLock::new());
     tokio::spawn(crate::cluster::server::serve(
         listener,
-        std::sync::Arc::new(Status(metrics.clone())),
+        std::sync::Arc::new(Status {
+            metrics: metrics.clone(),
+            inventory: inventory.clone(),
+        }),
         crate::cluster::server::TraceServer::new()?.with_failures(failures.clone()),
     ));
     // Held until the agent exits; the kernel turns the statistics off when it is closed.
@@ -431,9 +443,7 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
     let enricher = Rc::new(enricher);
     let ring = RingSource::new(EventReader::new(probes.take_events()?)?, enricher.clone());
     let delay_max_ns = ring.delay_max();
-    let names = pod_context(false, opts.node_name.as_deref(), None, &node)
-        .await?
-        .map(|p| Rc::new(RefCell::new(p)));
+    let names = names(opts.node_name.as_deref(), &node, &inventory).await?;
     // Before ready: the first drop after it is diffed against these counters, and the first
     // connection after it is counted.
     let attribution = RuleAttribution::start(&node, enricher.clone())?;
@@ -502,6 +512,21 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
         Ended::Scope(e) => Err(e),
         _ => finished.map_err(|e| Error::io("writing events to stdout", e)),
     }
+}
+
+/// The inventory, when an API server is configured; its sync state goes to `/readyz`. With the
+/// API server down this goes on after a few seconds without names: the inventory keeps trying
+/// in the background and names appear once it is listed.
+async fn names(
+    node_name: Option<&str>,
+    node: &NetnsRef,
+    sync: &std::sync::OnceLock<crate::enrich::kube::InventorySync>,
+) -> Result<Option<Rc<RefCell<PodContext>>>> {
+    let names = pod_context(false, node_name, None, node).await?;
+    if let Some(n) = &names {
+        let _ = sync.set(n.kube.sync());
+    }
+    Ok(names.map(|p| Rc::new(RefCell::new(p))))
 }
 
 fn mark_ready(

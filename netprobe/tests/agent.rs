@@ -532,3 +532,99 @@ fn a_burst_is_delivered_whole_without_later_traffic() {
         );
     }
 }
+
+/// The failed-attempt verdicts (port `port`) in the agent's NDJSON stream.
+fn failed_verdicts(stdout: &str, port: u16) -> Vec<serde_json::Value> {
+    support::ndjson(stdout)
+        .into_iter()
+        .filter(|v| v["kind"] == "verdict" && v["server"]["port"] == port)
+        .collect()
+}
+
+/// The agent starts while the API server is down (issue #15 point 3): it is ready at once and
+/// judges failures without names, `/readyz` says the inventory is not synced (200: the agent
+/// works, see deploy/SECURITY.md); the inventory retries in the background, and once the API
+/// is back `/readyz` says synced and a new failure names both pods, without a restart.
+#[test]
+fn agent_started_with_the_api_down_names_failures_once_the_api_is_back() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("apilate").unwrap();
+    let (a, kube, kubeconfig) = support::published_pod(&mut lab, "a-0", "10.42.0.71");
+    let server = lab
+        .add_pod("default", "server-0", "10.42.0.72".parse().unwrap())
+        .unwrap();
+    support::publish_pod(&kube, &server);
+    lab.sh(
+        lab.node(),
+        "iptables -A FORWARD -p tcp --dport 9006 -j DROP",
+    )
+    .unwrap();
+    kube.set_down(true);
+    let started = Instant::now();
+    let agent = support::start_agent(
+        lab.node(),
+        &[],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", "lab-node"),
+        ],
+        true,
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "ready without the API server: {:?}",
+        started.elapsed()
+    );
+    let (code, body) = support::get(&agent, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("inventory not synced") && body.contains("pods"),
+        "{body}"
+    );
+    let server: std::net::SocketAddr = "10.42.0.72:9006".parse().unwrap();
+    assert_eq!(
+        lab.connect(&a.netns, server, Duration::from_millis(2500)),
+        Connect::TimedOut
+    );
+    kube.set_down(false);
+    let back = Instant::now();
+    let body = loop {
+        let (code, body) = support::get(&agent, "/readyz");
+        assert_eq!(code, 200, "{body}");
+        if !body.contains("not synced") {
+            break body;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(60),
+            "inventory still not synced 60 s after the API came back: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(body.starts_with("ready"), "{body}");
+    // The agent's housekeeping rebuilds the inventory from the stores once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        lab.connect(&a.netns, server, Duration::from_millis(2500)),
+        Connect::TimedOut
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let out = support::stop(agent);
+    let verdicts = failed_verdicts(&out.stdout, 9006);
+    assert_eq!(verdicts.len(), 2, "one per attempt:\n{}", out.stdout);
+    assert!(
+        verdicts[0]["client"]["peer"]["pod"].is_null(),
+        "no names while the API is down: {:#}",
+        verdicts[0]
+    );
+    assert_eq!(
+        verdicts[1]["client"]["peer"]["pod"], "a-0",
+        "{:#}",
+        verdicts[1]
+    );
+    assert_eq!(
+        verdicts[1]["server"]["peer"]["pod"], "server-0",
+        "{:#}",
+        verdicts[1]
+    );
+    let _ = std::fs::remove_file(kubeconfig);
+}

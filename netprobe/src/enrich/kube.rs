@@ -25,6 +25,60 @@ pub struct KubeSource {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    sync: InventorySync,
+}
+
+/// Whether the inventory has had its first full list of each kind, and the API's last error:
+/// what `/readyz` says (a handle any thread may hold).
+#[derive(Clone)]
+pub struct InventorySync {
+    pods: Store<Pod>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    last_error: LastError,
+}
+
+/// The watchers' latest error, cleared by their next success.
+type LastError = std::sync::Arc<std::sync::Mutex<Option<String>>>;
+
+fn listed<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+}
+
+impl InventorySync {
+    /// The kinds not listed yet: `pods`, `services`, `endpointslices`.
+    pub fn missing(&self) -> Vec<&'static str> {
+        [
+            ("pods", listed(&self.pods)),
+            ("services", listed(&self.services)),
+            ("endpointslices", listed(&self.slices)),
+        ]
+        .into_iter()
+        .filter_map(|(kind, done)| (!done).then_some(kind))
+        .collect()
+    }
+
+    /// `None` when synced; otherwise what is missing and why, in one line.
+    pub fn not_synced(&self) -> Option<String> {
+        let missing = self.missing();
+        if missing.is_empty() {
+            return None;
+        }
+        let why = self
+            .last_error
+            .lock()
+            .expect("last error lock")
+            .clone()
+            .map(|e| format!("; last API error: {e}"))
+            .unwrap_or_default();
+        Some(format!(
+            "inventory not synced ({} not listed yet{why}; retrying in the background): no pod or Service names until it is",
+            missing.join(", ")
+        ))
+    }
 }
 
 /// Whether this process is configured to reach an API server at all.
@@ -33,7 +87,11 @@ pub fn configured() -> bool {
         || std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
 }
 
-fn reflect<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, tokio::task::JoinHandle<()>)
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    last_error: LastError,
+) -> (Store<K>, tokio::task::JoinHandle<()>)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -51,7 +109,9 @@ where
         .touched_objects();
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        while stream.next().await.is_some() {}
+        while let Some(r) = stream.next().await {
+            *last_error.lock().expect("last error lock") = r.err().map(|e| e.to_string());
+        }
     });
     (store, task)
 }
@@ -78,22 +138,37 @@ impl KubeSource {
             Some(n) => watcher::Config::default().fields(&format!("spec.nodeName={n}")),
             None => watcher::Config::default(),
         };
-        let (pods, t1) = reflect(Api::<Pod>::all(client.clone()), pod_cfg);
+        let last_error = LastError::default();
+        let (pods, t1) = reflect(Api::<Pod>::all(client.clone()), pod_cfg, last_error.clone());
         let (services, t2) = reflect(
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
+            last_error.clone(),
         );
         let (slices, t3) = reflect(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
+            last_error.clone(),
         );
+        let sync = InventorySync {
+            pods: pods.clone(),
+            services: services.clone(),
+            slices: slices.clone(),
+            last_error,
+        };
         Ok(Self {
             client,
             pods,
             services,
             slices,
             tasks: vec![t1, t2, t3],
+            sync,
         })
+    }
+
+    /// Whether the first lists are in (for `/readyz`).
+    pub fn sync(&self) -> InventorySync {
+        self.sync.clone()
     }
 
     /// Waits until every store has its first full list.

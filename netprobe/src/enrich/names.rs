@@ -8,7 +8,7 @@ use crate::{
         kube::{self, KubeSource},
         pods::{Inventory, cgroup_of},
     },
-    error::{Error, Result},
+    error::Result,
     netlink,
     netns::{self, NetnsRef},
 };
@@ -78,8 +78,15 @@ impl PodContext {
     }
 }
 
+/// How long a trace with `--pod` waits for the first lists (it needs the pod's namespace).
+const REQUIRED_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long the agent (or a trace without `--pod`) waits before it goes on without names; the
+/// watchers keep trying in the background and names appear once they are in.
+const OPTIONAL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Starts the inventory when a pod is traced or an API server is configured. Without a pod, an
-/// unreachable API only costs the names (a warning), never the trace.
+/// unreachable API only costs the names until it answers (a warning), never the trace or the
+/// agent: the inventory is kept and keeps listing and watching with backoff.
 pub async fn pod_context(
     required: bool,
     node_name: Option<&str>,
@@ -89,15 +96,7 @@ pub async fn pod_context(
     if !required && !kube::configured() {
         return Ok(None);
     }
-    let started = async {
-        let source = KubeSource::start(node_name).await?;
-        source
-            .wait_ready(std::time::Duration::from_secs(15))
-            .await?;
-        Ok::<_, Error>(source)
-    }
-    .await;
-    let source = match started {
+    let source = match KubeSource::start(node_name).await {
         Ok(s) => s,
         Err(e) if !required => {
             eprintln!("netprobe: WARNING: no pod names: {e}");
@@ -105,6 +104,18 @@ pub async fn pod_context(
         }
         Err(e) => return Err(e),
     };
+    let wait = if required {
+        REQUIRED_WAIT
+    } else {
+        OPTIONAL_WAIT
+    };
+    match source.wait_ready(wait).await {
+        Ok(()) => {}
+        Err(e) if !required => {
+            eprintln!("netprobe: WARNING: no pod names yet ({e}); retrying in the background")
+        }
+        Err(e) => return Err(e),
+    }
     let mut candidates = vec![current.clone()];
     candidates.extend(netns::veth_peers()?);
     let mut addrs = Vec::new();
