@@ -34,7 +34,9 @@ struct Cli {
 enum Command {
     /// Always-on mode (DaemonSet): drops, resets, application errors, SYN retransmits,
     /// RST/ICMP-unreachable packets and failed DNS lookups (dropped, rejected, unanswered,
-    /// SERVFAIL) of the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics, /healthz, /readyz, /v1/trace (cluster-mode traces,
+    /// SERVFAIL) of the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics, /healthz,
+    /// /readyz (200 once the probes are attached; the body names what is degraded: a probe
+    /// the kernel refused, an inventory not synced while the API server is down), /v1/trace (cluster-mode traces,
     /// root-owned connections only) and /v1/failures (what failed in the last 60 minutes, for
     /// `netprobe failures`; root-owned connections only) on --metrics-addr. Installs no
     /// firewall rule.

@@ -213,3 +213,37 @@ impl Drop for KubeSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What /readyz says follows the stores: each kind counts as listed once its first list is
+    /// complete (the watcher's InitDone), and the API's last error is quoted until then.
+    #[test]
+    fn sync_names_what_is_not_listed_yet_and_why() {
+        let (pods, mut pods_w) = reflector::store::<Pod>();
+        let (services, mut services_w) = reflector::store::<Service>();
+        let (slices, mut slices_w) = reflector::store::<EndpointSlice>();
+        let sync = InventorySync {
+            pods,
+            services,
+            slices,
+            last_error: LastError::default(),
+        };
+        *sync.last_error.lock().unwrap() = Some("HTTP 503: down".into());
+        assert_eq!(sync.missing(), ["pods", "services", "endpointslices"]);
+        let why = sync.not_synced().unwrap();
+        assert!(
+            why.starts_with("inventory not synced (pods, services, endpointslices not listed yet")
+                && why.contains("last API error: HTTP 503: down"),
+            "{why}"
+        );
+        pods_w.apply_watcher_event(&watcher::Event::InitDone);
+        services_w.apply_watcher_event(&watcher::Event::InitDone);
+        assert_eq!(sync.missing(), ["endpointslices"]);
+        slices_w.apply_watcher_event(&watcher::Event::InitDone);
+        assert!(sync.missing().is_empty());
+        assert_eq!(sync.not_synced(), None);
+    }
+}
