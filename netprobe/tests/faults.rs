@@ -597,3 +597,63 @@ fn a_huge_duration_is_a_clear_error_not_a_panic() {
         }
     }
 }
+
+/// A network namespace this test made by hand (not a lab pod), deleted when dropped.
+struct LooseNetns(String);
+
+impl Drop for LooseNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A pod namespace the running agent has not seen yet (no veth to the node) holds what a
+/// killed clsact trace left; once its veth appears, the agent cleans it within seconds.
+#[test]
+fn agent_cleans_a_pod_namespace_it_sees_appear() {
+    netprobe_lab::require_root();
+    let lab = Lab::new("podlate").unwrap();
+    let late = LooseNetns(format!("np-late-{}", std::process::id()));
+    let st = Command::new("ip").args(["netns", "add", &late.0]).status();
+    assert!(st.unwrap().success());
+    lab.sh(&late.0, "ip link set lo up").unwrap();
+    let trace = support::start_verdict_trace_env(
+        lab.node(),
+        &["--netns", &late.0, "--port", "9500", "--duration", "60s"],
+        &[("NETPROBE_TC_MODE", "clsact")],
+    );
+    trace.kill9();
+    assert!(!support::netprobe_tables(&lab, &late.0).is_empty());
+    assert!(!support::bpf_filters(&lab, &late.0).is_empty());
+
+    let agent = support::start_agent(lab.node(), &[], &[], false);
+    assert!(
+        !support::bpf_filters(&lab, &late.0).is_empty(),
+        "not a pod of this node yet: not the agent's to clean"
+    );
+    lab.sh(
+        lab.node(),
+        &format!(
+            "ip link add nplate0 type veth peer name eth0 netns {} && ip link set nplate0 up",
+            late.0
+        ),
+    )
+    .unwrap();
+    let start = Instant::now();
+    while !support::bpf_filters(&lab, &late.0).is_empty()
+        || !support::netprobe_tables(&lab, &late.0).is_empty()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "left after 10 s: {:?} {:?}",
+            support::bpf_filters(&lab, &late.0),
+            support::netprobe_tables(&lab, &late.0)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, stderr) = stop(agent);
+    assert!(
+        stderr.contains(&format!("left on 1 interface(s) in netns {}", late.0)),
+        "{stderr}"
+    );
+}
