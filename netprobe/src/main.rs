@@ -27,10 +27,12 @@ struct Cli {
 enum Command {
     /// Always-on mode (DaemonSet): drops, resets, application errors, SYN retransmits,
     /// RST/ICMP-unreachable packets and failed DNS lookups (dropped, rejected, unanswered,
-    /// SERVFAIL) of the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics, /healthz, /readyz, /v1/trace (cluster-mode traces,
-    /// root-owned connections only) and /v1/failures (what failed in the last 60 minutes, for
-    /// `netprobe failures`; root-owned connections only) on --metrics-addr. Installs no
-    /// firewall rule.
+    /// SERVFAIL) of the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics, /healthz, /readyz, /v1/trace (cluster-mode traces)
+    /// and /v1/failures (what failed in the last 60 minutes, for `netprobe failures`) on
+    /// --metrics-addr; those two only for a bearer token the Kubernetes API accepts
+    /// (TokenReview) and allows (SubjectAccessReview on traces/failures.netprobe.io), each
+    /// request logged with who asked. SIGTERM stops running traces (their tables removed)
+    /// before exiting. Installs no firewall rule.
     Agent(AgentArgs),
     /// Print the JSON Schemas of the objects `trace -o json` prints (events, verdicts, summary)
     /// and of the answer `failures -o json` prints, keyed by their `schema` value.
@@ -82,8 +84,10 @@ struct AgentArgs {
     /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /v1/trace, /v1/failures).
     /// Loopback by default: nothing unauthenticated on the node network; Prometheus scrapes
     /// through the authenticating proxy of deploy/ (kube-rbac-proxy), cluster-mode traces and
-    /// `failures` arrive through pods/portforward. Example: --metrics-addr 127.0.0.1:9965
-    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9965")]
+    /// `failures` arrive through pods/portforward. 19965: not a port of Cilium (9962-9966), the
+    /// Prometheus exporter range (9100-9999) or Kubernetes (10248-10260); see deploy/README.md.
+    /// Example: --metrics-addr 127.0.0.1:19965
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:19965")]
     metrics_addr: std::net::SocketAddr,
     /// This node's name: the inventory then lists only this node's pods.
     #[arg(long, env = "NODE_NAME")]
@@ -206,8 +210,17 @@ struct TraceArgs {
     #[arg(long, env = "NETPROBE_NAMESPACE", default_value = "netprobe")]
     agent_namespace: String,
     /// Cluster mode: the agent's loopback port (the port of its --metrics-addr).
-    #[arg(long, default_value_t = 9965)]
+    #[arg(long, default_value_t = 19965)]
     agent_port: u16,
+    /// Cluster mode: the agents check who you are with a bearer token (and RBAC: `create` on
+    /// traces.netprobe.io of the pod's namespace). The kubeconfig's token is sent when it has
+    /// one; otherwise (client certificates, e.g. k3s's admin kubeconfig) a 10-minute token is
+    /// requested for this ServiceAccount (RBAC: `create` on its serviceaccounts/token). If
+    /// neither works, use a kubeconfig with a token or ask for the Role
+    /// netprobe-token-requester of deploy/. [default: netprobe/netprobe-tracer when the
+    /// kubeconfig has no token]
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = netprobe::cluster::token::parse_service_account)]
+    as_service_account: Option<(String, String)>,
 }
 
 #[derive(clap::Args)]
@@ -232,8 +245,13 @@ struct FailuresArgs {
     #[arg(long, env = "NETPROBE_NAMESPACE", default_value = "netprobe")]
     agent_namespace: String,
     /// The agents' loopback port (the port of their --metrics-addr).
-    #[arg(long, default_value_t = 9965)]
+    #[arg(long, default_value_t = 19965)]
     agent_port: u16,
+    /// Request the agents' bearer token for this ServiceAccount (as for `trace`; RBAC: `list`
+    /// on failures.netprobe.io, cluster-wide or per namespace). [default: the kubeconfig's
+    /// token, else netprobe/netprobe-tracer]
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = netprobe::cluster::token::parse_service_account)]
+    as_service_account: Option<(String, String)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -436,6 +454,7 @@ fn cluster_trace(t: TraceArgs, port: u16, udp: bool) -> ExitCode {
         agent_namespace: t.agent_namespace,
         agent_port: t.agent_port,
         format: t.output,
+        service_account: t.as_service_account,
         request: netprobe::cluster::protocol::TraceRequest {
             port,
             udp,
@@ -470,6 +489,7 @@ fn failures(f: FailuresArgs) -> ExitCode {
         agent_namespace: f.agent_namespace,
         agent_port: f.agent_port,
         format: f.output,
+        service_account: f.as_service_account,
         query: netprobe::cluster::failures::FailuresQuery {
             since: f.since,
             namespace: f.namespace,

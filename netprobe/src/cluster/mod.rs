@@ -19,9 +19,11 @@
 //! - `crossnode`: when the destination's pods run on other nodes, their agents trace too and
 //!   each attempt's verdicts are joined.
 
+pub mod auth;
 pub mod client;
 mod crossnode;
 pub mod failures;
 pub mod memory;
 pub mod protocol;
 pub mod server;
+pub mod token;
