@@ -70,6 +70,17 @@ struct Identity {
     audiences: Vec<String>,
 }
 
+impl Identity {
+    /// `user` in `groups`, for the API server's audience.
+    fn of(user: &str, groups: &[&str]) -> Self {
+        Self {
+            user: user.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            audiences: vec![API_AUDIENCE.into()],
+        }
+    }
+}
+
 /// One RBAC grant: `subject` (a user or a group) may `verb` `resource` of API `group` in
 /// `namespace` (None: every namespace and the cluster scope, as a ClusterRoleBinding).
 #[derive(Clone, Debug)]
@@ -79,6 +90,8 @@ struct Grant {
     group: String,
     resource: String,
     namespace: Option<String>,
+    /// Only this object (`resourceNames`), or all.
+    name: Option<String>,
 }
 
 #[derive(Default)]
@@ -130,6 +143,19 @@ impl Auth {
     }
 
     fn may(&self, who: &Identity, verb: &str, group: &str, resource: &str, ns: &str) -> bool {
+        self.may_named(who, verb, group, resource, ns, "")
+    }
+
+    /// [`Self::may`] for the object `name` ("" = none named: only unrestricted grants count).
+    fn may_named(
+        &self,
+        who: &Identity,
+        verb: &str,
+        group: &str,
+        resource: &str,
+        ns: &str,
+        name: &str,
+    ) -> bool {
         let subjects = std::iter::once(&who.user).chain(&who.groups);
         if who.groups.iter().any(|g| g == "system:masters") {
             return true;
@@ -141,6 +167,7 @@ impl Auth {
                 && g.group == group
                 && g.resource == resource
                 && g.namespace.as_ref().is_none_or(|n| n == ns)
+                && g.name.as_ref().is_none_or(|n| n == name)
         })
     }
 }
@@ -280,11 +307,7 @@ impl FakeKube {
     /// client certificates of a real cluster): `user` is known to the server from now on.
     pub fn kubeconfig_without_token(&self, user: &str, groups: &[&str]) -> String {
         let password = format!("{user}-password");
-        let identity = Identity {
-            user: user.into(),
-            groups: groups.iter().map(|g| g.to_string()).collect(),
-            audiences: vec![API_AUDIENCE.into()],
-        };
+        let identity = Identity::of(user, groups);
         let cred = base64(format!("{user}:{password}").as_bytes());
         self.shared
             .0
@@ -298,11 +321,7 @@ impl FakeKube {
 
     /// Makes `token` (for the API server's audience) the credential of `user` in `groups`.
     pub fn add_token(&self, token: &str, user: &str, groups: &[&str]) {
-        let identity = Identity {
-            user: user.into(),
-            groups: groups.iter().map(|g| g.to_string()).collect(),
-            audiences: vec![API_AUDIENCE.into()],
-        };
+        let identity = Identity::of(user, groups);
         self.shared
             .0
             .lock()
@@ -329,7 +348,16 @@ impl FakeKube {
             group: group.into(),
             resource: resource.into(),
             namespace: namespace.map(str::to_string),
+            name: None,
         });
+    }
+
+    /// Restricts the last [`Self::allow`] to the object `name` (a rule's `resourceNames`).
+    pub fn only_named(&self, name: &str) {
+        let mut st = self.shared.0.lock().unwrap();
+        if let Some(g) = st.auth.grants.last_mut() {
+            g.name = Some(name.into());
+        }
     }
 
     /// (TokenReviews, SubjectAccessReviews) answered so far.
@@ -630,12 +658,13 @@ fn access_review(auth: &Auth, mut review: Value) -> Value {
     };
     let ra = &spec["resourceAttributes"];
     let field = |k: &str| ra[k].as_str().unwrap_or_default();
-    let allowed = auth.may(
+    let allowed = auth.may_named(
         &who,
         field("verb"),
         field("group"),
         field("resource"),
         field("namespace"),
+        field("name"),
     );
     review["status"] = json!({"allowed": allowed});
     review

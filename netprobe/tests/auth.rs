@@ -433,3 +433,81 @@ fn agent_sigterm_stops_its_pod_traces_and_their_tables_go() {
     }
     let _ = netprobe_lab::process::wait_output(cli, Duration::from_secs(20)).unwrap();
 }
+
+/// Cross-node: the client's token goes to both agents; the server node's agent refuses the
+/// scheduler pod to a caller allowed to trace the client pod only, the CLI says so and still
+/// prints the client node's verdict.
+#[test]
+fn a_cross_node_trace_refused_on_the_server_node_keeps_the_client_side() {
+    use netprobe_lab::{
+        rules::CLUSTER_IP,
+        two_nodes::TwoNodes,
+        underlay::{NODE_IPS, Overlay},
+    };
+    netprobe_lab::require_root();
+    let lab = TwoNodes::new("authx", Overlay::Routed, support::netprobe_bin()).unwrap();
+    lab.kube.add_token("carol-token", "carol", &[]);
+    let ns = Some("financial-inference");
+    lab.kube
+        .allow("carol", "create", "netprobe.io", "traces", ns);
+    lab.kube.only_named("client-0");
+    let text = lab
+        .kube
+        .kubeconfig_with("{token: carol-token}")
+        .replace("http://127.0.0.1:", &format!("http://{}:", NODE_IPS[0]));
+    let kubeconfig = std::env::temp_dir().join(format!("netprobe-authx-{}", std::process::id()));
+    std::fs::write(&kubeconfig, text).unwrap();
+    std::fs::set_permissions(
+        &kubeconfig,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let args = format!(
+        "trace --cluster --agent-port {} --pod client-0 -n financial-inference --port 9004 --addr {CLUSTER_IP} --duration 30s --count 1 -o json",
+        lab.port
+    );
+    let child = lab
+        .laptop(support::netprobe_bin())
+        .env("KUBECONFIG", &kubeconfig)
+        .args(args.split_whitespace())
+        .spawn()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let dials = {
+        let (ns, stop) = (lab.client.netns.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Relaxed) {
+                let to = format!("{CLUSTER_IP}:9004").parse().unwrap();
+                let _ = netprobe_lab::in_netns(&ns, || {
+                    TcpStream::connect_timeout(&to, Duration::from_secs(3))
+                });
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    let out = netprobe_lab::process::wait_output(child, Duration::from_secs(90)).unwrap();
+    stop.store(true, Relaxed);
+    dials.join().unwrap();
+    let _ = std::fs::remove_file(&kubeconfig);
+    let err = &out.stderr;
+    assert!(
+        err.contains("[node-b] netprobe: agent: ")
+            && err.contains("agent answered 403: ")
+            && err.contains(
+                "carol may not create traces.netprobe.io in namespace financial-inference"
+            ),
+        "{err}"
+    );
+    assert!(
+        err.contains("you may not trace pod financial-inference/seldon-scheduler-0 on node node-b: the verdicts below are the client side's only"),
+        "{err}"
+    );
+    let verdict = out
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["kind"] == "verdict")
+        .unwrap_or_else(|| panic!("no client-side verdict:\n{}\n{err}", out.stdout));
+    assert_eq!(verdict["client"]["peer"]["pod"], "client-0", "{verdict:#}");
+    assert!([0, 1].contains(&out.code()), "{}: {err}", out.code());
+}
