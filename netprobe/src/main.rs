@@ -66,9 +66,11 @@ enum Command {
     ///
     /// Every agent remembers the failed connection attempts and DNS lookups it judged (refused,
     /// dropped by a rule or the kernel, unreachable, reset, timed out) for 60 minutes. This
-    /// asks every agent through a port-forward to its pod, as cluster-mode trace does (RBAC:
-    /// the netprobe-tracer roles of deploy/, i.e. list pods and pods/portforward in the agent's
-    /// namespace), and prints the answers merged, grouped by client workload → Service:port
+    /// asks every agent through a port-forward to its pod with a bearer token, as cluster-mode
+    /// trace does (RBAC: the netprobe-tracer roles of deploy/, i.e. list pods and
+    /// pods/portforward in the agent's namespace, and `list` on failures.netprobe.io, which the
+    /// agents check: cluster-wide gives every failure, a namespace only those with a side in
+    /// it), and prints the answers merged, grouped by client workload → Service:port
     /// (else the server's workload), outcome and rule/policy, with counts (now = this minute
     /// and the previous; and over --since) and one example verdict's explanation per group. An
     /// agent that does not answer is reported, not fatal. Exit 0 when an agent answered, 2
@@ -200,7 +202,9 @@ struct TraceArgs {
     ring_buffer_kib: u32,
     /// Cluster mode (from a laptop): find --pod's node through the Kubernetes API and run
     /// the trace there by the node's netprobe agent, reached through a port-forward to the
-    /// agent pod (RBAC: `create` on pods/portforward in the agent's namespace). Default when
+    /// agent pod (RBAC: `create` on pods/portforward in the agent's namespace), with a bearer
+    /// token the agent checks (RBAC: `create` on traces.netprobe.io in the pod's namespace;
+    /// see --as-service-account). Default when
     /// run as `kubectl netprobe` (the binary installed as kubectl-netprobe). With --addr
     /// (ClusterIP or pod IP) whose pods run on other nodes, those nodes' agents trace too and
     /// each attempt gets one verdict joined from both nodes.

@@ -183,6 +183,21 @@ fn refused(r: &Refusal) -> Response<Body> {
     resp
 }
 
+/// An authorised request not served (bad query, busy, stopping): logged, answered `code`.
+fn rejected(
+    peer: SocketAddr,
+    caller: &Caller,
+    what: &str,
+    code: StatusCode,
+    why: &str,
+) -> Response<Body> {
+    let reason = format!("{} {why}", code.as_u16());
+    eprintln!(
+        "netprobe agent: audit {caller} {what} peer={peer} decision=rejected reason={reason:?}"
+    );
+    text(code, format!("{why}\n"))
+}
+
 /// One line per decision on stderr, never the token: who, what, the decision.
 fn audit(
     peer: SocketAddr,
@@ -327,11 +342,17 @@ impl TraceServer {
             }
         };
         let Some(memory) = &self.failures else {
-            return text(StatusCode::NOT_FOUND, "this agent keeps no failures\n");
+            return rejected(
+                peer,
+                &caller,
+                &what,
+                StatusCode::NOT_FOUND,
+                "this agent keeps no failures",
+            );
         };
         let query = match FailuresQuery::from_query(req.uri().query().unwrap_or("")) {
             Ok(q) => q,
-            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            Err(e) => return rejected(peer, &caller, &what, StatusCode::BAD_REQUEST, &e),
         };
         // Copied under the lock, serialized after it: the session's sink is not held up.
         let answer = memory
@@ -407,7 +428,7 @@ impl TraceServer {
         };
         let trace = match TraceRequest::from_query(req.uri().query().unwrap_or("")) {
             Ok(r) => r,
-            Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            Err(e) => return rejected(peer, &caller, &what, StatusCode::BAD_REQUEST, &e),
         };
         let (ns, pod) = trace.pod.split_once('/').expect("checked by from_query");
         let what = format!(
@@ -425,13 +446,12 @@ impl TraceServer {
         }
         drop(token);
         if *self.stopping.borrow() {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "the agent is stopping\n");
+            let why = "the agent is stopping";
+            return rejected(peer, &caller, &what, StatusCode::SERVICE_UNAVAILABLE, why);
         }
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            return text(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("{MAX_CONCURRENT} traces already run on this node\n"),
-            );
+            let why = format!("{MAX_CONCURRENT} traces already run on this node");
+            return rejected(peer, &caller, &what, StatusCode::TOO_MANY_REQUESTS, &why);
         };
         audit(peer, Some(&caller), &what, Ok(()));
         let (frames, queue) = mpsc::channel(FRAME_QUEUE);
