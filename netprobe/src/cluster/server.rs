@@ -1029,4 +1029,95 @@ mod tests {
             "{m}"
         );
     }
+
+    /// The child side of [`accept_errors_are_backed_off_not_spun_on`]: serves with only a few
+    /// free descriptors, so that accepts fail with EMFILE; prints its port.
+    #[test]
+    fn accept_errors_child() {
+        if std::env::var_os("NETPROBE_ACCEPT_CHILD").is_none() {
+            return;
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            println!("{}", listener.local_addr().unwrap().port());
+            let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+            let limit = libc::rlimit {
+                rlim_cur: open + 2,
+                rlim_max: open + 2,
+            };
+            // SAFETY: setrlimit on this (child) process only.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+            let server = serve(listener, Arc::new(Fixed), TraceServer::new().unwrap());
+            let _ = tokio::time::timeout(Duration::from_secs(20), server).await;
+        });
+    }
+
+    /// CPU time (user + system, clock ticks) of process `pid`.
+    fn cpu_ticks(pid: u32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    #[test]
+    fn accept_errors_are_backed_off_not_spun_on() {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "cluster::server::tests::accept_errors_child",
+                "--nocapture",
+            ])
+            .env("NETPROBE_ACCEPT_CHILD", "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let port = loop {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            if let Ok(p) = line.trim().parse::<u16>() {
+                break p;
+            }
+        };
+        // Silent connections hold the few descriptors (until the 5 s head timeout); the
+        // next ones wait in the backlog while accept fails with EMFILE.
+        let held: Vec<_> = (0..8)
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let before = cpu_ticks(child.id());
+        std::thread::sleep(Duration::from_secs(2));
+        let spent = cpu_ticks(child.id()) - before;
+        drop(held);
+        // After the head timeout the agent has descriptors again and answers.
+        let answered = (0..40).any(|_| {
+            std::thread::sleep(Duration::from_millis(250));
+            let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                return false;
+            };
+            let _ = std::io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut r = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut r);
+            r.contains("\nnetprobe_http_accept_errors_total ")
+                && !r.contains("\nnetprobe_http_accept_errors_total 0\n")
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        // 100 ticks a second: a spinning accept loop would spend about 200 in 2 s.
+        assert!(spent < 40, "{spent} ticks in 2 s");
+        assert!(
+            answered,
+            "the agent answered again, having counted its failed accepts"
+        );
+    }
 }
