@@ -949,6 +949,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bad_trace_queries_are_refused_with_their_reason_and_start_nothing() {
+        let (_kube, client) = api();
+        let exe = stand_in("bad-queries", "{}", true);
+        let server = TraceServer::running(exe.clone()).with_kube(client);
+        let addr = serving(server.clone()).await;
+        for (query, reason) in [
+            ("pod=team-a/api-0&port=0", "`port=0` refused"),
+            (
+                "pod=team-a/api-0&port=9500&port=9501",
+                "parameter `port` given twice",
+            ),
+            (
+                "pod=team-a/api-0&pod=team-b/db-0&port=9500",
+                "parameter `pod` given twice",
+            ),
+        ] {
+            let r = get_as(addr, &format!("/v1/trace?{query}"), Some(ADMIN_TOKEN)).await;
+            assert!(
+                r.starts_with("HTTP/1.1 400") && r.contains(reason),
+                "{query}: {r}"
+            );
+        }
+        let _ = std::fs::remove_file(exe);
+        assert_eq!(server.slots.available_permits(), MAX_CONCURRENT);
+    }
+
+    #[tokio::test]
     async fn stopping_interrupts_the_running_traces_and_waits_for_them() {
         let (_kube, client) = api();
         let exe = stand_in("stopping", "{}", true);
