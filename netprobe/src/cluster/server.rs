@@ -8,7 +8,10 @@ use std::{
     net::SocketAddr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
@@ -76,13 +79,13 @@ pub async fn serve(
             Err(e) => {
                 backoff = (backoff * 2).clamp(Duration::from_millis(10), ACCEPT_BACKOFF_MAX);
                 log::warn!("accepting an HTTP connection: {e}; retrying in {backoff:?}");
-                traces.stats().accept_errors.fetch_add(1, Relaxed);
+                traces.http.accept_errors.fetch_add(1, Relaxed);
                 tokio::time::sleep(backoff).await;
                 continue;
             }
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            traces.stats().busy.fetch_add(1, Relaxed);
+            traces.http.busy.fetch_add(1, Relaxed);
             tokio::spawn(too_many_connections(sock));
             continue;
         };
@@ -94,11 +97,9 @@ pub async fn serve(
     }
 }
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-
 /// Counters of the HTTP side, for /metrics.
 #[derive(Default)]
-pub struct HttpStats {
+struct HttpStats {
     accept_errors: AtomicU64,
     busy: AtomicU64,
 }
@@ -269,10 +270,6 @@ impl TraceServer {
     pub fn with_kube(mut self, client: kube::Client) -> Self {
         self.auth = Arc::new(Authorizer::with_client(client));
         self
-    }
-
-    fn stats(&self) -> &HttpStats {
-        &self.http
     }
 
     /// The HTTP side's and the authorisation's counters, Prometheus text.
