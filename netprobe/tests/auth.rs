@@ -422,6 +422,7 @@ fn agent_sigterm_stops_its_pod_traces_and_their_tables_go() {
     let stopped = Instant::now();
     let (ok, err) = s.stop_agent();
     assert!(ok, "the agent exits 0 after its traces: {err}");
+    eprintln!("agent stopped with its trace in {:?}", stopped.elapsed());
     assert!(
         stopped.elapsed() < Duration::from_secs(15),
         "{:?}",
