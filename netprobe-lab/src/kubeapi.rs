@@ -57,6 +57,119 @@ struct State {
     forward: BTreeMap<(String, String), Forward>,
     /// Port-forwards opened: (namespace, pod, port).
     forwarded: Vec<(String, String, u16)>,
+    /// The API's authentication and authorisation (TokenReview, SubjectAccessReview,
+    /// TokenRequest).
+    auth: Auth,
+}
+
+/// Who a credential is.
+#[derive(Clone, Debug)]
+struct Identity {
+    user: String,
+    groups: Vec<String>,
+    audiences: Vec<String>,
+}
+
+impl Identity {
+    /// `user` in `groups`, for the API server's audience.
+    fn of(user: &str, groups: &[&str]) -> Self {
+        Self {
+            user: user.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            audiences: vec![API_AUDIENCE.into()],
+        }
+    }
+}
+
+/// One RBAC grant: `subject` (a user or a group) may `verb` `resource` of API `group` in
+/// `namespace` (None: every namespace and the cluster scope, as a ClusterRoleBinding).
+#[derive(Clone, Debug)]
+struct Grant {
+    subject: String,
+    verb: String,
+    group: String,
+    resource: String,
+    namespace: Option<String>,
+    /// Only this object (`resourceNames`), or all.
+    name: Option<String>,
+}
+
+#[derive(Default)]
+struct Auth {
+    /// Bearer token → who.
+    tokens: BTreeMap<String, Identity>,
+    /// `Basic` credentials (base64 of user:password) → who: a kubeconfig without a token (as
+    /// client certificates are, which plain HTTP cannot carry).
+    basic: BTreeMap<String, Identity>,
+    grants: Vec<Grant>,
+    /// Counted requests: TokenReviews, SubjectAccessReviews, TokenRequests.
+    token_reviews: usize,
+    access_reviews: usize,
+    /// The TokenRequest bodies granted, in order.
+    token_requests: Vec<Value>,
+}
+
+/// The audience of tokens the API server itself accepts.
+pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+/// The token of [`FakeKube::kubeconfig`]: a cluster admin (group `system:masters`).
+pub const ADMIN_TOKEN: &str = "lab-admin-token";
+
+impl Auth {
+    fn lab() -> Self {
+        let mut a = Self::default();
+        a.tokens.insert(
+            ADMIN_TOKEN.into(),
+            Identity {
+                user: "lab-admin".into(),
+                groups: vec!["system:masters".into(), "system:authenticated".into()],
+                audiences: vec![API_AUDIENCE.into()],
+            },
+        );
+        a
+    }
+
+    /// Who sent a request with these headers (None: anonymous, or an unknown credential).
+    fn requester(&self, headers: &BTreeMap<String, String>) -> Option<Identity> {
+        let (scheme, cred) = headers.get("authorization")?.split_once(' ')?;
+        match scheme {
+            "Bearer" => self
+                .tokens
+                .get(cred.trim())
+                .filter(|i| i.audiences.iter().any(|a| a == API_AUDIENCE))
+                .cloned(),
+            "Basic" => self.basic.get(cred.trim()).cloned(),
+            _ => None,
+        }
+    }
+
+    fn may(&self, who: &Identity, verb: &str, group: &str, resource: &str, ns: &str) -> bool {
+        self.may_named(who, verb, group, resource, ns, "")
+    }
+
+    /// [`Self::may`] for the object `name` ("" = none named: only unrestricted grants count).
+    fn may_named(
+        &self,
+        who: &Identity,
+        verb: &str,
+        group: &str,
+        resource: &str,
+        ns: &str,
+        name: &str,
+    ) -> bool {
+        let subjects = std::iter::once(&who.user).chain(&who.groups);
+        if who.groups.iter().any(|g| g == "system:masters") {
+            return true;
+        }
+        let subjects: Vec<&String> = subjects.collect();
+        self.grants.iter().any(|g| {
+            subjects.contains(&&g.subject)
+                && (g.verb == verb || g.verb == "*")
+                && g.group == group
+                && g.resource == resource
+                && g.namespace.as_ref().is_none_or(|n| n == ns)
+                && g.name.as_ref().is_none_or(|n| n == name)
+        })
+    }
 }
 
 /// Opens a connection to a pod's port (for the stand-in's `pods/portforward`).
@@ -82,7 +195,13 @@ impl FakeKube {
     pub fn start(listener: TcpListener) -> Self {
         let port = listener.local_addr().expect("bound").port();
         let me = Self {
-            shared: Arc::new((Mutex::new(State::default()), Condvar::new())),
+            shared: Arc::new((
+                Mutex::new(State {
+                    auth: Auth::lab(),
+                    ..State::default()
+                }),
+                Condvar::new(),
+            )),
             port,
         };
         let server = me.clone();
@@ -170,12 +289,86 @@ impl FakeKube {
         self.shared.0.lock().unwrap().forwarded.clone()
     }
 
-    /// A kubeconfig pointing at this server (plain HTTP on loopback, no credentials).
+    /// A kubeconfig pointing at this server (plain HTTP on loopback) with the cluster
+    /// admin's token ([`ADMIN_TOKEN`]).
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_with(&format!("{{token: {ADMIN_TOKEN}}}"))
+    }
+
+    /// A kubeconfig whose user is `user` (YAML flow mapping, e.g. `{token: abc}`).
+    pub fn kubeconfig_with(&self, user: &str) -> String {
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: http://127.0.0.1:{}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\ncurrent-context: lab\nusers:\n- name: lab\n  user: {{}}\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: http://127.0.0.1:{}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\ncurrent-context: lab\nusers:\n- name: lab\n  user: {user}\n",
             self.port
         )
+    }
+
+    /// A kubeconfig of `user` authenticated without a token (basic credentials stand for the
+    /// client certificates of a real cluster): `user` is known to the server from now on.
+    pub fn kubeconfig_without_token(&self, user: &str, groups: &[&str]) -> String {
+        let password = format!("{user}-password");
+        let identity = Identity::of(user, groups);
+        let cred = base64(format!("{user}:{password}").as_bytes());
+        self.shared
+            .0
+            .lock()
+            .unwrap()
+            .auth
+            .basic
+            .insert(cred, identity);
+        self.kubeconfig_with(&format!("{{username: {user}, password: {password}}}"))
+    }
+
+    /// Makes `token` (for the API server's audience) the credential of `user` in `groups`.
+    pub fn add_token(&self, token: &str, user: &str, groups: &[&str]) {
+        let identity = Identity::of(user, groups);
+        self.shared
+            .0
+            .lock()
+            .unwrap()
+            .auth
+            .tokens
+            .insert(token.into(), identity);
+    }
+
+    /// RBAC: `subject` (user or group) may `verb` `resource` of API `group` in `namespace`
+    /// (a RoleBinding), or everywhere with `None` (a ClusterRoleBinding). A TokenRequest is
+    /// `create` on `serviceaccounts/token` of group "".
+    pub fn allow(
+        &self,
+        subject: &str,
+        verb: &str,
+        group: &str,
+        resource: &str,
+        namespace: Option<&str>,
+    ) {
+        self.shared.0.lock().unwrap().auth.grants.push(Grant {
+            subject: subject.into(),
+            verb: verb.into(),
+            group: group.into(),
+            resource: resource.into(),
+            namespace: namespace.map(str::to_string),
+            name: None,
+        });
+    }
+
+    /// Restricts the last [`Self::allow`] to the object `name` (a rule's `resourceNames`).
+    pub fn only_named(&self, name: &str) {
+        let mut st = self.shared.0.lock().unwrap();
+        if let Some(g) = st.auth.grants.last_mut() {
+            g.name = Some(name.into());
+        }
+    }
+
+    /// (TokenReviews, SubjectAccessReviews) answered so far.
+    pub fn reviews(&self) -> (usize, usize) {
+        let st = self.shared.0.lock().unwrap();
+        (st.auth.token_reviews, st.auth.access_reviews)
+    }
+
+    /// The TokenRequests granted (their bodies: `spec.audiences`, `spec.expirationSeconds`).
+    pub fn token_requests(&self) -> Vec<Value> {
+        self.shared.0.lock().unwrap().auth.token_requests.clone()
     }
 
     fn handle(&self, conn: TcpStream) -> std::io::Result<()> {
@@ -207,6 +400,13 @@ impl FakeKube {
                 .next()
                 .unwrap_or("GET")
                 .to_string();
+            let target = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+            if method == "POST"
+                && let Some((code, answer)) = self.authn_authz(&target, &headers, &body)
+            {
+                respond(&mut out, code, &answer)?;
+                continue;
+            }
             if method == "POST" || method == "PATCH" {
                 let mut obj: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 {
@@ -220,7 +420,6 @@ impl FakeKube {
                 respond(&mut out, if method == "POST" { 201 } else { 200 }, &obj)?;
                 continue;
             }
-            let target = request.split_whitespace().nth(1).unwrap_or("/").to_string();
             let (path, query) = target.split_once('?').unwrap_or((&target, ""));
             let params: BTreeMap<String, String> = query
                 .split('&')
@@ -376,6 +575,127 @@ impl FakeKube {
             out.flush()?;
         }
     }
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind":"Status","apiVersion":"v1","status":"Failure","code":code,"reason":reason,"message":message})
+}
+
+impl FakeKube {
+    /// TokenReview, SubjectAccessReview and TokenRequest (None: not one of them).
+    fn authn_authz(
+        &self,
+        target: &str,
+        headers: &BTreeMap<String, String>,
+        body: &[u8],
+    ) -> Option<(u16, Value)> {
+        let path = target.split('?').next().unwrap_or_default();
+        let review: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let mut st = self.shared.0.lock().unwrap();
+        if st.down && (path.contains(".k8s.io/") || path.ends_with("/token")) {
+            return Some((503, status(503, "ServiceUnavailable", "down")));
+        }
+        if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+            st.auth.token_reviews += 1;
+            return Some((201, token_review(&st.auth, review)));
+        }
+        if path == "/apis/authorization.k8s.io/v1/subjectaccessreviews" {
+            st.auth.access_reviews += 1;
+            return Some((201, access_review(&st.auth, review)));
+        }
+        let rest = path.strip_prefix("/api/v1/namespaces/")?;
+        let (ns, rest) = rest.split_once("/serviceaccounts/")?;
+        let name = rest.strip_suffix("/token")?;
+        let who = st.auth.requester(headers);
+        let allowed = who
+            .as_ref()
+            .is_some_and(|w| st.auth.may(w, "create", "", "serviceaccounts/token", ns));
+        if !allowed {
+            let user = who.map_or("system:anonymous".into(), |w| w.user);
+            let message = format!(
+                "serviceaccounts \"{name}\" is forbidden: User \"{user}\" cannot create resource \"serviceaccounts/token\" in API group \"\" in the namespace \"{ns}\""
+            );
+            return Some((403, status(403, "Forbidden", &message)));
+        }
+        Some((201, mint_token(&mut st.auth, ns, name, review)))
+    }
+}
+
+fn token_review(auth: &Auth, mut review: Value) -> Value {
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = match review["spec"]["audiences"].as_array() {
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .filter_map(|v| Some(v.as_str()?.to_string()))
+            .collect(),
+        _ => vec![API_AUDIENCE.into()],
+    };
+    review["status"] = match auth.tokens.get(token) {
+        Some(id) if id.audiences.iter().any(|a| wanted.contains(a)) => json!({
+            "authenticated": true,
+            "user": {"username": id.user, "groups": id.groups},
+            "audiences": id.audiences.iter().filter(|a| wanted.contains(a)).collect::<Vec<_>>(),
+        }),
+        Some(_) => json!({"authenticated": false, "error": "token audiences do not match"}),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    review
+}
+
+fn access_review(auth: &Auth, mut review: Value) -> Value {
+    let spec = &review["spec"];
+    let who = Identity {
+        user: spec["user"].as_str().unwrap_or_default().into(),
+        groups: spec["groups"]
+            .as_array()
+            .map(|g| {
+                g.iter()
+                    .filter_map(|v| Some(v.as_str()?.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        audiences: Vec::new(),
+    };
+    let ra = &spec["resourceAttributes"];
+    let field = |k: &str| ra[k].as_str().unwrap_or_default();
+    let allowed = auth.may_named(
+        &who,
+        field("verb"),
+        field("group"),
+        field("resource"),
+        field("namespace"),
+        field("name"),
+    );
+    review["status"] = json!({"allowed": allowed});
+    review
+}
+
+fn mint_token(auth: &mut Auth, ns: &str, name: &str, mut request: Value) -> Value {
+    let token = format!("sa-token-{ns}-{name}-{}", auth.token_requests.len() + 1);
+    let audiences: Vec<String> = request["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| Some(v.as_str()?.to_string()))
+                .collect()
+        })
+        .filter(|a: &Vec<String>| !a.is_empty())
+        .unwrap_or_else(|| vec![API_AUDIENCE.into()]);
+    auth.token_requests.push(request.clone());
+    auth.tokens.insert(
+        token.clone(),
+        Identity {
+            user: format!("system:serviceaccount:{ns}:{name}"),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{ns}"),
+                "system:authenticated".into(),
+            ],
+            audiences,
+        },
+    );
+    request["status"] = json!({"token": token, "expirationTimestamp": "2099-01-01T00:00:00Z"});
+    request
 }
 
 /// (namespace, name) of `…/namespaces/NS/pods/NAME`.
@@ -550,6 +870,8 @@ fn respond(out: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> 
         200 => "OK",
         201 => "Created",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         _ => "Service Unavailable",
     };

@@ -419,13 +419,14 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
         opts.node_name.as_deref(),
     ));
     let inventory = std::sync::Arc::new(std::sync::OnceLock::new());
+    let traces = crate::cluster::server::TraceServer::new()?.with_failures(failures.clone());
     tokio::spawn(crate::cluster::server::serve(
         listener,
         std::sync::Arc::new(Status {
             metrics: metrics.clone(),
             inventory: inventory.clone(),
         }),
-        crate::cluster::server::TraceServer::new()?.with_failures(failures.clone()),
+        traces.clone(),
     ));
     // Held until the agent exits; the kernel turns the statistics off when it is closed.
     let _run_time_stats = opts
@@ -505,6 +506,8 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
     };
     let ended = session.run().await?;
     metrics.lock().expect("metrics lock").ready = false;
+    // The remote traces remove their tables (in pod namespaces too) before the agent exits.
+    traces.shutdown().await;
     let finished = crate::sinks::Sink::finish(&mut session.into_sinks(), &Summary::new());
     probes.borrow_mut().detach_tc();
     match ended {

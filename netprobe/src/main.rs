@@ -36,10 +36,12 @@ enum Command {
     /// RST/ICMP-unreachable packets and failed DNS lookups (dropped, rejected, unanswered,
     /// SERVFAIL) of the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics, /healthz,
     /// /readyz (200 once the probes are attached; the body names what is degraded: a probe
-    /// the kernel refused, an inventory not synced while the API server is down), /v1/trace (cluster-mode traces,
-    /// root-owned connections only) and /v1/failures (what failed in the last 60 minutes, for
-    /// `netprobe failures`; root-owned connections only) on --metrics-addr. Installs no
-    /// firewall rule.
+    /// the kernel refused, an inventory not synced while the API server is down), /v1/trace
+    /// (cluster-mode traces) and /v1/failures (what failed in the last 60 minutes, for
+    /// `netprobe failures`) on --metrics-addr; those two only for a bearer token the
+    /// Kubernetes API accepts (TokenReview) and allows (SubjectAccessReview on
+    /// traces/failures.netprobe.io), each request logged with who asked. SIGTERM stops running
+    /// traces (their tables removed) before exiting. Installs no firewall rule.
     Agent(AgentArgs),
     /// Print the JSON Schemas of the objects `trace -o json` prints (events, verdicts, summary)
     /// and of the answer `failures -o json` prints, keyed by their `schema` value.
@@ -75,9 +77,11 @@ enum Command {
     ///
     /// Every agent remembers the failed connection attempts and DNS lookups it judged (refused,
     /// dropped by a rule or the kernel, unreachable, reset, timed out) for 60 minutes. This
-    /// asks every agent through a port-forward to its pod, as cluster-mode trace does (RBAC:
-    /// the netprobe-tracer roles of deploy/, i.e. list pods and pods/portforward in the agent's
-    /// namespace), and prints the answers merged, grouped by client workload → Service:port
+    /// asks every agent through a port-forward to its pod with a bearer token, as cluster-mode
+    /// trace does (RBAC: the netprobe-tracer roles of deploy/, i.e. list pods and
+    /// pods/portforward in the agent's namespace, and `list` on failures.netprobe.io, which the
+    /// agents check: cluster-wide gives every failure, a namespace only those with a side in
+    /// it), and prints the answers merged, grouped by client workload → Service:port
     /// (else the server's workload), outcome and rule/policy, with counts (now = this minute
     /// and the previous; and over --since) and one example verdict's explanation per group. An
     /// agent that does not answer is reported, not fatal. Exit 0 when an agent answered, 2
@@ -93,8 +97,10 @@ struct AgentArgs {
     /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /v1/trace, /v1/failures).
     /// Loopback by default: nothing unauthenticated on the node network; Prometheus scrapes
     /// through the authenticating proxy of deploy/ (kube-rbac-proxy), cluster-mode traces and
-    /// `failures` arrive through pods/portforward. Example: --metrics-addr 127.0.0.1:9965
-    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9965")]
+    /// `failures` arrive through pods/portforward. 19965: not a port of Cilium (9962-9966), the
+    /// Prometheus exporter range (9100-9999) or Kubernetes (10248-10260); see deploy/README.md.
+    /// Example: --metrics-addr 127.0.0.1:19965
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:19965")]
     metrics_addr: std::net::SocketAddr,
     /// This node's name: the inventory then lists only this node's pods.
     #[arg(long, env = "NODE_NAME")]
@@ -207,7 +213,9 @@ struct TraceArgs {
     ring_buffer_kib: u32,
     /// Cluster mode (from a laptop): find --pod's node through the Kubernetes API and run
     /// the trace there by the node's netprobe agent, reached through a port-forward to the
-    /// agent pod (RBAC: `create` on pods/portforward in the agent's namespace). Default when
+    /// agent pod (RBAC: `create` on pods/portforward in the agent's namespace), with a bearer
+    /// token the agent checks (RBAC: `create` on traces.netprobe.io in the pod's namespace;
+    /// see --as-service-account). Default when
     /// run as `kubectl netprobe` (the binary installed as kubectl-netprobe). With --addr
     /// (ClusterIP or pod IP) whose pods run on other nodes, those nodes' agents trace too and
     /// each attempt gets one verdict joined from both nodes.
@@ -217,8 +225,17 @@ struct TraceArgs {
     #[arg(long, env = "NETPROBE_NAMESPACE", default_value = "netprobe")]
     agent_namespace: String,
     /// Cluster mode: the agent's loopback port (the port of its --metrics-addr).
-    #[arg(long, default_value_t = 9965)]
+    #[arg(long, default_value_t = 19965)]
     agent_port: u16,
+    /// Cluster mode: the agents check who you are with a bearer token (and RBAC: `create` on
+    /// traces.netprobe.io of the pod's namespace). The kubeconfig's token is sent when it has
+    /// one; otherwise (client certificates, e.g. k3s's admin kubeconfig) a 10-minute token is
+    /// requested for this ServiceAccount (RBAC: `create` on its serviceaccounts/token). If
+    /// neither works, use a kubeconfig with a token or ask for the Role
+    /// netprobe-token-requester of deploy/. [default: netprobe/netprobe-tracer when the
+    /// kubeconfig has no token]
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = netprobe::cluster::token::parse_service_account)]
+    as_service_account: Option<(String, String)>,
 }
 
 #[derive(clap::Args)]
@@ -243,8 +260,13 @@ struct FailuresArgs {
     #[arg(long, env = "NETPROBE_NAMESPACE", default_value = "netprobe")]
     agent_namespace: String,
     /// The agents' loopback port (the port of their --metrics-addr).
-    #[arg(long, default_value_t = 9965)]
+    #[arg(long, default_value_t = 19965)]
     agent_port: u16,
+    /// Request the agents' bearer token for this ServiceAccount (as for `trace`; RBAC: `list`
+    /// on failures.netprobe.io, cluster-wide or per namespace). [default: the kubeconfig's
+    /// token, else netprobe/netprobe-tracer]
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = netprobe::cluster::token::parse_service_account)]
+    as_service_account: Option<(String, String)>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -457,6 +479,7 @@ fn cluster_trace(t: TraceArgs, port: u16, udp: bool) -> ExitCode {
         agent_namespace: t.agent_namespace,
         agent_port: t.agent_port,
         format: t.output,
+        service_account: t.as_service_account,
         request: netprobe::cluster::protocol::TraceRequest {
             port,
             udp,
@@ -491,6 +514,7 @@ fn failures(f: FailuresArgs) -> ExitCode {
         agent_namespace: f.agent_namespace,
         agent_port: f.agent_port,
         format: f.output,
+        service_account: f.as_service_account,
         query: netprobe::cluster::failures::FailuresQuery {
             since: f.since,
             namespace: f.namespace,

@@ -172,10 +172,17 @@ fn the_daemonset_keeps_least_privilege_and_justifies_each_capability() {
 /// (apiGroup, resource, verb) of every resource rule; panics on wildcards, resourceNames and
 /// non-resource URLs (asserted separately where they belong).
 fn grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
+    for r in rules {
+        assert!(r.resource_names.is_none(), "resourceNames in {r:?}");
+    }
+    named_grants(rules)
+}
+
+/// [`grants`], resourceNames allowed (checked by the caller).
+fn named_grants(rules: &[PolicyRule]) -> BTreeSet<(String, String, String)> {
     let mut out = BTreeSet::new();
     for r in rules {
         assert!(r.non_resource_urls.is_none(), "nonResourceURLs in {r:?}");
-        assert!(r.resource_names.is_none(), "resourceNames in {r:?}");
         for g in r.api_groups.as_deref().unwrap_or_default() {
             for res in r.resources.as_deref().unwrap_or_default() {
                 for v in &r.verbs {
@@ -199,10 +206,28 @@ fn set(items: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
 }
 
 /// The reviewed least-privilege RBAC (deploy/SECURITY.md), exactly: the agent reads pods,
-/// services and endpointslices, writes only Events, and (for kube-rbac-proxy) creates
-/// TokenReviews and SubjectAccessReviews; the tracer may find pods and port-forward to the agent
-/// pods in `namespace`; the metrics reader may GET /metrics. Only the agent is bound.
+/// services and endpointslices, writes only Events, and (for its own trace and failures
+/// requests and for kube-rbac-proxy) creates TokenReviews and SubjectAccessReviews; the tracer
+/// may find pods, create traces.netprobe.io and list failures.netprobe.io (the virtual
+/// resources the agents check), and find and port-forward to the agent pods in `namespace`;
+/// the token requester may create tokens of the netprobe-tracer ServiceAccount only; the
+/// metrics reader may GET /metrics. Bound: the agent, and the tracer ServiceAccount
+/// (cluster-wide tracer), nobody else.
 fn check_rbac(objs: &[serde_yaml::Value], namespace: &str) {
+    check_agent_and_tracer_roles(objs, namespace);
+    let reader: ClusterRole = typed(find(objs, "ClusterRole", "netprobe-metrics-reader"));
+    let rules = reader.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].non_resource_urls.as_deref(),
+        Some(&["/metrics".to_string()][..])
+    );
+    assert_eq!(rules[0].verbs, ["get"]);
+    assert!(rules[0].resources.is_none() && rules[0].api_groups.is_none());
+    check_bindings(objs, namespace);
+}
+
+fn check_agent_and_tracer_roles(objs: &[serde_yaml::Value], namespace: &str) {
     let read = ["get", "list", "watch"];
     let mut agent = Vec::new();
     for (g, r) in [
@@ -224,7 +249,12 @@ fn check_rbac(objs: &[serde_yaml::Value], namespace: &str) {
     let tracer: ClusterRole = typed(find(objs, "ClusterRole", "netprobe-tracer"));
     assert_eq!(
         grants(&tracer.rules.unwrap()),
-        set(&[("", "pods", "get"), ("", "pods", "list")]),
+        set(&[
+            ("", "pods", "get"),
+            ("", "pods", "list"),
+            ("netprobe.io", "traces", "create"),
+            ("netprobe.io", "failures", "list"),
+        ]),
         "ClusterRole netprobe-tracer"
     );
     let tracer: Role = typed(find(objs, "Role", "netprobe-tracer"));
@@ -233,22 +263,31 @@ fn check_rbac(objs: &[serde_yaml::Value], namespace: &str) {
         grants(&tracer.rules.unwrap()),
         set(&[
             ("", "pods", "get"),
+            ("", "pods", "list"),
             ("", "pods/portforward", "create"),
             ("", "pods/portforward", "get"),
         ]),
         "Role netprobe-tracer"
     );
-
-    let reader: ClusterRole = typed(find(objs, "ClusterRole", "netprobe-metrics-reader"));
-    let rules = reader.rules.unwrap();
-    assert_eq!(rules.len(), 1);
+    let requester: Role = typed(find(objs, "Role", "netprobe-token-requester"));
+    assert_eq!(requester.metadata.namespace.as_deref(), Some(namespace));
+    let rules = requester.rules.unwrap();
     assert_eq!(
-        rules[0].non_resource_urls.as_deref(),
-        Some(&["/metrics".to_string()][..])
+        named_grants(&rules),
+        set(&[("", "serviceaccounts/token", "create")]),
+        "Role netprobe-token-requester"
     );
-    assert_eq!(rules[0].verbs, ["get"]);
-    assert!(rules[0].resources.is_none() && rules[0].api_groups.is_none());
+    assert!(
+        rules
+            .iter()
+            .all(|r| r.resource_names.as_deref() == Some(&["netprobe-tracer".to_string()][..])),
+        "tokens of the tracer ServiceAccount only: {rules:?}"
+    );
+    let sa = find(objs, "ServiceAccount", "netprobe-tracer");
+    assert_eq!(sa["metadata"]["namespace"].as_str(), Some(namespace));
+}
 
+fn check_bindings(objs: &[serde_yaml::Value], namespace: &str) {
     let mut roles = Vec::new();
     let mut bindings = Vec::new();
     for o in objs {
@@ -271,26 +310,41 @@ fn check_rbac(objs: &[serde_yaml::Value], namespace: &str) {
         [
             "netprobe-agent",
             "netprobe-metrics-reader",
+            "netprobe-token-requester",
             "netprobe-tracer",
             "netprobe-tracer"
         ],
         "no other role"
     );
-    // Nobody is bound to the tracer or metrics-reader roles by default.
-    assert_eq!(bindings.len(), 1, "only the agent is bound");
-    let (role_ref, subjects) = &bindings[0];
-    assert_eq!(
-        (role_ref.kind.as_str(), role_ref.name.as_str()),
-        ("ClusterRole", "netprobe-agent")
-    );
-    assert_eq!(subjects.len(), 1);
-    assert_eq!(
+    // No person is bound to the tracer, token-requester or metrics-reader roles by default.
+    let bound: BTreeSet<(String, String, String, String)> = bindings
+        .iter()
+        .flat_map(|(r, subjects)| {
+            subjects.iter().map(|s| {
+                (
+                    format!("{}/{}", r.kind, r.name),
+                    s.kind.clone(),
+                    s.name.clone(),
+                    s.namespace.clone().unwrap_or_default(),
+                )
+            })
+        })
+        .collect();
+    let sa = |role: &str, name: &str| {
         (
-            subjects[0].kind.as_str(),
-            subjects[0].name.as_str(),
-            subjects[0].namespace.as_deref()
-        ),
-        ("ServiceAccount", "netprobe", Some(namespace))
+            role.to_string(),
+            "ServiceAccount".to_string(),
+            name.to_string(),
+            namespace.to_string(),
+        )
+    };
+    assert_eq!(
+        bound,
+        BTreeSet::from([
+            sa("ClusterRole/netprobe-agent", "netprobe"),
+            sa("ClusterRole/netprobe-tracer", "netprobe-tracer"),
+        ]),
+        "only the agent and the tracer ServiceAccount are bound"
     );
 }
 
@@ -300,7 +354,7 @@ fn rbac_is_the_reviewed_least_privilege_set() {
 }
 
 /// Where the agent listens: `--metrics-addr` in its args, else METRICS_ADDR from its env or the
-/// ConfigMap it reads (the binary's own default is 0.0.0.0:9965, so the manifests must set it).
+/// ConfigMap it reads (the manifests set it explicitly; the binary's default is 127.0.0.1:19965).
 fn agent_listen_addr(objs: &[serde_yaml::Value], agent: &Container) -> SocketAddr {
     let args = agent.args.clone().unwrap_or_default();
     if let Some(a) = args.iter().find_map(|a| a.strip_prefix("--metrics-addr=")) {
@@ -410,9 +464,66 @@ fn check_listeners(objs: &[serde_yaml::Value], proxy_port: u16) {
     }
 }
 
+/// Ports of common CNIs and node agents (hostNetwork, so a collision is a failed bind on the
+/// node): Cilium (agent, operator, Envoy, Hubble metrics 9962-9966; health 4240, Hubble 4244,
+/// relay 4245), Calico (BGP 179, Typha 5473, metrics 9091-9094), kube-proxy, kubelet and
+/// the k3s/kubeadm control plane (10248-10260, 6443), node-exporter (9100), kube-router
+/// (20244/20245, 8080), CoreDNS (9153, 8080, 8181), MetalLB (7472, 7946), Retina (10093),
+/// Tetragon (2112), Linkerd (4140-4191), Istio (15000-15090); and the Prometheus exporter
+/// range 9100-9999, allocated in full.
+fn taken(port: u16) -> bool {
+    matches!(
+        port,
+        179 | 2112 | 4240 | 4244 | 4245 | 5473 | 6443 | 7472 | 7946 | 8080 | 8181 | 9153
+            | 9100..=9999 | 10093 | 10248..=10260 | 20244 | 20245 | 4140..=4191 | 15000..=15090
+    )
+}
+
+/// What `netprobe <args>` prints as `[default: X]` for the flag `flag`.
+fn help_default(args: &[&str], flag: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_netprobe"))
+        .args(args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    let at = help.find(flag).unwrap_or_else(|| panic!("{flag}: {help}"));
+    let rest = &help[at..];
+    let d = rest.find("[default: ").expect("a default") + "[default: ".len();
+    rest[d..rest[d..].find(']').unwrap() + d].to_string()
+}
+
+#[test]
+fn the_default_ports_are_no_common_node_agents() {
+    let binary: SocketAddr = help_default(&["agent"], "--metrics-addr").parse().unwrap();
+    assert!(
+        binary.ip().is_loopback() && !taken(binary.port()),
+        "{binary}"
+    );
+    for cmd in [&["trace"][..], &["failures"]] {
+        let port: u16 = help_default(cmd, "--agent-port").parse().unwrap();
+        assert_eq!(port, binary.port(), "{cmd:?} --agent-port");
+    }
+    for objs in [base_objects(), helm(serde_json::json!({})).objects] {
+        let ds: DaemonSet = typed(find(&objs, "DaemonSet", "netprobe"));
+        let containers = ds.spec.unwrap().template.spec.unwrap().containers;
+        let agent = containers.iter().find(|c| c.name == "agent").unwrap();
+        assert_eq!(agent_listen_addr(&objs, agent), binary);
+        let proxy = containers
+            .iter()
+            .find(|c| c.name == "kube-rbac-proxy")
+            .unwrap();
+        let port = proxy.ports.as_ref().unwrap()[0].container_port;
+        assert!(
+            !taken(u16::try_from(port).unwrap()),
+            "kube-rbac-proxy on {port}"
+        );
+    }
+}
+
 #[test]
 fn only_the_tls_proxy_listens_off_loopback_and_it_forwards_only_metrics() {
-    check_listeners(&base_objects(), 9966);
+    check_listeners(&base_objects(), 19966);
 }
 
 fn chart() -> PathBuf {
@@ -564,7 +675,7 @@ fn the_helm_chart_renders_the_kustomize_objects() {
     }
     // The same properties, checked on the rendering itself.
     check_rbac(&r.objects, "netprobe");
-    check_listeners(&r.objects, 9966);
+    check_listeners(&r.objects, 19966);
     let containers = pod_containers(&r.objects);
     check_agent_container(
         containers.iter().find(|c| c.name == "agent").unwrap(),
@@ -587,7 +698,7 @@ fn the_helm_chart_values_change_only_what_they_name() {
         "rateLimit": 5,
         "programStats": true,
         "logLevel": "info",
-        "metrics": {"address": "127.0.0.1:19965", "rbacProxy": {"port": 19966},
+        "metrics": {"address": "127.0.0.1:29965", "rbacProxy": {"port": 29966},
                     "podLabels": true, "maxSeries": 100},
     }));
     assert_eq!(r.error, None);
@@ -596,7 +707,7 @@ fn the_helm_chart_values_change_only_what_they_name() {
     assert_eq!(data["RATE_LIMIT"], "5");
     assert_eq!(data["NETPROBE_PROGRAM_STATS"], "true");
     assert_eq!(data["RUST_LOG"], "info");
-    assert_eq!(data["METRICS_ADDR"], "127.0.0.1:19965");
+    assert_eq!(data["METRICS_ADDR"], "127.0.0.1:29965");
     assert_eq!(data["NETPROBE_METRICS_POD_LABELS"], "true");
     assert_eq!(data["NETPROBE_METRICS_MAX_SERIES"], "100");
     let ds: DaemonSet = typed(find(&r.objects, "DaemonSet", "netprobe"));
@@ -607,7 +718,7 @@ fn the_helm_chart_values_change_only_what_they_name() {
     );
     assert_eq!(pod.node_selector.unwrap()["kubernetes.io/os"], "linux");
     assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("gpu"));
-    check_listeners(&r.objects, 19966);
+    check_listeners(&r.objects, 29966);
     check_rbac(&r.objects, "netprobe");
 
     // A metrics address off loopback is refused: it would be unauthenticated on the node network.
@@ -617,7 +728,8 @@ fn the_helm_chart_values_change_only_what_they_name() {
         assert!(err.contains("must be 127.x.x.x:PORT"), "{err}");
     }
 
-    // Without the proxy: no sidecar, no review rights, no metrics-reader role; still loopback.
+    // Without the proxy: no sidecar, no metrics-reader role; the review rights stay (the agent
+    // authorises trace and failures requests itself); still loopback.
     let r = helm(
         serde_json::json!({"metrics": {"rbacProxy": {"enabled": false}},
                                     "rbac": {"tracer": {"create": false}}}),
@@ -627,16 +739,20 @@ fn the_helm_chart_values_change_only_what_they_name() {
     assert_eq!(containers.len(), 1);
     let role: ClusterRole = typed(find(&r.objects, "ClusterRole", "netprobe-agent"));
     let g = grants(&role.rules.unwrap());
-    assert!(
-        !g.iter().any(
-            |(grp, _, _)| grp.starts_with("authentication") || grp.starts_with("authorization")
-        )
-    );
-    assert!(
-        r.objects.iter().all(
-            |o| o["kind"] == "ClusterRoleBinding" || o["metadata"]["name"] != "netprobe-tracer"
-        )
-    );
+    assert!(g.contains(&(
+        "authentication.k8s.io".into(),
+        "tokenreviews".into(),
+        "create".into()
+    )));
+    assert!(g.contains(&(
+        "authorization.k8s.io".into(),
+        "subjectaccessreviews".into(),
+        "create".into()
+    )));
+    assert!(r.objects.iter().all(
+        |o| !o["metadata"]["name"].as_str().unwrap().contains("tracer")
+            && o["metadata"]["name"] != "netprobe-token-requester"
+    ));
     assert!(
         !r.objects
             .iter()

@@ -256,7 +256,8 @@ fn failed_dns_lookups_on_both_nodes_are_listed_with_the_query() {
         "{text}"
     );
     assert!(text.contains(&format!("(DNS A {name}): ")), "{text}");
-    // Another user on the node cannot read them through the loopback port.
+    // Another user on the node, without a token, cannot read them through the loopback port
+    // (401 now; 403 by socket owner before).
     let a = &lab.labs[0];
     let direct = a
         .sh(
@@ -267,5 +268,5 @@ fn failed_dns_lookups_on_both_nodes_are_listed_with_the_query() {
             ),
         )
         .unwrap();
-    assert!(direct.contains("403 Forbidden"), "{direct}");
+    assert!(direct.contains("401 Unauthorized"), "{direct}");
 }

@@ -14,7 +14,7 @@ use std::{
 
 use netprobe_lab::{
     Lab, in_netns,
-    kubeapi::{FakeKube, Kind, pod},
+    kubeapi::{ADMIN_TOKEN, FakeKube, Kind, pod},
     metrics::sum as metric_sum,
     process::{Agent, Spawn},
 };
@@ -266,7 +266,7 @@ fn agent_sigkill_mid_remote_trace_leaves_no_orphan_and_no_table() {
         ],
         false,
     );
-    // A remote trace, as the port-forward would ask for it (root on the node).
+    // A remote trace, as the port-forward would ask for it (with the lab admin's token).
     let node = lab.node().to_string();
     let port = agent.port;
     let mut sock = in_netns(&node, || TcpStream::connect(("127.0.0.1", port)))
@@ -274,7 +274,7 @@ fn agent_sigkill_mid_remote_trace_leaves_no_orphan_and_no_table() {
         .unwrap();
     write!(
         sock,
-        "GET /v1/trace?port=9500&pod=financial-ml/mlserver-0&duration_ms=600000 HTTP/1.1\r\n\r\n"
+        "GET /v1/trace?port=9500&pod=financial-ml/mlserver-0&duration_ms=600000 HTTP/1.1\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
     )
     .unwrap();
     // Wait until the trace runs: its table is in place.

@@ -382,3 +382,22 @@ pub fn bpf_filters(lab: &netprobe_lab::Lab, netns: &str) -> Vec<String> {
     .map(str::to_string)
     .collect()
 }
+
+/// `program` run as nobody in `netns` with `kubeconfig` and without NODE_NAME ("the laptop":
+/// no root, no eBPF; all work happens in the agents), output piped; add the arguments.
+pub fn laptop(netns: &str, kubeconfig: &str, program: &Path) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", netns])
+        .args([
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .arg(program)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("NODE_NAME")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}

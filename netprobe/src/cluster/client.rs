@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::{
     Request, StatusCode,
-    header::{CONNECTION, HOST, UPGRADE},
+    header::{AUTHORIZATION, CONNECTION, HOST, UPGRADE},
 };
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Pod;
@@ -34,6 +34,8 @@ pub struct Options {
     pub request: TraceRequest,
     /// How the laptop prints what the node saw.
     pub format: Format,
+    /// Request the agents' token for this ServiceAccount (`--as-service-account`).
+    pub service_account: Option<(String, String)>,
 }
 
 /// Runs a trace on the pod's node through its agent; returns the node-side exit code. When
@@ -69,24 +71,35 @@ pub async fn run(mut opts: Options, stdout: &mut dyn Write, stderr: &mut dyn Wri
         agents: Api::namespaced(client.clone(), &opts.agent_namespace),
         namespace: opts.agent_namespace.clone(),
         port: opts.agent_port,
+        token: super::token::bearer(&client, opts.service_account.as_ref()).await?,
     };
     let plan = super::crossnode::plan(&client, &opts, &node, &agent, stderr).await;
     match plan {
         Some(plan) => super::crossnode::run(&opts, plan, &forwarder, stdout, stderr).await,
         None => {
             let (pf, stream) = forwarder.open(&agent).await?;
-            let code = exchange(stream, &opts.request, opts.format, stdout, stderr).await;
+            let code = exchange(
+                stream,
+                &opts.request,
+                &forwarder.token,
+                opts.format,
+                stdout,
+                stderr,
+            )
+            .await;
             pf.abort();
             code
         }
     }
 }
 
-/// Opens port-forwards to agent pods.
+/// Opens port-forwards to agent pods; what the client says there carries `token`.
 pub(super) struct Forwarder {
     agents: Api<Pod>,
     namespace: String,
     port: u16,
+    /// The caller's bearer token, sent to every agent (each checks it with the API server).
+    pub(super) token: String,
 }
 
 impl Forwarder {
@@ -170,6 +183,7 @@ fn render<W: Write>(
 pub async fn exchange(
     stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
     req: &TraceRequest,
+    token: &str,
     format: Format,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
@@ -179,6 +193,7 @@ pub async fn exchange(
     let code = session(
         stream,
         req,
+        token,
         |f| {
             if let Err(e) = render(f, &mut printer, stderr) {
                 failed.get_or_insert(e);
@@ -203,6 +218,7 @@ fn remote(reason: impl std::fmt::Display) -> Error {
 async fn open_trace(
     stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
     req: &TraceRequest,
+    token: &str,
 ) -> Result<TokioIo<hyper::upgrade::Upgraded>> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -212,6 +228,7 @@ async fn open_trace(
         .header(HOST, "localhost")
         .header(CONNECTION, "upgrade")
         .header(UPGRADE, super::protocol::UPGRADE)
+        .header(AUTHORIZATION, format!("Bearer {token}"))
         .body(Empty::<Bytes>::new())
         .map_err(remote)?;
     let resp = sender
@@ -239,10 +256,11 @@ async fn open_trace(
 pub async fn session(
     stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
     req: &TraceRequest,
+    token: &str,
     mut on_frame: impl FnMut(Frame),
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<i32> {
-    let mut stream = BufReader::new(open_trace(stream, req).await?);
+    let mut stream = BufReader::new(open_trace(stream, req, token).await?);
     let mut stop = std::pin::pin!(stop);
     let mut stopped = false;
     let mut line = String::new();
@@ -282,6 +300,8 @@ pub struct FailuresOptions {
     pub agent_port: u16,
     pub query: FailuresQuery,
     pub format: Format,
+    /// Request the agents' token for this ServiceAccount (`--as-service-account`).
+    pub service_account: Option<(String, String)>,
 }
 
 /// Longest wait for one agent's answer (port-forward included).
@@ -300,6 +320,7 @@ pub async fn failures(
         agents: Api::namespaced(client.clone(), &opts.agent_namespace),
         namespace: opts.agent_namespace.clone(),
         port: opts.agent_port,
+        token: super::token::bearer(&client, opts.service_account.as_ref()).await?,
     };
     let asked = agents
         .iter()
@@ -363,7 +384,7 @@ async fn ask_failures(
 ) -> FailuresAnswer {
     let asked = async {
         let (pf, stream) = forwarder.open(agent).await.map_err(|e| e.to_string())?;
-        let answer = get_failures(stream, query).await;
+        let answer = get_failures(stream, query, &forwarder.token).await;
         pf.abort();
         answer
     };
@@ -381,6 +402,7 @@ async fn ask_failures(
 pub async fn get_failures(
     stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
     query: &FailuresQuery,
+    token: &str,
 ) -> std::result::Result<FailuresAnswer, String> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -388,6 +410,7 @@ pub async fn get_failures(
     tokio::spawn(conn);
     let request = Request::get(format!("{FAILURES_PATH}?{}", query.to_query()))
         .header(HOST, "localhost")
+        .header(AUTHORIZATION, format!("Bearer {token}"))
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     let resp = sender
@@ -456,7 +479,7 @@ mod tests {
             head
         });
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let code = exchange(client, &req, Format::Text, &mut out, &mut err)
+        let code = exchange(client, &req, "tok-1", Format::Text, &mut out, &mut err)
             .await
             .unwrap();
         assert_eq!(code, 1);
@@ -468,7 +491,8 @@ mod tests {
         let head = server.await.unwrap().to_ascii_lowercase();
         assert!(
             head.starts_with("get /v1/trace?port=9500&pod=ns%2fp http/1.1\r\n")
-                && head.contains("upgrade: netprobe-trace/1"),
+                && head.contains("upgrade: netprobe-trace/1")
+                && head.contains("authorization: bearer tok-1\r\n"),
             "{head}"
         );
     }
@@ -495,10 +519,13 @@ mod tests {
                 String::from_utf8_lossy(&buf[..n]).to_string()
             });
             let q = FailuresQuery::from_query("since=5m&namespace=team-a").unwrap();
-            let got = get_failures(client, &q).await;
+            let got = get_failures(client, &q, "tok-2").await;
             let head = server.await.unwrap();
             assert!(
-                head.starts_with("GET /v1/failures?since=300s&namespace=team-a HTTP/1.1\r\n"),
+                head.starts_with("GET /v1/failures?since=300s&namespace=team-a HTTP/1.1\r\n")
+                    && head
+                        .to_ascii_lowercase()
+                        .contains("authorization: bearer tok-2\r\n"),
                 "{head}"
             );
             match got {
@@ -521,10 +548,17 @@ mod tests {
                 .unwrap();
         });
         let req = TraceRequest::from_query("port=1&pod=a/b").unwrap();
-        let e = exchange(client, &req, Format::Json, &mut Vec::new(), &mut Vec::new())
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = exchange(
+            client,
+            &req,
+            "t",
+            Format::Json,
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("429") && e.contains("busy"), "{e}");
     }
 }

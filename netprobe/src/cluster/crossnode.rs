@@ -175,6 +175,7 @@ type Frames = mpsc::UnboundedSender<(usize, Frame)>;
 fn spawn_session(
     i: usize,
     req: TraceRequest,
+    token: String,
     stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     tx: &Frames,
 ) -> tokio::sync::oneshot::Sender<()> {
@@ -184,7 +185,7 @@ fn spawn_session(
         let stop = async {
             let _ = stop_rx.await;
         };
-        let r = session(stream, &req, |f| drop(tx.send((i, f))), stop).await;
+        let r = session(stream, &req, &token, |f| drop(tx.send((i, f))), stop).await;
         let code = r.unwrap_or_else(|e| {
             let message = e.to_string();
             let _ = tx.send((i, Frame::Error { message }));
@@ -237,6 +238,7 @@ pub(super) async fn run(
         stops.push(spawn_session(
             i + 1,
             peer_request(p, &opts.request),
+            forwarder.token.clone(),
             stream,
             &tx,
         ));
@@ -262,7 +264,7 @@ pub(super) async fn run(
     forwards.push(pf);
     // The client node's trace ends by itself (duration, --count); only the servers' are
     // stopped. (Dropping a stop sender would stop its trace: this one is kept to the end.)
-    let _client_stop = spawn_session(0, req, stream, &tx);
+    let _client_stop = spawn_session(0, req, forwarder.token.clone(), stream, &tx);
     let code = run.client_node(&mut rx).await?;
     // Stop the server nodes' traces; their last verdicts (attempts still open) come back.
     for s in stops {
@@ -431,6 +433,13 @@ fn on_peer_frame(p: &mut Peer, f: Frame, stderr: &mut dyn Write) {
         }
         Frame::Error { message } => {
             let _ = writeln!(stderr, "[{}] netprobe: agent: {message}", p.node);
+            if message.contains("answered 403") {
+                let _ = writeln!(
+                    stderr,
+                    "netprobe: you may not trace pod {} on node {}: the verdicts below are the client side's only",
+                    p.pod, p.node
+                );
+            }
         }
         Frame::Verdict { verdict } => p.verdicts.push(*verdict),
         Frame::Exit { code } => p.state = PeerState::Ended(code),

@@ -3,9 +3,11 @@
 //! agent (the agent is hostNetwork, so the port-forward lands on the node's loopback where the
 //! agent listens) and asks it to run the trace; verdicts stream back as they happen.
 //!
-//! Who may trace is decided by RBAC (`create` on `pods/portforward` of the agent pods); on the
-//! node the agent only accepts trace requests from root-owned sockets (the kubelet/containerd
-//! side of a port-forward), never from other local users, and nothing listens on the node
+//! Who may trace is decided by RBAC, and checked by the agent: the client sends a bearer token
+//! ([`token`]: the kubeconfig's, else a TokenRequest for a ServiceAccount) on every request,
+//! and the agent asks the API server who it is and whether they may trace the pod's namespace
+//! or read failures ([`auth`]: TokenReview, SubjectAccessReview). The port-forward
+//! (`pods/portforward` of the agent pods) is only the way in; nothing listens on the node
 //! network.
 //!
 //! - [`protocol`]: the request (`GET /v1/trace?…`, upgraded to a two-way stream) and the typed
@@ -19,9 +21,11 @@
 //! - `crossnode`: when the destination's pods run on other nodes, their agents trace too and
 //!   each attempt's verdicts are joined.
 
+pub mod auth;
 pub mod client;
 mod crossnode;
 pub mod failures;
 pub mod memory;
 pub mod protocol;
 pub mod server;
+pub mod token;

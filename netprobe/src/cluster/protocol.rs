@@ -156,10 +156,13 @@ impl TraceRequest {
                 "port" => {
                     let p: u16 = v.parse().map_err(|_| bad("port"))?;
                     // Port 0 would mean every port to the kernel filter: never implicit.
-                    port = Some(p)
-                        .filter(|p| *p != 0)
-                        .ok_or_else(|| bad("port"))
-                        .map(Some)?;
+                    if p == 0 {
+                        return Err(
+                            "`port=0` refused: it would trace every port; name the port (1-65535)"
+                                .into(),
+                        );
+                    }
+                    port = Some(p);
                 }
                 "pod" => r.pod = v.to_string(),
                 "addr" => r.addr = Some(v.parse().map_err(|_| bad("addr"))?),
@@ -276,7 +279,11 @@ mod tests {
         assert!(TraceRequest::from_query("port=1&pod=a/b&from_pod=..%2Fx%20y").is_err());
         assert!(TraceRequest::from_query("port=1&pod=a/b&shell=1").is_err());
         assert!(TraceRequest::from_query("port=99999&pod=a/b").is_err());
-        assert!(TraceRequest::from_query("port=0&pod=a/b").is_err());
+        assert!(
+            TraceRequest::from_query("port=0&pod=a/b")
+                .unwrap_err()
+                .contains("`port=0` refused: it would trace every port")
+        );
         assert!(
             TraceRequest::from_query("port=1&pod=a/b&port=2")
                 .unwrap_err()
