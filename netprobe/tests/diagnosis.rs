@@ -5,9 +5,9 @@
 
 mod support;
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
-use netprobe_lab::Connect;
+use netprobe_lab::{Connect, Lab, Pod, rules::restore};
 use serde_json::Value;
 use support::{TraceOutput, start_verdict_trace};
 
@@ -92,4 +92,81 @@ fn an_ifindex_shared_by_a_pod_and_the_node_is_named_in_the_packets_namespace() {
             .any(|l| l.starts_with(&format!("SYN-ACK ingress on eth0 in {}", client.netns))),
         "{lines:#?}"
     );
+}
+
+/// kube-proxy's REJECT of a Service without endpoints, through the node (the client's socket
+/// reports an error without errno before ECONNREFUSED).
+const NO_ENDPOINTS: &str = "*filter
+:FORWARD ACCEPT [0:0]
+:KUBE-SERVICES - [0:0]
+-A FORWARD -m conntrack --ctstate NEW -j KUBE-SERVICES
+-A KUBE-SERVICES -d 10.43.51.131/32 -p tcp -m tcp --dport 9004 -j REJECT --reject-with icmp-port-unreachable
+COMMIT
+";
+
+/// The verdict of one attempt from `client` to `to`, which ends as `expect` (the trace's exit
+/// code: `code`).
+fn attempt(lab: &Lab, client: &Pod, to: &str, expect: Connect, code: i32) -> Value {
+    let addr: SocketAddr = to.parse().unwrap();
+    let port = addr.port().to_string();
+    let trace = start_verdict_trace(
+        lab.node(),
+        &["--port", &port, "--duration", "4s", "--count", "1"],
+    );
+    assert_eq!(
+        lab.connect(&client.netns, addr, Duration::from_secs(2)),
+        expect
+    );
+    only_verdict(&trace.finish_with_code(code))
+}
+
+/// Item 8: timelines carry only events that say something: no "application gets errno 0"
+/// before ECONNREFUSED, no "dropped" for a socket's queues purged at close or an skb freed
+/// without a reason, no state "change" to the same state.
+#[test]
+fn verdict_timelines_carry_no_event_without_information() {
+    netprobe_lab::require_root();
+    let s1 = support::s1_lab("dgnoise");
+    let (lab, client) = (&s1.lab, &s1.client);
+    accept_and_close(lab, &s1.server.netns, "10.42.0.30:9005");
+    restore(lab, "iptables-restore", NO_ENDPOINTS).unwrap();
+    let rejected = attempt(lab, client, "10.43.51.131:9004", Connect::Refused, 1);
+    // Made and closed at once: its socket queues are purged at close.
+    let connected = attempt(lab, client, "10.42.0.30:9005", Connect::Connected, 0);
+    for (v, must) in [
+        (&rejected, "SYN_SENT → CLOSE"),
+        (&connected, "SYN_SENT → ESTABLISHED"),
+    ] {
+        let lines = timeline(v);
+        assert!(
+            lines.iter().any(|l| l.starts_with(must)),
+            "{must}:\n{lines:#?}"
+        );
+        for noise in ["errno 0", "QUEUE_PURGE", "NOT_SPECIFIED"] {
+            assert!(
+                lines.iter().all(|l| !l.contains(noise)),
+                "`{noise}` in the timeline:\n{lines:#?}"
+            );
+        }
+        assert!(
+            lines.iter().all(|l| {
+                let Some((a, b)) = l.split_once(" → ") else {
+                    return true;
+                };
+                !b.starts_with(&format!("{a} ")) && b != a
+            }),
+            "{lines:#?}"
+        );
+    }
+}
+
+/// A server at `addr` in `netns` that accepts and closes at once, so that a connection ends
+/// within the trace.
+fn accept_and_close(lab: &Lab, netns: &str, addr: &str) {
+    let listener = lab.listen(netns, addr.parse().unwrap()).unwrap();
+    std::thread::spawn(move || {
+        while let Ok((s, _)) = listener.accept() {
+            drop(s);
+        }
+    });
 }
