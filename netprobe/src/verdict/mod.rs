@@ -1083,6 +1083,20 @@ fn rule_sentence(nf: &Netfilter) -> String {
 }
 
 impl Verdict {
+    /// Did the attempt or lookup fail, as the application sees it? A DNS lookup answered
+    /// SERVFAIL or REFUSED failed although its outcome is `answered` (NXDOMAIN did not: it is
+    /// the answer for a name that does not exist, what every search-path expansion gets).
+    pub fn is_failure(&self) -> bool {
+        let rcode = self
+            .udp
+            .as_ref()
+            .and_then(|u| u.dns.as_ref())
+            .and_then(|d| d.rcode.as_deref());
+        self.outcome.is_failure()
+            || (self.outcome == Outcome::Answered
+                && DnsFailureReason::of(self.outcome, rcode).is_some())
+    }
+
     /// Names the pod behind the deciding rule's workload interface (from the inventory), and
     /// renders the owner's and the verdict's explanations again with it.
     pub fn name_rule_workload(&mut self, workload: String) {
