@@ -7,9 +7,15 @@ mod support;
 
 use std::{net::SocketAddr, time::Duration};
 
-use netprobe_lab::{Connect, Lab, Pod, rules::restore};
+use netprobe_lab::{
+    Connect, Lab, Pod,
+    kubeapi::{Kind, service},
+    rules::restore,
+};
 use serde_json::Value;
-use support::{TraceOutput, start_verdict_trace};
+use support::{TraceOutput, start_verdict_trace, start_verdict_trace_env};
+
+const NODE: &str = "lab-node";
 
 /// The only verdict of a trace (panics with the trace's output otherwise).
 fn only_verdict(out: &TraceOutput) -> Value {
@@ -26,6 +32,146 @@ fn timeline(v: &Value) -> Vec<String> {
         .iter()
         .map(|c| c["what"].as_str().unwrap().to_string())
         .collect()
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+/// Item 5's lab: `team-a/web-0` (listening on 8080 only) and `team-b/api-0` (listening on
+/// 0.0.0.0:9004) on this node, Service `team-b/api` with port 9004, all in the API stand-in.
+struct Localhost {
+    lab: Lab,
+    web: Pod,
+    _listeners: Vec<std::net::TcpListener>,
+    _kube: netprobe_lab::kubeapi::FakeKube,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Drop for Localhost {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+fn localhost_lab(tag: &str) -> Localhost {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new(tag).unwrap();
+    let web = lab
+        .add_pod("team-a", "web-0", "10.42.0.10".parse().unwrap())
+        .unwrap();
+    let api = lab
+        .add_pod("team-b", "api-0", "10.42.0.31".parse().unwrap())
+        .unwrap();
+    let listeners = vec![
+        lab.listen(&api.netns, "0.0.0.0:9004".parse().unwrap())
+            .unwrap(),
+        lab.listen(&web.netns, "0.0.0.0:8080".parse().unwrap())
+            .unwrap(),
+    ];
+    let (kube, kubeconfig) = support::kube_api(&lab);
+    for p in [&web, &api] {
+        support::publish_pod(&kube, p);
+    }
+    kube.apply(
+        Kind::Service,
+        service("team-b", "api", "10.43.0.50", &[("http", 9004, 9004)]),
+    );
+    Localhost {
+        lab,
+        web,
+        _listeners: listeners,
+        _kube: kube,
+        kubeconfig,
+    }
+}
+
+impl Localhost {
+    fn env(&self) -> [(&str, &str); 2] {
+        [
+            ("KUBECONFIG", self.kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", NODE),
+        ]
+    }
+
+    /// web-0 dials 127.0.0.1:9004 and is refused.
+    fn dial_localhost(&self) {
+        let got = self.lab.connect(
+            &self.web.netns,
+            "127.0.0.1:9004".parse().unwrap(),
+            Duration::from_secs(2),
+        );
+        assert_eq!(got, Connect::Refused);
+    }
+}
+
+/// The refusal names who serves 9004, says that 127.0.0.1 only reaches the client's own pod,
+/// and what to dial instead; the pod's own listeners are still listed.
+fn assert_names_who_serves_the_port(v: &Value) {
+    assert_eq!(v["outcome"], "refused_no_listener", "{v:#}");
+    let why = v["explanation"].as_str().unwrap();
+    assert!(
+        why.contains(
+            "Port 9004 is served by pod team-b/api-0 (10.42.0.31:9004) and Service team-b/api \
+             (10.43.0.50:9004), not by this pod: 127.0.0.1 only reaches the containers of this pod."
+        ),
+        "{v:#}"
+    );
+    assert!(why.contains("0.0.0.0:8080"), "own listeners: {v:#}");
+    let next = strings(&v["next_steps"]);
+    assert!(
+        next[0].starts_with("dial api.team-b.svc:9004 instead of 127.0.0.1:9004"),
+        "{next:#?}"
+    );
+    for cmd in [
+        "kubectl -n team-b get service api",
+        "kubectl -n team-b get pod api-0 -o wide",
+    ] {
+        assert!(next.contains(&cmd), "{cmd}: {next:#?}");
+    }
+}
+
+/// Item 5, trace: `team-a/web-0` dials 127.0.0.1:9004, where nothing listens in its pod; pod
+/// `team-b/api-0` on the same node listens on 9004 and Service `team-b/api` has port 9004.
+#[test]
+fn refused_on_localhost_names_the_pod_and_service_that_serve_the_port() {
+    let l = localhost_lab("dglocal");
+    let trace = start_verdict_trace_env(
+        l.lab.node(),
+        &[
+            "--pod",
+            "web-0",
+            "-n",
+            "team-a",
+            "--port",
+            "9004",
+            "--duration",
+            "5s",
+            "--count",
+            "1",
+        ],
+        &l.env(),
+    );
+    l.dial_localhost();
+    assert_names_who_serves_the_port(&only_verdict(&trace.finish_with_code(1)));
+}
+
+/// Item 5, always-on: the agent alone says the same (the same judge names its verdicts).
+#[test]
+fn the_agent_names_the_pod_and_service_that_serve_a_refused_localhost_port() {
+    let l = localhost_lab("dglocala");
+    let agent = support::start_agent(l.lab.node(), &[], &l.env(), true);
+    l.dial_localhost();
+    std::thread::sleep(Duration::from_millis(600));
+    let out = support::stop(agent);
+    let records = support::ndjson(&out.stdout);
+    let v: Vec<&Value> = records.iter().filter(|r| r["kind"] == "verdict").collect();
+    assert_eq!(v.len(), 1, "{records:#?}\n{}", out.stderr);
+    assert_names_who_serves_the_port(v[0]);
 }
 
 /// Item 7: the client pod's eth0 and a node interface (`np-up1`, made with the same index) share

@@ -9,6 +9,7 @@ pub mod listeners;
 pub mod names;
 pub mod pods;
 pub mod route;
+pub mod served;
 pub mod stages;
 
 use std::collections::HashMap;

@@ -217,6 +217,24 @@ fn name_verdict(names: &PodContext, v: &mut Verdict) {
     }
     if v.outcome == Outcome::RefusedNoListener {
         declared_ports(names, v);
+        if v.server.addr.is_loopback() {
+            // An unnamed namespace is shown by its inode.
+            let own = server_ns.or_else(|| v.server.netns.as_deref().and_then(|n| n.parse().ok()));
+            served_elsewhere(names, v, own);
+        }
+    }
+}
+
+/// A refusal on 127.0.0.1 (or ::1) for a port another pod or a Service serves: the usual
+/// mistake behind it, said with what to dial instead.
+fn served_elsewhere(names: &PodContext, v: &mut Verdict, server_ns: Option<u64>) {
+    let port = v.server.port;
+    let servers =
+        crate::enrich::served::serving(&names.inventory, port, v.udp.is_some(), server_ns);
+    if let Some((why, next)) = crate::enrich::served::loopback_hint(&servers, v.server.addr, port) {
+        v.explanation.push_str(&why);
+        // First: it is the likely fix.
+        v.next_steps.splice(0..0, next);
     }
 }
 
