@@ -3,7 +3,12 @@
 //! other pods of this node are asked (sock_diag in their namespaces), the Services come from the
 //! inventory.
 
-use std::net::IpAddr;
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use super::pods::Inventory;
 use crate::{netlink, netns};
@@ -20,10 +25,22 @@ pub enum Elsewhere {
 /// At most this many servers of each kind are named (a port shared by many pods, e.g. 8080).
 const MAX_NAMED: usize = 3;
 
+/// How long the pods found listening on a port are reused: an application that retries
+/// 127.0.0.1 in a loop must not have every pod namespace of the node read at each refusal.
+const REUSE_FOR: Duration = Duration::from_secs(10);
+/// Ports remembered at most (then all are forgotten).
+const MAX_REMEMBERED: usize = 256;
+
+type Key = (u16, bool, Option<u64>);
+
+thread_local! {
+    static RECENT: RefCell<HashMap<Key, (Instant, Vec<Elsewhere>)>> = RefCell::default();
+}
+
 /// Pods of this node other than the one in namespace `except` that listen on `port` (on an
 /// address other pods reach), then Services with that port.
 pub fn serving(inv: &Inventory, port: u16, udp: bool, except: Option<u64>) -> Vec<Elsewhere> {
-    let mut out = pods_listening(inv, port, udp, except);
+    let mut out = pods_listening_recently(inv, (port, udp, except));
     out.extend(
         inv.services_on_port(port)
             .into_iter()
@@ -40,6 +57,27 @@ pub fn serving(inv: &Inventory, port: u16, udp: bool, except: Option<u64>) -> Ve
             .take(MAX_NAMED),
     );
     out
+}
+
+/// [`pods_listening`], read again at most every [`REUSE_FOR`] per key.
+fn pods_listening_recently(inv: &Inventory, key: Key) -> Vec<Elsewhere> {
+    let now = Instant::now();
+    let fresh = RECENT.with_borrow(|r| {
+        r.get(&key)
+            .filter(|(at, _)| now.duration_since(*at) < REUSE_FOR)
+            .map(|(_, found)| found.clone())
+    });
+    if let Some(found) = fresh {
+        return found;
+    }
+    let found = pods_listening(inv, key.0, key.1, key.2);
+    RECENT.with_borrow_mut(|r| {
+        if r.len() >= MAX_REMEMBERED {
+            r.clear();
+        }
+        r.insert(key, (now, found.clone()));
+    });
+    found
 }
 
 fn pods_listening(inv: &Inventory, port: u16, udp: bool, except: Option<u64>) -> Vec<Elsewhere> {
