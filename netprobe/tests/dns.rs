@@ -288,8 +288,9 @@ fn dns_lookup_answered_servfail_or_refused_is_a_failed_lookup() {
             .filter_map(Value::as_str)
             .collect();
         assert!(
-            next.iter()
-                .any(|n| n.contains(&format!("nslookup {NAME} 10.42.0.3"))),
+            next.iter().any(|n| n.starts_with(&format!(
+                "kubectl exec -n financial-inference client-0 -- nslookup {NAME} 10.42.0.3"
+            ))),
             "{next:#?}"
         );
         assert!(

@@ -200,6 +200,7 @@ fn name_verdict(names: &PodContext, v: &mut Verdict) {
     ));
     let server_ns = inode(&v.server.netns);
     v.server.peer = Some(inv.peer(v.server.addr, v.server.port, server_ns, None));
+    name_client_in_next_steps(v);
     if let Some(d) = &mut v.dialed {
         d.peer = Some(inv.peer(d.addr, d.port, None, None));
     }
@@ -222,6 +223,22 @@ fn name_verdict(names: &PodContext, v: &mut Verdict) {
             let own = server_ns.or_else(|| v.server.netns.as_deref().and_then(|n| n.parse().ok()));
             served_elsewhere(names, v, own);
         }
+    }
+}
+
+/// A command to run in the client pod (DNS next steps) gets its namespace and name.
+fn name_client_in_next_steps(v: &mut Verdict) {
+    let Some(crate::model::Peer {
+        namespace: Some(ns),
+        pod: Some(pod),
+        ..
+    }) = &v.client.peer
+    else {
+        return;
+    };
+    let named = format!("-n {ns} {pod}");
+    for n in &mut v.next_steps {
+        *n = n.replace(crate::verdict::udp::CLIENT_POD, &named);
     }
 }
 

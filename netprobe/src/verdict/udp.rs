@@ -268,6 +268,9 @@ fn answered(ev: &Evidence, next_steps: &mut Vec<String>) -> (String, Option<Stri
     (why, rcode.map(|r| format!("answered: {r}")))
 }
 
+/// Stands for the client pod in a next step until the judge names it (`-n ns pod`).
+pub const CLIENT_POD: &str = "<client pod>";
+
 /// CoreDNS's recent log lines (its pods carry `k8s-app=kube-dns` in every mainstream install).
 const COREDNS_LOGS: &str = "kubectl -n kube-system logs -l k8s-app=kube-dns --tail=200";
 
@@ -300,7 +303,7 @@ fn failed_answer(
         "it will not answer this query for this client: not a zone it serves and no recursion for it, or an acl"
     };
     next_steps.push(format!(
-        "kubectl exec <client pod> -- nslookup {name} {}  # ask the same server again",
+        "kubectl exec {CLIENT_POD} -- nslookup {name} {}  # ask the same server again",
         ev.server.0
     ));
     let why = format!(
