@@ -73,6 +73,23 @@ pub fn skb_place(skb: u64, ev: &mut RawEvent, o: &KernelOffsets) {
     }
 }
 
+/// `skb->dev`'s namespace (its inode) for a tc program, whose context pointer is the kernel's
+/// `struct sk_buff *`. The pointer is copied through the stack with a probe read so that the
+/// verifier sees a plain number, not a context pointer moved by a run-time offset. 0 if unknown.
+#[inline(always)]
+pub fn skb_dev_netns(ctx_ptr: u64, o: &KernelOffsets) -> u32 {
+    let slot = ctx_ptr;
+    // SAFETY: reads 8 bytes of this stack slot.
+    let Ok(skb) = (unsafe { bpf_probe_read_kernel(&slot as *const u64) }) else {
+        return 0;
+    };
+    let dev = read::<u64>(skb, o.skb_dev).unwrap_or(0);
+    if dev == 0 {
+        return 0;
+    }
+    net_inum(read::<u64>(dev, o.dev_nd_net).unwrap_or(0), o)
+}
+
 /// Does `skb` carry an IPv4 or IPv6 packet (network header set)? What [`skb_headers`] checks
 /// first, for callers that need no more.
 #[inline(always)]

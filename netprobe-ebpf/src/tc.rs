@@ -13,7 +13,7 @@ use netprobe_common::{
     counter, kind, tcp_flags,
 };
 
-use crate::{emit, filter};
+use crate::{emit, filter, kernel};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -194,6 +194,9 @@ fn try_tc(ctx: &TcContext, direction: u8) -> Result<(), i64> {
     }
     // SAFETY: `skb` is the context pointer the kernel passed in.
     ev.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // The same ifindex exists in many namespaces (a pod's eth0 and a node interface): the
+    // device's own namespace says which interface this is.
+    ev.netns = kernel::skb_dev_netns(ctx.skb.skb as u64, &kernel::offsets());
     match dns_at {
         Some(off) => emit::submit_dns(ctx, ev, off),
         None => emit::submit(ev, false),

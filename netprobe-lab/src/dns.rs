@@ -43,13 +43,34 @@ pub fn answer_a(query: &[u8], addr: Ipv4Addr) -> Option<Vec<u8>> {
     Some(r)
 }
 
+/// The response to a query with no record and response code `rcode` (2 SERVFAIL, 3 NXDOMAIN,
+/// 5 REFUSED): the question echoed, QR/RA set.
+pub fn answer_rcode(query: &[u8], rcode: u8) -> Option<Vec<u8>> {
+    let end = question_end(query)?;
+    let mut r = query[..end].to_vec();
+    r[2] = 0x81; // QR, RD
+    r[3] = 0x80 | (rcode & 0x0f); // RA, rcode
+    r[6..12].fill(0); // ANCOUNT, NSCOUNT, ARCOUNT
+    Some(r)
+}
+
 /// Serves `socket` on a background thread: answers A queries with `answer`, or stays silent
 /// when `answer` is None.
 pub fn serve(socket: UdpSocket, answer: Option<Ipv4Addr>) {
+    serve_with(socket, move |q| answer.and_then(|a| answer_a(q, a)));
+}
+
+/// Serves `socket` on a background thread, answering every query with response code `rcode`
+/// (a CoreDNS whose upstream fails answers SERVFAIL; one asked outside its zones, REFUSED).
+pub fn serve_rcode(socket: UdpSocket, rcode: u8) {
+    serve_with(socket, move |q| answer_rcode(q, rcode));
+}
+
+fn serve_with(socket: UdpSocket, reply: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + 'static) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 512];
         while let Ok((n, from)) = socket.recv_from(&mut buf) {
-            if let Some(r) = answer.and_then(|a| answer_a(&buf[..n], a)) {
+            if let Some(r) = reply(&buf[..n]) {
                 let _ = socket.send_to(&r, from);
             }
         }
@@ -69,5 +90,7 @@ mod tests {
         assert_eq!(r[2] & 0x80, 0x80);
         assert_eq!(&r[r.len() - 4..], &[10, 43, 0, 1]);
         assert_eq!(answer_a(&q[..14], Ipv4Addr::LOCALHOST), None);
+        let f = answer_rcode(&q, 2).unwrap();
+        assert_eq!((f[3] & 0x0f, &f[6..8]), (2, &[0u8, 0][..]));
     }
 }

@@ -68,9 +68,10 @@ enum Command {
     /// with --no-rule-trace. The tc programs never alter packets and go away when netprobe exits.
     ///
     /// UDP and DNS (--proto udp, --dns): one verdict per exchange (per DNS query): answered
-    /// (with the rcode; NXDOMAIN is an answer), dropped (by a rule / by the kernel), refused (no
-    /// socket: ICMP port unreachable), or unanswered (no reply after 5 s and no drop on this
-    /// node); DNS verdicts name the query (name and type).
+    /// (with the rcode; NXDOMAIN is an answer, SERVFAIL and REFUSED are failed lookups: exit 1),
+    /// dropped (by a rule / by the kernel), refused (no socket: ICMP port unreachable), or
+    /// unanswered (no reply after 5 s and no drop on this node); DNS verdicts name the query
+    /// (name and type).
     Trace(TraceArgs),
     /// What is failing on the cluster right now and in the last minutes, as every node's agent
     /// saw it (also `kubectl netprobe failures`, from a laptop).

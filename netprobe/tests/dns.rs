@@ -44,6 +44,15 @@ impl Drop for DnsLab {
 /// (10.42.0.3) serving 53/udp (answering A queries when `answers`), kube-dns ClusterIP
 /// 10.43.0.10 DNAT-ed to it; with `egress` Some(allow_dns), the client's Calico egress policy.
 fn dns_lab(tag: &str, answers: bool, egress: Option<bool>) -> DnsLab {
+    dns_lab_serving(
+        tag,
+        |sock| netprobe_lab::dns::serve(sock, answers.then_some(ANSWER)),
+        egress,
+    )
+}
+
+/// [`dns_lab`] with CoreDNS's socket served by `serve`.
+fn dns_lab_serving(tag: &str, serve: impl FnOnce(UdpSocket), egress: Option<bool>) -> DnsLab {
     netprobe_lab::require_root();
     let mut lab = Lab::new(tag).unwrap();
     let client = support::add_client(&mut lab);
@@ -53,7 +62,7 @@ fn dns_lab(tag: &str, answers: bool, egress: Option<bool>) -> DnsLab {
     let sock = netprobe_lab::in_netns(&coredns.netns, || UdpSocket::bind("10.42.0.3:53"))
         .unwrap()
         .unwrap();
-    netprobe_lab::dns::serve(sock, answers.then_some(ANSWER));
+    serve(sock);
     restore(&lab, "iptables-restore", &kube_dns_dnat("10.42.0.3")).unwrap();
     if let Some(allow_dns) = egress {
         restore(
@@ -239,6 +248,56 @@ fn dns_lookup_admitted_is_answered_noerror() {
     assert!(v.get("netfilter").is_none(), "{v:#}");
     // The events of a DNS trace carry the decoded message.
     assert!(out.summary["events"].as_u64().unwrap() >= 2);
+}
+
+/// Issue #16 item 6: CoreDNS reached but failing (SERVFAIL: its upstream is down; REFUSED: not
+/// a zone it serves) is a failed lookup for the application. The trace says so in the headline,
+/// names the server and the rcode, counts it failed and exits 1, as the agent counts a
+/// `dns_failure` (NXDOMAIN stays an answer: see `verdict::udp`).
+#[test]
+fn dns_lookup_answered_servfail_or_refused_is_a_failed_lookup() {
+    for (tag, rcode, name) in [("dnssfail", 2, "SERVFAIL"), ("dnsrefus", 5, "REFUSED")] {
+        let d = dns_lab_serving(
+            tag,
+            |sock| netprobe_lab::dns::serve_rcode(sock, rcode),
+            None,
+        );
+        let (reply, v, out) = trace_lookup(&d, 0x2b2b, 1, &format!("dns_{tag}"));
+        let reply = reply.expect("CoreDNS answered");
+        assert_eq!(reply[3] & 0x0f, rcode, "the lab's answer");
+        assert_eq!(v["outcome"], "answered", "{v:#}\n{}", out.dump());
+        assert_eq!(
+            v["headline"],
+            format!("DNS lookup failed: the server answered {name}"),
+            "{v:#}"
+        );
+        assert_names_the_lookup(&v, &d, 0x2b2b);
+        assert_eq!(v["udp"]["dns"]["rcode"], name, "{v:#}");
+        assert_eq!(out.summary["failed"], 1, "{}", out.summary);
+        let why = v["explanation"].as_str().unwrap();
+        assert!(
+            why.contains(&format!(
+                "reached the DNS server 10.42.0.3:53 (dialled as {KUBE_DNS_IP}:53), which answered {name}"
+            )) && why.contains("the application sees a failed lookup"),
+            "{v:#}"
+        );
+        let next: Vec<&str> = v["next_steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            next.iter().any(|n| n.starts_with(&format!(
+                "kubectl exec -n financial-inference client-0 -- nslookup {NAME} 10.42.0.3"
+            ))),
+            "{next:#?}"
+        );
+        assert!(
+            next.iter().any(|n| n.contains("kubectl -n kube-system")),
+            "{next:#?}"
+        );
+    }
 }
 
 /// CoreDNS reads the query and never answers: unanswered, the query named, no drop here.

@@ -9,6 +9,7 @@ pub mod listeners;
 pub mod names;
 pub mod pods;
 pub mod route;
+pub mod served;
 pub mod stages;
 
 use std::collections::HashMap;
@@ -115,23 +116,37 @@ impl Enricher {
         (monotonic_ns() as i128 + self.realtime_offset_ns).max(0) as u64
     }
 
+    /// Namespace and interface of a tc event. An ifindex is only unique within a namespace (a
+    /// pod's eth0 and a node interface can share one): the device's namespace, which the program
+    /// reads, picks the interface. Without it (an older program), the attachment decides only
+    /// when one namespace has that ifindex; otherwise the interface stays unnamed rather than
+    /// named after another namespace's.
+    fn place_tc(&self, ev: &RawEvent, out: &mut Event) {
+        let tc = self.tc.borrow();
+        let atts = tc.get(&ev.ifindex).map(Vec::as_slice).unwrap_or_default();
+        let netns = match (ev.netns, atts) {
+            (0, [a]) => Some(a.netns),
+            (0, _) => None,
+            (ns, _) => Some(ns as u64),
+        };
+        out.netns = netns.map(|n| self.netns(n));
+        let name = netns.and_then(|n| {
+            atts.iter()
+                .find(|a| a.netns == n)
+                .map(|a| a.ifname.clone())
+                .or_else(|| self.ifnames.borrow().get(&(n, ev.ifindex)).cloned())
+        });
+        out.interface = Some(Interface {
+            ifindex: ev.ifindex,
+            name,
+        });
+    }
+
     pub fn enrich(&self, ev: &RawEvent) -> Option<Event> {
         let time = (ev.ts_ns as i128 + self.realtime_offset_ns).max(0) as u64;
         let mut out = events::base(ev, time)?;
         match ev.kind {
-            kind::TC_INGRESS | kind::TC_EGRESS => {
-                // tc programs do not see the namespace: the attachment tells it, unless the same
-                // ifindex is attached in several namespaces (then only the name is certain).
-                let tc = self.tc.borrow();
-                let atts = tc.get(&ev.ifindex).map(Vec::as_slice).unwrap_or_default();
-                if let [a] = atts {
-                    out.netns = Some(self.netns(a.netns));
-                }
-                out.interface = Some(Interface {
-                    ifindex: ev.ifindex,
-                    name: atts.first().map(|a| a.ifname.clone()),
-                });
-            }
+            kind::TC_INGRESS | kind::TC_EGRESS => self.place_tc(ev, &mut out),
             _ => {
                 if ev.netns != 0 {
                     out.netns = Some(self.netns(ev.netns as u64));

@@ -172,6 +172,23 @@ impl Inventory {
         self.pod_netns.get(&i).copied()
     }
 
+    /// The pod whose network namespace has inode `netns`.
+    pub fn pod_in_netns(&self, netns: u64) -> Option<&PodEntry> {
+        self.netns_pod.get(&netns).map(|i| &self.pods[*i])
+    }
+
+    /// Services with port `port`: `namespace/name:portname` and the ClusterIP, sorted.
+    pub fn services_on_port(&self, port: u16) -> Vec<(String, IpAddr)> {
+        let mut out: Vec<(String, IpAddr)> = self
+            .services
+            .iter()
+            .filter(|((_, p), _)| *p == port)
+            .map(|((ip, _), name)| (name.clone(), *ip))
+            .collect();
+        out.sort();
+        out
+    }
+
     pub fn service_at(&self, ip: IpAddr, port: u16) -> Option<String> {
         self.services
             .get(&(ip, port))

@@ -177,6 +177,8 @@ pub mod drop_reason {
     pub const NOT_SPECIFIED: &str = "NOT_SPECIFIED";
     pub const NO_SOCKET: &str = "NO_SOCKET";
     pub const NETFILTER_DROP: &str = "NETFILTER_DROP";
+    /// A socket's queues freed at close: housekeeping, not a packet lost on the way.
+    pub const QUEUE_PURGE: &str = "QUEUE_PURGE";
 
     /// What a kernel drop reason means, for the explanation.
     pub fn hint(reason: &str) -> &'static str {

@@ -200,6 +200,7 @@ fn name_verdict(names: &PodContext, v: &mut Verdict) {
     ));
     let server_ns = inode(&v.server.netns);
     v.server.peer = Some(inv.peer(v.server.addr, v.server.port, server_ns, None));
+    name_client_in_next_steps(v);
     if let Some(d) = &mut v.dialed {
         d.peer = Some(inv.peer(d.addr, d.port, None, None));
     }
@@ -217,6 +218,40 @@ fn name_verdict(names: &PodContext, v: &mut Verdict) {
     }
     if v.outcome == Outcome::RefusedNoListener {
         declared_ports(names, v);
+        if v.server.addr.is_loopback() {
+            // An unnamed namespace is shown by its inode.
+            let own = server_ns.or_else(|| v.server.netns.as_deref().and_then(|n| n.parse().ok()));
+            served_elsewhere(names, v, own);
+        }
+    }
+}
+
+/// A command to run in the client pod (DNS next steps) gets its namespace and name.
+fn name_client_in_next_steps(v: &mut Verdict) {
+    let Some(crate::model::Peer {
+        namespace: Some(ns),
+        pod: Some(pod),
+        ..
+    }) = &v.client.peer
+    else {
+        return;
+    };
+    let named = format!("-n {ns} {pod}");
+    for n in &mut v.next_steps {
+        *n = n.replace(crate::verdict::udp::CLIENT_POD, &named);
+    }
+}
+
+/// A refusal on 127.0.0.1 (or ::1) for a port another pod or a Service serves: the usual
+/// mistake behind it, said with what to dial instead.
+fn served_elsewhere(names: &PodContext, v: &mut Verdict, server_ns: Option<u64>) {
+    let port = v.server.port;
+    let servers =
+        crate::enrich::served::serving(&names.inventory, port, v.udp.is_some(), server_ns);
+    if let Some((why, next)) = crate::enrich::served::loopback_hint(&servers, v.server.addr, port) {
+        v.explanation.push_str(&why);
+        // First: it is the likely fix.
+        v.next_steps.splice(0..0, next);
     }
 }
 

@@ -334,7 +334,7 @@ impl<'a> Session<'a> {
     fn verdicts(&mut self, verdicts: Vec<Verdict>) -> io::Result<()> {
         for v in verdicts {
             self.stats.attempts += 1;
-            if v.outcome.is_failure() {
+            if v.is_failure() {
                 self.stats.failed += 1;
             }
             self.sinks.verdict(&v)?;

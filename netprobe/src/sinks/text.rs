@@ -91,7 +91,7 @@ fn endpoint(ip: &std::net::IpAddr, port: u16) -> String {
 
 /// A verdict for a human: headline, who → whom, timeline, why, what next.
 pub fn verdict_text(v: &Verdict) -> String {
-    let mark = if v.outcome.is_failure() { "✗" } else { "✓" };
+    let mark = if v.is_failure() { "✗" } else { "✓" };
     let ep = |e: &crate::verdict::Endpoint| {
         let mut s = endpoint(&e.addr, e.port);
         if let Some(ns) = &e.netns {

@@ -720,12 +720,27 @@ fn last_left_via(what: &str, e: &Event) -> String {
 fn timeline(events: &[Event]) -> Vec<Checkpoint> {
     events
         .iter()
+        .filter(|e| informative(e))
         .map(|e| Checkpoint {
             time_ns: e.time_ns,
             what: checkpoint(e),
             node: None,
         })
         .collect()
+}
+
+/// Is `e` worth a line in a timeline? Not: an error report without an error (errno 0, the
+/// socket's error already taken), frees that are not losses (a socket's queues purged at close,
+/// skbs freed without a reason once answered), a state "change" to the same state.
+fn informative(e: &Event) -> bool {
+    match e.kind {
+        Kind::SocketError => e.error.as_ref().is_some_and(|x| x.errno != 0),
+        Kind::Drop => e.drop.as_ref().is_none_or(|d| {
+            d.reason != drop_reason::NOT_SPECIFIED && d.reason != drop_reason::QUEUE_PURGE
+        }),
+        Kind::StateChange => e.state.as_ref().is_none_or(|s| s.old != s.new),
+        _ => true,
+    }
 }
 
 /// What one attempt's events show about it, gathered once (TCP).
@@ -1068,6 +1083,20 @@ fn rule_sentence(nf: &Netfilter) -> String {
 }
 
 impl Verdict {
+    /// Did the attempt or lookup fail, as the application sees it? A DNS lookup answered
+    /// SERVFAIL or REFUSED failed although its outcome is `answered` (NXDOMAIN did not: it is
+    /// the answer for a name that does not exist, what every search-path expansion gets).
+    pub fn is_failure(&self) -> bool {
+        let rcode = self
+            .udp
+            .as_ref()
+            .and_then(|u| u.dns.as_ref())
+            .and_then(|d| d.rcode.as_deref());
+        self.outcome.is_failure()
+            || (self.outcome == Outcome::Answered
+                && DnsFailureReason::of(self.outcome, rcode).is_some())
+    }
+
     /// Names the pod behind the deciding rule's workload interface (from the inventory), and
     /// renders the owner's and the verdict's explanations again with it.
     pub fn name_rule_workload(&mut self, workload: String) {

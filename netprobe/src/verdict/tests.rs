@@ -286,6 +286,57 @@ fn dns_answered_is_not_a_failure_and_says_the_rcode() {
     assert_eq!(u.requests, 1, "one datagram, seen at several checkpoints");
 }
 
+/// The recorded NOERROR lookup, its reply's rcode replaced.
+fn answered_with(rcode: &str) -> Verdict {
+    let mut engine = Engine::new(udp_ctx(53, vec![]));
+    let mut out = Vec::new();
+    for (i, mut e) in load("dns_answered").into_iter().enumerate() {
+        if let Some(d) = e.dns.as_mut().filter(|d| !d.query) {
+            d.rcode = Some(rcode.into());
+            d.answers = 0;
+        }
+        out.extend(engine.push(e, i as u64));
+    }
+    out.extend(engine.finish());
+    assert_eq!(out.len(), 1, "{out:#?}");
+    out.remove(0)
+}
+
+/// Issue #16 item 6: SERVFAIL and REFUSED are failed lookups (as the agent counts them), with
+/// the server, the rcode and where to look; NXDOMAIN stays an answer.
+#[test]
+fn dns_servfail_and_refused_are_failures_nxdomain_is_an_answer() {
+    for rcode in ["SERVFAIL", "REFUSED"] {
+        let v = answered_with(rcode);
+        assert_eq!(v.outcome, Outcome::Answered);
+        assert!(v.is_failure(), "{rcode}");
+        assert_eq!(
+            v.headline,
+            format!("DNS lookup failed: the server answered {rcode}")
+        );
+        assert!(
+            v.explanation.contains(&format!(
+                "reached the DNS server 10.42.0.3:53 (dialled as 10.43.0.10:53), which answered {rcode}"
+            )),
+            "{}",
+            v.explanation
+        );
+        assert!(
+            v.next_steps
+                .iter()
+                .any(|n| n.contains(&format!("nslookup {DNS_NAME} 10.42.0.3"))),
+            "{:#?}",
+            v.next_steps
+        );
+        let text = crate::sinks::text::verdict_text(&v);
+        assert!(text.starts_with("✗ DNS lookup failed"), "{text}");
+    }
+    let nx = answered_with("NXDOMAIN");
+    assert!(!nx.is_failure());
+    assert_eq!(nx.headline, "answered: NXDOMAIN");
+    assert!(!answered_with("NOERROR").is_failure());
+}
+
 #[test]
 fn dns_unanswered_names_the_query_and_the_way_out() {
     let v = run("dns_unanswered", udp_ctx(53, vec![]));

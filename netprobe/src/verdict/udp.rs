@@ -254,8 +254,11 @@ fn answered(ev: &Evidence, next_steps: &mut Vec<String>) -> (String, Option<Stri
                 "{what} was answered: NXDOMAIN, the name does not exist. That is the DNS server's answer, not a network failure."
             )
         }
+        Some(rcode @ ("SERVFAIL" | "REFUSED")) => return failed_answer(ev, rcode, next_steps),
         Some(rcode) => {
-            next_steps.push("look at the DNS server's logs (CoreDNS: kubectl -n kube-system logs -l k8s-app=kube-dns) and its upstreams".into());
+            next_steps.push(format!(
+                "look at the DNS server's logs ({COREDNS_LOGS}) and its upstreams"
+            ));
             format!(
                 "{what} was answered with {rcode}: the DNS server was reached but could not answer."
             )
@@ -263,6 +266,54 @@ fn answered(ev: &Evidence, next_steps: &mut Vec<String>) -> (String, Option<Stri
         None => "A reply came back.".to_string(),
     };
     (why, rcode.map(|r| format!("answered: {r}")))
+}
+
+/// Stands for the client pod in a next step until the judge names it (`-n ns pod`).
+pub const CLIENT_POD: &str = "<client pod>";
+
+/// CoreDNS's recent log lines (its pods carry `k8s-app=kube-dns` in every mainstream install).
+const COREDNS_LOGS: &str = "kubectl -n kube-system logs -l k8s-app=kube-dns --tail=200";
+
+/// SERVFAIL or REFUSED: the server was reached and answered, but the application's lookup
+/// failed (getaddrinfo gives EAI_AGAIN or EAI_FAIL). A failure like a drop: the verdict says
+/// so in its headline and the trace counts it.
+fn failed_answer(
+    ev: &Evidence,
+    rcode: &str,
+    next_steps: &mut Vec<String>,
+) -> (String, Option<String>) {
+    let server = super::endpoint_str(ev.server.0, ev.server.1);
+    let dialled = ev
+        .dialed
+        .filter(|d| *d != ev.server)
+        .map(|d| format!(" (dialled as {})", super::endpoint_str(d.0, d.1)))
+        .unwrap_or_default();
+    let name = ev
+        .lookup
+        .as_ref()
+        .and_then(|l| l.name.clone())
+        .unwrap_or_else(|| "<name>".into());
+    let meaning = if rcode == "SERVFAIL" {
+        next_steps.push(format!("{COREDNS_LOGS} | grep -iE 'SERVFAIL|error|timeout'  # why it failed (an upstream that times out, a plugin error)"));
+        next_steps.push("kubectl -n kube-system get configmap coredns -o yaml  # the forward (upstream) servers this name goes to".into());
+        "it could not resolve the name: most often its upstream (the forward target in the Corefile) failed or timed out, or the zone is broken"
+    } else {
+        next_steps.push("kubectl -n kube-system get configmap coredns -o yaml  # the zones it serves, acl and forward rules".into());
+        next_steps.push(format!("{COREDNS_LOGS}  # the refused queries"));
+        "it will not answer this query for this client: not a zone it serves and no recursion for it, or an acl"
+    };
+    next_steps.push(format!(
+        "kubectl exec {CLIENT_POD} -- nslookup {name} {}  # ask the same server again",
+        ev.server.0
+    ));
+    let why = format!(
+        "{} reached the DNS server {server}{dialled}, which answered {rcode}: {meaning}. The network path works; the application sees a failed lookup.",
+        ev.what
+    );
+    (
+        why,
+        Some(format!("DNS lookup failed: the server answered {rcode}")),
+    )
 }
 
 fn unanswered(ev: &Evidence, next_steps: &mut Vec<String>) -> String {
