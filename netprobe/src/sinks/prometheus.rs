@@ -149,10 +149,6 @@ impl Metrics {
                 "netprobe_kube_events_total{{result=\"{result}\"}} {n}\n"
             ));
         }
-        s.push_str(&format!(
-            "# HELP netprobe_kube_event_keys Keys (pod, reason, peer, port) the Kubernetes Event rate limiter remembers now; a deleted pod's are released.\n# TYPE netprobe_kube_event_keys gauge\nnetprobe_kube_event_keys {}\n",
-            self.kube_event_keys
-        ));
         self.render_engine(&mut s);
         self.render_attribution(&mut s);
         self.render_scope(&mut s);
@@ -231,10 +227,16 @@ impl Metrics {
         ));
     }
 
-    /// What the agent holds per pod namespace and interface.
+    /// What the agent holds per pod namespace, interface and pod.
     fn render_scope(&self, s: &mut String) {
         let c = &self.scope;
-        let scalars: [(&str, &str, &str, u64); 6] = [
+        let scalars: [(&str, &str, &str, u64); 7] = [
+            (
+                "netprobe_kube_event_keys",
+                "gauge",
+                "Keys (pod, reason, peer, port) the Kubernetes Event rate limiter remembers now; a deleted pod's are released.",
+                self.kube_event_keys as u64,
+            ),
             (
                 "netprobe_netns_filter_capacity",
                 "gauge",
