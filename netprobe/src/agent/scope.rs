@@ -4,7 +4,7 @@
 //! refuses a new pod's namespace: counted, logged once per episode, retried every tick; the
 //! agent keeps running and that pod's namespace is not watched until there is room.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::{
     enrich::Enricher,
@@ -98,7 +98,8 @@ impl Interfaces {
 /// The namespaces in the kernel's filter: the node's, always, and its pods'.
 pub(super) struct Scope {
     node: u64,
-    watched: HashSet<u64>,
+    /// inode → the name the enricher gives it.
+    watched: HashMap<u64, String>,
     /// Pod namespaces present but refused by a full map (retried every tick).
     refused: HashSet<u64>,
     refused_total: u64,
@@ -118,7 +119,7 @@ impl Scope {
         enricher.add_netns(node.inode, &node.name);
         Ok(Self {
             node: node.inode,
-            watched: HashSet::from([node.inode]),
+            watched: HashMap::from([(node.inode, node.name.clone())]),
             refused: HashSet::new(),
             refused_total: 0,
             released_total: 0,
@@ -152,7 +153,7 @@ impl Scope {
         self.refused.retain(|i| present.contains(i));
         let gone: Vec<u64> = self
             .watched
-            .iter()
+            .keys()
             .copied()
             .filter(|i| *i != self.node && !present.contains(i))
             .collect();
@@ -166,14 +167,20 @@ impl Scope {
     }
 
     fn watch(&mut self, probes: &mut Probes, enricher: &Enricher, ns: &NetnsRef) -> Result<()> {
-        if self.watched.contains(&ns.inode) {
-            return Ok(());
+        match self.watched.get(&ns.inode) {
+            Some(name) if *name == ns.name => return Ok(()),
+            // An inode a deleted namespace freed, reused by a new one within a tick: in the map
+            // already, under another name.
+            Some(_) => {
+                self.name(enricher, ns);
+                return Ok(());
+            }
+            None => {}
         }
         match probes.watch_netns(ns.inode)? {
             NetnsAdmission::Watched => {
-                self.watched.insert(ns.inode);
                 self.refused.remove(&ns.inode);
-                enricher.add_netns(ns.inode, &ns.name);
+                self.name(enricher, ns);
             }
             NetnsAdmission::MapFull => {
                 if self.refused.insert(ns.inode) {
@@ -182,6 +189,11 @@ impl Scope {
             }
         }
         Ok(())
+    }
+
+    fn name(&mut self, enricher: &Enricher, ns: &NetnsRef) {
+        self.watched.insert(ns.inode, ns.name.clone());
+        enricher.add_netns(ns.inode, &ns.name);
     }
 
     /// One line when the map becomes full, one when every pod is watched again.
