@@ -25,6 +25,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod churn;
 pub mod dns;
 pub mod kubeapi;
 pub mod metrics;

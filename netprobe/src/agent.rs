@@ -5,11 +5,14 @@
 //! stages, a DNS judge (failed lookups), and as sinks the storm-controlled NDJSON log on stdout
 //! (schema `netprobe.event/v1`), Prometheus `/metrics` and Kubernetes Events. It serves
 //! `/metrics`, `/healthz`, `/readyz` and `/v1/trace` (cluster-mode trace, see
-//! [`crate::cluster`]) on a loopback address. SIGTERM/SIGINT: detach and exit.
+//! [`crate::cluster`]) on a loopback address. SIGTERM/SIGINT: detach and exit. What it holds
+//! per pod is released when the pod is gone ([`scope`]).
+
+mod scope;
 
 use std::{
     cell::{Cell, RefCell},
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     io::Write,
     net::SocketAddr,
     path::PathBuf,
@@ -20,6 +23,7 @@ use std::{
 use futures::future::LocalBoxFuture;
 use netprobe_common::{DNS_PORT, Filter, quiet};
 
+use self::scope::{Interfaces, Scope};
 use crate::{
     enrich::{
         Enricher,
@@ -76,6 +80,8 @@ pub struct AgentOptions {
     pub raw_events: bool,
     /// Labels and bound of `netprobe_failed_connections_total`.
     pub metrics: MetricsOptions,
+    /// Namespaces watched at once (the node's and its pods'): the kernel filter map's size.
+    pub max_namespaces: u32,
 }
 
 /// Which events go where: TCP and DNS to the judge (one verdict per failed attempt), what
@@ -145,46 +151,6 @@ impl crate::cluster::server::AgentStatus for Status {
     }
 }
 
-/// Attaches tc to links of the node namespace not attached yet; returns how many are attached.
-fn attach_new(
-    probes: &mut Probes,
-    node: &NetnsRef,
-    enricher: &Enricher,
-    attached: &mut HashSet<(u32, String)>,
-) -> Result<usize> {
-    let links = netlink::links()?;
-    let fresh: Vec<(u32, String)> = links
-        .iter()
-        .filter(|l| l.up && l.name != "lo" && !attached.contains(&(l.index, l.name.clone())))
-        .map(|l| (l.index, l.name.clone()))
-        .collect();
-    if !fresh.is_empty() {
-        for (ix, name) in &fresh {
-            enricher.add_interface(node.inode, *ix, name);
-        }
-        let names: HashSet<&str> = fresh.iter().map(|(_, n)| n.as_str()).collect();
-        // One pass for all new links (one link dump, one namespace entry). A link that vanished
-        // between listing and attaching is not an error.
-        let atts = probes
-            .attach_tc(node, |l| names.contains(l.name.as_str()))
-            .unwrap_or_else(|_| {
-                // One link failed (gone meanwhile): the others one by one.
-                names
-                    .iter()
-                    .filter_map(|n| probes.attach_tc(node, |l| l.name == *n).ok())
-                    .flatten()
-                    .collect()
-            });
-        for a in atts {
-            enricher.add_tc(&a);
-        }
-        attached.extend(fresh);
-    }
-    let present: HashSet<(u32, String)> = links.iter().map(|l| (l.index, l.name.clone())).collect();
-    attached.retain(|k| present.contains(k));
-    Ok(attached.len())
-}
-
 /// rtnetlink link notifications as a source: a new veth (a new pod) runs the housekeeping now
 /// instead of at the next 200 ms tick.
 struct LinkChanges(tokio::io::unix::AsyncFd<netlink::LinkMonitor>);
@@ -224,10 +190,10 @@ struct AgentHousekeeping {
     enricher: Rc<Enricher>,
     names: Option<Rc<RefCell<PodContext>>>,
     metrics: SharedMetrics,
-    scope: HashSet<u64>,
+    scope: Scope,
     /// The namespaces present now, by inode (the judge reads listeners in them).
     present: Namespaces,
-    attached: HashSet<(u32, String)>,
+    interfaces: Interfaces,
     delay_max_ns: Rc<Cell<u64>>,
     delay_window: Instant,
     tcp_opens: crate::sources::tcp_opens::TcpOpens,
@@ -240,15 +206,25 @@ struct AgentHousekeeping {
 type Namespaces = Rc<RefCell<HashMap<u64, NetnsRef>>>;
 
 impl AgentHousekeeping {
-    fn add_scope(&mut self, ns: &NetnsRef) -> Result<()> {
-        if self.scope.insert(ns.inode) {
-            self.probes.borrow_mut().set_netns_filter(&[ns.inode])?;
-            self.enricher.add_netns(ns.inode, &ns.name);
+    /// New veths (new pods) attached within 200 ms, their namespaces in the filter; what
+    /// deleted pods left (links, filter entries, names) released. Returns the interfaces
+    /// attached and the pod namespaces present (None when they could not be listed).
+    fn sync_pods(&mut self) -> Result<(usize, Option<Vec<NetnsRef>>)> {
+        let mut probes = self.probes.borrow_mut();
+        let n = self
+            .interfaces
+            .sync(&mut probes, &self.node, &self.enricher)
+            .unwrap_or(self.interfaces.len());
+        // Without a complete list of the peers nothing is released.
+        let Ok(peers) = netns::veth_peers() else {
+            return Ok((n, None));
+        };
+        for ns in self.scope.sync(&mut probes, &self.enricher, &peers)? {
             // Off the loop: listing its tables runs nft (tens of ms), per new pod.
             let ns = ns.clone();
             std::thread::spawn(move || clean_pod_leftovers(&ns));
         }
-        Ok(())
+        Ok((n, Some(peers)))
     }
 
     /// Gauges from the kernel's counters and the ring source's worst delay.
@@ -265,6 +241,7 @@ impl AgentHousekeeping {
         }
         m.interfaces = interfaces;
         m.namespaces = self.scope.len();
+        m.scope = self.scope.stats(&self.interfaces, &probes);
         m.arming = self.arming.stats();
         m.rule_counters = self.counted.stats();
         m.lost = c.lost;
@@ -282,22 +259,12 @@ impl Housekeeping for AgentHousekeeping {
     fn tick(&mut self, stats: &Stats) -> Result<Option<Error>> {
         self.ticks += 1;
         self.metrics.lock().expect("metrics lock").engine = stats.engine;
-        // New veths (new pods) within 200 ms; their namespaces join the filter.
-        let n = attach_new(
-            &mut self.probes.borrow_mut(),
-            &self.node,
-            &self.enricher,
-            &mut self.attached,
-        )
-        .unwrap_or(self.attached.len());
-        let peers = netns::veth_peers().unwrap_or_default();
-        for ns in &peers {
-            self.add_scope(ns)?;
+        let (n, peers) = self.sync_pods()?;
+        if let Some(peers) = peers {
+            let mut present = self.present.borrow_mut();
+            present.retain(|inode, _| *inode == self.node.inode);
+            present.extend(peers.into_iter().map(|ns| (ns.inode, ns)));
         }
-        let mut present = self.present.borrow_mut();
-        present.retain(|inode, _| *inode == self.node.inode);
-        present.extend(peers.into_iter().map(|ns| (ns.inode, ns)));
-        drop(present);
         if self.ticks.is_multiple_of(5)
             && let Some(names) = &self.names
         {
@@ -316,8 +283,8 @@ impl Housekeeping for AgentHousekeeping {
 
 /// Loads the programs for every port, failure signals only, with routine teardown drops
 /// counted in the kernel but not sent.
-fn load(kbtf: &KernelBtf, ring_bytes: u32) -> Result<Probes> {
-    let mut probes = Probes::load_with_ring(
+fn load(kbtf: &KernelBtf, ring_bytes: u32, max_namespaces: u32) -> Result<Probes> {
+    let mut probes = Probes::load_sized(
         kbtf,
         Filter {
             netns_enabled: 1,
@@ -326,6 +293,7 @@ fn load(kbtf: &KernelBtf, ring_bytes: u32) -> Result<Probes> {
             ..Default::default()
         },
         ring_bytes,
+        max_namespaces,
     )?;
     // Routine socket teardown (a closing socket purging a queued FIN) is counted in
     // netprobe_kernel_drops_total but is not an event: it would cost one per connection.
@@ -347,8 +315,8 @@ fn load(kbtf: &KernelBtf, ring_bytes: u32) -> Result<Probes> {
 struct Attached {
     probes: Probes,
     enricher: Enricher,
-    scope: HashSet<u64>,
-    attached: HashSet<(u32, String)>,
+    scope: Scope,
+    interfaces: Interfaces,
     /// Probes the kernel refused: (program, reason).
     missing: Vec<(String, String)>,
 }
@@ -366,7 +334,7 @@ fn clean_pod_leftovers(ns: &NetnsRef) {
     }
 }
 
-fn attach(node: &NetnsRef, ring_bytes: u32) -> Result<Attached> {
+fn attach(node: &NetnsRef, ring_bytes: u32, max_namespaces: u32) -> Result<Attached> {
     let kbtf = KernelBtf::load()?;
     // Leftovers of traces whose process was killed (the agent's own remote traces included),
     // in the node's namespace and in every pod's (a `trace --pod` installs in both).
@@ -376,14 +344,10 @@ fn attach(node: &NetnsRef, ring_bytes: u32) -> Result<Attached> {
     pods.iter().for_each(clean_pod_leftovers);
     let enricher = Enricher::new(&kbtf)?;
     // Every port; the namespace filter keeps the host's other namespaces out.
-    let mut probes = load(&kbtf, ring_bytes)?;
-    let mut scope = HashSet::new();
-    for ns in std::iter::once(node.clone()).chain(pods) {
-        if scope.insert(ns.inode) {
-            probes.set_netns_filter(&[ns.inode])?;
-            enricher.add_netns(ns.inode, &ns.name);
-        }
-    }
+    let mut probes = load(&kbtf, ring_bytes, max_namespaces)?;
+    let mut scope = Scope::new(&mut probes, node, &enricher, max_namespaces)?;
+    // Their leftovers were cleaned above.
+    scope.sync(&mut probes, &enricher, &pods)?;
     let missing = probes
         .attach_tracepoints_degradable(kbtf.aya(), &crate::probes::always_on_tracepoints())?
         .into_iter()
@@ -396,13 +360,13 @@ fn attach(node: &NetnsRef, ring_bytes: u32) -> Result<Attached> {
     drop(kbtf);
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe { libc::malloc_trim(0) };
-    let mut attached = HashSet::new();
-    attach_new(&mut probes, node, &enricher, &mut attached)?;
+    let mut interfaces = Interfaces::default();
+    interfaces.sync(&mut probes, node, &enricher)?;
     Ok(Attached {
         probes,
         enricher,
         scope,
-        attached,
+        interfaces,
         missing,
     })
 }
@@ -438,9 +402,9 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
         mut probes,
         enricher,
         scope,
-        attached,
+        interfaces,
         missing,
-    } = attach(&node, opts.ring_bytes)?;
+    } = attach(&node, opts.ring_bytes, opts.max_namespaces)?;
     let enricher = Rc::new(enricher);
     let ring = RingSource::new(EventReader::new(probes.take_events()?)?, enricher.clone());
     let delay_max_ns = ring.delay_max();
@@ -456,14 +420,14 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
     ));
     let mut tcp_opens = crate::sources::tcp_opens::TcpOpens::default();
     tcp_opens.update(present.borrow().values());
-    mark_ready(&metrics, &missing, attached.len(), scope.len());
+    mark_ready(&metrics, &missing, interfaces.len(), scope.len());
     if let Some(path) = &opts.ready_file {
         std::fs::write(path, b"ready\n")
             .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
     }
     eprintln!(
         "netprobe agent: {} interfaces, {} namespaces; metrics on {}",
-        attached.len(),
+        interfaces.len(),
         scope.len(),
         opts.metrics_addr
     );
@@ -491,7 +455,7 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
             metrics: metrics.clone(),
             scope,
             present,
-            attached,
+            interfaces,
             delay_max_ns,
             delay_window: Instant::now(),
             tcp_opens,

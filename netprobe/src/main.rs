@@ -141,6 +141,19 @@ struct AgentArgs {
           default_value_t = netprobe::sinks::prometheus::failed::DEFAULT_MAX_SERIES as u32,
           value_parser = clap::value_parser!(u32).range(1..))]
     metrics_max_series: u32,
+    /// Seconds the series of a deleted pod (or of a workload without pods left) stay in
+    /// /metrics, so that every scraper sees their last count; then they are removed
+    /// (netprobe_metric_series_evicted_total{reason="expired"}).
+    #[arg(long, env = "NETPROBE_METRICS_SERIES_GRACE", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    metrics_series_grace: u64,
+    /// Network namespaces watched at once, the node's included (the size of the kernel's
+    /// namespace filter map). A pod beyond it is not watched until others are deleted: counted
+    /// in netprobe_unwatched_namespaces and netprobe_netns_filter_refused_total, logged once;
+    /// the agent keeps running.
+    #[arg(long, env = "NETPROBE_MAX_NAMESPACES", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(2..=1_048_576))]
+    max_namespaces: u32,
 }
 
 #[derive(clap::Args)]
@@ -378,7 +391,9 @@ fn agent(a: AgentArgs) -> ExitCode {
         metrics: netprobe::sinks::prometheus::MetricsOptions {
             pod_labels: a.metrics_pod_labels,
             max_series: a.metrics_max_series as usize,
+            series_grace: std::time::Duration::from_secs(a.metrics_series_grace),
         },
+        max_namespaces: a.max_namespaces,
     };
     let Some(rt) = runtime() else {
         return ExitCode::from(EXIT_USAGE);

@@ -2,8 +2,11 @@
 //! lab (namespaces only): throughput and connection rate without / with the agent (and with an
 //! active trace), a drop storm (generated vs counted in the kernel vs delivered vs lost, agent CPU
 //! and memory), attach time for 250 veths, time from a new veth to its attachment, time from
-//! a dropped SYN to `trace`'s verdict, and to the agent's own verdict naming the rule. Writes `bench/results/latest.json` and the numbers section
+//! a dropped SYN to `trace`'s verdict, and to the agent's own verdict naming the rule, and pod
+//! churn ([`churn`]). Writes `bench/results/latest.json` and the numbers section
 //! of `BENCHMARKS.md`.
+
+mod churn;
 
 use std::{
     io::{BufRead, BufReader, Read},
@@ -737,6 +740,8 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
     let (attach_250_s, attached, new_veth_ms) = attach(&mut bench, baseline_start_s)?;
     let (verdict_s, outcome) = verdict_latency(&mut bench)?;
     let agent_verdicts = agent_verdict_latency(&mut bench)?;
+    let pod_churn = churn::pod_churn()?;
+    println!("bench: pod churn {pod_churn}");
     let soak = if opts.soak_seconds > 0 {
         let s = drop_storm(&mut bench, opts.soak_seconds, true)?;
         Some(s)
@@ -802,6 +807,7 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
             "storm": other_storm,
         });
     }
+    results["pod_churn"] = pod_churn;
     if let Some(s) = soak {
         results["soak"] = s;
     } else if let Some(prev) = previous_soak(&repo_root().join("bench/results/latest.json")) {
@@ -930,6 +936,9 @@ fn table(r: &Value) -> String {
             soak["agent_rss_start_mib"], soak["agent_rss_end_mib"], soak["agent_rss_peak_mib"],
             soak["event_delay_ms"]["max"], soak["event_delay_ms"]["p99_of_1s_maxima"]
         ));
+    }
+    if let Some(c) = r.get("pod_churn") {
+        t.push_str(&churn::table(c));
     }
     t
 }

@@ -80,6 +80,23 @@ impl Enricher {
             .insert((netns, ifindex), name.to_string());
     }
 
+    /// A pod namespace that is gone: its name is forgotten (the agent's names stay bounded).
+    pub fn remove_netns(&self, inode: u64) {
+        self.netns_names.borrow_mut().remove(&inode);
+    }
+
+    /// An interface that is gone (a deleted veth): its name and attachment are forgotten.
+    pub fn remove_interface(&self, netns: u64, ifindex: u32) {
+        self.ifnames.borrow_mut().remove(&(netns, ifindex));
+        let mut tc = self.tc.borrow_mut();
+        if let Some(list) = tc.get_mut(&ifindex) {
+            list.retain(|x| x.netns != netns);
+            if list.is_empty() {
+                tc.remove(&ifindex);
+            }
+        }
+    }
+
     pub fn add_tc(&self, a: &TcAttachment) {
         self.add_interface(a.netns, a.ifindex, &a.ifname);
         let mut tc = self.tc.borrow_mut();

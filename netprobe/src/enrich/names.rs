@@ -39,7 +39,8 @@ impl PodContext {
     pub fn rescan(&mut self, current: &NetnsRef) -> Vec<NetnsRef> {
         let mut fresh = Vec::new();
         let mut candidates = vec![current.clone()];
-        candidates.extend(netns::veth_peers().unwrap_or_default());
+        let peers = netns::veth_peers();
+        candidates.extend(peers.as_ref().cloned().unwrap_or_default());
         let mut addrs = Vec::new();
         for ns in &candidates {
             if let Ok(Ok(a)) = ns.run(netlink::addresses) {
@@ -48,6 +49,11 @@ impl PodContext {
             if self.inodes.insert(ns.name.clone(), ns.inode).is_none() {
                 fresh.push(ns.clone());
             }
+        }
+        // Deleted pods' namespaces are forgotten (only from a complete list).
+        if peers.is_ok() {
+            self.inodes
+                .retain(|name, _| candidates.iter().any(|c| &c.name == name));
         }
         self.addrs = addrs;
         self.refresh();

@@ -244,6 +244,20 @@ impl Inventory {
             .map(|p| format!("{}/{}", p.namespace, p.workload))
             .collect()
     }
+
+    /// `namespace/name` of every pod the inventory names: this node's, and other nodes' known
+    /// as Service endpoints (per-pod state of the others is released).
+    pub fn pod_names(&self) -> std::collections::HashSet<String> {
+        let endpoints = self
+            .endpoints
+            .values()
+            .filter_map(|p| Some(format!("{}/{}", p.namespace.as_ref()?, p.pod.as_ref()?)));
+        self.pods
+            .iter()
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .chain(endpoints)
+            .collect()
+    }
 }
 
 /// `Kind/name` of the workload a pod belongs to, from its controller's ownerReference: a
@@ -599,7 +613,8 @@ mod tests {
 
     #[test]
     fn a_backend_on_another_node_is_named_from_its_endpointslice() {
-        let p = inventory().peer("10.42.1.7".parse().unwrap(), 9004, None, None);
+        let inv = inventory();
+        let p = inv.peer("10.42.1.7".parse().unwrap(), 9004, None, None);
         assert_eq!(
             (p.pod.as_deref(), p.node.as_deref()),
             (Some("seldon-scheduler-0"), Some("node-b"))
@@ -608,6 +623,13 @@ mod tests {
         assert!(
             p.workload.is_none(),
             "no ownerReferences for pods of other nodes: not guessed"
+        );
+        let ns = p.namespace.clone().unwrap_or_default();
+        assert!(
+            inv.pod_names()
+                .contains(&format!("{ns}/seldon-scheduler-0")),
+            "a backend elsewhere is a pod the inventory names: {:?}",
+            inv.pod_names()
         );
     }
 

@@ -78,8 +78,25 @@ pub struct TcAttachment {
 
 pub struct Probes {
     ebpf: Ebpf,
-    links: Vec<(NetnsRef, &'static str, SchedClassifierLinkId)>,
+    links: Vec<TcLink>,
     pub attachments: Vec<TcAttachment>,
+}
+
+/// One tc program attached to one interface: a tcx link holds an fd until it is detached.
+struct TcLink {
+    netns: NetnsRef,
+    ifindex: u32,
+    program: &'static str,
+    id: SchedClassifierLinkId,
+}
+
+/// What became of a namespace offered to the kernel's namespace filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetnsAdmission {
+    /// In the filter (now or already).
+    Watched,
+    /// The filter map is full (E2BIG): the namespace is not watched.
+    MapFull,
 }
 
 /// Fault injection for the fault tests: `NETPROBE_FAULT_PROBE=<program>` loads that program
@@ -149,11 +166,23 @@ impl Probes {
 
     /// [`Probes::load`] with a ring buffer of `ring_bytes` (a power of two, at least a page).
     pub fn load_with_ring(kbtf: &KernelBtf, filter: Filter, ring_bytes: u32) -> Result<Self> {
+        Self::load_sized(kbtf, filter, ring_bytes, netprobe_common::MAX_NETNS_FILTER)
+    }
+
+    /// [`Probes::load_with_ring`] with a namespace filter map of `netns_entries` entries (the
+    /// node's namespace and its pods').
+    pub fn load_sized(
+        kbtf: &KernelBtf,
+        filter: Filter,
+        ring_bytes: u32,
+        netns_entries: u32,
+    ) -> Result<Self> {
         raise_memlock_rlimit();
         let offsets = kbtf.offsets()?;
         let ebpf = EbpfLoader::new()
             .btf(Some(kbtf.aya()))
             .map_max_entries("EVENTS", ring_bytes)
+            .map_max_entries("NETNS_FILTER", netns_entries.max(1))
             .override_global("FILTER", &filter, true)
             .override_global("OFFSETS", &offsets, true)
             .load(OBJECT)
@@ -192,14 +221,7 @@ impl Probes {
 
     /// Restricts tracepoint events to these namespaces (inode numbers).
     pub fn set_netns_filter(&mut self, inodes: &[u64]) -> Result<()> {
-        let map = self.ebpf.map_mut("NETNS_FILTER").ok_or(Error::MapMissing {
-            map: "NETNS_FILTER",
-        })?;
-        let mut map: BpfHashMap<_, u32, u8> =
-            BpfHashMap::try_from(map).map_err(|source| Error::Map {
-                map: "NETNS_FILTER",
-                source,
-            })?;
+        let mut map = self.netns_filter()?;
         for &ino in inodes {
             map.insert(ino as u32, 1, 0).map_err(|source| Error::Map {
                 map: "NETNS_FILTER",
@@ -207,6 +229,41 @@ impl Probes {
             })?;
         }
         Ok(())
+    }
+
+    /// Adds one namespace to the filter; a full map is an answer, not an error (the caller
+    /// keeps running without that namespace).
+    pub fn watch_netns(&mut self, inode: u64) -> Result<NetnsAdmission> {
+        match self.netns_filter()?.insert(inode as u32, 1, 0) {
+            Ok(()) => Ok(NetnsAdmission::Watched),
+            Err(e) if map_errno(&e) == Some(libc::E2BIG) => Ok(NetnsAdmission::MapFull),
+            Err(source) => Err(Error::Map {
+                map: "NETNS_FILTER",
+                source,
+            }),
+        }
+    }
+
+    /// Takes a namespace out of the filter (one that is already out is fine).
+    pub fn unwatch_netns(&mut self, inode: u64) -> Result<()> {
+        match self.netns_filter()?.remove(&(inode as u32)) {
+            Ok(()) => Ok(()),
+            Err(e) if map_errno(&e) == Some(libc::ENOENT) => Ok(()),
+            Err(source) => Err(Error::Map {
+                map: "NETNS_FILTER",
+                source,
+            }),
+        }
+    }
+
+    fn netns_filter(&mut self) -> Result<BpfHashMap<&mut MapData, u32, u8>> {
+        let map = self.ebpf.map_mut("NETNS_FILTER").ok_or(Error::MapMissing {
+            map: "NETNS_FILTER",
+        })?;
+        BpfHashMap::try_from(map).map_err(|source| Error::Map {
+            map: "NETNS_FILTER",
+            source,
+        })
     }
 
     /// Loads and attaches every tracepoint program. Links live as long as `self`.
@@ -371,7 +428,7 @@ impl Probes {
                             })?
                         }
                     };
-                    links.push((program, id));
+                    links.push((link.index, program, id));
                 }
                 attached.push(TcAttachment {
                     netns: netns.inode,
@@ -383,7 +440,12 @@ impl Probes {
             Ok((attached, links))
         })??;
         self.links
-            .extend(links.into_iter().map(|(p, id)| (netns.clone(), p, id)));
+            .extend(links.into_iter().map(|(ifindex, program, id)| TcLink {
+                netns: netns.clone(),
+                ifindex,
+                program,
+                id,
+            }));
         self.attachments.extend(attached.iter().cloned());
         Ok(attached)
     }
@@ -391,18 +453,45 @@ impl Probes {
     /// Detaches every tc program, each inside its namespace (a clsact filter would otherwise
     /// outlive netprobe). A namespace that vanished took its filters with it.
     pub fn detach_tc(&mut self) {
-        for (netns, program, id) in std::mem::take(&mut self.links) {
+        let links = std::mem::take(&mut self.links);
+        self.detach_links(links);
+        self.attachments.clear();
+    }
+
+    /// Lets go of the programs of an interface that is gone (a deleted pod's veth): the kernel
+    /// already detached them, but each tcx link keeps an fd (and kernel memory) until closed.
+    /// Returns how many links were released.
+    pub fn release_interface(&mut self, netns: u64, ifindex: u32) -> usize {
+        let (gone, kept) = std::mem::take(&mut self.links)
+            .into_iter()
+            .partition(|l| l.netns.inode == netns && l.ifindex == ifindex);
+        self.links = kept;
+        self.attachments
+            .retain(|a| !(a.netns == netns && a.ifindex == ifindex));
+        let n = gone.len();
+        self.detach_links(gone);
+        n
+    }
+
+    /// Detaches `links`, each inside its namespace. aya forgets a link (and closes its fd) even
+    /// when the kernel's detach fails, e.g. for an interface that no longer exists.
+    fn detach_links(&mut self, links: Vec<TcLink>) {
+        for l in links {
             let ebpf = &mut self.ebpf;
-            let _ = netns.run(|| {
-                if let Some(p) = ebpf.program_mut(program) {
+            let _ = l.netns.run(|| {
+                if let Some(p) = ebpf.program_mut(l.program) {
                     let p: std::result::Result<&mut SchedClassifier, _> = p.try_into();
                     if let Ok(p) = p {
-                        let _ = p.detach(id);
+                        let _ = p.detach(l.id);
                     }
                 }
             });
         }
-        self.attachments.clear();
+    }
+
+    /// tc links held now (each tcx link is an open fd).
+    pub fn tc_links(&self) -> usize {
+        self.links.len()
     }
 
     /// The event ring buffer (can be taken once).
@@ -471,6 +560,14 @@ impl Probes {
 impl Drop for Probes {
     fn drop(&mut self) {
         self.detach_tc();
+    }
+}
+
+/// The errno of a failed map syscall, if it was one.
+fn map_errno(e: &aya::maps::MapError) -> Option<i32> {
+    match e {
+        aya::maps::MapError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
     }
 }
 

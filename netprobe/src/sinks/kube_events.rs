@@ -7,7 +7,8 @@
 //!
 //! Rate-limited per (pod, reason, peer workload, port): one new Event, then at most one update a
 //! minute whose `series.count` includes the repeats held back meanwhile (also sent on a tick when
-//! no further failure comes). The limiter's keys are bounded; evictions are counted. Published
+//! no further failure comes). The limiter's keys are bounded; evictions are counted; the keys
+//! of a pod deleted from the inventory are released (its held repeats sent first). Published
 //! in the background; a failure is logged and counted, never fatal.
 
 use std::{
@@ -40,6 +41,8 @@ pub const EVENT_INTERVAL: Duration = Duration::from_secs(60);
 pub const SERIES_IDLE: Duration = Duration::from_secs(600);
 /// Keys the limiter remembers; the least recently seen is evicted for a new one.
 pub const MAX_KEYS: usize = 1024;
+/// How often keys of deleted pods are looked for.
+const RELEASE_EVERY: Duration = Duration::from_secs(1);
 /// The API server's limit on a note is 1 kB.
 const NOTE_MAX_CHARS: usize = 1000;
 
@@ -53,6 +56,7 @@ pub struct KubeEventsSink {
     metrics: Option<SharedMetrics>,
     /// Makes Event names unique within one nanosecond.
     seq: u64,
+    released_at: Instant,
 }
 
 impl KubeEventsSink {
@@ -65,6 +69,7 @@ impl KubeEventsSink {
             limit: EventRateLimit::default(),
             metrics: None,
             seq: 0,
+            released_at: Instant::now(),
         }
     }
 
@@ -94,6 +99,22 @@ impl KubeEventsSink {
         match publish {
             Some(p) => self.publish(p),
             None => self.count("held", 1),
+        }
+    }
+
+    /// Forgets the keys of pods gone from the inventory, after sending their held repeats.
+    fn release_deleted_pods(&mut self, now: Instant) {
+        let pods = self.names.borrow().inventory.pod_names();
+        let (last, released) = self.limit.release(
+            |ns, pod| pods.contains(&crate::sinks::prometheus::pods::qualified(ns, pod)),
+            now,
+        );
+        for p in last {
+            self.publish(p);
+        }
+        self.count("released", released as u64);
+        if let Some(m) = &self.metrics {
+            m.lock().expect("metrics lock").kube_event_keys = self.limit.len();
         }
     }
 
@@ -137,10 +158,15 @@ impl Sink for KubeEventsSink {
     }
 
     /// Repeats held back get their update once the interval has passed, without waiting for
-    /// another failure.
+    /// another failure; keys of deleted pods are released.
     fn tick(&mut self) -> io::Result<()> {
-        for p in self.limit.due(Instant::now()) {
+        let now = Instant::now();
+        for p in self.limit.due(now) {
             self.publish(p);
+        }
+        if now.duration_since(self.released_at) >= RELEASE_EVERY {
+            self.released_at = now;
+            self.release_deleted_pods(now);
         }
         Ok(())
     }
@@ -494,6 +520,27 @@ impl EventRateLimit {
             .collect()
     }
 
+    /// Forgets the keys of pods `alive` says are gone: returns the last updates owed (held
+    /// repeats, sent now whatever the interval) and how many keys were released.
+    pub fn release(
+        &mut self,
+        alive: impl Fn(&str, &str) -> bool,
+        now: Instant,
+    ) -> (Vec<Publish>, usize) {
+        let before = self.slots.len();
+        let mut last = Vec::new();
+        self.slots.retain(|k, s| {
+            if alive(&k.namespace, &k.pod) {
+                return true;
+            }
+            if s.count > s.sent_count {
+                last.push(s.update(now));
+            }
+            false
+        });
+        (last, before - self.slots.len())
+    }
+
     pub fn len(&self) -> usize {
         self.slots.len()
     }
@@ -694,6 +741,28 @@ mod tests {
             .is_some_and(|p| matches!(p, Publish::Create(_))),
             "the oldest went first"
         );
+    }
+
+    #[test]
+    fn a_deleted_pods_keys_are_released_after_its_held_repeats_are_sent() {
+        let mut l = EventRateLimit::default();
+        let t0 = Instant::now();
+        let on = |pod: &str| EventKey {
+            pod: pod.into(),
+            ..key("Deployment/a")
+        };
+        l.observe(on("gone-0"), t0, K8sEvent::default);
+        l.observe(on("gone-0"), t0, K8sEvent::default);
+        l.observe(on("gone-1"), t0, K8sEvent::default);
+        l.observe(on("alive-0"), t0, K8sEvent::default);
+        let (last, released) = l.release(|_, pod| pod.starts_with("alive"), t0);
+        assert_eq!(released, 2);
+        assert_eq!(
+            last.iter().map(series).collect::<Vec<_>>(),
+            [Some(2)],
+            "gone-0's held repeat, in a last update"
+        );
+        assert_eq!(l.len(), 1);
     }
 
     /// Creation and update go through the real kube-rs client to the API stand-in (loopback).

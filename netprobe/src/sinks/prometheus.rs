@@ -4,10 +4,11 @@
 //! values come from the kernel's names and the inventory.
 
 pub mod failed;
+pub mod pods;
 
 use std::{
     cell::RefCell,
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     io,
     rc::Rc,
     sync::{Arc, Mutex},
@@ -23,6 +24,23 @@ use crate::{
     model::{Named, drop_reason},
     verdict::{Outcome, Verdict},
 };
+
+/// What the agent holds per pod namespace and per interface, and what it let go of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScopeStats {
+    /// Pod namespaces present but not watched: the filter map was full.
+    pub unwatched: usize,
+    /// Pod namespaces the full map refused (each once).
+    pub refused_total: u64,
+    /// Namespaces of deleted pods taken out of the filter map.
+    pub released_total: u64,
+    /// Entries of the filter map (`--max-namespaces`).
+    pub capacity: u32,
+    /// tc links held now (tcx: one fd each).
+    pub tc_links: usize,
+    /// tc links of deleted interfaces released.
+    pub tc_links_released_total: u64,
+}
 
 /// What `/metrics` reports. Label values come from the kernel's names and the inventory.
 #[derive(Default)]
@@ -54,8 +72,8 @@ pub struct Metrics {
     /// Failed connection attempts and DNS lookups by outcome, rule owner, policy, Service and
     /// workloads (bounded, expiring).
     pub failed: failed::FailedConnections,
-    /// Kubernetes Events by result: created, updated, held (rate limit), failed, evicted (keys
-    /// of the rate limiter).
+    /// Kubernetes Events by result: created, updated, held (rate limit), failed, evicted and
+    /// released (keys of the rate limiter).
     pub kube_events: BTreeMap<&'static str, u64>,
     /// TCP connect() attempts and their failures in the watched namespaces (their TCP MIB).
     pub tcp_attempts: crate::model::stats::TcpMib,
@@ -65,6 +83,12 @@ pub struct Metrics {
     pub arming: crate::model::stats::ArmStats,
     /// Rule counter reads after netfilter drops.
     pub rule_counters: crate::model::stats::CounterStats,
+    /// Per pod namespace and interface: watched, refused, released.
+    pub scope: ScopeStats,
+    /// Keys the Kubernetes Event rate limiter remembers now.
+    pub kube_event_keys: usize,
+    /// Pods named by `drops`/`dns_failures` that left the inventory, waiting out the grace.
+    gone_pods: pods::GonePods,
 }
 
 fn label(v: &str) -> String {
@@ -119,7 +143,7 @@ impl Metrics {
             ));
         }
         self.failed.render(&mut s);
-        s.push_str("# HELP netprobe_kube_events_total Kubernetes Events about failed connections, by result: created, updated (series count of repeats), held (rate limit: counted into the next update), failed (the API refused), evicted (keys the bounded rate limiter forgot).\n# TYPE netprobe_kube_events_total counter\n");
+        s.push_str("# HELP netprobe_kube_events_total Kubernetes Events about failed connections, by result: created, updated (series count of repeats), held (rate limit: counted into the next update), failed (the API refused), evicted (keys the bounded rate limiter forgot), released (keys of pods deleted from the inventory).\n# TYPE netprobe_kube_events_total counter\n");
         for (result, n) in &self.kube_events {
             s.push_str(&format!(
                 "netprobe_kube_events_total{{result=\"{result}\"}} {n}\n"
@@ -127,6 +151,7 @@ impl Metrics {
         }
         self.render_engine(&mut s);
         self.render_attribution(&mut s);
+        self.render_scope(&mut s);
         s.push_str("# HELP netprobe_lost_events_total Events the kernel could not queue (ring buffer full).\n# TYPE netprobe_lost_events_total counter\n");
         s.push_str(&format!("netprobe_lost_events_total {}\n", self.lost));
         s.push_str("# HELP netprobe_kernel_drops_total Drops in the watched namespaces counted in the kernel, by reason (events lost or not).\n# TYPE netprobe_kernel_drops_total counter\n");
@@ -200,6 +225,86 @@ impl Metrics {
             "netprobe_verdict_engine_evicted_total{{reason=\"judged_early\"}} {}\nnetprobe_verdict_engine_evicted_total{{reason=\"forgotten_early\"}} {}\n",
             self.engine.judged_early, self.engine.forgotten_early
         ));
+    }
+
+    /// What the agent holds per pod namespace, interface and pod.
+    fn render_scope(&self, s: &mut String) {
+        let c = &self.scope;
+        let scalars: [(&str, &str, &str, u64); 7] = [
+            (
+                "netprobe_kube_event_keys",
+                "gauge",
+                "Keys (pod, reason, peer, port) the Kubernetes Event rate limiter remembers now; a deleted pod's are released.",
+                self.kube_event_keys as u64,
+            ),
+            (
+                "netprobe_netns_filter_capacity",
+                "gauge",
+                "Namespaces the kernel's filter map holds (--max-namespaces).",
+                c.capacity.into(),
+            ),
+            (
+                "netprobe_unwatched_namespaces",
+                "gauge",
+                "Pod namespaces present but not watched because the filter map is full (retried every 200 ms).",
+                c.unwatched as u64,
+            ),
+            (
+                "netprobe_netns_filter_refused_total",
+                "counter",
+                "Pod namespaces the full filter map refused (each counted once).",
+                c.refused_total,
+            ),
+            (
+                "netprobe_netns_filter_released_total",
+                "counter",
+                "Namespaces of deleted pods taken out of the filter map.",
+                c.released_total,
+            ),
+            (
+                "netprobe_tc_links",
+                "gauge",
+                "tc program links held (tcx: one file descriptor each; two per attached interface).",
+                c.tc_links as u64,
+            ),
+            (
+                "netprobe_tc_links_released_total",
+                "counter",
+                "tc links of deleted interfaces (pods' veths) released.",
+                c.tc_links_released_total,
+            ),
+        ];
+        for (name, kind, help, value) in scalars {
+            s.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        }
+    }
+
+    /// Removes the `drops` and `dns_failures` series of pods gone from the inventory (`known`:
+    /// `namespace/name`) for `grace`.
+    pub fn release_gone_pods(&mut self, known: &HashSet<String>, now: Instant, grace: Duration) {
+        let named: HashSet<pods::PodName> = self
+            .drops
+            .keys()
+            .map(|(_, ns, pod, _)| (ns.clone(), pod.clone()))
+            .chain(
+                self.dns_failures
+                    .keys()
+                    .map(|(ns, pod, _)| (ns.clone(), pod.clone())),
+            )
+            .collect();
+        let gone = self.gone_pods.expired(named, known, now, grace);
+        if gone.is_empty() {
+            return;
+        }
+        let before = self.drops.len() + self.dns_failures.len();
+        let is_gone = |ns: &String, pod: &String| gone.contains(&(ns.clone(), pod.clone()));
+        self.drops.retain(|(_, ns, pod, _), _| !is_gone(ns, pod));
+        self.dns_failures
+            .retain(|(ns, pod, _), _| !is_gone(ns, pod));
+        let removed = before - self.drops.len() - self.dns_failures.len();
+        self.failed.count_expired(removed as u64);
     }
 
     /// How the agent names rules without a trace: armed flows and rule counter reads.
@@ -304,7 +409,8 @@ fn drop_owner(e: &Event) -> String {
 /// The metrics state, shared with the HTTP endpoint and the agent's housekeeping.
 pub type SharedMetrics = Arc<Mutex<Metrics>>;
 
-/// How often series of workloads gone from the inventory are looked for.
+/// How often series of workloads and pods gone from the inventory are looked for (more often
+/// when the grace period is shorter).
 const EXPIRY_EVERY: Duration = Duration::from_secs(5);
 
 /// Counts every event and verdict the session delivers.
@@ -380,15 +486,22 @@ impl Sink for PrometheusSink {
         Ok(())
     }
 
-    /// Every few seconds: series of workloads without a pod in the inventory expire.
+    /// Every few seconds: series of workloads without a pod in the inventory, and of pods
+    /// gone from it, expire after the grace period.
     fn tick(&mut self) -> io::Result<()> {
         let Some(names) = &self.names else {
             return Ok(());
         };
-        if self.expired_at.elapsed() >= EXPIRY_EVERY {
+        let grace = self.options.series_grace;
+        if self.expired_at.elapsed() >= EXPIRY_EVERY.min(grace / 2) {
             self.expired_at = Instant::now();
-            let workloads = names.borrow().inventory.workloads();
-            self.lock().failed.expire(&workloads, self.expired_at);
+            let (workloads, pods) = {
+                let names = names.borrow();
+                (names.inventory.workloads(), names.inventory.pod_names())
+            };
+            let mut m = self.lock();
+            m.failed.expire(&workloads, &pods, self.expired_at, grace);
+            m.release_gone_pods(&pods, self.expired_at, grace);
         }
         Ok(())
     }
@@ -433,11 +546,47 @@ mod tests {
     }
 
     #[test]
+    fn drop_and_dns_series_of_a_deleted_pod_go_after_the_grace_period() {
+        let mut m = Metrics::default();
+        m.count(&first_drop(include_str!(
+            "../verdict/fixtures/s1_calico.ndjson"
+        )));
+        let key = |pod: &str| {
+            (
+                "NETFILTER_DROP".to_string(),
+                "fi".to_string(),
+                pod.to_string(),
+                "unknown".to_string(),
+            )
+        };
+        m.drops.insert(key("client-0"), 3);
+        m.drops.insert(key("server-0"), 1);
+        m.dns_failures
+            .insert(("fi".into(), "client-0".into(), "unanswered".into()), 2);
+        let before = m.drops.len();
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(300);
+        let server: HashSet<String> = ["fi/server-0".to_string()].into();
+        m.release_gone_pods(&server, t0, grace);
+        m.release_gone_pods(&server, t0 + grace / 2, grace);
+        assert_eq!(m.drops.len(), before, "scraped during the grace period");
+        m.release_gone_pods(&server, t0 + grace, grace);
+        assert!(!m.drops.contains_key(&key("client-0")));
+        assert!(m.drops.contains_key(&key("server-0")));
+        assert!(m.dns_failures.is_empty());
+        assert!(
+            m.render()
+                .contains("netprobe_metric_series_evicted_total{reason=\"expired\"} 2\n")
+        );
+    }
+
+    #[test]
     fn failed_verdicts_are_counted_by_workload_and_healthy_ones_are_not() {
         let metrics = SharedMetrics::default();
         let mut sink = PrometheusSink::new(metrics.clone()).with_options(MetricsOptions {
             pod_labels: false,
             max_series: 10,
+            ..Default::default()
         });
         sink.verdict(&failed::testing::s1_calico()).unwrap();
         let mut ok = failed::testing::s1_calico();

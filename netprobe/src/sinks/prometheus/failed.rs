@@ -15,7 +15,8 @@ use crate::{
     verdict::Verdict,
 };
 
-/// How long a series outlives the last pod of its workloads (so the last count is scraped).
+/// How long a series outlives the last pod of its workloads, or its pod (so the last count is
+/// scraped): the default of `--metrics-series-grace`.
 pub const EXPIRE_AFTER: Duration = Duration::from_secs(300);
 
 /// Default bound of `netprobe_failed_connections_total` series.
@@ -28,6 +29,8 @@ pub struct MetricsOptions {
     pub pod_labels: bool,
     /// At most this many series; the least recently counted is evicted for a new one.
     pub max_series: usize,
+    /// How long series outlive the pod (or the workload's last pod) they name.
+    pub series_grace: Duration,
 }
 
 impl Default for MetricsOptions {
@@ -35,6 +38,7 @@ impl Default for MetricsOptions {
         Self {
             pod_labels: false,
             max_series: DEFAULT_MAX_SERIES,
+            series_grace: EXPIRE_AFTER,
         }
     }
 }
@@ -82,6 +86,18 @@ impl FailedKey {
         .into_iter()
         .filter(|(_, w)| !w.is_empty())
         .map(|(ns, w)| format!("{ns}/{w}"))
+    }
+
+    /// `namespace/name` of the pods the series names (with `--metrics-pod-labels`).
+    fn pods(&self) -> impl Iterator<Item = String> + '_ {
+        let (src, dst) = self
+            .pods
+            .as_ref()
+            .map_or(("", ""), |(s, d)| (s.as_str(), d.as_str()));
+        [(&self.src_namespace, src), (&self.dst_namespace, dst)]
+            .into_iter()
+            .filter(|(_, p)| !p.is_empty())
+            .map(|(ns, p)| super::pods::qualified(ns, p))
     }
 
     fn render(&self) -> String {
@@ -214,18 +230,31 @@ impl FailedConnections {
     }
 
     /// Removes series naming a workload that has had no pod in the inventory (`workloads`:
-    /// `namespace/Kind/name`) for [`EXPIRE_AFTER`].
-    pub fn expire(&mut self, workloads: &HashSet<String>, now: Instant) {
+    /// `namespace/Kind/name`), or a pod that is not in it (`pods`: `namespace/name`), for
+    /// `grace`.
+    pub fn expire(
+        &mut self,
+        workloads: &HashSet<String>,
+        pods: &HashSet<String>,
+        now: Instant,
+        grace: Duration,
+    ) {
         let before = self.series.len();
         self.series.retain(|k, s| {
-            if k.workloads().all(|w| workloads.contains(&w)) {
+            if k.workloads().all(|w| workloads.contains(&w)) && k.pods().all(|p| pods.contains(&p))
+            {
                 s.present = now;
             }
-            now.duration_since(s.present) < EXPIRE_AFTER
+            now.duration_since(s.present) < grace
         });
-        let expired = (before - self.series.len()) as u64;
-        if expired > 0 {
-            *self.evicted.entry("expired").or_default() += expired;
+        self.count_expired((before - self.series.len()) as u64);
+    }
+
+    /// Series of other metrics removed with their pod count here too (one counter for every
+    /// per-pod series an operator sees disappear).
+    pub fn count_expired(&mut self, n: u64) {
+        if n > 0 {
+            *self.evicted.entry("expired").or_default() += n;
         }
     }
 
@@ -251,7 +280,7 @@ impl FailedConnections {
                 s.count
             ));
         }
-        out.push_str("# HELP netprobe_metric_series_evicted_total Series of netprobe_failed_connections_total removed: limit (the series bound, least recently counted first), expired (their workload left the inventory).\n# TYPE netprobe_metric_series_evicted_total counter\n");
+        out.push_str("# HELP netprobe_metric_series_evicted_total Series removed: limit (netprobe_failed_connections_total's bound, least recently counted first), expired (series of netprobe_failed_connections_total, netprobe_drops_total or netprobe_dns_failures_total whose workload or pod left the inventory, after the grace period).\n# TYPE netprobe_metric_series_evicted_total counter\n");
         for reason in ["limit", "expired"] {
             out.push_str(&format!(
                 "netprobe_metric_series_evicted_total{{reason=\"{reason}\"}} {}\n",
@@ -441,16 +470,27 @@ mod tests {
             "financial-inference/StatefulSet/seldon-scheduler".to_string(),
         ]
         .into();
-        m.expire(&both, t0 + Duration::from_secs(60));
+        let no_pods = HashSet::new();
+        m.expire(&both, &no_pods, t0 + Duration::from_secs(60), EXPIRE_AFTER);
         let client_gone: HashSet<String> =
             ["financial-inference/StatefulSet/seldon-scheduler".to_string()].into();
-        m.expire(&client_gone, t0 + Duration::from_secs(61));
+        m.expire(
+            &client_gone,
+            &no_pods,
+            t0 + Duration::from_secs(61),
+            EXPIRE_AFTER,
+        );
         assert_eq!(
             m.count(&k),
             Some(1),
             "kept while the last count may be scraped"
         );
-        m.expire(&client_gone, t0 + Duration::from_secs(60) + EXPIRE_AFTER);
+        m.expire(
+            &client_gone,
+            &no_pods,
+            t0 + Duration::from_secs(60) + EXPIRE_AFTER,
+            EXPIRE_AFTER,
+        );
         assert!(m.is_empty());
         let mut out = String::new();
         m.render(&mut out);
@@ -460,7 +500,33 @@ mod tests {
         other_node.src_workload.clear();
         other_node.dst_workload.clear();
         m.add(other_node.clone(), t0, 10);
-        m.expire(&HashSet::new(), t0 + EXPIRE_AFTER * 2);
+        m.expire(
+            &HashSet::new(),
+            &no_pods,
+            t0 + EXPIRE_AFTER * 2,
+            EXPIRE_AFTER,
+        );
         assert_eq!(m.count(&other_node), Some(1));
+    }
+
+    #[test]
+    fn series_labelled_by_a_deleted_pod_expire_while_its_workload_lives_on() {
+        let mut m = FailedConnections::default();
+        let t0 = Instant::now();
+        let k = FailedKey::of(&s1_calico(), true);
+        m.add(k.clone(), t0, 10);
+        let workloads: HashSet<String> = [
+            "financial-inference/Deployment/baseline-predictor".to_string(),
+            "financial-inference/StatefulSet/seldon-scheduler".to_string(),
+        ]
+        .into();
+        let server_only: HashSet<String> =
+            ["financial-inference/seldon-scheduler-0".to_string()].into();
+        let grace = Duration::from_secs(2);
+        m.expire(&workloads, &server_only, t0, grace);
+        m.expire(&workloads, &server_only, t0 + Duration::from_secs(1), grace);
+        assert_eq!(m.count(&k), Some(1), "within the grace period");
+        m.expire(&workloads, &server_only, t0 + grace, grace);
+        assert!(m.is_empty(), "the client pod was replaced: its series goes");
     }
 }
