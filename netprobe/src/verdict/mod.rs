@@ -139,10 +139,15 @@ pub const MAX_OPEN: usize = 4096;
 pub const DONE_KEEP_NS: u64 = 150_000_000_000;
 pub const MAX_DONE: usize = 16384;
 
-/// Events kept per attempt; beyond it only events that may decide the verdict (a result, a
-/// drop, a rule) are kept, up to twice as many. A client repeating one DNS id (or one TCP
-/// tuple) must not grow one attempt without bound.
+/// Events kept per attempt (TCP; DNS: [`MAX_EVENTS_DNS`]); beyond it only events that may
+/// decide the verdict (a result, a drop, a rule) are kept, up to twice as many. A client
+/// repeating one DNS id (or one TCP tuple) must not grow one attempt without bound.
 pub const MAX_EVENTS: usize = 64;
+/// A DNS exchange is a query and a reply, each seen at a few checkpoints.
+pub const MAX_EVENTS_DNS: usize = 16;
+/// Events held by the open attempts of one engine (an event is ~2 KiB with its strings): beyond
+/// it an attempt keeps only its first event and the one that decides it.
+pub const MAX_HELD: usize = 4 * MAX_OPEN;
 
 #[derive(Debug, Default)]
 struct Attempt {
@@ -189,6 +194,8 @@ pub struct Engine {
     by_port: HashMap<(IpAddr, u16), pairing::PortIndex>,
     /// Entries of the queues and indexes looked at: the work the engine did (tests bound it).
     pub(crate) visited: u64,
+    /// Events held by open attempts (bounded by [`MAX_HELD`]).
+    held: usize,
     /// Decided attempts (later events of theirs are ignored), with the caller's clock then.
     done: HashMap<Key, u64>,
     /// Kernel socket → process that created the connection (from SYN_SENT in process context).
@@ -223,6 +230,7 @@ impl Engine {
             done_order: VecDeque::new(),
             by_port: HashMap::new(),
             visited: 0,
+            held: 0,
             done: HashMap::new(),
             sock_process: HashMap::new(),
             sock_key: HashMap::new(),
@@ -387,6 +395,7 @@ impl Engine {
         }
         let port = self.port_of(&e, key);
         let mut early = self.make_room(key, now);
+        let held = self.held;
         let a = self.attempt(key, now);
         if a.port == 0 {
             a.port = port;
@@ -398,16 +407,14 @@ impl Engine {
             a.syn_drops += 1;
         }
         let terminal = terminal || a.syn_drops >= PERSISTENT_SYN_DROPS;
-        let kept = keep_event(a, &e, terminal);
+        let kept = keep_event(a, &e, terminal, held, MAX_EVENTS);
         if kept {
             a.events.push(e);
         }
         if terminal && a.terminal_at.is_none() {
             a.terminal_at = Some(now);
         }
-        if !kept {
-            self.stats.tcp.events_dropped += 1;
-        }
+        self.count_kept(kept);
         early.extend(self.poll(now));
         early
     }
@@ -424,6 +431,17 @@ impl Engine {
             }
         }
         Vec::new()
+    }
+
+    /// Counts an event kept (held) or dropped (by the engine's kind).
+    fn count_kept(&mut self, kept: bool) {
+        if kept {
+            self.held += 1;
+        } else if self.ctx.udp {
+            self.stats.dns.events_dropped += 1;
+        } else {
+            self.stats.tcp.events_dropped += 1;
+        }
     }
 
     fn attempt(&mut self, key: Key, now: u64) -> &mut Attempt {
@@ -536,12 +554,17 @@ impl Engine {
     }
 }
 
-/// Whether `e` joins attempt `a`'s events: always below [`MAX_EVENTS`], and beyond it (up to
-/// twice as many) only when it may decide the verdict.
-fn keep_event(a: &Attempt, e: &Event, decides: bool) -> bool {
+/// Whether `e` joins attempt `a`'s events (`held` by the engine, at most `cap` per attempt):
+/// the first one always, the one that decides it always; others below `cap`, and beyond it (up
+/// to twice as many) only when they may decide the verdict; none once the engine holds
+/// [`MAX_HELD`].
+fn keep_event(a: &Attempt, e: &Event, decides: bool, held: usize, cap: usize) -> bool {
     let n = a.events.len();
-    n < MAX_EVENTS
-        || (n < 2 * MAX_EVENTS && (decides || matches!(e.kind, Kind::Drop | Kind::Netfilter)))
+    if n == 0 || (decides && a.terminal_at.is_none()) {
+        return true;
+    }
+    held < MAX_HELD
+        && (n < cap || (n < 2 * cap && (decides || matches!(e.kind, Kind::Drop | Kind::Netfilter))))
 }
 
 /// Undecided evidence without a SYN (or a SYN state) and without a UDP request is not an

@@ -8,7 +8,9 @@
 
 use std::{collections::VecDeque, net::IpAddr};
 
-use super::{Attempt, Engine, Key, MAX_DONE, MAX_OPEN, SETTLE_NS, Verdict, keep_event, udp};
+use super::{
+    Attempt, Engine, Key, MAX_DONE, MAX_EVENTS_DNS, MAX_OPEN, SETTLE_NS, Verdict, keep_event, udp,
+};
 use crate::events::Event;
 
 /// How long a decided exchange is remembered, so that its late evidence (a retry's drop, a
@@ -52,8 +54,9 @@ impl Engine {
         if !self.attempts.contains_key(&key) {
             self.index_open(key);
         }
+        let held = self.held;
         let a = self.attempt(key, now);
-        let kept = keep_event(a, &e, terminal);
+        let kept = keep_event(a, &e, terminal, held, MAX_EVENTS_DNS);
         if kept {
             a.events.push(e);
         }
@@ -62,9 +65,7 @@ impl Engine {
             a.terminal_at = Some(now);
             self.settling.push_back((now, key));
         }
-        if !kept {
-            self.stats.dns.events_dropped += 1;
-        }
+        self.count_kept(kept);
         self.compact_queues();
         out.extend(self.poll_udp(now));
         out
@@ -183,6 +184,7 @@ impl Engine {
     /// the queue of decided ones too, forgetting the oldest beyond [`MAX_DONE`]).
     pub(super) fn forget_open(&mut self, key: Key, now: u64) -> Option<Attempt> {
         let a = self.attempts.remove(&key)?;
+        self.held -= a.events.len();
         self.done.insert(key, now);
         if self.ctx.udp {
             let index = self.by_port.entry((key.0, key.1)).or_default();

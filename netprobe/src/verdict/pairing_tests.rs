@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use super::*;
 use crate::{
     events::Kind,
-    verdict::{Context, Engine, MAX_EVENTS, Outcome, tests::load},
+    verdict::{Context, Engine, MAX_EVENTS_DNS, MAX_HELD, Outcome, tests::load},
 };
 
 const FLOOD: u32 = 100_000;
@@ -148,8 +148,8 @@ fn a_late_reply_of_a_dropped_query_opens_nothing() {
     );
 }
 
-/// One client repeating one query id keeps at most MAX_EVENTS of its datagrams (the rest is
-/// counted), and the reply that decides still joins it.
+/// One client repeating one query id keeps at most MAX_EVENTS_DNS of its datagrams (the rest
+/// is counted), and the reply that decides still joins it.
 #[test]
 fn one_query_repeated_keeps_bounded_evidence() {
     let (query, reply) = query_and_reply();
@@ -157,10 +157,42 @@ fn one_query_repeated_keeps_bounded_evidence() {
     for t in 0..1000 {
         engine.push(query_of(&query, 7), t);
     }
-    assert_eq!(engine.stats.dns.events_dropped, 1000 - MAX_EVENTS as u64);
+    assert_eq!(
+        engine.stats.dns.events_dropped,
+        1000 - MAX_EVENTS_DNS as u64
+    );
     engine.push(reply_of(&reply, 7), 1000);
     let v = engine.poll(1000 + SETTLE_NS);
     assert_eq!(v.len(), 1);
     assert_eq!(v[0].outcome, Outcome::Answered);
-    assert_eq!(v[0].timeline.len(), MAX_EVENTS + 1);
+    assert_eq!(v[0].timeline.len(), MAX_EVENTS_DNS + 1);
+}
+
+/// Every open exchange repeating its query: the engine holds at most MAX_HELD events beyond the
+/// first and deciding one of each exchange, and each one it let go of is counted.
+#[test]
+fn the_events_held_by_an_engine_are_bounded() {
+    let (query, reply) = query_and_reply();
+    let mut engine = dns_engine();
+    let repeats = 10u32;
+    for r in 0..repeats {
+        for i in 0..MAX_OPEN as u32 {
+            engine.push(query_of(&query, i), u64::from(r));
+        }
+    }
+    let held: usize = engine.attempts.values().map(|a| a.events.len()).sum();
+    assert_eq!(held, engine.held);
+    assert_eq!(
+        held, MAX_HELD,
+        "the first event of each, then up to the bound"
+    );
+    let offered = u64::from(repeats) * MAX_OPEN as u64;
+    assert_eq!(engine.stats.dns.events_dropped, offered - MAX_HELD as u64);
+    // The reply that decides an exchange still joins it, beyond the bound.
+    engine.push(reply_of(&reply, 0), 20);
+    assert_eq!(engine.held, MAX_HELD + 1);
+    let v = engine.poll(20 + SETTLE_NS);
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].outcome, Outcome::Answered);
+    assert_eq!(engine.held, MAX_HELD + 1 - v[0].timeline.len());
 }
