@@ -297,6 +297,14 @@ impl Housekeeping for TraceHousekeeping {
     }
 }
 
+/// The parsed kernel BTF (tens of MiB) is only needed to load and attach: a trace gives it
+/// back (four may run beside the agent, in its container).
+fn give_back(kbtf: KernelBtf) {
+    drop(kbtf);
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe { libc::malloc_trim(0) };
+}
+
 /// Runs a trace until `duration`, Ctrl-C or SIGTERM; prints events to `out` as they arrive and
 /// a summary at the end.
 pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
@@ -339,6 +347,7 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     // programs and the rule trace were in place, so nothing of it was missed. Attempts already
     // under way are not judged (see verdict::began_before_the_trace).
     probes.attach_tracepoints(kbtf.aya())?;
+    give_back(kbtf);
     let mut engine = Engine::new(Context {
         port: opts.port,
         udp: opts.udp,

@@ -173,7 +173,7 @@ pub const PERSISTENT_SYN_DROPS: u32 = 2;
 /// terminal event before the verdict is final.
 pub const SETTLE_NS: u64 = 300_000_000;
 
-/// Every port: how often the engine looks for verdicts that are due.
+/// TCP: how often the engine looks for verdicts that are due.
 const SCAN_EVERY_NS: u64 = 50_000_000;
 
 /// Errors connect() reports for an attempt that failed (never for an established connection).
@@ -206,7 +206,7 @@ pub struct Engine {
     syn_sent: HashSet<String>,
     /// Event time from which every probe was in place; see [`Engine::armed_at`].
     armed_at: u64,
-    /// Every port: the caller's clock at the last scan for due verdicts and at the last pruning.
+    /// TCP: the caller's clock at the last scan for due verdicts and at the last pruning.
     scanned_at: u64,
     pruned_at: u64,
     pub stats: EngineStats,
@@ -461,14 +461,14 @@ impl Engine {
             return self.poll_udp(now);
         }
         let any_port = self.ctx.port == ANY_PORT;
-        if any_port {
-            // Every port sees many events: scan every 50 ms, not at each one.
-            if now < self.scanned_at + SCAN_EVERY_NS {
-                return Vec::new();
-            }
-            self.scanned_at = now;
-            self.prune(now);
+        // A storm of SYNs (every port, or the traced one) is many events: scan every 50 ms,
+        // not at each one; and forget decided attempts in a trace too (a SYN flood from new
+        // ports made one entry each, for as long as the trace ran).
+        if now < self.scanned_at + SCAN_EVERY_NS {
+            return Vec::new();
         }
+        self.scanned_at = now;
+        self.prune(now);
         self.visited += self.order.len() as u64;
         let ready: Vec<Key> = self
             .order
@@ -493,7 +493,7 @@ impl Engine {
             .collect()
     }
 
-    /// Every port, once a second: decided attempts are forgotten after [`DONE_KEEP_NS`] (or
+    /// TCP, once a second: decided attempts are forgotten after [`DONE_KEEP_NS`] (or
     /// the oldest half of them beyond [`MAX_DONE`]), and so are the sockets that led to them.
     fn prune(&mut self, now: u64) {
         if now < self.pruned_at + 1_000_000_000 {
@@ -503,8 +503,11 @@ impl Engine {
         self.done.retain(|_, t| now < *t + DONE_KEEP_NS);
         if self.done.len() > MAX_DONE {
             let mut times: Vec<u64> = self.done.values().copied().collect();
-            let (_, median, _) = times.select_nth_unstable(MAX_DONE / 2);
-            let cut = *median;
+            // Keep the newest half of MAX_DONE (cutting at the median of all of them kept
+            // every entry beyond MAX_DONE / 2: under a flood they grew by the rest each second).
+            let keep_from = times.len() - MAX_DONE / 2;
+            let (_, nth, _) = times.select_nth_unstable(keep_from);
+            let cut = *nth;
             let before = self.done.len();
             self.done.retain(|_, t| *t > cut);
             self.stats.tcp.forgotten_early += (before - self.done.len()) as u64;

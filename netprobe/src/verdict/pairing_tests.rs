@@ -196,3 +196,37 @@ fn the_events_held_by_an_engine_are_bounded() {
     assert_eq!(v[0].outcome, Outcome::Answered);
     assert_eq!(engine.held, MAX_HELD + 1 - v[0].timeline.len());
 }
+
+/// A trace of one port under a SYN flood from new ports: the decided attempts it remembers stay
+/// at their cap (they grew by one per port for as long as the trace ran), counted.
+#[test]
+fn a_trace_under_a_syn_flood_remembers_a_bounded_number_of_attempts() {
+    let syn_drop = load("s1_calico")
+        .into_iter()
+        .find(|e| e.kind == Kind::Drop && e.is_syn())
+        .expect("the S1 fixture has a dropped SYN");
+    let mut engine = Engine::new(Context {
+        port: syn_drop.dport,
+        ..Context::default()
+    });
+    let mut most_done = 0;
+    for i in 0..FLOOD {
+        let (addr, port, _) = client(i);
+        let mut e = syn_drop.clone();
+        (e.src, e.sport) = (addr, port);
+        // 20 000 SYNs a second, for five seconds.
+        engine.push(e, u64::from(i) * 50_000);
+        most_done = most_done.max(engine.done.len());
+    }
+    assert!(
+        most_done <= MAX_DONE + 20_000,
+        "pruned once a second: {most_done}"
+    );
+    assert!(engine.stats.tcp.forgotten_early > 0);
+    assert!(engine.attempts.len() <= MAX_OPEN);
+    assert!(
+        engine.visited < 8 * u64::from(FLOOD),
+        "entries visited: {}",
+        engine.visited
+    );
+}
