@@ -990,7 +990,7 @@ fn table(r: &Value) -> String {
 fn bounded_tables(r: &Value) -> String {
     let from = |v: &Value| {
         format!(
-            "\n_{} , commit {}:_\n\n",
+            "\n_Measured {}, commit {}:_\n\n",
             v["measured"]["date"].as_str().unwrap_or(""),
             v["measured"]["commit"].as_str().unwrap_or("")
         )

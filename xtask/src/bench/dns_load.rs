@@ -275,12 +275,10 @@ pub fn table(v: &Value) -> String {
     let row = |label: &str, f: &dyn Fn(&Value) -> Value| {
         let cells: Vec<String> = cols
             .iter()
-            .map(|c| {
-                if c.is_null() {
-                    "–".to_string()
-                } else {
-                    f(c).to_string()
-                }
+            .map(|c| match f(c) {
+                Value::Null => "–".to_string(),
+                Value::String(s) => s,
+                v => v.to_string(),
             })
             .collect();
         format!("| {label} | {} |\n", cells.join(" | "))

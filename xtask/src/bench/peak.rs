@@ -102,7 +102,7 @@ fn peak_of(bench: &mut Bench, bin: &Path, seconds: u64) -> Result<Value> {
 pub fn table(v: &Value) -> String {
     let mut t = sentence(v);
     if let Some(c) = v.get("compared") {
-        t.push_str("Compared binary, same case: ");
+        t.push_str("The compared binary, same case. ");
         t.push_str(&sentence(c));
     }
     t
@@ -121,7 +121,14 @@ fn sentence(v: &Value) -> String {
             .unwrap_or_default(),
         v["seconds"],
         v["agent_hwm_mib"],
-        v["trace_hwm_mib"],
+        v["trace_hwm_mib"]
+            .as_array()
+            .map(|a| a
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join(", "))
+            .unwrap_or_default(),
         v["sum_of_hwm_mib"],
         v["sum_rss_before_storm_mib"],
         v["sum_rss_peak_sampled_mib"],
