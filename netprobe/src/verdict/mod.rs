@@ -512,6 +512,12 @@ impl Engine {
             self.done.retain(|_, t| *t > cut);
             self.stats.tcp.forgotten_early += (before - self.done.len()) as u64;
         }
+        if self.ctx.port != ANY_PORT {
+            // A trace keeps its sockets: a SYN_SENT seen before its attempt opened must still
+            // count (the ClusterIP lab test lost its verdict when they were pruned). They grow
+            // only with connect() calls in the traced namespaces, not with a spoofed flood.
+            return;
+        }
         let (attempts, done) = (&self.attempts, &self.done);
         self.sock_key
             .retain(|_, k| attempts.contains_key(k) || done.contains_key(k));
