@@ -312,6 +312,14 @@ struct Installed {
     engine: Engine,
 }
 
+/// The parsed kernel BTF (tens of MiB) is only needed to load and attach: a trace gives it
+/// back (four may run beside the agent, in its container).
+fn give_back(kbtf: KernelBtf) {
+    drop(kbtf);
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe { libc::malloc_trim(0) };
+}
+
 /// Resolves the scope, loads and attaches the probes and installs the rule trace. A signal
 /// stops it at the next step (`Interrupted`), what was installed by then going with the drops.
 async fn install(opts: &TraceOptions, signals: &mut Signals) -> Result<Installed> {
@@ -359,6 +367,7 @@ async fn install(opts: &TraceOptions, signals: &mut Signals) -> Result<Installed
     // programs and the rule trace were in place, so nothing of it was missed. Attempts already
     // under way are not judged (see verdict::began_before_the_trace).
     signals.step(probes.attach_tracepoints(kbtf.aya()))?;
+    give_back(kbtf);
     let mut engine = Engine::new(Context {
         port: opts.port,
         udp: opts.udp,

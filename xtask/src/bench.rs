@@ -25,6 +25,10 @@ use serde_json::{Value, json};
 
 use crate::build::{netprobe_bin, repo_root};
 
+mod dns_load;
+mod peak;
+mod storm;
+
 /// How long a release netprobe may take to attach (250 veths in the attach-time sample).
 const READY_LIMIT: Duration = Duration::from_secs(120);
 /// Rounds per comparison; modes alternate within a round so drift hits both sides alike.
@@ -39,6 +43,17 @@ pub struct Options {
     pub soak_seconds: u64,
     /// Another netprobe binary whose agent is measured beside this build's.
     pub compare_with: Option<PathBuf>,
+    /// Seconds of each run of the DNS load case.
+    pub dns_seconds: u64,
+    /// Run only these cases, keeping the other results of `bench/results/latest.json`.
+    pub only: Vec<Case>,
+}
+
+/// Cases that can be run alone (`--only`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Case {
+    DnsLoad,
+    PeakMemory,
 }
 
 /// The release agent in `node` on `port`, without Kubernetes (the bench measures the datapath).
@@ -349,13 +364,7 @@ fn drop_storm(bench: &mut Bench, seconds: u64, rss_samples: bool) -> Result<Valu
 /// cost (CPU, RSS, per-program kernel time).
 fn drop_storm_of(bench: &mut Bench, bin: &Path, seconds: u64, rss_samples: bool) -> Result<Value> {
     let node = bench.node();
-    bench.lab.sh(
-        &node,
-        "iptables -N NP_BENCH_STORM 2>/dev/null; iptables -F NP_BENCH_STORM; \
-         iptables -A NP_BENCH_STORM -j DROP; \
-         iptables -C FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM 2>/dev/null || \
-         iptables -I FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM",
-    )?;
+    storm::add_rule(bench)?;
     let agent = start_agent_of(bin, &node, bench.port, &["--program-stats"])?;
     let before = agent.metrics()?;
     let nf = &[("reason", "NETFILTER_DROP")];
@@ -365,23 +374,7 @@ fn drop_storm_of(bench: &mut Bench, bin: &Path, seconds: u64, rss_samples: bool)
     let cpu0 = proc_cpu(agent.id());
     let rss_start = rss_mib(agent.id());
     let t0 = Instant::now();
-    let mut flood = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &bench.a.netns,
-            "hping3",
-            "--flood",
-            "-q",
-            "-S",
-            "-p",
-            "9999",
-        ])
-        .arg(bench.b.ip.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("hping3 (package hping3)")?;
+    let mut flood = storm::flood(bench)?;
     let mut rss = Vec::new();
     let mut delays_ms = Vec::new();
     while t0.elapsed() < Duration::from_secs(seconds) {
@@ -396,8 +389,7 @@ fn drop_storm_of(bench: &mut Bench, bin: &Path, seconds: u64, rss_samples: bool)
             delays_ms.push(v * 1000.0);
         }
     }
-    process::signal(flood.id(), Signal::Int)?;
-    let _ = flood.wait();
+    storm::stop_flood(&mut flood)?;
     let storm_wall = t0.elapsed().as_secs_f64();
     let cpu = proc_cpu(agent.id()) - cpu0;
     // The program statistics are refreshed every second: the last second of the storm is in
@@ -432,10 +424,7 @@ fn drop_storm_of(bench: &mut Bench, bin: &Path, seconds: u64, rss_samples: bool)
         ),
     });
     stop_agent(agent)?;
-    bench.lab.sh(
-        &node,
-        "iptables -D FORWARD -p tcp --dport 9999 -j NP_BENCH_STORM; iptables -F NP_BENCH_STORM; iptables -X NP_BENCH_STORM",
-    )?;
+    storm::del_rule(bench)?;
     let mut v = json!({
         "seconds": (storm_wall * 10.0).round() / 10.0,
         "generated": generated,
@@ -705,6 +694,12 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
     };
     let machine = machine();
     println!("bench: machine {machine}");
+    if !opts.only.is_empty() {
+        let cases = bounded_cases(&mut bench, opts)?;
+        drop(bench);
+        drop(lab);
+        return write_only(cases);
+    }
 
     // Agent start time with the lab's few veths (baseline for the 250-veth attach time).
     let node = bench.node();
@@ -814,14 +809,70 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
         // A run without --soak-seconds keeps the last soak, saying where it came from.
         results["soak"] = prev;
     }
+    for (k, v) in bounded_cases(&mut bench, opts)? {
+        results[k] = v;
+    }
     drop(bench);
     drop(lab);
+    write_results(&results)
+}
 
+/// The DNS load and peak memory cases (all, or those of `--only`), each stamped with its date
+/// and commit (a run with `--only` keeps older figures beside them).
+fn bounded_cases(bench: &mut Bench, opts: &Options) -> Result<Vec<(&'static str, Value)>> {
+    let wanted = |c: Case| opts.only.is_empty() || opts.only.contains(&c);
+    let mut out = Vec::new();
+    if wanted(Case::DnsLoad) {
+        let v = dns_load::dns_load(bench, opts.dns_seconds, opts.compare_with.as_deref())?;
+        out.push(("dns_load", v));
+    }
+    if wanted(Case::PeakMemory) {
+        let other = opts.compare_with.as_deref();
+        let v = peak::peak_memory(bench, opts.storm_seconds, other)?;
+        out.push(("peak_memory", v));
+    }
+    for (_, v) in &mut out {
+        v["measured"] = json!({"date": now_utc(), "commit": head_commit()});
+    }
+    Ok(out)
+}
+
+fn now_utc() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn head_commit() -> String {
+    Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(repo_root())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// `--only`: these cases replace theirs in the previous results; the rest is kept.
+fn write_only(cases: Vec<(&'static str, Value)>) -> Result<()> {
+    let path = repo_root().join("bench/results/latest.json");
+    let mut results: Value = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| json!({}));
+    for (k, v) in cases {
+        results[k] = v;
+    }
+    write_results(&results)
+}
+
+fn write_results(results: &Value) -> Result<()> {
     let dir = repo_root().join("bench/results");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("latest.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")?;
-    let table = table(&results);
+    std::fs::write(&path, serde_json::to_string_pretty(results)? + "\n")?;
+    let table = table(results);
     println!("\n{table}");
     println!("bench: wrote {}", path.display());
     update_benchmarks_md(&repo_root().join("BENCHMARKS.md"), &table)?;
@@ -939,6 +990,28 @@ fn table(r: &Value) -> String {
     }
     if let Some(c) = r.get("pod_churn") {
         t.push_str(&churn::table(c));
+    }
+    t.push_str(&bounded_tables(r));
+    t
+}
+
+/// The DNS load and peak memory cases, with the run each comes from.
+fn bounded_tables(r: &Value) -> String {
+    let from = |v: &Value| {
+        format!(
+            "\n_Measured {}, commit {}:_\n\n",
+            v["measured"]["date"].as_str().unwrap_or(""),
+            v["measured"]["commit"].as_str().unwrap_or("")
+        )
+    };
+    let mut t = String::new();
+    if let Some(d) = r.get("dns_load") {
+        t.push_str(&from(d));
+        t.push_str(&dns_load::table(d));
+    }
+    if let Some(p) = r.get("peak_memory") {
+        t.push_str(&from(p));
+        t.push_str(&peak::table(p));
     }
     t
 }

@@ -69,6 +69,14 @@ enum Cmd {
         /// one's, so the two are compared side by side in one run.
         #[arg(long, value_name = "BIN")]
         compare_with: Option<std::path::PathBuf>,
+        /// Seconds of each run of the DNS load case (without netprobe, with the agent, with
+        /// the compared binary's).
+        #[arg(long, default_value_t = 20)]
+        dns_seconds: u64,
+        /// Run only these cases (repeatable), keeping the other figures of
+        /// bench/results/latest.json.
+        #[arg(long, value_enum)]
+        only: Vec<bench::Case>,
     },
 }
 
@@ -98,6 +106,8 @@ fn run(command: Cmd) -> anyhow::Result<()> {
             storm_seconds,
             soak_seconds,
             compare_with,
+            dns_seconds,
+            only,
         } => bench::run(
             skip_setup,
             &bench::Options {
@@ -105,6 +115,8 @@ fn run(command: Cmd) -> anyhow::Result<()> {
                 storm_seconds,
                 soak_seconds,
                 compare_with,
+                dns_seconds,
+                only,
             },
         ),
     }

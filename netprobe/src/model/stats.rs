@@ -47,11 +47,57 @@ pub struct CounterStats {
     pub skipped: u64,
 }
 
-/// What an always-on engine had to let go of to stay bounded.
+/// What one verdict engine had to let go of to stay bounded. Every bound is on state a tenant
+/// can grow (client addresses and ports, DNS ids, datagrams of one exchange).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct EngineStats {
-    /// Attempts judged early because `verdict::MAX_OPEN` were open.
+pub struct Evictions {
+    /// Attempts (exchanges) judged early because `verdict::MAX_OPEN` were open: each one had a
+    /// result (TCP: any evidence; DNS: a reply, a drop, a rule) and got its verdict from it.
     pub judged_early: u64,
+    /// DNS exchanges forgotten unjudged because `verdict::MAX_OPEN` were open and none had a
+    /// result yet: an unanswered query cannot be judged before its timeout (its reply may
+    /// still come), so it gets no verdict.
+    pub dropped: u64,
     /// Decided attempts forgotten early because `verdict::MAX_DONE` were remembered.
     pub forgotten_early: u64,
+    /// Events not kept because their attempt already held `verdict::MAX_EVENTS` (only events
+    /// that may decide the verdict are kept beyond it).
+    pub events_dropped: u64,
+}
+
+impl std::ops::AddAssign for Evictions {
+    fn add_assign(&mut self, o: Self) {
+        self.judged_early += o.judged_early;
+        self.dropped += o.dropped;
+        self.forgotten_early += o.forgotten_early;
+        self.events_dropped += o.events_dropped;
+    }
+}
+
+impl Evictions {
+    /// `(reason label, count)` as `/metrics` exports them.
+    pub fn by_reason(&self) -> [(&'static str, u64); 4] {
+        [
+            ("judged_early", self.judged_early),
+            ("dropped", self.dropped),
+            ("forgotten_early", self.forgotten_early),
+            ("events_dropped", self.events_dropped),
+        ]
+    }
+}
+
+/// What the always-on engines (TCP on every port, DNS) had to let go of to stay bounded.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EngineStats {
+    pub tcp: Evictions,
+    pub dns: Evictions,
+}
+
+impl std::ops::Add for EngineStats {
+    type Output = Self;
+    fn add(mut self, o: Self) -> Self {
+        self.tcp += o.tcp;
+        self.dns += o.dns;
+        self
+    }
 }

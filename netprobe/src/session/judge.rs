@@ -57,10 +57,7 @@ impl Judge {
     pub fn stats(&self) -> EngineStats {
         self.engines
             .iter()
-            .fold(EngineStats::default(), |acc, e| EngineStats {
-                judged_early: acc.judged_early + e.stats.judged_early,
-                forgotten_early: acc.forgotten_early + e.stats.forgotten_early,
-            })
+            .fold(EngineStats::default(), |acc, e| acc + e.stats)
     }
 
     pub fn with_names(mut self, names: Option<Rc<RefCell<PodContext>>>) -> Self {

@@ -220,11 +220,14 @@ impl Metrics {
             "netprobe_tcp_attempt_fails_total {}\n",
             self.tcp_attempts.attempt_fails
         ));
-        s.push_str("# HELP netprobe_verdict_engine_evicted_total Connection attempts the always-on verdict engine let go of to stay bounded: judged_early (too many open at once: the oldest judged with what it had), forgotten_early (too many decided ones remembered).\n# TYPE netprobe_verdict_engine_evicted_total counter\n");
-        s.push_str(&format!(
-            "netprobe_verdict_engine_evicted_total{{reason=\"judged_early\"}} {}\nnetprobe_verdict_engine_evicted_total{{reason=\"forgotten_early\"}} {}\n",
-            self.engine.judged_early, self.engine.forgotten_early
-        ));
+        s.push_str("# HELP netprobe_verdict_engine_evicted_total What the always-on verdict engines (engine: tcp on every port, dns) let go of to stay bounded: judged_early (too many open at once: the oldest with a result judged with what it had), dropped (dns: too many open at once and none with a result: the oldest unanswered query forgotten without a verdict), forgotten_early (too many decided ones remembered), events_dropped (events beyond the bound of one attempt).\n# TYPE netprobe_verdict_engine_evicted_total counter\n");
+        for (engine, ev) in [("tcp", &self.engine.tcp), ("dns", &self.engine.dns)] {
+            for (reason, n) in ev.by_reason() {
+                s.push_str(&format!(
+                    "netprobe_verdict_engine_evicted_total{{engine=\"{engine}\",reason=\"{reason}\"}} {n}\n"
+                ));
+            }
+        }
     }
 
     /// What the agent holds per pod namespace, interface and pod.

@@ -3,6 +3,7 @@
 //! with the evidence it has — never "policy" without a policy rule, never "refused" for a
 //! silent drop. Fed live by `trace`, and in tests from recorded event streams.
 
+mod pairing;
 pub mod udp;
 
 use std::{
@@ -128,13 +129,25 @@ pub const ANY_PORT: u16 = 0;
 /// with what it has (a SYN dropped once and never retried, a client that gave up).
 pub const IDLE_NS: u64 = 5_000_000_000;
 
-/// Every port: attempts open at once; beyond it the oldest is judged early (counted).
+/// Every port and DNS: attempts (exchanges) open at once; beyond it the oldest is judged early
+/// (DNS: forgotten unjudged if it has no result yet; both counted in `stats`).
 pub const MAX_OPEN: usize = 4096;
 
 /// Every port: how long a decided attempt is remembered, so that the retransmits still to come
-/// (the kernel tries for about two minutes) do not open it again; and how many at most.
+/// (the kernel tries for about two minutes) do not open it again; and how many at most (DNS
+/// too, for [`pairing::DONE_KEEP_UDP_NS`]).
 pub const DONE_KEEP_NS: u64 = 150_000_000_000;
 pub const MAX_DONE: usize = 16384;
+
+/// Events kept per attempt (TCP; DNS: [`MAX_EVENTS_DNS`]); beyond it only events that may
+/// decide the verdict (a result, a drop, a rule) are kept, up to twice as many. A client
+/// repeating one DNS id (or one TCP tuple) must not grow one attempt without bound.
+pub const MAX_EVENTS: usize = 64;
+/// A DNS exchange is a query and a reply, each seen at a few checkpoints.
+pub const MAX_EVENTS_DNS: usize = 16;
+/// Events held by the open attempts of one engine (an event is ~2 KiB with its strings): beyond
+/// it an attempt keeps only its first event and the one that decides it.
+pub const MAX_HELD: usize = 4 * MAX_OPEN;
 
 #[derive(Debug, Default)]
 struct Attempt {
@@ -160,7 +173,7 @@ pub const PERSISTENT_SYN_DROPS: u32 = 2;
 /// terminal event before the verdict is final.
 pub const SETTLE_NS: u64 = 300_000_000;
 
-/// Every port: how often the engine looks for verdicts that are due.
+/// TCP: how often the engine looks for verdicts that are due.
 const SCAN_EVERY_NS: u64 = 50_000_000;
 
 /// Errors connect() reports for an attempt that failed (never for an established connection).
@@ -169,8 +182,20 @@ const CONNECT_ERRORS: &[&str] = &["ECONNREFUSED", "EHOSTUNREACH", "ENETUNREACH"]
 pub struct Engine {
     ctx: Context,
     attempts: HashMap<Key, Attempt>,
-    /// Open attempts, oldest first (each leaves it where it is taken).
-    order: VecDeque<Key>,
+    /// Open attempts with their start (caller's clock), oldest first. TCP: each leaves it where
+    /// it is taken. DNS: popped from the front at the timeout; entries of exchanges taken
+    /// earlier stay until then (stale: the start no longer matches an open exchange).
+    order: VecDeque<(u64, Key)>,
+    /// DNS: the time each exchange showed a result, oldest first (popped after [`SETTLE_NS`]).
+    settling: VecDeque<(u64, Key)>,
+    /// DNS: decided exchanges by the time they were decided, oldest first (1:1 with `done`).
+    done_order: VecDeque<(u64, Key)>,
+    /// DNS: open and decided exchanges of each client address and port.
+    by_port: HashMap<(IpAddr, u16), pairing::PortIndex>,
+    /// Entries of the queues and indexes looked at: the work the engine did (tests bound it).
+    pub(crate) visited: u64,
+    /// Events held by open attempts (bounded by [`MAX_HELD`]).
+    held: usize,
     /// Decided attempts (later events of theirs are ignored), with the caller's clock then.
     done: HashMap<Key, u64>,
     /// Kernel socket → process that created the connection (from SYN_SENT in process context).
@@ -181,7 +206,7 @@ pub struct Engine {
     syn_sent: HashSet<String>,
     /// Event time from which every probe was in place; see [`Engine::armed_at`].
     armed_at: u64,
-    /// Every port: the caller's clock at the last scan for due verdicts and at the last pruning.
+    /// TCP: the caller's clock at the last scan for due verdicts and at the last pruning.
     scanned_at: u64,
     pruned_at: u64,
     pub stats: EngineStats,
@@ -201,6 +226,11 @@ impl Engine {
             ctx,
             attempts: HashMap::new(),
             order: VecDeque::new(),
+            settling: VecDeque::new(),
+            done_order: VecDeque::new(),
+            by_port: HashMap::new(),
+            visited: 0,
+            held: 0,
             done: HashMap::new(),
             sock_process: HashMap::new(),
             sock_key: HashMap::new(),
@@ -365,6 +395,7 @@ impl Engine {
         }
         let port = self.port_of(&e, key);
         let mut early = self.make_room(key, now);
+        let held = self.held;
         let a = self.attempt(key, now);
         if a.port == 0 {
             a.port = port;
@@ -376,10 +407,14 @@ impl Engine {
             a.syn_drops += 1;
         }
         let terminal = terminal || a.syn_drops >= PERSISTENT_SYN_DROPS;
-        a.events.push(e);
+        let kept = keep_event(a, &e, terminal, held, MAX_EVENTS);
+        if kept {
+            a.events.push(e);
+        }
         if terminal && a.terminal_at.is_none() {
             a.terminal_at = Some(now);
         }
+        self.count_kept(kept);
         early.extend(self.poll(now));
         early
     }
@@ -389,18 +424,29 @@ impl Engine {
         if self.attempts.len() < MAX_OPEN || self.attempts.contains_key(&key) {
             return Vec::new();
         }
-        while let Some(oldest) = self.order.pop_front() {
+        while let Some((_, oldest)) = self.order.pop_front() {
             if self.attempts.contains_key(&oldest) {
-                self.stats.judged_early += 1;
+                self.stats.tcp.judged_early += 1;
                 return self.take(oldest, now).into_iter().collect();
             }
         }
         Vec::new()
     }
 
+    /// Counts an event kept (held) or dropped (by the engine's kind).
+    fn count_kept(&mut self, kept: bool) {
+        if kept {
+            self.held += 1;
+        } else if self.ctx.udp {
+            self.stats.dns.events_dropped += 1;
+        } else {
+            self.stats.tcp.events_dropped += 1;
+        }
+    }
+
     fn attempt(&mut self, key: Key, now: u64) -> &mut Attempt {
         self.attempts.entry(key).or_insert_with(|| {
-            self.order.push_back(key);
+            self.order.push_back((now, key));
             Attempt {
                 started_at: now,
                 last_at: now,
@@ -409,91 +455,37 @@ impl Engine {
         })
     }
 
-    /// A UDP event joins the exchange of its client port and DNS id; one without a DNS message
-    /// (a drop, a rule, an ICMP error) joins the latest exchange of its client port.
-    fn push_udp(&mut self, e: Event, now: u64) -> Vec<Verdict> {
-        let Some((addr, port)) = udp::client_of(&e, self.ctx.port) else {
-            return self.poll(now);
-        };
-        let key = match e.dns.as_ref() {
-            Some(d) => Some((addr, port, Some(d.id))),
-            None => self
-                .order
-                .iter()
-                .rev()
-                .find(|k| (k.0, k.1) == (addr, port))
-                .copied()
-                .or_else(|| {
-                    // Late evidence of a decided exchange (a retry's drop) is not a new one.
-                    (!self.done.keys().any(|k| (k.0, k.1) == (addr, port)))
-                        .then_some((addr, port, None))
-                }),
-        };
-        let Some(key) = key.filter(|k| !self.done.contains_key(k)) else {
-            return self.poll(now);
-        };
-        self.adopt_unnamed(key);
-        let terminal = udp::terminal(&e, (addr, port));
-        let a = self.attempt(key, now);
-        a.events.push(e);
-        if terminal && a.terminal_at.is_none() {
-            a.terminal_at = Some(now);
-        }
-        self.poll(now)
-    }
-
-    /// The rule trace arrives over netlink and the datagram over the ring buffer, in either
-    /// order: evidence that came before the first DNS message of its client port opened an
-    /// exchange without an id. That exchange is this one.
-    fn adopt_unnamed(&mut self, key: Key) {
-        if key.2.is_none() || self.attempts.contains_key(&key) {
-            return;
-        }
-        let unnamed = (key.0, key.1, None);
-        if let Some(a) = self.attempts.remove(&unnamed) {
-            self.attempts.insert(key, a);
-            for k in &mut self.order {
-                if *k == unnamed {
-                    *k = key;
-                }
-            }
-        }
-    }
-
     /// Verdicts whose settle time has passed (and UDP exchanges left without an answer).
     pub fn poll(&mut self, now: u64) -> Vec<Verdict> {
-        let udp = self.ctx.udp;
-        let any_port = !udp && self.ctx.port == ANY_PORT;
-        if any_port {
-            // Every port sees many events: scan every 50 ms, not at each one.
-            if now < self.scanned_at + SCAN_EVERY_NS {
-                return Vec::new();
-            }
-            self.scanned_at = now;
-            self.prune(now);
+        if self.ctx.udp {
+            return self.poll_udp(now);
         }
+        let any_port = self.ctx.port == ANY_PORT;
+        // A storm of SYNs (every port, or the traced one) is many events: scan every 50 ms,
+        // not at each one; and forget decided attempts in a trace too (a SYN flood from new
+        // ports made one entry each, for as long as the trace ran).
+        if now < self.scanned_at + SCAN_EVERY_NS {
+            return Vec::new();
+        }
+        self.scanned_at = now;
+        self.prune(now);
+        self.visited += self.order.len() as u64;
         let ready: Vec<Key> = self
             .order
             .iter()
+            .map(|(_, k)| k)
             .filter(|k| {
                 self.attempts.get(k).is_some_and(|a| match a.terminal_at {
                     Some(t) => now >= t + SETTLE_NS,
-                    None => {
-                        (udp && now >= a.started_at + udp::UDP_TIMEOUT_NS)
-                            || (any_port && now >= a.last_at + IDLE_NS)
-                    }
+                    None => any_port && now >= a.last_at + IDLE_NS,
                 })
             })
             .copied()
             .collect();
-        if udp {
-            // An always-on engine must not grow: decided exchanges are forgotten after a while.
-            self.done.retain(|_, t| now < *t + 6 * udp::UDP_TIMEOUT_NS);
-        }
         if !ready.is_empty() {
             // One pass over the order, not one per attempt (an always-on engine has thousands).
             let taken: HashSet<Key> = ready.iter().copied().collect();
-            self.order.retain(|k| !taken.contains(k));
+            self.order.retain(|(_, k)| !taken.contains(k));
         }
         ready
             .into_iter()
@@ -501,7 +493,7 @@ impl Engine {
             .collect()
     }
 
-    /// Every port, once a second: decided attempts are forgotten after [`DONE_KEEP_NS`] (or
+    /// TCP, once a second: decided attempts are forgotten after [`DONE_KEEP_NS`] (or
     /// the oldest half of them beyond [`MAX_DONE`]), and so are the sockets that led to them.
     fn prune(&mut self, now: u64) {
         if now < self.pruned_at + 1_000_000_000 {
@@ -511,11 +503,20 @@ impl Engine {
         self.done.retain(|_, t| now < *t + DONE_KEEP_NS);
         if self.done.len() > MAX_DONE {
             let mut times: Vec<u64> = self.done.values().copied().collect();
-            let (_, median, _) = times.select_nth_unstable(MAX_DONE / 2);
-            let cut = *median;
+            // Keep the newest half of MAX_DONE (cutting at the median of all of them kept
+            // every entry beyond MAX_DONE / 2: under a flood they grew by the rest each second).
+            let keep_from = times.len() - MAX_DONE / 2;
+            let (_, nth, _) = times.select_nth_unstable(keep_from);
+            let cut = *nth;
             let before = self.done.len();
             self.done.retain(|_, t| *t > cut);
-            self.stats.forgotten_early += (before - self.done.len()) as u64;
+            self.stats.tcp.forgotten_early += (before - self.done.len()) as u64;
+        }
+        if self.ctx.port != ANY_PORT {
+            // A trace keeps its sockets: a SYN_SENT seen before its attempt opened must still
+            // count (the ClusterIP lab test lost its verdict when they were pruned). They grow
+            // only with connect() calls in the traced namespaces, not with a spoofed flood.
+            return;
         }
         let (attempts, done) = (&self.attempts, &self.done);
         self.sock_key
@@ -527,15 +528,18 @@ impl Engine {
 
     /// Everything still open, classified with what was seen (the trace is ending).
     pub fn finish(&mut self) -> Vec<Verdict> {
-        let keys: Vec<Key> = self.order.drain(..).collect();
+        // DNS: an exchange still settling may have left the order already.
+        let keys: Vec<Key> = (self.order.drain(..))
+            .chain(self.settling.drain(..))
+            .map(|(_, k)| k)
+            .collect();
         keys.into_iter()
             .filter_map(|k| self.take(k, u64::MAX))
             .collect()
     }
 
     fn take(&mut self, key: Key, now: u64) -> Option<Verdict> {
-        let a = self.attempts.remove(&key)?;
-        self.done.insert(key, now);
+        let a = self.forget_open(key, now)?;
         let mut events = a.events;
         events.sort_by_key(|e| e.time_ns);
         let client = (key.0, key.1);
@@ -557,6 +561,19 @@ impl Engine {
         };
         (v.outcome != Outcome::Unknown || was_an_attempt(&events, &v)).then_some(v)
     }
+}
+
+/// Whether `e` joins attempt `a`'s events (`held` by the engine, at most `cap` per attempt):
+/// the first one always, the one that decides it always; others below `cap`, and beyond it (up
+/// to twice as many) only when they may decide the verdict; none once the engine holds
+/// [`MAX_HELD`].
+fn keep_event(a: &Attempt, e: &Event, decides: bool, held: usize, cap: usize) -> bool {
+    let n = a.events.len();
+    if n == 0 || (decides && a.terminal_at.is_none()) {
+        return true;
+    }
+    held < MAX_HELD
+        && (n < cap || (n < 2 * cap && (decides || matches!(e.kind, Kind::Drop | Kind::Netfilter))))
 }
 
 /// Undecided evidence without a SYN (or a SYN state) and without a UDP request is not an

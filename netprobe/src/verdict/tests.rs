@@ -4,7 +4,7 @@
 
 use super::*;
 
-fn load(name: &str) -> Vec<Event> {
+pub(super) fn load(name: &str) -> Vec<Event> {
     let path = format!(
         "{}/src/verdict/fixtures/{name}.ndjson",
         env!("CARGO_MANIFEST_DIR")
@@ -604,7 +604,7 @@ fn an_engine_on_every_port_is_bounded_and_judges_idle_attempts() {
         e.sport = 1000 + i;
         verdicts.extend(engine.push(e, 1));
     }
-    assert_eq!(engine.stats.judged_early, 10);
+    assert_eq!(engine.stats.tcp.judged_early, 10);
     assert_eq!(verdicts.len(), 10);
     assert!(
         verdicts
