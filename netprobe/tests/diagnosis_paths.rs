@@ -29,13 +29,20 @@ for _ in range(5):
 time.sleep(2.5)
 for s in socks: s.close()";
 
-#[test]
-fn full_accept_queue_names_the_listener_its_queue_and_backlog() {
+/// The S1 lab with the slow server running as container `api` of the published server pod.
+struct SlowServer {
+    s1: S1,
+    _kube: netprobe_lab::kubeapi::FakeKube,
+    kubeconfig: std::path::PathBuf,
+    pid: u32,
+}
+
+fn slow_server(tag: &str) -> SlowServer {
     let S1 {
         mut lab,
         client,
         server,
-    } = s1_lab("dpq");
+    } = s1_lab(tag);
     let (kube, kubeconfig) = support::kube_api(&lab);
     let api_id = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
     let obj = pod(
@@ -54,6 +61,60 @@ fn full_accept_queue_names_the_listener_its_queue_and_backlog() {
     lab.join_cgroup(pid, &format!("kubepods/besteffort/pod{uid}/{api_id}"))
         .unwrap();
     wait_listening(&lab, &server.netns);
+    SlowServer {
+        s1: S1 {
+            lab,
+            client,
+            server,
+        },
+        _kube: kube,
+        kubeconfig,
+        pid,
+    }
+}
+
+/// What every listen-overflow verdict must say: the listener, its pod, container and process,
+/// its queue and backlog, and the cause.
+fn assert_names_the_full_queue(v: &Value, pid: u32) {
+    assert_eq!(v["outcome"], "dropped_by_kernel", "{v:#}");
+    let q = &v["listen_queue"];
+    assert_eq!(q["accept_queue"], 2, "{v:#}");
+    assert_eq!(q["backlog"], 1, "{v:#}");
+    assert!(q["listen_overflows"].as_u64().unwrap() > 0, "{v:#}");
+    assert_eq!(q["listener"]["port"], 9100);
+    assert_eq!(q["listener"]["addr"], "10.42.0.30");
+    assert_eq!(q["listener"]["pid"], pid, "{v:#}");
+    assert_eq!(q["listener"]["comm"], "python3");
+    assert_eq!(v["listeners"][0]["container"], "api", "{v:#}");
+    assert_eq!(v["server"]["peer"]["pod"], "seldon-scheduler-0", "{v:#}");
+    let headline = v["headline"].as_str().unwrap();
+    assert!(headline.contains("accept queue is full"), "{headline}");
+    let why = v["explanation"].as_str().unwrap();
+    for part in [
+        "10.42.0.30:9100",
+        "pod financial-inference/seldon-scheduler-0",
+        "container api",
+        "process python3",
+        "2 connections waiting to be accept()ed and a backlog of 1",
+        "does not accept() fast enough, or its backlog is too small",
+    ] {
+        assert!(why.contains(part), "{part:?} in {why}");
+    }
+    let next = v["next_steps"].to_string();
+    assert!(
+        next.contains(&format!("nsenter -t {pid} -n ss -ltn")),
+        "{next}"
+    );
+}
+
+#[test]
+fn full_accept_queue_names_the_listener_its_queue_and_backlog() {
+    let SlowServer {
+        s1: S1 { lab, client, .. },
+        _kube,
+        kubeconfig,
+        pid,
+    } = slow_server("dpq");
     let trace = start_verdict_trace_env(
         lab.node(),
         &["--port", "9100", "--duration", "7s"],
@@ -78,36 +139,32 @@ fn full_accept_queue_names_the_listener_its_queue_and_backlog() {
         "the SYNs beyond the queue:\n{}",
         out.dump()
     );
-    let v = full[0];
-    assert_eq!(v["outcome"], "dropped_by_kernel", "{v:#}");
-    let q = &v["listen_queue"];
-    assert_eq!(q["accept_queue"], 2, "{v:#}");
-    assert_eq!(q["backlog"], 1, "{v:#}");
-    assert!(q["listen_overflows"].as_u64().unwrap() > 0, "{v:#}");
-    assert_eq!(q["listener"]["port"], 9100);
-    assert_eq!(q["listener"]["addr"], "10.42.0.30");
-    assert_eq!(q["listener"]["pid"], pid, "{v:#}");
-    assert_eq!(q["listener"]["comm"], "python3");
-    assert_eq!(v["listeners"][0]["container"], "api", "{v:#}");
-    assert_eq!(v["server"]["peer"]["pod"], server.name.as_str(), "{v:#}");
-    let headline = v["headline"].as_str().unwrap();
-    assert!(headline.contains("accept queue is full"), "{headline}");
-    let why = v["explanation"].as_str().unwrap();
-    for part in [
-        "10.42.0.30:9100",
-        "pod financial-inference/seldon-scheduler-0",
-        "container api",
-        "process python3",
-        "2 connections waiting to be accept()ed and a backlog of 1",
-        "does not accept() fast enough, or its backlog is too small",
-    ] {
-        assert!(why.contains(part), "{part:?} in {why}");
-    }
-    let next = v["next_steps"].to_string();
-    assert!(
-        next.contains(&format!("nsenter -t {pid} -n ss -ltn")),
-        "{next}"
-    );
+    assert_names_the_full_queue(full[0], pid);
+}
+
+/// The always-on agent judges with the same pipeline: the same verdict, without a trace.
+#[test]
+fn the_agent_names_the_full_accept_queue_too() {
+    let SlowServer {
+        s1: S1 { lab, client, .. },
+        _kube,
+        kubeconfig,
+        pid,
+    } = slow_server("dpqa");
+    let agent = support::start_named_agent(lab.node(), &kubeconfig, true);
+    lab.sh(&client.netns, &format!("python3 -c \"{BURST}\""))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = support::stop(agent);
+    let _ = std::fs::remove_file(kubeconfig);
+    let records = support::ndjson(&out.stdout);
+    support::assert_schema_valid(&records);
+    let full: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "verdict" && !r["listen_queue"].is_null())
+        .collect();
+    assert!(!full.is_empty(), "{}\n{}", out.stdout, out.stderr);
+    assert_names_the_full_queue(full[0], pid);
 }
 
 fn wait_listening(lab: &Lab, netns: &str) {

@@ -296,6 +296,19 @@ pub fn start_agent(
     .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
+/// [`start_agent`] on node `lab-node`, naming pods through the API stand-in of `kubeconfig`.
+pub fn start_named_agent(node: &str, kubeconfig: &Path, capture_stdout: bool) -> Agent {
+    start_agent(
+        node,
+        &[],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", "lab-node"),
+        ],
+        capture_stdout,
+    )
+}
+
 /// GET `path` from `agent`: (status, body).
 pub fn get(agent: &Agent, path: &str) -> (u16, String) {
     agent.get(path).expect("agent endpoint")
