@@ -73,6 +73,21 @@ pub fn full_queue(ns: &NetnsRef, dst: IpAddr, port: u16) -> Result<Option<Listen
     }))
 }
 
+/// Is `dst` served on this node, as the calling thread's namespace routes it: to a pod's veth,
+/// or locally (lo)? Servers elsewhere have no accept queue to read here.
+pub fn served_here(dst: IpAddr) -> bool {
+    let Ok(Some(route)) = netlink::route_to(dst) else {
+        return false;
+    };
+    let Ok(links) = netlink::links() else {
+        return false;
+    };
+    route
+        .oif
+        .and_then(|i| links.iter().find(|l| l.index == i))
+        .is_some_and(|l| l.name == "lo" || l.kind.as_deref() == Some("veth"))
+}
+
 /// The kernel refuses new SYNs when the queue holds more than the backlog
 /// (`sk_acceptq_is_full`); a queue at its backlog after overflows is as good as full.
 fn is_full(queue: u32, backlog: u32, overflows: u64) -> bool {

@@ -31,6 +31,7 @@ pub struct Judge {
     /// Add this node's route to verdicts of attempts that went unanswered.
     route_hints: bool,
     namespaces: Option<NamespaceList>,
+    looked: Looked,
 }
 
 impl Judge {
@@ -43,6 +44,7 @@ impl Judge {
             name_healthy: true,
             route_hints: false,
             namespaces: None,
+            looked: Default::default(),
         }
     }
 
@@ -145,7 +147,7 @@ impl Judge {
             .into_iter()
             .filter_map(|mut v| {
                 if let Some(list) = &self.namespaces {
-                    look_inside(list, self.names.as_deref(), &mut v);
+                    look_inside(list, self.names.as_deref(), &self.looked, &mut v);
                 }
                 if let Some(names) = &self.names
                     && (self.name_healthy || failed(&v))
@@ -182,9 +184,21 @@ fn failed(v: &Verdict) -> bool {
     crate::verdict::dns_failure(v).is_some() || (v.udp.is_none() && v.outcome.is_failure())
 }
 
+/// How long a server found with no full queue is not looked for again: a flood of timeouts
+/// to one server must not cost a namespace walk each.
+const QUEUE_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Servers looked into lately and found with no full accept queue, and when.
+type Looked = RefCell<std::collections::HashMap<(std::net::IpAddr, u16), Instant>>;
+
 /// What only the namespaces show: a timeout whose server's accept queue is full, and the route
 /// a failed lookup hit.
-fn look_inside(list: &NamespaceList, names: Option<&RefCell<PodContext>>, v: &mut Verdict) {
+fn look_inside(
+    list: &NamespaceList,
+    names: Option<&RefCell<PodContext>>,
+    looked: &Looked,
+    v: &mut Verdict,
+) {
     let timed_out = v.outcome == Outcome::TimedOut && v.udp.is_none();
     let lookup_failed = v.no_route.as_ref().is_some_and(|n| n.route.is_none());
     if !timed_out && !lookup_failed {
@@ -205,14 +219,7 @@ fn look_inside(list: &NamespaceList, names: Option<&RefCell<PodContext>>, v: &mu
         if let Some(n) = v.server.netns.clone() {
             all.sort_by_key(|ns| !named(ns, &n));
         }
-        let (addr, port) = (v.server.addr, v.server.port);
-        if let Some(q) = all.iter().find_map(|ns| {
-            crate::enrich::backlog::full_queue(ns, addr, port)
-                .ok()
-                .flatten()
-        }) {
-            crate::verdict::overflow::attach(v, q);
-        }
+        full_queue(&all, looked, v);
     } else if let Some(n) = &mut v.no_route
         && let Some(ns) = all
             .iter()
@@ -225,6 +232,27 @@ fn look_inside(list: &NamespaceList, names: Option<&RefCell<PodContext>>, v: &mu
             .and_then(Result::ok)
             .flatten();
         crate::verdict::noroute::render(v);
+    }
+}
+
+/// A timed-out server on this node (routed to a pod's veth, or local) whose listener's accept
+/// queue is full, in the first namespace of `all` that owns its address.
+fn full_queue(all: &[NetnsRef], looked: &Looked, v: &mut Verdict) {
+    let key = (v.server.addr, v.server.port);
+    let mut looked = looked.borrow_mut();
+    looked.retain(|_, at| at.elapsed() < QUEUE_RECHECK);
+    if looked.contains_key(&key) || !crate::enrich::backlog::served_here(key.0) {
+        return;
+    }
+    match all.iter().find_map(|ns| {
+        crate::enrich::backlog::full_queue(ns, key.0, key.1)
+            .ok()
+            .flatten()
+    }) {
+        Some(q) => crate::verdict::overflow::attach(v, q),
+        None => {
+            looked.insert(key, Instant::now());
+        }
     }
 }
 
