@@ -277,6 +277,37 @@ fn blackhole_route_on_the_node_is_a_drop_and_a_timeout() {
     assert_route(&v, "blackhole", "a timeout");
 }
 
+/// IPv6: a blackhole route frees the SYN in `dst_discard_out`, not `ip6_pkt_*`.
+#[test]
+fn blackhole_ipv6_route_on_the_node_is_named_with_its_table() {
+    let S1 {
+        lab,
+        client,
+        server,
+    } = s1_lab("dpbh6");
+    lab.sh(
+        lab.node(),
+        &format!("ip -6 route replace blackhole {}/128", server.ip6),
+    )
+    .unwrap();
+    let trace = start_verdict_trace(lab.node(), &["--port", "9100", "--duration", "4s"]);
+    let addr = SocketAddr::new(server.ip6.into(), 9100);
+    assert_eq!(
+        lab.connect(&client.netns, addr, Duration::from_millis(1500)),
+        Connect::TimedOut
+    );
+    let out = trace.finish_with_code(1);
+    let all = out.verdicts();
+    assert_eq!(all.len(), 1, "one attempt:\n{}", out.dump());
+    let v = &all[0];
+    assert_eq!(v["outcome"], "dropped_by_kernel", "{v:#}");
+    let r = &v["no_route"]["route"];
+    assert_eq!(r["kind"], "blackhole", "{v:#}");
+    assert_eq!(r["prefix"], format!("{}/128", server.ip6), "{v:#}");
+    assert_eq!(r["table"], "main", "{v:#}");
+    assert_eq!(v["no_route"]["freed_in"], "dst_discard_out", "{v:#}");
+}
+
 #[test]
 fn missing_route_on_the_node_says_there_is_none() {
     let v = node_route_verdict("dpnone", None, Connect::Other(libc::ENETUNREACH));

@@ -1,6 +1,6 @@
 //! No route: a SYN whose route lookup on this node hit an `unreachable`, `prohibit` or
-//! `blackhole` route, or found none. The kernel frees it in `ip_error` (IPv6: `ip6_pkt_*`)
-//! and itself sends the ICMP error back, with the quoted SYN's addresses: the ICMP error is
+//! `blackhole` route, or found none. The kernel frees it in `ip_error` (IPv6: `ip6_pkt_*`, and
+//! `dst_discard*` for a blackhole) and itself sends the ICMP error back, with the quoted SYN's addresses: the ICMP error is
 //! this node's, never the client's or the server's. The route itself (type, prefix, table) is
 //! looked up in that namespace when the verdict is final (see `session::judge`).
 
@@ -21,6 +21,8 @@ pub struct NoRoute {
     /// The interface the SYN came in on there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
+    /// The kernel function that freed the SYN (`ip_error`, `ip6_pkt_discard`, `dst_discard_out`).
+    pub freed_in: String,
     /// The ICMP error that kernel sent back (`type 3 code 1 (host unreachable)`); none for a
     /// blackhole route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -37,7 +39,7 @@ pub(super) fn is_route_error(e: &Event) -> bool {
     e.kind == Kind::Drop
         && e.is_syn()
         && e.drop.as_ref().is_some_and(|d| {
-            ["ip_error", "ip6_pkt_"]
+            ["ip_error", "ip6_pkt_", "dst_discard"]
                 .iter()
                 .any(|p| d.location.starts_with(p))
         })
@@ -66,6 +68,11 @@ pub(super) fn no_route(drop: &Event, icmp: Option<&Event>) -> NoRoute {
     NoRoute {
         netns: ns_name(drop),
         interface: drop.interface.as_ref().and_then(|i| i.name.clone()),
+        freed_in: drop
+            .drop
+            .as_ref()
+            .map(|d| d.location.split('+').next().unwrap_or_default().to_string())
+            .unwrap_or_default(),
         client_sees: meaning.as_ref().map_or("a timeout", |m| m.1).to_string(),
         icmp: meaning.map(|m| m.0),
         route: None,
@@ -107,7 +114,8 @@ pub fn render(v: &mut Verdict) {
         None => "sent nothing back, so the client sees a timeout".into(),
     };
     v.explanation = format!(
-        "The route lookup for {server} in {at}{came_in} hit {route}: the kernel dropped the SYN there (ip_error) and {back}."
+        "The route lookup for {server} in {at}{came_in} hit {route}: the kernel dropped the SYN there ({}) and {back}.",
+        n.freed_in
     );
     v.next_steps = route_steps(n, (v.client.addr, server), at);
 }
@@ -193,5 +201,10 @@ mod tests {
         assert_eq!(n.client_sees, "EHOSTUNREACH");
         assert_eq!(n.icmp.as_deref(), Some("type 3 code 1 (host unreachable)"));
         assert_eq!(no_route(&d, None).client_sees, "a timeout");
+        assert_eq!(n.freed_in, "ip_error");
+        assert!(
+            is_route_error(&drop_at("dst_discard_out+0x14")),
+            "IPv6 blackhole"
+        );
     }
 }
