@@ -589,6 +589,7 @@ fn judge(
         udp: true,
         listeners: Default::default(),
     });
+    let all = present.clone();
     // Read at most once a second per namespace: a client retrying a closed port in a loop
     // must not cost a namespace switch and a /proc read per refusal.
     let mut recent: HashMap<u64, (Instant, String, Vec<Listener>)> = HashMap::new();
@@ -606,6 +607,7 @@ fn judge(
         .with_names(names)
         .name_failures_only()
         .with_route_hints()
+        .with_namespaces(Box::new(move || all.borrow().values().cloned().collect()))
         .with_listener_lookup(Box::new(lookup))
 }
 

@@ -401,9 +401,11 @@ pub async fn run(opts: TraceOptions, out: impl Write) -> Result<Summary> {
     }
     let waiting = announce(&opts, &scope, &installed.interfaces);
     let judge = (!opts.events).then(|| {
+        let all = scope.all.clone();
         Judge::new(installed.engine)
             .with_names(names.clone())
             .with_route_hints()
+            .with_namespaces(Box::new(move || all.clone()))
     });
     let probes = Rc::new(RefCell::new(installed.probes));
     let follow = (opts.netns.is_empty() && opts.pod.is_none())

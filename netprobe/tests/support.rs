@@ -241,6 +241,25 @@ pub fn add_client(lab: &mut netprobe_lab::Lab) -> netprobe_lab::Pod {
     .unwrap()
 }
 
+/// A permanent neighbour entry for the pod's gateway (169.254.1.1, the node side's MAC): proxy
+/// ARP answers only while the node has a usable route for the requester.
+pub fn static_gateway_neighbour(lab: &netprobe_lab::Lab, pod: &netprobe_lab::Pod) {
+    let mac = lab
+        .sh(
+            lab.node(),
+            &format!("cat /sys/class/net/{}/address", pod.host_if),
+        )
+        .unwrap();
+    lab.sh(
+        &pod.netns,
+        &format!(
+            "ip neigh replace 169.254.1.1 lladdr {} dev eth0 nud permanent",
+            mac.trim()
+        ),
+    )
+    .unwrap();
+}
+
 /// The Kubernetes API stand-in, listening inside the node namespace (where netprobe runs), and
 /// a kubeconfig file for it (the caller removes it).
 pub fn kube_api(lab: &netprobe_lab::Lab) -> (netprobe_lab::kubeapi::FakeKube, PathBuf) {
@@ -275,6 +294,19 @@ pub fn start_agent(
         })
     })
     .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// [`start_agent`] on node `lab-node`, naming pods through the API stand-in of `kubeconfig`.
+pub fn start_named_agent(node: &str, kubeconfig: &Path, capture_stdout: bool) -> Agent {
+    start_agent(
+        node,
+        &[],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", "lab-node"),
+        ],
+        capture_stdout,
+    )
 }
 
 /// GET `path` from `agent`: (status, body).

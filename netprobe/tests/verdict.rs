@@ -255,20 +255,7 @@ fn rp_filter_drop_verdict_is_a_kernel_drop() {
         .unwrap();
     // A static gateway neighbour: proxy ARP (rightly) ignores requests from the unroutable
     // source, which would make this a neighbour failure instead of an rp_filter drop.
-    let mac = lab
-        .sh(
-            lab.node(),
-            &format!("cat /sys/class/net/{}/address", client.host_if),
-        )
-        .unwrap();
-    lab.sh(
-        &client.netns,
-        &format!(
-            "ip neigh replace 169.254.1.1 lladdr {} dev eth0 nud permanent",
-            mac.trim()
-        ),
-    )
-    .unwrap();
+    support::static_gateway_neighbour(&lab, &client);
     let (v, _) = verdict_trace(
         &lab,
         "rp_filter",

@@ -2,6 +2,7 @@
 //! running kernel's BTF), code locations, namespaces and interfaces. Pods, rules and conntrack
 //! come in later stages of this module.
 
+pub mod backlog;
 pub mod conntrack;
 pub mod kallsyms;
 pub mod kube;

@@ -309,6 +309,10 @@ pub struct ListenSocket {
     /// IPv6 socket that does not accept IPv4 (`IPV6_V6ONLY`).
     pub v6only: bool,
     pub inode: u32,
+    /// For a listener: connections waiting for accept() (`idiag_rqueue`), and its backlog
+    /// (`idiag_wqueue`).
+    pub rqueue: u32,
+    pub wqueue: u32,
 }
 
 /// Parses one `inet_diag_msg` (+ attributes).
@@ -325,6 +329,8 @@ pub fn parse_inet_diag(body: &[u8]) -> Option<ListenSocket> {
         std::net::IpAddr::from(<[u8; 16]>::try_from(src).ok()?)
     };
     let inode = u32::from_ne_bytes(body[68..72].try_into().ok()?);
+    let rqueue = u32::from_ne_bytes(body[56..60].try_into().ok()?);
+    let wqueue = u32::from_ne_bytes(body[60..64].try_into().ok()?);
     let mut v6only = false;
     for (ty, p) in attrs(&body[INET_DIAG_MSG_LEN..]) {
         if ty == INET_DIAG_SKV6ONLY {
@@ -336,6 +342,8 @@ pub fn parse_inet_diag(body: &[u8]) -> Option<ListenSocket> {
         port,
         v6only,
         inode,
+        rqueue,
+        wqueue,
     })
 }
 

@@ -8,12 +8,17 @@ use crate::{
     enrich::{listeners::Listener, names::PodContext, pods::cgroup_of},
     events::{Event, Kind},
     model::{Protocol, drop_reason},
+    netns::NetnsRef,
     verdict::{Engine, EngineStats, Outcome, Verdict},
 };
 
 /// The listeners of a namespace (by inode), read when the kernel refused a connection there:
 /// its name as the engine keys it, and who listens.
 pub type ListenerLookup = Box<dyn FnMut(u64) -> Option<(String, Vec<Listener>)>>;
+
+/// The namespaces (node and pods) a verdict may need to look into: for a timeout, the one where
+/// the server listens (its accept queue); for a failed route lookup, the one where it failed.
+pub type NamespaceList = Box<dyn Fn() -> Vec<NetnsRef>>;
 
 pub struct Judge {
     /// One engine, or (the agent) one for TCP on every port and one for DNS.
@@ -25,6 +30,8 @@ pub struct Judge {
     name_healthy: bool,
     /// Add this node's route to verdicts of attempts that went unanswered.
     route_hints: bool,
+    namespaces: Option<NamespaceList>,
+    looked: Looked,
 }
 
 impl Judge {
@@ -36,6 +43,8 @@ impl Judge {
             names: None,
             name_healthy: true,
             route_hints: false,
+            namespaces: None,
+            looked: Default::default(),
         }
     }
 
@@ -74,6 +83,12 @@ impl Judge {
     /// The judge runs in the node's namespace: its route toward a silent server is the node's.
     pub fn with_route_hints(mut self) -> Self {
         self.route_hints = true;
+        self
+    }
+
+    /// Timeouts and failed route lookups are looked into in these namespaces (and this one).
+    pub fn with_namespaces(mut self, list: NamespaceList) -> Self {
+        self.namespaces = Some(list);
         self
     }
 
@@ -128,6 +143,9 @@ impl Judge {
         verdicts
             .into_iter()
             .filter_map(|mut v| {
+                if let Some(list) = &self.namespaces {
+                    look_inside(list, self.names.as_deref(), &self.looked, &mut v);
+                }
                 if let Some(names) = &self.names
                     && (self.name_healthy || failed(&v))
                 {
@@ -137,6 +155,8 @@ impl Judge {
                         return None;
                     }
                 }
+                // Its texts name the listener's pod and container, known only now.
+                crate::verdict::overflow::render(&mut v);
                 if self.route_hints {
                     add_route_hint(&mut v);
                 }
@@ -159,6 +179,78 @@ fn no_socket(e: &Event) -> bool {
 /// A lookup or attempt that failed (for DNS: the application sees a failed lookup).
 fn failed(v: &Verdict) -> bool {
     crate::verdict::dns_failure(v).is_some() || (v.udp.is_none() && v.outcome.is_failure())
+}
+
+/// How long a server found with no full queue is not looked for again: a flood of timeouts
+/// to one server must not cost a namespace walk each.
+const QUEUE_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Servers looked into lately and found with no full accept queue, and when.
+type Looked = RefCell<std::collections::HashMap<(std::net::IpAddr, u16), Instant>>;
+
+/// What only the namespaces show: a timeout whose server's accept queue is full, and the route
+/// a failed lookup hit.
+fn look_inside(
+    list: &NamespaceList,
+    names: Option<&RefCell<PodContext>>,
+    looked: &Looked,
+    v: &mut Verdict,
+) {
+    let timed_out = v.outcome == Outcome::TimedOut && v.udp.is_none();
+    let lookup_failed = v.no_route.as_ref().is_some_and(|n| n.route.is_none());
+    if !timed_out && !lookup_failed {
+        return;
+    }
+    let mut all = list();
+    if let Ok(me) = NetnsRef::current()
+        && !all.iter().any(|n| n.inode == me.inode)
+    {
+        all.push(me);
+    }
+    let inode_of = |name: &str| names.and_then(|n| n.borrow().netns_inode(name));
+    let named = |ns: &NetnsRef, name: &str| {
+        ns.name == name || ns.inode.to_string() == name || inode_of(name) == Some(ns.inode)
+    };
+    if timed_out {
+        // The server's own namespace first, when the events showed it.
+        if let Some(n) = v.server.netns.clone() {
+            all.sort_by_key(|ns| !named(ns, &n));
+        }
+        full_queue(&all, looked, v);
+    } else if let Some(n) = &mut v.no_route
+        && let Some(ns) = all
+            .iter()
+            .find(|ns| n.netns.as_deref().is_some_and(|x| named(ns, x)))
+    {
+        let dst = v.server.addr;
+        n.route = ns
+            .run(|| crate::enrich::route::error_route(dst))
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        crate::verdict::noroute::render(v);
+    }
+}
+
+/// A timed-out server on this node (routed to a pod's veth, or local) whose listener's accept
+/// queue is full, in the first namespace of `all` that owns its address.
+fn full_queue(all: &[NetnsRef], looked: &Looked, v: &mut Verdict) {
+    let key = (v.server.addr, v.server.port);
+    let mut looked = looked.borrow_mut();
+    looked.retain(|_, at| at.elapsed() < QUEUE_RECHECK);
+    if looked.contains_key(&key) || !crate::enrich::backlog::served_here(key.0) {
+        return;
+    }
+    match all.iter().find_map(|ns| {
+        crate::enrich::backlog::full_queue(ns, key.0, key.1)
+            .ok()
+            .flatten()
+    }) {
+        Some(q) => crate::verdict::overflow::attach(v, q),
+        None => {
+            looked.insert(key, Instant::now());
+        }
+    }
 }
 
 fn add_route_hint(v: &mut Verdict) {

@@ -239,6 +239,8 @@ mod tests {
                 }),
             }),
             cross_node: None,
+            no_route: None,
+            listen_queue: None,
             udp: None,
         }
     }

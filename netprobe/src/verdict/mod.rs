@@ -3,6 +3,8 @@
 //! with the evidence it has — never "policy" without a policy rule, never "refused" for a
 //! silent drop. Fed live by `trace`, and in tests from recorded event streams.
 
+pub mod noroute;
+pub mod overflow;
 mod pairing;
 pub mod udp;
 
@@ -105,6 +107,12 @@ pub struct Verdict {
     /// UDP traces: whether a reply came back, and the DNS question and answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp: Option<udp::UdpExchange>,
+    /// The SYN hit an error route (or none) on this node: where, and which route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_route: Option<noroute::NoRoute>,
+    /// A timeout that is a full accept queue: the listener, its queue and backlog.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_queue: Option<crate::enrich::backlog::ListenQueue>,
 }
 
 /// What the engine knows besides events: the traced port and protocol, and listeners by
@@ -776,6 +784,8 @@ struct Evidence<'a> {
     rst_from_server: bool,
     received_reset: bool,
     icmp: Option<&'a Event>,
+    /// The SYN hit an error route (or none) here.
+    route_error: Option<&'a Event>,
     retransmits: u32,
     app_error: Option<String>,
     last_egress: Option<&'a Event>,
@@ -815,6 +825,7 @@ impl<'a> Evidence<'a> {
                 .any(|e| e.kind == Kind::Packet && flags(e).2 && e.sport == server.1),
             received_reset: events.iter().any(|e| e.kind == Kind::ReceiveReset),
             icmp: events.iter().find(|e| e.icmp.is_some()),
+            route_error: events.iter().find(|e| noroute::is_route_error(e)),
             retransmits: events
                 .iter()
                 .filter(|e| e.kind == Kind::Retransmit && !e.tcp_flags.is_empty())
@@ -941,10 +952,18 @@ fn decide(
         (
             Outcome::Unreachable,
             format!(
-                "An ICMP error (type {} code {}) came back from {} without a rule on this node rejecting it.",
+                // The event's addresses are the quoted SYN's: they do not say who sent it.
+                "An ICMP error (type {} code {}) came back for the SYN to {}{}, without a rule on this node rejecting it.",
                 c.icmp_type,
                 c.code,
-                endpoint_str(i.src, 0).trim_end_matches(":0")
+                endpoint_str(i.dst, i.dport),
+                hop(i)
+                    .map(|h| format!(
+                        " (seen on {}{})",
+                        h.interface,
+                        h.netns.map(|n| format!(" in {n}")).unwrap_or_default()
+                    ))
+                    .unwrap_or_default()
             ),
         )
     } else if ev.rst_from_server || ev.received_reset {
@@ -1043,7 +1062,7 @@ fn classify_to(
     let mut listeners = Vec::new();
     let mut next_steps = Vec::new();
     let (outcome, explanation) = decide(&ev, ctx, &mut listeners, &mut next_steps);
-    Verdict {
+    let mut v = Verdict {
         schema: SCHEMA.into(),
         kind: "verdict".into(),
         outcome,
@@ -1071,7 +1090,20 @@ fn classify_to(
         route: None,
         cross_node: None,
         udp: None,
+        no_route: None,
+        listen_queue: None,
+    };
+    if let Some(d) = ev.route_error
+        && matches!(
+            v.outcome,
+            Outcome::Unreachable | Outcome::TimedOut | Outcome::DroppedByKernel
+        )
+    {
+        v.drop = d.drop.clone();
+        v.no_route = Some(noroute::no_route(d, ev.icmp));
+        noroute::render(&mut v);
     }
+    v
 }
 
 /// A netfilter rule decided: which rule, its owner (the CNI module that made it says what to

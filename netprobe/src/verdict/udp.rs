@@ -440,6 +440,8 @@ pub(super) fn classify(events: &[Event], client: (IpAddr, u16), ctx: &Context) -
         left_via: None,
         route: None,
         cross_node: None,
+        no_route: None,
+        listen_queue: None,
         udp: Some(UdpExchange {
             requests: ev.requests(),
             replied: !ev.replies.is_empty() && !ev.reply_dropped,
