@@ -15,16 +15,18 @@ thread_local! {
 }
 
 /// Reverse-path filtering on interface `ifindex` of namespace `netns` (inode) for packets from
-/// `src`; None when the namespace or the interface is gone.
+/// `src`; None when the namespace or the interface is gone, or this second's reads are spent.
 pub fn at_drop(netns: u64, ifindex: u32, src: IpAddr) -> Option<RpFilter> {
-    RECENT.with_borrow_mut(|r| {
-        r.get_or((netns, ifindex, src), || {
-            crate::netns::by_inode(netns)?
-                .run(|| read(ifindex, src))
-                .ok()
-                .flatten()
+    RECENT
+        .with_borrow_mut(|r| {
+            r.get_or((netns, ifindex, src), || {
+                crate::netns::by_inode(netns)?
+                    .run(|| read(ifindex, src))
+                    .ok()
+                    .flatten()
+            })
         })
-    })
+        .flatten()
 }
 
 /// In the calling thread's namespace (/proc/sys/net is the opener's namespace).

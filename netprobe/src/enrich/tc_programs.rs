@@ -23,15 +23,18 @@ thread_local! {
 }
 
 /// The programs on the `ingress` (else egress) hook of interface `ifindex` of namespace `netns`
-/// (inode), as they are now (or were less than 2 s ago).
+/// (inode), as they are now (or were less than 2 s ago); none when this second's reads are
+/// spent (see `Recent`).
 pub fn at_drop(netns: u64, ifindex: u32, ingress: bool) -> Vec<TcProgram> {
-    RECENT.with_borrow_mut(|r| {
-        r.get_or((netns, ifindex, ingress), || {
-            crate::netns::by_inode(netns)
-                .map(|ns| read_in(&ns, ifindex, ingress))
-                .unwrap_or_default()
+    RECENT
+        .with_borrow_mut(|r| {
+            r.get_or((netns, ifindex, ingress), || {
+                crate::netns::by_inode(netns)
+                    .map(|ns| read_in(&ns, ifindex, ingress))
+                    .unwrap_or_default()
+            })
         })
-    })
+        .unwrap_or_default()
 }
 
 fn read_in(ns: &NetnsRef, ifindex: u32, ingress: bool) -> Vec<TcProgram> {
