@@ -112,6 +112,23 @@ pub fn veth_peers() -> Result<Vec<NetnsRef>> {
     if peer_ids.is_empty() {
         return Ok(Vec::new());
     }
+    let candidates = candidates()?;
+    let mut out = Vec::new();
+    for (_, ns) in candidates {
+        let Ok(file) = File::open(&ns.path) else {
+            continue;
+        };
+        if let Ok(Some(id)) = crate::netlink::nsid_of(file.as_raw_fd())
+            && peer_ids.contains(&id)
+        {
+            out.push(ns);
+        }
+    }
+    Ok(out)
+}
+
+/// Every namespace this process can reach by path: /run/netns entries, then each process's.
+fn candidates() -> Result<BTreeMap<u64, NetnsRef>> {
     let names = named()?;
     let mut candidates: BTreeMap<u64, NetnsRef> = BTreeMap::new();
     for (ino, name) in &names {
@@ -140,16 +157,13 @@ pub fn veth_peers() -> Result<Vec<NetnsRef>> {
             }
         }
     }
-    let mut out = Vec::new();
-    for (_, ns) in candidates {
-        let Ok(file) = File::open(&ns.path) else {
-            continue;
-        };
-        if let Ok(Some(id)) = crate::netlink::nsid_of(file.as_raw_fd())
-            && peer_ids.contains(&id)
-        {
-            out.push(ns);
-        }
+    Ok(candidates)
+}
+
+/// The namespace with inode `inode`: this process's, a /run/netns one, or a process's.
+pub fn by_inode(inode: u64) -> Option<NetnsRef> {
+    match NetnsRef::current() {
+        Ok(me) if me.inode == inode => Some(me),
+        _ => candidates().ok()?.remove(&inode),
     }
-    Ok(out)
 }

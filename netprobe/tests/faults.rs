@@ -442,28 +442,13 @@ fn clsact_filters_of_a_killed_netprobe_are_removed_at_next_start_and_live_ones_k
 /// A program that is not netprobe's but carries the name of its ingress program: `tc_ingress`,
 /// returning TC_ACT_UNSPEC, with no map (assembled with llvm-mc into `dir`).
 fn foreign_tc_ingress_object(dir: &std::path::Path) -> std::path::PathBuf {
-    let src = dir.join("foreign.s");
-    let obj = dir.join("foreign.o");
-    std::fs::write(
-        &src,
+    support::assemble_bpf(
+        dir,
+        "foreign",
         "\t.section \"classifier\",\"ax\"\n\t.globl tc_ingress\n\t.type tc_ingress,@function\n\
          tc_ingress:\n\tr0 = -1\n\texit\n\t.size tc_ingress, .-tc_ingress\n\
          \t.section \"license\",\"aw\"\n_license:\n\t.asciz \"GPL\"\n",
     )
-    .unwrap();
-    let mc = ["llvm-mc", "/usr/lib/llvm-22/bin/llvm-mc"]
-        .into_iter()
-        .find(|m| Command::new(m).arg("--version").output().is_ok())
-        .expect("llvm-mc (the LLVM the toolchain route installs)");
-    let st = Command::new(mc)
-        .args(["-triple", "bpfel", "-filetype=obj"])
-        .arg(&src)
-        .arg("-o")
-        .arg(&obj)
-        .status()
-        .unwrap();
-    assert!(st.success(), "assembling the foreign program");
-    obj
 }
 
 /// A SIGKILLed `trace --pod` in clsact mode (pre-6.6 kernels) leaves its tc filters and its

@@ -433,3 +433,32 @@ pub fn laptop(netns: &str, kubeconfig: &str, program: &Path) -> Command {
         .stderr(Stdio::piped());
     c
 }
+
+/// Assembles BPF assembly `source` with llvm-mc (the LLVM the toolchain route installs) into
+/// `dir/NAME.o`: small foreign programs for the tests, with no compiler.
+pub fn assemble_bpf(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let src = dir.join(format!("{name}.s"));
+    let obj = dir.join(format!("{name}.o"));
+    std::fs::write(&src, source).unwrap();
+    let mc = ["llvm-mc", "/usr/lib/llvm-22/bin/llvm-mc"]
+        .into_iter()
+        .find(|m| Command::new(m).arg("--version").output().is_ok())
+        .expect("llvm-mc (the LLVM the toolchain route installs)");
+    let st = Command::new(mc)
+        .args(["-triple", "bpfel", "-filetype=obj"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&obj)
+        .status()
+        .unwrap();
+    assert!(st.success(), "assembling {name}");
+    obj
+}
+
+/// The environment of a netprobe on the lab's node that names pods through the API stand-in.
+pub fn kube_env(kubeconfig: &Path) -> [(&'static str, &str); 2] {
+    [
+        ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+        ("NODE_NAME", "lab-node"),
+    ]
+}

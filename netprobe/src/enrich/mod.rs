@@ -9,14 +9,18 @@ pub mod kube;
 pub mod listeners;
 pub mod names;
 pub mod pods;
+pub mod recent;
 pub mod route;
+pub mod rpfilter;
 pub mod served;
 pub mod stages;
+pub mod tc_programs;
 
 use std::collections::HashMap;
 
 use netprobe_common::{RawEvent, kind};
 
+use crate::model::drop_reason;
 use crate::{
     error::Result,
     events::{self, DropInfo, Event, Interface, Netns, ResetInfo},
@@ -183,11 +187,14 @@ impl Enricher {
         }
         match ev.kind {
             kind::DROP => {
-                out.drop = Some(DropInfo {
+                let mut info = DropInfo {
                     reason: self.drop_reason_name(ev.reason),
                     reason_code: ev.reason,
                     location: self.kallsyms.symbolize(ev.location),
-                })
+                    ..Default::default()
+                };
+                at_the_drop(ev, &out, &mut info);
+                out.drop = Some(info);
             }
             kind::SEND_RESET => {
                 out.reset = Some(ResetInfo {
@@ -197,6 +204,27 @@ impl Enricher {
             _ => {}
         }
         Some(out)
+    }
+}
+
+/// What only the node knows about a drop, read now (programs get replaced, sysctls and routes
+/// edited): the tc programs on the hook that dropped, the rp_filter that applied.
+fn at_the_drop(ev: &RawEvent, out: &Event, info: &mut DropInfo) {
+    let Some(netns) = out.netns.as_ref().map(|n| n.inode) else {
+        return;
+    };
+    if ev.ifindex == 0 {
+        return;
+    }
+    match info.reason.as_str() {
+        drop_reason::TC_INGRESS | drop_reason::TC_EGRESS => {
+            let ingress = info.reason == drop_reason::TC_INGRESS;
+            info.tc_programs = tc_programs::at_drop(netns, ev.ifindex, ingress);
+        }
+        drop_reason::IP_RPFILTER => {
+            info.rp_filter = rpfilter::at_drop(netns, ev.ifindex, out.src);
+        }
+        _ => {}
     }
 }
 

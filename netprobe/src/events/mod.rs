@@ -72,13 +72,21 @@ pub struct Interface {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DropInfo {
     /// `enum skb_drop_reason` name without the `SKB_DROP_REASON_` prefix, from the running kernel's BTF.
     pub reason: String,
     pub reason_code: u32,
     /// `function+0xoff` from /proc/kallsyms (raw address when symbols are hidden).
     pub location: String,
+    /// TC_INGRESS/TC_EGRESS: the tc programs on that hook of the interface when the drop was
+    /// seen (netprobe's own left out); one of them returned the drop.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tc_programs: Vec<crate::model::TcProgram>,
+    /// IP_RPFILTER: the interface's rp_filter settings and the route back to the source, read
+    /// when the drop was seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rp_filter: Option<crate::model::RpFilter>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

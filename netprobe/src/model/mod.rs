@@ -2,6 +2,7 @@
 //! engine decides on is an enum, never a string. Serialized names are those of
 //! `netprobe.event/v1` / `netprobe.verdict/v1`, unchanged (see `verdict/golden.rs`).
 
+mod drops;
 mod endpoint;
 mod names;
 mod outcome;
@@ -12,6 +13,7 @@ pub mod stats;
 
 use std::borrow::Cow;
 
+pub use drops::{RpFilter, TcProgram};
 pub use endpoint::Endpoint;
 pub use names::Named;
 pub(crate) use names::{by_name, fixed_names};

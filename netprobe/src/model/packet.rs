@@ -179,6 +179,11 @@ pub mod drop_reason {
     pub const NETFILTER_DROP: &str = "NETFILTER_DROP";
     /// A socket's queues freed at close: housekeeping, not a packet lost on the way.
     pub const QUEUE_PURGE: &str = "QUEUE_PURGE";
+    /// A tc program on the interface's ingress (egress) hook returned TC_ACT_SHOT.
+    pub const TC_INGRESS: &str = "TC_INGRESS";
+    pub const TC_EGRESS: &str = "TC_EGRESS";
+    /// Reverse-path filtering: the source is not routed back through the receiving interface.
+    pub const IP_RPFILTER: &str = "IP_RPFILTER";
 
     /// What a kernel drop reason means, for the explanation.
     pub fn hint(reason: &str) -> &'static str {

@@ -25,7 +25,7 @@ const TCA_OPTIONS: u16 = 2;
 const TCA_BPF_NAME: u16 = 7;
 const TCA_BPF_ID: u16 = 11;
 /// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)` and `…_EGRESS`.
-const CLSACT_PARENTS: [u32; 2] = [0xFFFF_FFF2, 0xFFFF_FFF3];
+pub(crate) const CLSACT_PARENTS: [u32; 2] = [0xFFFF_FFF2, 0xFFFF_FFF3];
 /// The names netprobe's programs carry (netprobe-ebpf's tc entry points).
 const OURS: [&str; 2] = ["tc_ingress", "tc_egress"];
 /// Maps every netprobe tc program uses, by the names the kernel keeps (the statics of
@@ -99,7 +99,7 @@ fn nl_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
 }
 
 /// The BPF filters on the clsact hooks of `ifindex` (calling thread's namespace).
-fn clsact_filters(ifindex: u32) -> Result<Vec<BpfFilter>> {
+pub(crate) fn clsact_filters(ifindex: u32) -> Result<Vec<BpfFilter>> {
     let mut out = Vec::new();
     for parent in CLSACT_PARENTS {
         let sock = Socket::route().map_err(nl_err("RTM_GETTFILTER dump"))?;
@@ -162,6 +162,13 @@ fn map_names_of(prog_id: u32, programs: &[aya::programs::ProgramInfo]) -> Option
             .filter_map(|m| m.name_as_str().map(str::to_string))
             .collect(),
     )
+}
+
+/// Is this loaded program one of netprobe's tc programs (its name and its maps)?
+pub(crate) fn is_netprobes(info: &aya::programs::ProgramInfo) -> bool {
+    info.name_as_str().is_some_and(|n| OURS.contains(&n))
+        && map_names_of(info.id(), std::slice::from_ref(info))
+            .is_some_and(|names| uses_our_maps(names.iter().map(String::as_str)))
 }
 
 /// Of `candidates` (filters named like netprobe's), those running netprobe's programs.

@@ -287,6 +287,7 @@ fn name_verdict(names: &PodContext, v: &mut Verdict) {
         inode(&v.client.netns),
         cgroup.as_deref(),
     ));
+    super::source_addr::name_client_by_netns(names, v, cgroup.as_deref());
     let server_ns = inode(&v.server.netns);
     v.server.peer = Some(inv.peer(v.server.addr, v.server.port, server_ns, None));
     name_client_in_next_steps(v);

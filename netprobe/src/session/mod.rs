@@ -11,6 +11,7 @@
 //! judge, the sinks, its housekeeping and when the loop ends. The loop itself knows none of them.
 
 pub mod judge;
+mod source_addr;
 
 use std::{io, time::Duration};
 

@@ -306,6 +306,7 @@ mod tests {
             reason: "NO_SOCKET".into(),
             reason_code: 3,
             location: "tcp_v4_rcv+0x99".into(),
+            ..Default::default()
         });
         let line = text_line(&e);
         assert!(line.starts_with("01:02:03.000001 DROP"), "{line}");

@@ -3,6 +3,7 @@
 //! with the evidence it has — never "policy" without a policy rule, never "refused" for a
 //! silent drop. Fed live by `trace`, and in tests from recorded event streams.
 
+mod drop_detail;
 pub mod noroute;
 pub mod overflow;
 mod pairing;
@@ -1062,11 +1063,19 @@ fn classify_to(
     let mut listeners = Vec::new();
     let mut next_steps = Vec::new();
     let (outcome, explanation) = decide(&ev, ctx, &mut listeners, &mut next_steps);
+    let drop = ev
+        .syn_drop
+        .or(ev.no_socket.filter(|e| e.kind == Kind::Drop))
+        .and_then(|e| e.drop.clone());
     let mut v = Verdict {
         schema: SCHEMA.into(),
         kind: "verdict".into(),
         outcome,
-        headline: outcome.headline().into(),
+        headline: drop
+            .as_ref()
+            .filter(|_| outcome == Outcome::DroppedByKernel)
+            .and_then(drop_detail::headline)
+            .unwrap_or_else(|| outcome.headline().into()),
         client: client_endpoint(events, client, port, procs),
         server: server_endpoint(events, &ev, client),
         dialed: ev
@@ -1076,10 +1085,7 @@ fn classify_to(
         timeline: timeline(events),
         explanation,
         next_steps,
-        drop: ev
-            .syn_drop
-            .or(ev.no_socket.filter(|e| e.kind == Kind::Drop))
-            .and_then(|e| e.drop.clone()),
+        drop,
         rule_prefix: ev.netfilter.as_ref().map(|_| String::new()),
         netfilter: ev.netfilter,
         listeners,
@@ -1245,6 +1251,12 @@ fn kernel_drop_verdict(d: &Event, what: &str, next_steps: &mut Vec<String>) -> (
                 ns_name(d).map(|n| format!(" in {n}")).unwrap_or_default()
             ),
         )
+    } else if let Some(why) = drop_detail::explain(d, what, next_steps) {
+        next_steps.push(format!(
+            "kernel drop reason {} at {}",
+            info.reason, info.location
+        ));
+        (Outcome::DroppedByKernel, why)
     } else {
         let hint = drop_reason::hint(&info.reason);
         next_steps.push(format!(

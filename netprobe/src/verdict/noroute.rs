@@ -174,6 +174,7 @@ mod tests {
             reason: "NOT_SPECIFIED".into(),
             reason_code: 2,
             location: location.into(),
+            ..Default::default()
         });
         e.netns = Some(Netns {
             inode: 1,

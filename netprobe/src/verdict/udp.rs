@@ -387,7 +387,9 @@ fn decide(
         )
             .into()
     } else if let Some(d) = ev.drop {
-        kernel_drop_verdict(d, "datagram", next_steps).into()
+        let mut dec: Decision = kernel_drop_verdict(d, "datagram", next_steps).into();
+        dec.headline = d.drop.as_ref().and_then(super::drop_detail::headline);
+        dec
     } else if let Some(i) = ev.icmp {
         let c = i.icmp.as_ref().expect("icmp");
         let why = format!(

@@ -416,6 +416,7 @@ mod tests {
             reason: reason.into(),
             reason_code: 12,
             location: "nft_do_chain+0x46f".into(),
+            ..Default::default()
         });
         e
     }
