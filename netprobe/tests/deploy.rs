@@ -699,7 +699,8 @@ fn the_helm_chart_values_change_only_what_they_name() {
         "programStats": true,
         "logLevel": "info",
         "metrics": {"address": "127.0.0.1:29965", "rbacProxy": {"port": 29966},
-                    "podLabels": true, "maxSeries": 100},
+                    "podLabels": true, "maxSeries": 100, "seriesGrace": 60},
+        "maxNamespaces": 512,
     }));
     assert_eq!(r.error, None);
     let cm: ConfigMap = typed(find(&r.objects, "ConfigMap", "netprobe"));
@@ -710,6 +711,8 @@ fn the_helm_chart_values_change_only_what_they_name() {
     assert_eq!(data["METRICS_ADDR"], "127.0.0.1:29965");
     assert_eq!(data["NETPROBE_METRICS_POD_LABELS"], "true");
     assert_eq!(data["NETPROBE_METRICS_MAX_SERIES"], "100");
+    assert_eq!(data["NETPROBE_METRICS_SERIES_GRACE"], "60");
+    assert_eq!(data["NETPROBE_MAX_NAMESPACES"], "512");
     let ds: DaemonSet = typed(find(&r.objects, "DaemonSet", "netprobe"));
     let pod = ds.spec.unwrap().template.spec.unwrap();
     assert_eq!(
