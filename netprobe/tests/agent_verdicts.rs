@@ -277,6 +277,7 @@ fn a_killed_agents_armed_table_is_removed_at_the_next_start() {
 /// retransmit and a settle time (~1.4 s).
 #[test]
 fn a_syn_dropped_by_a_rule_is_judged_before_the_first_retransmit() {
+    netprobe_lab::require_root();
     let mut lab = Lab::new("avfast").unwrap();
     let a = lab
         .add_pod("default", "a-0", "10.42.0.81".parse().unwrap())
