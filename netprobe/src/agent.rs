@@ -126,7 +126,11 @@ struct Status {
 
 impl crate::cluster::server::AgentStatus for Status {
     fn metrics(&self) -> String {
-        self.metrics.lock().expect("metrics lock").render()
+        let mut out = self.metrics.lock().expect("metrics lock").render();
+        if let Some(sync) = self.inventory.get() {
+            out.push_str(&inventory_synced_metric(sync));
+        }
+        out
     }
 
     /// Ready once the probes are attached. A refused probe or an inventory not synced (API
@@ -149,6 +153,21 @@ impl crate::cluster::server::AgentStatus for Status {
         }
         Ok(format!("ready, degraded: {}\n", missing.join("; ")))
     }
+}
+
+/// `netprobe_inventory_synced{kind}`: 1 once the kind's first list is in (what `/readyz` says
+/// in words), so an alert can follow it. Absent without an API server.
+fn inventory_synced_metric(sync: &crate::enrich::kube::InventorySync) -> String {
+    let mut s = String::from(
+        "# HELP netprobe_inventory_synced Whether the inventory has its first full list of each kind from the API server (0: no names for it yet, retrying in the background).\n# TYPE netprobe_inventory_synced gauge\n",
+    );
+    for (kind, synced) in sync.kinds() {
+        s.push_str(&format!(
+            "netprobe_inventory_synced{{kind=\"{kind}\"}} {}\n",
+            u8::from(synced)
+        ));
+    }
+    s
 }
 
 /// rtnetlink link notifications as a source: a new veth (a new pod) runs the housekeeping now

@@ -541,10 +541,13 @@ fn failed_verdicts(stdout: &str, port: u16) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The kinds the inventory lists, each with its `netprobe_inventory_synced` series.
+const KINDS: [&str; 3] = ["pods", "services", "endpointslices"];
+
 /// The agent starts while the API server is down (issue #15 point 3): it is ready at once and
 /// judges failures without names, `/readyz` says the inventory is not synced (200: the agent
 /// works, see deploy/SECURITY.md); the inventory retries in the background, and once the API
-/// is back `/readyz` says synced and a new failure names both pods, without a restart.
+/// is back `/readyz` says synced (and `netprobe_inventory_synced{kind}` goes from 0 to 1) and a new failure names both pods, without a restart.
 #[test]
 fn agent_started_with_the_api_down_names_failures_once_the_api_is_back() {
     netprobe_lab::require_root();
@@ -581,6 +584,16 @@ fn agent_started_with_the_api_down_names_failures_once_the_api_is_back() {
         body.contains("inventory not synced") && body.contains("pods"),
         "{body}"
     );
+    let synced = |agent: &Agent, kind: &str| {
+        let m = support::get(agent, "/metrics").1;
+        let line = format!("netprobe_inventory_synced{{kind=\"{kind}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&line).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {line}in /metrics:\n{m}"))
+    };
+    for kind in KINDS {
+        assert_eq!(synced(&agent, kind), "0", "{kind} while the API is down");
+    }
     let server: std::net::SocketAddr = "10.42.0.72:9006".parse().unwrap();
     assert_eq!(
         lab.connect(&a.netns, server, Duration::from_millis(2500)),
@@ -601,6 +614,9 @@ fn agent_started_with_the_api_down_names_failures_once_the_api_is_back() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert!(body.starts_with("ready"), "{body}");
+    for kind in KINDS {
+        assert_eq!(synced(&agent, kind), "1", "{kind} once the API is back");
+    }
     // The agent's housekeeping rebuilds the inventory from the stores once a second.
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(

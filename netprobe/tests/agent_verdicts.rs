@@ -269,3 +269,70 @@ fn a_killed_agents_armed_table_is_removed_at_the_next_start() {
     support::stop(agent);
     assert_eq!(stateless_ruleset(&lab), before);
 }
+
+/// Issue #16 item 9: a SYN dropped by a rule is judged as soon as the drop and its rule are
+/// known (the rule from the counters read at the drop), before the client's first retransmit
+/// (1 s after the SYN). Timed by wall clock from just before connect() to the failure counted
+/// in /metrics (the agent counts it when it writes the verdict); the old engine waited for the
+/// retransmit and a settle time (~1.4 s).
+#[test]
+fn a_syn_dropped_by_a_rule_is_judged_before_the_first_retransmit() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("avfast").unwrap();
+    let a = lab
+        .add_pod("default", "a-0", "10.42.0.81".parse().unwrap())
+        .unwrap();
+    lab.add_pod("default", "b-0", "10.42.0.82".parse().unwrap())
+        .unwrap();
+    lab.sh(
+        lab.node(),
+        "iptables -A FORWARD -p tcp --dport 9011 -j DROP",
+    )
+    .unwrap();
+    let agent = support::start_agent(lab.node(), &[], &[], true);
+    let failed = |agent: &Agent| {
+        netprobe_lab::metrics::sum(
+            &support::get(agent, "/metrics").1,
+            "netprobe_failed_connections_total",
+            &[],
+        )
+    };
+    assert_eq!(failed(&agent), 0);
+    let started = std::time::Instant::now();
+    let (judged_after, connect) = std::thread::scope(|s| {
+        let client = s.spawn(|| {
+            lab.connect(
+                &a.netns,
+                "10.42.0.82:9011".parse().unwrap(),
+                Duration::from_millis(2500),
+            )
+        });
+        let judged_after = loop {
+            if failed(&agent) > 0 {
+                break started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "no verdict within 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (judged_after, client.join().unwrap())
+    });
+    assert_eq!(connect, Connect::TimedOut);
+    eprintln!("agent verdict {judged_after:?} after the SYN");
+    let (records, stderr) = records(agent);
+    let v = verdicts(&records);
+    assert_eq!(v.len(), 1, "{records:#?}\n{stderr}");
+    assert_eq!(v[0]["outcome"], "dropped_by_rule", "{:#}", v[0]);
+    assert_eq!(v[0]["netfilter"]["chain"], "FORWARD", "{:#}", v[0]);
+    assert_eq!(
+        v[0]["syn_retransmits"], 0,
+        "judged before the retransmit: {:#}",
+        v[0]
+    );
+    assert!(
+        judged_after < Duration::from_millis(950),
+        "the verdict came {judged_after:?} after the SYN (the first retransmit is at 1 s)"
+    );
+}

@@ -49,16 +49,21 @@ where
 }
 
 impl InventorySync {
-    /// The kinds not listed yet: `pods`, `services`, `endpointslices`.
-    pub fn missing(&self) -> Vec<&'static str> {
+    /// Each kind (`pods`, `services`, `endpointslices`) and whether its first list is in.
+    pub fn kinds(&self) -> [(&'static str, bool); 3] {
         [
             ("pods", listed(&self.pods)),
             ("services", listed(&self.services)),
             ("endpointslices", listed(&self.slices)),
         ]
-        .into_iter()
-        .filter_map(|(kind, done)| (!done).then_some(kind))
-        .collect()
+    }
+
+    /// The kinds not listed yet.
+    pub fn missing(&self) -> Vec<&'static str> {
+        self.kinds()
+            .into_iter()
+            .filter_map(|(kind, done)| (!done).then_some(kind))
+            .collect()
     }
 
     /// `None` when synced; otherwise what is missing and why, in one line.

@@ -69,6 +69,7 @@ impl PodContext {
             .flatten();
         e.source = Some(self.inventory.peer(e.src, e.sport, ns, cgroup.as_deref()));
         e.destination = Some(self.inventory.peer(e.dst, e.dport, ns, None));
+        e.to_service_endpoint = self.inventory.is_service_endpoint(e.dst);
     }
 
     /// The inode of a traced namespace, by the name events and verdicts carry.

@@ -189,6 +189,12 @@ impl Inventory {
         out
     }
 
+    /// Whether `ip` is an endpoint of a Service (a connection to it may have been DNAT'd from a
+    /// ClusterIP).
+    pub fn is_service_endpoint(&self, ip: IpAddr) -> bool {
+        self.endpoints.contains_key(&ip)
+    }
+
     pub fn service_at(&self, ip: IpAddr, port: u16) -> Option<String> {
         self.services
             .get(&(ip, port))

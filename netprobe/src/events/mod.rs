@@ -207,6 +207,11 @@ pub struct Event {
     /// Kernel `sock` address: equal values are the same socket.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sock: Option<String>,
+    /// The destination is a Service endpoint in the inventory: the client may have dialled a
+    /// ClusterIP that only a later report (the agent's armed trace) names. Not serialised.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub to_service_endpoint: bool,
 }
 
 pub fn ip_of(family: u8, addr: &[u8; 16]) -> IpAddr {
@@ -283,6 +288,7 @@ pub fn derived(
         dns_failure: None,
         skb: None,
         sock: None,
+        to_service_endpoint: false,
     }
 }
 
@@ -360,6 +366,7 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
         dns_failure: None,
         skb: (ev.skb != 0).then(|| format!("{:#x}", ev.skb)),
         sock: (ev.sk != 0).then(|| format!("{:#x}", ev.sk)),
+        to_service_endpoint: false,
     })
 }
 

@@ -171,6 +171,14 @@ struct Attempt {
     terminal_at: Option<u64>,
     /// The client's SYN dropped on this node, counting retransmissions.
     syn_drops: u32,
+    /// A SYN freed with NETFILTER_DROP, and a rule report that dropped it (traced, with its
+    /// path; or from the counters): with both, the cause is known before the first retransmit.
+    netfilter_syn_drop: bool,
+    rule_traced: bool,
+    rule_counted: bool,
+    /// The dropped SYN went to a Service endpoint: the ClusterIP dialled may be named only by
+    /// the agent's armed trace of the retransmit.
+    to_service_endpoint: bool,
 }
 
 /// A SYN dropped this many times (the first try and its retransmission, ~1 s apart) is a
@@ -415,7 +423,8 @@ impl Engine {
         if e.kind == Kind::Drop && syn && !ack {
             a.syn_drops += 1;
         }
-        let terminal = terminal || a.syn_drops >= PERSISTENT_SYN_DROPS;
+        a.note_rule_drop(&e, syn && !ack);
+        let terminal = terminal || a.syn_drops >= PERSISTENT_SYN_DROPS || a.dropped_by_a_rule();
         let kept = keep_event(a, &e, terminal, held, MAX_EVENTS);
         if kept {
             a.events.push(e);
@@ -569,6 +578,35 @@ impl Engine {
             classify_to(&events, client, a.port, &self.ctx, &self.sock_process)
         };
         (v.outcome != Outcome::Unknown || was_an_attempt(&events, &v)).then_some(v)
+    }
+}
+
+impl Attempt {
+    /// Notes the halves of a rule drop: the kernel's NETFILTER_DROP of the SYN (`syn` says the
+    /// event is the client's SYN) and the rule that dropped it (reports arrive in either order).
+    fn note_rule_drop(&mut self, e: &Event, syn: bool) {
+        match (e.kind, &e.drop, &e.netfilter) {
+            (Kind::Drop, Some(d), _) if syn && d.reason == drop_reason::NETFILTER_DROP => {
+                self.netfilter_syn_drop = true;
+                self.to_service_endpoint |= e.to_service_endpoint;
+            }
+            (Kind::Netfilter, _, Some(n)) if n.action == NfAction::Drop => {
+                let traced = n.evidence.is_trace();
+                self.rule_traced |= traced;
+                self.rule_counted |= !traced;
+            }
+            _ => {}
+        }
+    }
+
+    /// The SYN was dropped by a known rule: the verdict need not wait for the retransmit (~1 s
+    /// later), only [`SETTLE_NS`] for a more detailed report of the same drop. It waits when
+    /// the retransmit may still name something: a rule not known yet (bounded by
+    /// [`PERSISTENT_SYN_DROPS`]), or, for a rule known from counters only, the ClusterIP of a
+    /// SYN to a Service endpoint (the agent's armed trace names it).
+    fn dropped_by_a_rule(&self) -> bool {
+        self.netfilter_syn_drop
+            && (self.rule_traced || (self.rule_counted && !self.to_service_endpoint))
     }
 }
 

@@ -630,3 +630,66 @@ fn an_engine_on_every_port_is_bounded_and_judges_idle_attempts() {
     engine.poll(IDLE_NS + DONE_KEEP_NS + 3 * SCAN_EVERY_NS);
     assert!(engine.done.is_empty() && engine.sock_key.is_empty());
 }
+
+/// The recorded Calico drop, each event pushed at its own time, polled just before the client's
+/// first retransmit: what the engine has said by then.
+fn judged_before_the_first_retransmit(events: Vec<Event>) -> (Vec<Verdict>, Engine) {
+    let retransmit = events
+        .iter()
+        .find(|e| e.kind == Kind::Retransmit)
+        .expect("the recording has a retransmit")
+        .time_ns;
+    let mut engine = Engine::new(ctx(9004, "client", vec![]));
+    let mut out = Vec::new();
+    for e in events.into_iter().take_while(|e| e.time_ns < retransmit) {
+        let now = e.time_ns;
+        out.extend(engine.push(e, now));
+    }
+    out.extend(engine.poll(retransmit - 1));
+    (out, engine)
+}
+
+#[test]
+fn a_syn_dropped_by_a_known_rule_is_judged_before_the_first_retransmit() {
+    let (v, mut engine) = judged_before_the_first_retransmit(load("s1_calico"));
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].outcome, Outcome::DroppedByRule);
+    assert_eq!(
+        v[0].netfilter.as_ref().unwrap().owner.policies,
+        vec!["financial-inference/scheduler-allow-xds"]
+    );
+    assert!(engine.finish().is_empty(), "judged once");
+}
+
+#[test]
+fn a_syn_drop_whose_rule_is_not_known_yet_waits_for_it() {
+    let without_rule = load("s1_calico")
+        .into_iter()
+        .filter(|e| e.kind != Kind::Netfilter)
+        .collect();
+    let (v, _) = judged_before_the_first_retransmit(without_rule);
+    assert!(v.is_empty(), "{v:#?}");
+}
+
+/// The Calico drop as the agent sees it at the first SYN: its rule from the counters (no path),
+/// the dropped SYN to a Service endpoint or not.
+fn counted_drop(to_service_endpoint: bool) -> Vec<Event> {
+    let mut events = load("s1_calico");
+    for e in &mut events {
+        if let Some(nf) = &mut e.netfilter {
+            nf.evidence = crate::attribution::Evidence::Counters;
+            nf.path.clear();
+        }
+        e.to_service_endpoint = to_service_endpoint && e.kind == Kind::Drop;
+    }
+    events
+}
+
+#[test]
+fn a_counted_rule_is_enough_unless_the_armed_trace_may_still_name_a_cluster_ip() {
+    let (v, _) = judged_before_the_first_retransmit(counted_drop(false));
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].outcome, Outcome::DroppedByRule);
+    let (v, _) = judged_before_the_first_retransmit(counted_drop(true));
+    assert!(v.is_empty(), "{v:#?}");
+}
