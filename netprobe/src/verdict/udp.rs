@@ -193,6 +193,23 @@ impl<'a> Evidence<'a> {
             .count() as u32
     }
 
+    /// The first checkpoint the client's datagram passed in `direction`.
+    fn first_via(&self, direction: Direction) -> Option<&'a Event> {
+        self.sent
+            .iter()
+            .copied()
+            .find(|e| e.direction == Some(direction))
+    }
+
+    /// The last checkpoint the client's datagram passed in `direction`.
+    fn last_via(&self, direction: Direction) -> Option<&'a Event> {
+        self.sent
+            .iter()
+            .rev()
+            .copied()
+            .find(|e| e.direction == Some(direction))
+    }
+
     /// What the explanation says before the rule's sentence.
     fn rule_prefix(&self) -> Option<String> {
         let what = &self.what;
@@ -318,10 +335,7 @@ fn failed_answer(
 
 fn unanswered(ev: &Evidence, next_steps: &mut Vec<String>) -> String {
     let via = ev
-        .sent
-        .iter()
-        .rev()
-        .find(|e| e.direction == Some(Direction::Egress))
+        .last_via(Direction::Egress)
         .map(|e| last_left_via("It", e))
         .unwrap_or_default();
     next_steps.push(if ev.lookup.is_some() {
@@ -438,8 +452,9 @@ pub(super) fn classify(events: &[Event], client: (IpAddr, u16), ctx: &Context) -
         syn_retransmits: 0,
         // A connected UDP socket reports the ICMP error it got (ECONNREFUSED).
         app_error: app_error(events),
-        arrived_via: None,
-        left_via: None,
+        // Where the client's datagram arrived and last left: what a cross-node join names.
+        arrived_via: ev.first_via(Direction::Ingress).and_then(super::hop),
+        left_via: ev.last_via(Direction::Egress).and_then(super::hop),
         route: None,
         cross_node: None,
         no_route: None,
