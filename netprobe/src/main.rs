@@ -231,8 +231,9 @@ struct TraceArgs {
     /// token the agent checks (RBAC: `create` on traces.netprobe.io in the pod's namespace;
     /// see --as-service-account). Default when
     /// run as `kubectl netprobe` (the binary installed as kubectl-netprobe). With --addr
-    /// (ClusterIP or pod IP) whose pods run on other nodes, those nodes' agents trace too and
-    /// each attempt gets one verdict joined from both nodes.
+    /// (ClusterIP or pod IP) whose pods run on other nodes, or --dns whose CoreDNS pods (behind
+    /// kube-system/kube-dns) do, those nodes' agents trace too and each attempt or lookup gets
+    /// one verdict joined from both nodes.
     #[arg(long, requires = "pod", conflicts_with_all = ["netns", "record", "ready_file"])]
     cluster: bool,
     /// Cluster mode: namespace of the netprobe DaemonSet.

@@ -5,8 +5,16 @@
 
 mod support;
 
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
 use netprobe_lab::{
-    kubeapi::FakeKube,
+    kubeapi::{FakeKube, Kind, endpoint_slice, pod, service},
     rules,
     two_nodes::{SERVER_IP, TwoNodes},
     underlay::Overlay,
@@ -21,13 +29,18 @@ fn two_nodes(tag: &str, overlay: Overlay) -> TwoNodes {
 /// Runs the cluster-mode trace (JSON); every record is checked against the schema.
 fn trace(lab: &TwoNodes) -> (i32, Vec<Value>, String) {
     let t = lab.trace(support::netprobe_bin(), "json").unwrap();
-    let records: Vec<Value> = t
-        .stdout
+    let records = records(&t.stdout, &t.stderr);
+    (t.code, records, t.stderr)
+}
+
+/// The trace's JSON records, each checked against the schema.
+fn records(stdout: &str, stderr: &str) -> Vec<Value> {
+    let records: Vec<Value> = stdout
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{}", t.stderr)))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}\n{stderr}")))
         .collect();
     support::assert_schema_valid(&records);
-    (t.code, records, t.stderr)
+    records
 }
 
 fn verdict<'a>(records: &'a [Value], stderr: &str) -> &'a Value {
@@ -137,12 +150,7 @@ fn cross_node_syn_lost_on_the_vxlan_underlay_is_left_a_never_reached_b() {
     );
 
     // A firewall between the machines drops VXLAN: no node sees it.
-    lab.underlay
-        .block(
-            &lab.labs[0],
-            &format!("udp dport {}", netprobe_lab::underlay::VXLAN_PORT),
-        )
-        .unwrap();
+    block_vxlan(&lab);
     let (code, records, stderr) = trace(&lab);
     assert_eq!(code, 1, "{records:#?}\n{stderr}");
     let v = verdict(&records, &stderr);
@@ -163,20 +171,7 @@ fn cross_node_syn_lost_on_the_vxlan_underlay_is_left_a_never_reached_b() {
         netprobe_lab::underlay::NODE_IPS[1],
         "{v:#}"
     );
-    let why = v["explanation"].as_str().unwrap();
-    assert!(
-        why.contains("left node node-a via flannel.1")
-            && why.contains("never arrived there")
-            && why.contains("vxlan VNI 1, UDP 8472 over eth0"),
-        "{why}"
-    );
-    assert!(
-        v["next_steps"][0]
-            .as_str()
-            .unwrap()
-            .contains("VXLAN (UDP 8472)"),
-        "{v:#}"
-    );
+    assert_lost_on_the_vxlan_underlay(v, "The SYN");
     assert_eq!(v["client"]["peer"]["pod"], "client-0", "{v:#}");
     // The client's node names the backend on the other node from its EndpointSlice.
     assert_eq!(v["server"]["peer"]["pod"], "seldon-scheduler-0", "{v:#}");
@@ -207,4 +202,157 @@ fn cross_node_syn_lost_on_the_vxlan_underlay_is_left_a_never_reached_b() {
         "{v:#}"
     );
     assert_eq!(v["client"]["peer"]["pod"], "client-0", "{v:#}");
+}
+
+/// The CoreDNS stand-in's pod on node-b and the name the client looks up.
+const COREDNS: &str = "coredns-6799fbcd5-x7k2p";
+const COREDNS_IP: &str = "10.42.1.3";
+const DNS_NAME: &str = "seldon-scheduler.financial-inference.svc.cluster.local";
+
+/// CoreDNS on node-b behind the cluster DNS Service (kube-proxy's DNAT on node-a), answering
+/// every A query.
+fn coredns_on_node_b(lab: &mut TwoNodes) {
+    let coredns = lab.labs[1]
+        .add_pod("kube-system", COREDNS, COREDNS_IP.parse().unwrap())
+        .unwrap();
+    let sock = netprobe_lab::in_netns(&coredns.netns, || {
+        std::net::UdpSocket::bind(format!("{COREDNS_IP}:53"))
+    })
+    .unwrap()
+    .unwrap();
+    netprobe_lab::dns::serve(sock, Some(std::net::Ipv4Addr::new(10, 43, 51, 131)));
+    rules::restore(
+        &lab.labs[0],
+        "iptables-restore",
+        &rules::kube_dns_dnat(COREDNS_IP),
+    )
+    .unwrap();
+    let node_b = netprobe_lab::two_nodes::NODES[1];
+    lab.kube.apply(
+        Kind::Pod,
+        pod(
+            "kube-system",
+            COREDNS,
+            node_b,
+            COREDNS_IP,
+            &[("coredns", "3d3d3d3d3d3d3d3d", &[53])],
+        ),
+    );
+    lab.kube.apply(
+        Kind::Service,
+        service(
+            "kube-system",
+            "kube-dns",
+            rules::KUBE_DNS_IP,
+            &[("dns", 53, 53)],
+        ),
+    );
+    let mut slice = endpoint_slice(
+        "kube-system",
+        "kube-dns",
+        &[(COREDNS_IP, COREDNS)],
+        &[("dns", 53)],
+    );
+    slice["endpoints"][0]["nodeName"] = serde_json::json!(node_b);
+    lab.kube.apply(Kind::EndpointSlice, slice);
+}
+
+/// `kubectl netprobe trace --pod client-0 --dns --count 1 -o json` from the laptop while the
+/// client pod looks [`DNS_NAME`] up through the cluster DNS Service every second.
+fn trace_dns(lab: &TwoNodes) -> (i32, Vec<Value>, String) {
+    let port = lab.port.to_string();
+    let child = lab
+        .laptop(support::netprobe_bin())
+        .args(["trace", "--cluster", "--agent-port", &port])
+        .args(["--pod", "client-0", "-n", "financial-inference", "--dns"])
+        .args(["--duration", "40s", "--count", "1", "-o", "json"])
+        .spawn()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop2, ns) = (stop.clone(), lab.client.netns.clone());
+    let lookups = std::thread::spawn(move || {
+        let to = format!("{}:53", rules::KUBE_DNS_IP);
+        let mut id = 0x5150u16;
+        while !stop2.load(Ordering::Relaxed) {
+            netprobe_lab::in_netns(&ns, || {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                s.send_to(&netprobe_lab::dns::a_query(id, DNS_NAME), &to)
+                    .unwrap();
+                let _ = s.recv(&mut [0u8; 512]);
+            })
+            .unwrap();
+            id = id.wrapping_add(1);
+        }
+    });
+    let t = netprobe_lab::process::wait_output(child, Duration::from_secs(90));
+    stop.store(true, Ordering::Relaxed);
+    lookups.join().unwrap();
+    let t = t.unwrap();
+    let records = records(&t.stdout, &t.stderr);
+    (t.code(), records, t.stderr)
+}
+
+/// Issue #16 item 10: a DNS lookup whose CoreDNS pod is on another node, VXLAN blocked between
+/// the nodes: the query left node-a via flannel.1 and never reached node-b.
+#[test]
+fn cross_node_dns_lookup_lost_on_the_vxlan_underlay_is_left_a_never_reached_b() {
+    let mut lab = two_nodes("xdns", Overlay::Vxlan);
+    coredns_on_node_b(&mut lab);
+    block_vxlan(&lab);
+    let (code, records, stderr) = trace_dns(&lab);
+    assert!(
+        stderr.contains(&format!(
+            "{} leads to pod kube-system/{COREDNS} on node node-b",
+            rules::KUBE_DNS_IP
+        )),
+        "{stderr}"
+    );
+    let v = verdict(&records, &stderr);
+    assert_eq!(v["outcome"], "lost_between_nodes", "{v:#}\n{stderr}");
+    assert_eq!(code, 1, "{v:#}\n{stderr}");
+    assert_eq!(v["udp"]["dns"]["name"], DNS_NAME, "{v:#}");
+    assert_eq!(v["udp"]["replied"], false, "{v:#}");
+    assert_eq!(v["dialed"]["addr"], rules::KUBE_DNS_IP, "{v:#}");
+    assert_eq!(v["server"]["addr"], COREDNS_IP, "{v:#}");
+    assert_eq!(v["client"]["peer"]["pod"], "client-0", "{v:#}");
+    assert_eq!(v["cross_node"]["client_node"], "node-a", "{v:#}");
+    assert_eq!(v["cross_node"]["server_node"], "node-b", "{v:#}");
+    assert_eq!(v["cross_node"]["arrived"], false, "{v:#}");
+    assert_eq!(
+        v["cross_node"]["left_via"]["interface"], "flannel.1",
+        "{v:#}"
+    );
+    assert_eq!(v["route"]["encap"]["port"], 8472, "{v:#}");
+    assert_lost_on_the_vxlan_underlay(v, &format!("The DNS query A {DNS_NAME}"));
+    assert!(
+        kube_forwarded(&lab.kube).len() >= 2,
+        "both agents asked: {:?}",
+        lab.kube.forwarded()
+    );
+}
+
+/// The joined verdict says what was `sent` left node-a via flannel.1, never reached node-b, and
+/// names the VXLAN underlay to check.
+fn assert_lost_on_the_vxlan_underlay(v: &Value, sent: &str) {
+    let why = v["explanation"].as_str().unwrap();
+    assert!(
+        why.starts_with(&format!("{sent} left node node-a via flannel.1"))
+            && why.contains("never arrived there")
+            && why.contains("vxlan VNI 1, UDP 8472 over eth0"),
+        "{why}"
+    );
+    assert!(
+        v["next_steps"][0]
+            .as_str()
+            .unwrap()
+            .contains("VXLAN (UDP 8472)"),
+        "{v:#}"
+    );
+}
+
+/// A firewall between the machines that drops VXLAN (UDP 8472) leaving node-a.
+fn block_vxlan(lab: &TwoNodes) {
+    let vxlan = format!("udp dport {}", netprobe_lab::underlay::VXLAN_PORT);
+    lab.underlay.block(&lab.labs[0], &vxlan).unwrap();
 }

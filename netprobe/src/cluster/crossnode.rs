@@ -1,5 +1,6 @@
-//! The cross-node plan: when the traced pod dials a destination whose pods run on other nodes,
-//! the agents of those nodes trace the server pods too (started first, so "never arrived" is
+//! The cross-node plan: when the traced pod dials a destination whose pods run on other nodes
+//! (TCP, or UDP: with `--dns`, the cluster DNS Service's CoreDNS pods), the agents of those
+//! nodes trace the server pods too (started first, so "never arrived" is
 //! only said of attempts they watched), and each attempt's two verdicts are joined
 //! ([`crate::verdict::join`]).
 
@@ -54,6 +55,8 @@ pub(super) struct Plan {
     peers: Vec<Peer>,
     /// Every backend of the destination is on another node.
     all_remote: bool,
+    /// The destination the client dials (`--addr`, or the cluster DNS Service's ClusterIP).
+    dialed: IpAddr,
 }
 
 /// The plan when `--addr` leads to pods on other nodes with agents; `None`: one node traces.
@@ -65,9 +68,15 @@ pub(super) async fn plan(
     stderr: &mut dyn Write,
 ) -> Option<Plan> {
     let r = &opts.request;
-    // Cross-node joining follows TCP attempts (SYNs); UDP is traced on the client's node.
-    let (Some(addr), false, false) = (r.addr, r.events, r.udp) else {
+    if r.events {
         return None;
+    }
+    let addr = match r.addr {
+        Some(a) => a,
+        None if r.udp && r.port == netprobe_common::DNS_PORT => {
+            cluster_dns(client, node, stderr).await?
+        }
+        None => return None,
     };
     let found = match backends(client, addr, r.port).await {
         Ok(found) => found,
@@ -120,7 +129,37 @@ pub(super) async fn plan(
         agent: agent.into(),
         peers,
         all_remote,
+        dialed: addr,
     })
+}
+
+/// The Service a pod's DNS lookups go to (its resolv.conf names the ClusterIP of
+/// `kube-system/kube-dns`, the name every mainstream install gives CoreDNS's Service).
+const CLUSTER_DNS: (&str, &str) = ("kube-system", "kube-dns");
+
+/// The cluster DNS Service's ClusterIP, which `--dns` lookups dial; `None` (with a warning)
+/// when it cannot be read.
+async fn cluster_dns(client: &kube::Client, node: &str, stderr: &mut dyn Write) -> Option<IpAddr> {
+    use k8s_openapi::api::core::v1::Service;
+    let (ns, name) = CLUSTER_DNS;
+    let found = Api::<Service>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(kube_err(format!("reading Service {ns}/{name}")));
+    let ip = match &found {
+        Ok(s) => s
+            .as_ref()
+            .and_then(|s| s.spec.as_ref()?.cluster_ip.as_ref()?.parse().ok()),
+        Err(_) => None,
+    };
+    if ip.is_none() {
+        let why = found.err().map_or("no ClusterIP".into(), |e| e.to_string());
+        let _ = writeln!(
+            stderr,
+            "netprobe: WARNING: cannot find the cluster DNS Service {ns}/{name} ({why}); tracing node {node} alone"
+        );
+    }
+    ip
 }
 
 /// The pods behind `addr:port`: a Service's ready endpoints (by ClusterIP), or the pod with that
@@ -200,6 +239,7 @@ fn spawn_session(
 fn peer_request(p: &Peer, client: &TraceRequest) -> TraceRequest {
     TraceRequest {
         port: p.port,
+        udp: client.udp,
         pod: p.pod.clone(),
         duration: client.duration,
         no_rule_trace: client.no_rule_trace,
@@ -247,7 +287,7 @@ pub(super) async fn run(
         node: plan.node,
         peers: plan.peers,
         all_remote: plan.all_remote,
-        dialed: opts.request.addr,
+        dialed: Some(plan.dialed),
         printer: Printer::new(stdout, opts.format),
         stderr,
         held: Vec::new(),

@@ -1,6 +1,6 @@
 //! Joining what two nodes saw of one attempt (cluster-mode trace across nodes): the client's
-//! node knows where the SYN left, the server's node whether it arrived and what happened there.
-//! Pure logic, like the rest of the verdict engine.
+//! node knows where the SYN (or the DNS query, the datagram) left, the server's node whether it
+//! arrived and what happened there. Pure logic, like the rest of the verdict engine.
 
 use super::{CrossNode, Hop, Outcome, RouteHint, Verdict};
 
@@ -71,6 +71,18 @@ fn hop_str(h: &Option<Hop>) -> String {
     }
 }
 
+/// How the explanation names what the client sent: "The SYN", "The DNS query A name", "The
+/// datagram".
+fn sent_str(v: &Verdict) -> String {
+    match &v.udp {
+        None => "The SYN".into(),
+        Some(u) => u.dns.as_ref().map_or_else(
+            || "The datagram".into(),
+            |d| format!("The DNS query {}", d.describe()),
+        ),
+    }
+}
+
 /// Joins the client node's verdict with the server node's verdict of the same attempt (`None`:
 /// the server's node never saw it).
 pub fn join(
@@ -80,6 +92,7 @@ pub fn join(
     server_node: &str,
 ) -> Verdict {
     let left = hop_str(&client.left_via);
+    let sent = sent_str(&client);
     let arrived_via = server.and_then(|s| s.arrived_via.clone());
     client.cross_node = Some(CrossNode {
         client_node: client_node.into(),
@@ -92,7 +105,11 @@ pub fn join(
     // Only what the client's node could not explain by itself is explained by the other node.
     let undecided = matches!(
         client.outcome,
-        Outcome::TimedOut | Outcome::Unknown | Outcome::ResetByPeer | Outcome::Unreachable
+        Outcome::TimedOut
+            | Outcome::Unanswered
+            | Outcome::Unknown
+            | Outcome::ResetByPeer
+            | Outcome::Unreachable
     );
     if !undecided {
         return client;
@@ -104,13 +121,13 @@ pub fn join(
     };
     mark(client_node, &mut client);
     match server {
-        Some(s) if s.outcome.is_failure() && s.outcome != Outcome::TimedOut => {
+        Some(s) if s.outcome.is_failure() && !nothing_came_back(s.outcome) => {
             let mut s = s.clone();
             mark(server_node, &mut s);
             client.outcome = s.outcome;
             client.headline = s.headline.clone();
             client.explanation = format!(
-                "The SYN left node {client_node} via {left} and arrived at node {server_node} via {}. There: {}",
+                "{sent} left node {client_node} via {left} and arrived at node {server_node} via {}. There: {}",
                 hop_str(&arrived_via),
                 s.explanation
             );
@@ -125,13 +142,18 @@ pub fn join(
         Some(s) => {
             let mut s = s.clone();
             mark(server_node, &mut s);
-            let answered = s.outcome == Outcome::Connected;
+            let answered = matches!(s.outcome, Outcome::Connected | Outcome::Answered);
+            let answer = if client.udp.is_some() {
+                ""
+            } else {
+                " (SYN-ACK)"
+            };
             client.explanation = format!(
-                "The SYN left node {client_node} via {left} and arrived at node {server_node} via {}, where nothing dropped it. {}",
+                "{sent} left node {client_node} via {left} and arrived at node {server_node} via {}, where nothing dropped it. {}",
                 hop_str(&arrived_via),
                 if answered {
                     format!(
-                        "The server answered (SYN-ACK){}, but the answer never reached the client: look at the way back ({server_node} → {client_node}), e.g. asymmetric routing or a firewall on the return path.",
+                        "The server answered{answer}{}, but the answer never reached the client: look at the way back ({server_node} → {client_node}), e.g. asymmetric routing or a firewall on the return path.",
                         s.left_via
                             .as_ref()
                             .map(|h| format!(" and it left {server_node} via {}", h.interface))
@@ -146,49 +168,65 @@ pub fn join(
             }
             client.timeline.extend(s.timeline);
         }
-        None if client.outcome == Outcome::TimedOut => {
-            client.outcome = Outcome::LostBetweenNodes;
-            client.headline = Outcome::LostBetweenNodes.headline().into();
-            let between = client
-                .route
-                .as_ref()
-                .map(|r| {
-                    format!(
-                        " What lies between: {client_node} routes {} {}.",
-                        r.dst,
-                        r.describe()
-                    )
-                })
-                .unwrap_or_default();
-            client.explanation = format!(
-                "The SYN left node {client_node} via {left} toward node {server_node} and never arrived there: nothing on {server_node} saw it, nothing on {client_node} dropped it.{between}"
+        None if nothing_came_back(client.outcome) => {
+            lost_between(
+                &mut client,
+                client_node,
+                server_node,
+                &format!("{sent} left node {client_node} via {left}"),
             );
-            client.next_steps = vec![match &client.route {
-                Some(r) => format!(
-                    "check the underlay between {client_node} and {server_node}: firewalls and security groups must allow {}",
-                    r.underlay_needs()
-                ),
-                None => format!(
-                    "check the underlay between {client_node} and {server_node} (firewalls, routes)"
-                ),
-            }];
-            if let Some(r) = &client.route {
-                if r.encap.is_some() {
-                    client.next_steps.push(format!(
-                        "compare MTUs along the path ({} mtu {}): encapsulation adds 50 bytes (VXLAN) or 20 (IPIP)",
-                        r.dev,
-                        r.mtu.map_or_else(|| "?".to_string(), |m| m.to_string())
-                    ));
-                }
-                client.next_steps.push(format!(
-                    "on {client_node}: ip route get {}; ip -d link show {}",
-                    r.dst, r.dev
-                ));
-            }
         }
         None => {}
     }
     client
+}
+
+/// Nothing on the server's node saw what `left` the client's node ("The SYN left node a via
+/// flannel.1"): lost between the nodes; names what lies between and what the underlay must let through.
+fn lost_between(client: &mut Verdict, client_node: &str, server_node: &str, left: &str) {
+    client.outcome = Outcome::LostBetweenNodes;
+    client.headline = Outcome::LostBetweenNodes.headline().into();
+    let between = client
+        .route
+        .as_ref()
+        .map(|r| {
+            format!(
+                " What lies between: {client_node} routes {} {}.",
+                r.dst,
+                r.describe()
+            )
+        })
+        .unwrap_or_default();
+    client.explanation = format!(
+        "{left} toward node {server_node} and never arrived there: nothing on {server_node} saw it, nothing on {client_node} dropped it.{between}"
+    );
+    client.next_steps = vec![match &client.route {
+        Some(r) => format!(
+            "check the underlay between {client_node} and {server_node}: firewalls and security groups must allow {}",
+            r.underlay_needs()
+        ),
+        None => format!(
+            "check the underlay between {client_node} and {server_node} (firewalls, routes)"
+        ),
+    }];
+    if let Some(r) = &client.route {
+        if r.encap.is_some() {
+            client.next_steps.push(format!(
+                "compare MTUs along the path ({} mtu {}): encapsulation adds 50 bytes (VXLAN) or 20 (IPIP)",
+                r.dev,
+                r.mtu.map_or_else(|| "?".to_string(), |m| m.to_string())
+            ));
+        }
+        client.next_steps.push(format!(
+            "on {client_node}: ip route get {}; ip -d link show {}",
+            r.dst, r.dev
+        ));
+    }
+}
+
+/// No answer and no drop: what a node sees of an attempt that was lost elsewhere.
+fn nothing_came_back(o: Outcome) -> bool {
+    matches!(o, Outcome::TimedOut | Outcome::Unanswered)
 }
 
 #[cfg(test)]
@@ -245,25 +283,32 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_drop_on_the_server_node_decides_and_names_both_nodes() {
-        let mut b = verdict(Outcome::DroppedByRule);
+    /// The server node's verdict of a datagram or SYN that arrived via `iface` and met a rule.
+    fn dropped_there(mut b: Verdict, iface: &str, netns: Option<&str>) -> Verdict {
         b.explanation = "Calico policy financial-inference/deny dropped it.".into();
         b.next_steps = vec!["check the policy".into()];
         b.arrived_via = Some(Hop {
-            interface: "eth0".into(),
-            netns: Some("node-b".into()),
+            interface: iface.into(),
+            netns: netns.map(Into::into),
         });
-        let j = join(verdict(Outcome::TimedOut), "a", Some(&b), "b");
+        b
+    }
+
+    /// The server node's drop decided the joined verdict: its outcome, texts and next steps.
+    fn assert_decided_there(j: &Verdict, why: &str) {
         assert_eq!(j.outcome, Outcome::DroppedByRule);
-        assert!(
-            j.explanation.starts_with(
-                "The SYN left node a via flannel.1 (in node-a) and arrived at node b via eth0 (in node-b). There: Calico policy"
-            ),
-            "{}",
-            j.explanation
-        );
+        assert!(j.explanation.starts_with(why), "{}", j.explanation);
         assert_eq!(j.next_steps, ["check the policy"]);
+    }
+
+    #[test]
+    fn a_drop_on_the_server_node_decides_and_names_both_nodes() {
+        let b = dropped_there(verdict(Outcome::DroppedByRule), "eth0", Some("node-b"));
+        let j = join(verdict(Outcome::TimedOut), "a", Some(&b), "b");
+        assert_decided_there(
+            &j,
+            "The SYN left node a via flannel.1 (in node-a) and arrived at node b via eth0 (in node-b). There: Calico policy",
+        );
         let x = j.cross_node.unwrap();
         assert!(x.arrived);
         assert_eq!(x.server_node_outcome, Some(Outcome::DroppedByRule));
@@ -317,6 +362,59 @@ mod tests {
         assert!(
             j.explanation.contains("never reached the client")
                 && j.explanation.contains("left b via eth0"),
+            "{}",
+            j.explanation
+        );
+    }
+    /// A DNS lookup as the client's node judges it when no reply came back.
+    fn lookup(outcome: Outcome) -> Verdict {
+        let mut v = verdict(outcome);
+        v.server.port = 53;
+        v.udp = Some(crate::verdict::udp::UdpExchange {
+            requests: 2,
+            replied: false,
+            dns: Some(crate::verdict::udp::DnsLookup {
+                id: 7,
+                name: Some("kube-dns.kube-system.svc.cluster.local".into()),
+                qtype: Some("A".into()),
+                rcode: None,
+                answers: None,
+            }),
+        });
+        v
+    }
+
+    #[test]
+    fn an_unanswered_lookup_that_never_arrived_is_lost_between_the_nodes() {
+        let j = join(lookup(Outcome::Unanswered), "node-a", None, "node-b");
+        assert_eq!(j.outcome, Outcome::LostBetweenNodes);
+        let lost = "The DNS query A kube-dns.kube-system.svc.cluster.local left node node-a via flannel.1 (in node-a) toward node node-b and never arrived there";
+        assert!(j.explanation.starts_with(lost), "{}", j.explanation);
+        let (step, steps) = (&j.next_steps[0], &j.next_steps);
+        assert!(step.contains("VXLAN (UDP 8472)"), "{steps:?}");
+        assert!(j.udp.unwrap().dns.is_some());
+    }
+
+    #[test]
+    fn a_lookup_dropped_on_the_server_node_names_that_rule() {
+        let b = dropped_there(lookup(Outcome::DroppedByRule), "flannel.1", None);
+        let j = join(lookup(Outcome::Unanswered), "a", Some(&b), "b");
+        assert_decided_there(
+            &j,
+            "The DNS query A kube-dns.kube-system.svc.cluster.local left node a via flannel.1 (in node-a) and arrived at node b via flannel.1. There: Calico policy",
+        );
+        // Answered there, lost on the way back: no SYN-ACK in a DNS text.
+        let j = join(
+            lookup(Outcome::Unanswered),
+            "a",
+            Some(&lookup(Outcome::Answered)),
+            "b",
+        );
+        assert_eq!(j.outcome, Outcome::Unanswered);
+        assert!(
+            j.explanation.contains(
+                "The server answered and it left b via flannel.1, but the answer never reached the client"
+            ),
             "{}",
             j.explanation
         );
