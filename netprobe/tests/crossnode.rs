@@ -211,7 +211,7 @@ const DNS_NAME: &str = "seldon-scheduler.financial-inference.svc.cluster.local";
 
 /// CoreDNS on node-b behind the cluster DNS Service (kube-proxy's DNAT on node-a), answering
 /// every A query.
-fn coredns_on_node_b(lab: &mut TwoNodes) {
+fn coredns_on_node_b(lab: &mut TwoNodes) -> netprobe_lab::Pod {
     let coredns = lab.labs[1]
         .add_pod("kube-system", COREDNS, COREDNS_IP.parse().unwrap())
         .unwrap();
@@ -255,6 +255,7 @@ fn coredns_on_node_b(lab: &mut TwoNodes) {
     );
     slice["endpoints"][0]["nodeName"] = serde_json::json!(node_b);
     lab.kube.apply(Kind::EndpointSlice, slice);
+    coredns
 }
 
 /// `kubectl netprobe trace --pod client-0 --dns --count 1 -o json` from the laptop while the
@@ -329,6 +330,45 @@ fn cross_node_dns_lookup_lost_on_the_vxlan_underlay_is_left_a_never_reached_b() 
         kube_forwarded(&lab.kube).len() >= 2,
         "both agents asked: {:?}",
         lab.kube.forwarded()
+    );
+}
+
+/// Issue #16 item 10: the query crossed the VXLAN underlay and a Calico ingress policy on
+/// CoreDNS's node dropped it: the joined verdict names that rule and both nodes.
+#[test]
+fn cross_node_dns_lookup_dropped_by_calico_on_the_dns_node_names_the_rule() {
+    let mut lab = two_nodes("xdnsdrop", Overlay::Vxlan);
+    let coredns = coredns_on_node_b(&mut lab);
+    rules::restore(
+        &lab.labs[1],
+        "iptables-restore",
+        &rules::calico_filter(&coredns.host_if, "cali00000000000"),
+    )
+    .unwrap();
+    let (code, records, stderr) = trace_dns(&lab);
+    let v = verdict(&records, &stderr);
+    assert_eq!(v["outcome"], "dropped_by_rule", "{v:#}\n{stderr}");
+    assert_eq!(code, 1, "{v:#}\n{stderr}");
+    assert_eq!(v["udp"]["dns"]["name"], DNS_NAME, "{v:#}");
+    assert_eq!(
+        v["netfilter"]["chain"],
+        format!("cali-tw-{}", coredns.host_if),
+        "{v:#}"
+    );
+    let rule = v["netfilter"]["rule"].as_str().unwrap();
+    assert!(rule.contains("Drop if no policies passed packet"), "{v:#}");
+    let x = &v["cross_node"];
+    assert_eq!(x["arrived"], true, "{v:#}");
+    assert_eq!(x["server_node_outcome"], "dropped_by_rule", "{v:#}");
+    assert_eq!(x["left_via"]["interface"], "flannel.1", "{v:#}");
+    assert_eq!(x["arrived_via"]["interface"], "flannel.1", "{v:#}");
+    let why = v["explanation"].as_str().unwrap();
+    assert!(
+        why.starts_with(&format!(
+            "The DNS query A {DNS_NAME} left node node-a via flannel.1"
+        )) && why.contains("arrived at node node-b via flannel.1")
+            && why.contains("There it was stopped by a rule. Calico network policies"),
+        "{why}"
     );
 }
 

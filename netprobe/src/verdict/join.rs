@@ -127,9 +127,9 @@ pub fn join(
             client.outcome = s.outcome;
             client.headline = s.headline.clone();
             client.explanation = format!(
-                "{sent} left node {client_node} via {left} and arrived at node {server_node} via {}. There: {}",
+                "{sent} left node {client_node} via {left} and arrived at node {server_node} via {}. {}",
                 hop_str(&arrived_via),
-                s.explanation
+                there(&s, &sent)
             );
             client.next_steps = s.next_steps.clone();
             client.netfilter = s.netfilter.clone();
@@ -221,6 +221,15 @@ fn lost_between(client: &mut Verdict, client_node: &str, server_node: &str, left
             "on {client_node}: ip route get {}; ip -d link show {}",
             r.dst, r.dev
         ));
+    }
+}
+
+/// What the server's node says happened there, without naming the query a second time ("The
+/// DNS query A x was stopped by a rule. …" → "There it was stopped by a rule. …").
+fn there(s: &Verdict, sent: &str) -> String {
+    match s.explanation.strip_prefix(&format!("{sent} ")) {
+        Some(rest) => format!("There it {rest}"),
+        None => format!("There: {}", s.explanation),
     }
 }
 
@@ -397,11 +406,12 @@ mod tests {
 
     #[test]
     fn a_lookup_dropped_on_the_server_node_names_that_rule() {
-        let b = dropped_there(lookup(Outcome::DroppedByRule), "flannel.1", None);
+        let mut b = dropped_there(lookup(Outcome::DroppedByRule), "flannel.1", None);
+        b.explanation = format!("{} was stopped by a rule. {}", sent_str(&b), b.explanation);
         let j = join(lookup(Outcome::Unanswered), "a", Some(&b), "b");
         assert_decided_there(
             &j,
-            "The DNS query A kube-dns.kube-system.svc.cluster.local left node a via flannel.1 (in node-a) and arrived at node b via flannel.1. There: Calico policy",
+            "The DNS query A kube-dns.kube-system.svc.cluster.local left node a via flannel.1 (in node-a) and arrived at node b via flannel.1. There it was stopped by a rule. Calico policy",
         );
         // Answered there, lost on the way back: no SYN-ACK in a DNS text.
         let j = join(
