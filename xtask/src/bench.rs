@@ -56,6 +56,8 @@ pub enum Case {
     PeakMemory,
     /// The first dropped SYN to the verdict, in `trace` and in the agent.
     VerdictLatency,
+    /// Pod create/delete cycles: what the agent holds before and after.
+    PodChurn,
 }
 
 /// The release agent in `node` on `port`, without Kubernetes (the bench measures the datapath).
@@ -701,6 +703,9 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
         let mut cases = bounded_cases(&mut bench, opts)?;
         if opts.only.contains(&Case::VerdictLatency) {
             cases.extend(latency_cases(&mut bench)?);
+        }
+        if opts.only.contains(&Case::PodChurn) {
+            cases.push(("pod_churn", churn::pod_churn()?));
         }
         drop(bench);
         drop(lab);

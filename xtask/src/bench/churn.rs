@@ -193,17 +193,3 @@ pub fn table(c: &Value) -> String {
     ));
     t
 }
-
-#[cfg(test)]
-mod tests {
-    /// The case alone, without the rest of the bench:
-    /// `cargo test -p xtask --release -- --ignored --nocapture pod_churn_case` after a release
-    /// build of netprobe (root).
-    #[test]
-    #[ignore = "root and a release build of netprobe; part of `cargo xtask bench`"]
-    fn pod_churn_case() {
-        netprobe_lab::require_root();
-        let c = super::pod_churn().unwrap();
-        println!("{c:#}\n{}", super::table(&c));
-    }
-}
