@@ -44,7 +44,10 @@ impl Judge {
             name_healthy: true,
             route_hints: false,
             namespaces: None,
-            looked: Default::default(),
+            looked: RefCell::new(crate::enrich::recent::Recent::new(
+                QUEUE_RECHECK,
+                QUEUE_REMEMBERED,
+            )),
         }
     }
 
@@ -181,12 +184,20 @@ fn failed(v: &Verdict) -> bool {
     crate::verdict::dns_failure(v).is_some() || (v.udp.is_none() && v.outcome.is_failure())
 }
 
-/// How long a server found with no full queue is not looked for again: a flood of timeouts
-/// to one server must not cost a namespace walk each.
+/// How long what was found of a server's accept queue is reused: a flood of timeouts to one
+/// server must not cost a namespace walk each (and a flood to many servers is held to the
+/// reads per second of [`Recent`]).
 const QUEUE_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// Servers remembered at most.
+const QUEUE_REMEMBERED: usize = 1024;
 
-/// Servers looked into lately and found with no full accept queue, and when.
-type Looked = RefCell<std::collections::HashMap<(std::net::IpAddr, u16), Instant>>;
+/// Servers looked into lately, and the full accept queue found (None: not full).
+type Looked = RefCell<
+    crate::enrich::recent::Recent<
+        (std::net::IpAddr, u16),
+        Option<crate::enrich::backlog::ListenQueue>,
+    >,
+>;
 
 /// What only the namespaces show: a timeout whose server's accept queue is full, and the route
 /// a failed lookup hit.
@@ -236,20 +247,18 @@ fn look_inside(
 /// queue is full, in the first namespace of `all` that owns its address.
 fn full_queue(all: &[NetnsRef], looked: &Looked, v: &mut Verdict) {
     let key = (v.server.addr, v.server.port);
-    let mut looked = looked.borrow_mut();
-    looked.retain(|_, at| at.elapsed() < QUEUE_RECHECK);
-    if looked.contains_key(&key) || !crate::enrich::backlog::served_here(key.0) {
+    if !crate::enrich::backlog::served_here(key.0) {
         return;
     }
-    match all.iter().find_map(|ns| {
-        crate::enrich::backlog::full_queue(ns, key.0, key.1)
-            .ok()
-            .flatten()
-    }) {
-        Some(q) => crate::verdict::overflow::attach(v, q),
-        None => {
-            looked.insert(key, Instant::now());
-        }
+    let found = looked.borrow_mut().get_or(key, || {
+        all.iter().find_map(|ns| {
+            crate::enrich::backlog::full_queue(ns, key.0, key.1)
+                .ok()
+                .flatten()
+        })
+    });
+    if let Some(q) = found.flatten() {
+        crate::verdict::overflow::attach(v, q);
     }
 }
 
