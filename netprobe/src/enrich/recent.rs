@@ -5,8 +5,19 @@
 use std::{
     collections::HashMap,
     hash::Hash,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
     time::{Duration, Instant},
 };
+
+/// Every [`Recent`]'s keys forgotten because it was full, and reads not done because a
+/// second's reads were spent (process-wide, for /metrics).
+static FORGOTTEN: AtomicU64 = AtomicU64::new(0);
+static SKIPPED: AtomicU64 = AtomicU64::new(0);
+
+/// (keys forgotten at the bound, reads skipped over the rate), since the start.
+pub fn evictions() -> (u64, u64) {
+    (FORGOTTEN.load(Relaxed), SKIPPED.load(Relaxed))
+}
 
 pub struct Recent<K, V> {
     found: HashMap<K, (Instant, V)>,
@@ -43,11 +54,13 @@ impl<K: Hash + Eq, V: Clone> Recent<K, V> {
             self.reads = (now, 0);
         }
         if self.reads.1 >= READS_PER_SECOND {
+            SKIPPED.fetch_add(1, Relaxed);
             return None;
         }
         self.reads.1 += 1;
         let v = read();
         if self.found.len() >= self.max {
+            FORGOTTEN.fetch_add(self.found.len() as u64, Relaxed);
             self.found.clear();
         }
         self.found.insert(key, (now, v.clone()));
@@ -64,6 +77,13 @@ mod tests {
         let mut r = Recent::new(Duration::from_secs(60), 2);
         assert_eq!(r.get_or(1, || "a"), Some("a"));
         assert_eq!(r.get_or(1, || "b"), Some("a"));
+        let forgotten = evictions().0;
+        assert_eq!(r.get_or(2, || "c"), Some("c"));
+        assert_eq!(r.get_or(3, || "d"), Some("d"));
+        assert!(
+            evictions().0 - forgotten >= 2,
+            "both keys dropped at the bound of 2"
+        );
         let mut old = Recent::new(Duration::ZERO, 2);
         assert_eq!(old.get_or(1, || "a"), Some("a"));
         assert_eq!(old.get_or(1, || "b"), Some("b"));
@@ -72,8 +92,11 @@ mod tests {
     #[test]
     fn a_flood_of_new_keys_is_read_a_bounded_number_of_times_per_second() {
         let mut r = Recent::new(Duration::from_secs(60), 1000);
+        let skipped = evictions().1;
         let read = (0..100).filter(|k| r.get_or(*k, || ()).is_some()).count();
         assert_eq!(read, READS_PER_SECOND as usize);
+        // Counted process-wide (other tests may add to it meanwhile, never take away).
+        assert!(evictions().1 - skipped >= 100 - READS_PER_SECOND as u64);
         // What was read is still answered.
         assert_eq!(r.get_or(0, || ()), Some(()));
     }

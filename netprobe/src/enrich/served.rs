@@ -3,14 +3,9 @@
 //! other pods of this node are asked (sock_diag in their namespaces), the Services come from the
 //! inventory.
 
-use std::{
-    cell::RefCell,
-    collections::HashMap,
-    net::IpAddr,
-    time::{Duration, Instant},
-};
+use std::{cell::RefCell, net::IpAddr, time::Duration};
 
-use super::pods::Inventory;
+use super::{pods::Inventory, recent::Recent};
 use crate::{netlink, netns};
 
 /// A server of the port outside the refusing pod.
@@ -34,7 +29,8 @@ const MAX_REMEMBERED: usize = 256;
 type Key = (u16, bool, Option<u64>);
 
 thread_local! {
-    static RECENT: RefCell<HashMap<Key, (Instant, Vec<Elsewhere>)>> = RefCell::default();
+    static RECENT: RefCell<Recent<Key, Vec<Elsewhere>>> =
+        RefCell::new(Recent::new(REUSE_FOR, MAX_REMEMBERED));
 }
 
 /// Pods of this node other than the one in namespace `except` that listen on `port` (on an
@@ -59,25 +55,12 @@ pub fn serving(inv: &Inventory, port: u16, udp: bool, except: Option<u64>) -> Ve
     out
 }
 
-/// [`pods_listening`], read again at most every [`REUSE_FOR`] per key.
+/// [`pods_listening`], read again at most every [`REUSE_FOR`] per key (none beyond the reads
+/// per second of [`Recent`]: the hint is left out, counted).
 fn pods_listening_recently(inv: &Inventory, key: Key) -> Vec<Elsewhere> {
-    let now = Instant::now();
-    let fresh = RECENT.with_borrow(|r| {
-        r.get(&key)
-            .filter(|(at, _)| now.duration_since(*at) < REUSE_FOR)
-            .map(|(_, found)| found.clone())
-    });
-    if let Some(found) = fresh {
-        return found;
-    }
-    let found = pods_listening(inv, key.0, key.1, key.2);
-    RECENT.with_borrow_mut(|r| {
-        if r.len() >= MAX_REMEMBERED {
-            r.clear();
-        }
-        r.insert(key, (now, found.clone()));
-    });
-    found
+    RECENT
+        .with_borrow_mut(|r| r.get_or(key, || pods_listening(inv, key.0, key.1, key.2)))
+        .unwrap_or_default()
 }
 
 fn pods_listening(inv: &Inventory, port: u16, udp: bool, except: Option<u64>) -> Vec<Elsewhere> {

@@ -228,6 +228,11 @@ impl Metrics {
                 ));
             }
         }
+        let (forgotten, skipped) = crate::enrich::recent::evictions();
+        s.push_str("# HELP netprobe_verdict_detail_evicted_total Details a verdict reads from the node (tc programs at a drop, rp_filter and the route back, a full accept queue, other pods serving a refused localhost port) that were not read to stay bounded: forgotten (a remembered read dropped at the bound), skipped (over the reads per second; the verdict goes without that detail).\n# TYPE netprobe_verdict_detail_evicted_total counter\n");
+        s.push_str(&format!(
+            "netprobe_verdict_detail_evicted_total{{reason=\"forgotten\"}} {forgotten}\nnetprobe_verdict_detail_evicted_total{{reason=\"skipped\"}} {skipped}\n"
+        ));
     }
 
     /// What the agent holds per pod namespace, interface and pod.
