@@ -76,7 +76,8 @@ fn cpu_and_rss(stat: &str) -> Option<(f64, i64)> {
         return None;
     }
     let cpu = (field(14)? + field(15)?) as f64 / ticks as f64;
-    Some((cpu, field(24)? * page as i64))
+    // c_long is i64 on the 64-bit targets the agent runs on (amd64, arm64).
+    Some((cpu, field(24)? * page))
 }
 
 #[cfg(test)]
@@ -86,7 +87,7 @@ mod tests {
     #[test]
     fn cpu_and_rss_are_read_past_a_command_name_with_spaces_and_parentheses() {
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as i64;
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
         let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 100 10000000 7 18446744073709551615";
         let (cpu, rss) = cpu_and_rss(stat).expect("parsed");
         assert!((cpu - 300.0 / ticks).abs() < 1e-9, "{cpu}");
