@@ -126,7 +126,9 @@ struct Status {
 
 impl crate::cluster::server::AgentStatus for Status {
     fn metrics(&self) -> String {
-        let mut out = self.metrics.lock().expect("metrics lock").render();
+        // Copied under the lock, encoded without it: the sinks do not wait for a scrape.
+        let families = self.metrics.lock().expect("metrics lock").families();
+        let mut out = crate::sinks::prometheus::exposition::text(families);
         if let Some(sync) = self.inventory.get() {
             out.push_str(&inventory_synced_metric(sync));
         }
