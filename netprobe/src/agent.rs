@@ -126,7 +126,9 @@ struct Status {
 
 impl crate::cluster::server::AgentStatus for Status {
     fn metrics(&self) -> String {
-        let mut out = self.metrics.lock().expect("metrics lock").render();
+        // Copied under the lock, encoded without it: the sinks do not wait for a scrape.
+        let families = self.metrics.lock().expect("metrics lock").families();
+        let mut out = crate::sinks::prometheus::exposition::text(families);
         if let Some(sync) = self.inventory.get() {
             out.push_str(&inventory_synced_metric(sync));
         }
@@ -158,16 +160,14 @@ impl crate::cluster::server::AgentStatus for Status {
 /// `netprobe_inventory_synced{kind}`: 1 once the kind's first list is in (what `/readyz` says
 /// in words), so an alert can follow it. Absent without an API server.
 fn inventory_synced_metric(sync: &crate::enrich::kube::InventorySync) -> String {
-    let mut s = String::from(
-        "# HELP netprobe_inventory_synced Whether the inventory has its first full list of each kind from the API server (0: no names for it yet, retrying in the background).\n# TYPE netprobe_inventory_synced gauge\n",
-    );
-    for (kind, synced) in sync.kinds() {
-        s.push_str(&format!(
-            "netprobe_inventory_synced{{kind=\"{kind}\"}} {}\n",
-            u8::from(synced)
-        ));
-    }
-    s
+    use crate::sinks::prometheus::exposition::{Family, Labels, text};
+    text(vec![Family::gauges(
+        "netprobe_inventory_synced",
+        "Whether the inventory has its first full list of each kind from the API server (0: no names for it yet, retrying in the background).",
+        sync.kinds()
+            .into_iter()
+            .map(|(kind, synced)| (Labels::one("kind", kind), i64::from(synced))),
+    )])
 }
 
 /// rtnetlink link notifications as a source: a new veth (a new pod) runs the housekeeping now

@@ -215,6 +215,12 @@ fn set(items: &[(&str, &str, &str)]) -> BTreeSet<(String, String, String)> {
 /// (cluster-wide tracer), nobody else.
 fn check_rbac(objs: &[serde_yaml::Value], namespace: &str) {
     check_agent_and_tracer_roles(objs, namespace);
+    check_metrics_reader(objs);
+    check_bindings(objs, namespace);
+}
+
+/// The metrics reader may GET /metrics, nothing else.
+fn check_metrics_reader(objs: &[serde_yaml::Value]) {
     let reader: ClusterRole = typed(find(objs, "ClusterRole", "netprobe-metrics-reader"));
     let rules = reader.rules.unwrap();
     assert_eq!(rules.len(), 1);
@@ -224,7 +230,6 @@ fn check_rbac(objs: &[serde_yaml::Value], namespace: &str) {
     );
     assert_eq!(rules[0].verbs, ["get"]);
     assert!(rules[0].resources.is_none() && rules[0].api_groups.is_none());
-    check_bindings(objs, namespace);
 }
 
 fn check_agent_and_tracer_roles(objs: &[serde_yaml::Value], namespace: &str) {
@@ -802,4 +807,242 @@ fn manifests_use_only_flags_and_variables_the_agent_has() {
             );
         }
     }
+}
+
+/// The monitoring objects the chart renders when asked (issue #17 §2): a Service in front of
+/// kube-rbac-proxy, a ServiceMonitor and a PodMonitor that verify the proxy's certificate (CA +
+/// server name, never `insecureSkipVerify`) and send the token of a ServiceAccount that may only
+/// `get /metrics`, the PrometheusRule and dashboard of deploy/ (the chart's copies are equal).
+#[test]
+fn the_monitoring_objects_verify_tls_send_a_metrics_only_token_and_ship_deploys_rules_and_dashboard()
+ {
+    let all_on = serde_json::json!({"monitoring": {
+        "serviceMonitor": {"enabled": true, "labels": {"release": "kube-prometheus-stack"}},
+        "podMonitor": {"enabled": true},
+        "prometheusRule": {"enabled": true, "serviceFailingFor": "15m"},
+        "dashboard": {"enabled": true},
+        "tls": {"certManager": {"enabled": true, "issuerRef": {"name": "netprobe-ca"}}},
+    }});
+    let r = helm(all_on);
+    assert_eq!(r.error, None);
+    let objs = &r.objects;
+    for m in r.lint["messages"].as_array().unwrap() {
+        assert!(m["severity"].as_i64().unwrap() < 2, "helm lint: {m}");
+    }
+    check_metrics_service(objs);
+    let cert = find(objs, "Certificate", "netprobe-metrics");
+    let secret_name = cert["spec"]["secretName"].as_str().unwrap();
+    let server_name = cert["spec"]["dnsNames"][0].as_str().unwrap();
+    assert_eq!(server_name, "netprobe-metrics.netprobe.svc");
+    for (kind, endpoints) in [
+        ("ServiceMonitor", "endpoints"),
+        ("PodMonitor", "podMetricsEndpoints"),
+    ] {
+        let m = find(objs, kind, "netprobe");
+        assert_eq!(m["apiVersion"], "monitoring.coreos.com/v1");
+        let e = &m["spec"][endpoints][0];
+        assert_eq!(
+            (e["port"].as_str(), e["scheme"].as_str()),
+            (Some("https-metrics"), Some("https")),
+            "{kind}"
+        );
+        assert_eq!(
+            e["tlsConfig"]["ca"]["secret"]["name"].as_str(),
+            Some(secret_name),
+            "{kind}"
+        );
+        assert_eq!(
+            e["tlsConfig"]["serverName"].as_str(),
+            Some(server_name),
+            "{kind}"
+        );
+        assert_eq!(
+            e["authorization"]["credentials"]["name"],
+            "netprobe-scraper-token"
+        );
+        let text = serde_yaml::to_string(m).unwrap();
+        assert!(!text.contains("insecureSkipVerify"), "{text}");
+    }
+    assert_eq!(
+        find(objs, "ServiceMonitor", "netprobe")["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    check_scraper(objs);
+    check_proxy_serves(objs, secret_name);
+    check_rules_and_dashboard(objs);
+
+    // Without a certificate to verify, a monitor is refused rather than rendered insecure.
+    let r = helm(serde_json::json!({"monitoring": {"serviceMonitor": {"enabled": true}}}));
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("no insecureSkipVerify"),
+        "{:?}",
+        r.error
+    );
+    // A named Secret (e.g. from your own CA) works without cert-manager.
+    let r = helm(
+        serde_json::json!({"monitoring": {"podMonitor": {"enabled": true},
+        "tls": {"secretName": "proxy-tls", "ca": {"secretName": "my-ca", "key": "ca.pem"}}}}),
+    );
+    assert_eq!(r.error, None);
+    let e = &find(&r.objects, "PodMonitor", "netprobe")["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(e["tlsConfig"]["ca"]["secret"]["name"], "my-ca");
+    assert!(!r.objects.iter().any(|o| o["kind"] == "Certificate"));
+    check_proxy_serves(&r.objects, "proxy-tls");
+}
+
+/// `<fullname>-metrics`, port `https-metrics`, selects the agent pods (the chart's helm test
+/// expects exactly that name and port).
+fn check_metrics_service(objs: &[serde_yaml::Value]) {
+    let svc: k8s_openapi::api::core::v1::Service = typed(find(objs, "Service", "netprobe-metrics"));
+    let spec = svc.spec.unwrap();
+    let port = &spec.ports.unwrap()[0];
+    assert_eq!(
+        (port.name.as_deref(), port.port),
+        (Some("https-metrics"), 19966)
+    );
+    assert_eq!(
+        spec.selector
+            .unwrap()
+            .get("app.kubernetes.io/name")
+            .map(String::as_str),
+        Some("netprobe")
+    );
+}
+
+/// The scraper's ServiceAccount is bound to the metrics reader and nothing else; its token
+/// Secret is the one the monitors send.
+fn check_scraper(objs: &[serde_yaml::Value]) {
+    let b: ClusterRoleBinding = typed(find(objs, "ClusterRoleBinding", "netprobe-scraper"));
+    assert_eq!(b.role_ref.name, "netprobe-metrics-reader");
+    let subjects = b.subjects.unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(
+        (subjects[0].name.as_str(), subjects[0].namespace.as_deref()),
+        ("netprobe-scraper", Some("netprobe"))
+    );
+    let _: ServiceAccount = typed(find(objs, "ServiceAccount", "netprobe-scraper"));
+    let s: k8s_openapi::api::core::v1::Secret =
+        typed(find(objs, "Secret", "netprobe-scraper-token"));
+    assert_eq!(
+        s.type_.as_deref(),
+        Some("kubernetes.io/service-account-token")
+    );
+    assert_eq!(
+        s.metadata.annotations.unwrap()["kubernetes.io/service-account.name"],
+        "netprobe-scraper"
+    );
+    check_metrics_reader(objs);
+}
+
+/// kube-rbac-proxy serves the certificate of `secret` (mounted read-only).
+fn check_proxy_serves(objs: &[serde_yaml::Value], secret: &str) {
+    let ds: DaemonSet = typed(find(objs, "DaemonSet", "netprobe"));
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let proxy = pod
+        .containers
+        .iter()
+        .find(|c| c.name == "kube-rbac-proxy")
+        .unwrap();
+    let args = proxy.args.clone().unwrap();
+    assert!(
+        args.contains(&"--tls-cert-file=/etc/kube-rbac-proxy/tls/tls.crt".to_string()),
+        "{args:?}"
+    );
+    let mount = &proxy.volume_mounts.as_ref().unwrap()[0];
+    assert_eq!(
+        (mount.name.as_str(), mount.read_only),
+        ("metrics-tls", Some(true))
+    );
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == "metrics-tls")
+        .unwrap();
+    assert_eq!(volume.secret.unwrap().secret_name.as_deref(), Some(secret));
+}
+
+/// The chart's rules and dashboard are deploy/'s (its files/ copies are byte-equal), with the
+/// chart's `for`.
+fn check_rules_and_dashboard(objs: &[serde_yaml::Value]) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (copy, original) in [
+        (
+            "files/netprobe-rules.yaml",
+            "deploy/prometheus/netprobe-rules.yaml",
+        ),
+        ("files/netprobe.json", "deploy/grafana/netprobe.json"),
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(chart().join(copy)).unwrap(),
+            std::fs::read_to_string(repo.join(original)).unwrap(),
+            "cp {original} deploy/helm/netprobe/{copy}"
+        );
+    }
+    let plain = &docs(&repo.join("deploy/prometheus/netprobe-rules.yaml"))[0];
+    let mut expected = plain["spec"].clone();
+    expected["groups"][0]["rules"][0]["for"] = "15m".into();
+    let rule = find(objs, "PrometheusRule", "netprobe");
+    assert_eq!(rule["spec"], expected);
+    let cm: ConfigMap = typed(find(objs, "ConfigMap", "netprobe-dashboard"));
+    assert_eq!(cm.metadata.labels.unwrap()["grafana_dashboard"], "1");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&cm.data.unwrap()["netprobe.json"]).unwrap();
+    let original: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo.join("deploy/grafana/netprobe.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dashboard, original);
+}
+
+/// kustomize's monitoring component (deploy/kustomize/components/monitoring) holds the chart's
+/// monitoring objects for a Secret `netprobe-metrics-tls` (labels aside).
+#[test]
+fn the_kustomize_monitoring_component_matches_the_chart() {
+    let r = helm(serde_json::json!({"monitoring": {
+        "serviceMonitor": {"enabled": true},
+        "tls": {"secretName": "netprobe-metrics-tls"},
+    }}));
+    assert_eq!(r.error, None);
+    let component = deploy().join("components/monitoring");
+    let kustomization = &docs(&component.join("kustomization.yaml"))[0];
+    assert_eq!(kustomization["kind"], "Component");
+    for file in [
+        "service-metrics.yaml",
+        "servicemonitor.yaml",
+        "scraper.yaml",
+    ] {
+        for o in docs(&component.join(file)) {
+            let (kind, name) = (
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap(),
+            );
+            assert_eq!(
+                comparable(find(&r.objects, kind, name)),
+                comparable(&o),
+                "{kind} {name}"
+            );
+        }
+    }
+    let patch = &docs(&component.join("daemonset-tls.yaml"))[0];
+    let chart_ds: DaemonSet = typed(find(&r.objects, "DaemonSet", "netprobe"));
+    let pod = chart_ds.spec.unwrap().template.spec.unwrap();
+    let proxy = pod
+        .containers
+        .into_iter()
+        .find(|c| c.name == "kube-rbac-proxy")
+        .unwrap();
+    let (args, mounts) = (proxy.args, proxy.volume_mounts);
+    let patched = &patch["spec"]["template"]["spec"];
+    assert_eq!(
+        serde_json::to_value(args).unwrap(),
+        serde_json::to_value(&patched["containers"][0]["args"]).unwrap()
+    );
+    assert_eq!(
+        serde_json::to_value(mounts).unwrap(),
+        serde_json::to_value(&patched["containers"][0]["volumeMounts"]).unwrap()
+    );
 }

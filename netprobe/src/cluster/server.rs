@@ -143,6 +143,16 @@ fn text(code: StatusCode, body: impl Into<String>) -> Response<Body> {
     r
 }
 
+/// The Prometheus text exposition, with the content type of the encoder that wrote it.
+fn metrics_page(body: String) -> Response<Body> {
+    let mut r = text(StatusCode::OK, body);
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(crate::sinks::prometheus::exposition::CONTENT_TYPE),
+    );
+    r
+}
+
 async fn route(
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -152,7 +162,7 @@ async fn route(
     match req.uri().path() {
         TRACE_PATH => traces.answer(req, peer).await,
         FAILURES_PATH => traces.failures(&req, peer).await,
-        "/metrics" => text(StatusCode::OK, status.metrics() + &traces.metrics()),
+        "/metrics" => metrics_page(status.metrics() + &traces.metrics()),
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match status.readiness() {
             Ok(body) => text(StatusCode::OK, body),
@@ -274,29 +284,37 @@ impl TraceServer {
 
     /// The HTTP side's and the authorisation's counters, Prometheus text.
     fn metrics(&self) -> String {
+        use crate::sinks::prometheus::exposition::{Family, Labels, text};
         let a = self.auth.stats();
-        format!(
-            "# HELP netprobe_auth_reviews_total TokenReviews and SubjectAccessReviews the agent asked the API server.\n\
-             # TYPE netprobe_auth_reviews_total counter\n\
-             netprobe_auth_reviews_total{{kind=\"token\"}} {}\n\
-             netprobe_auth_reviews_total{{kind=\"access\"}} {}\n\
-             # HELP netprobe_auth_cache_evictions_total Cached authorisation answers evicted before they expired (bound {}).\n\
-             # TYPE netprobe_auth_cache_evictions_total counter\n\
-             netprobe_auth_cache_evictions_total {}\n\
-             # HELP netprobe_http_refused_connections_total Connections answered 503 beyond {} open ones.\n\
-             # TYPE netprobe_http_refused_connections_total counter\n\
-             netprobe_http_refused_connections_total {}\n\
-             # HELP netprobe_http_accept_errors_total Failed accepts (e.g. out of file descriptors), each followed by a pause.\n\
-             # TYPE netprobe_http_accept_errors_total counter\n\
-             netprobe_http_accept_errors_total {}\n",
-            a.token_reviews,
-            a.access_reviews,
-            super::auth::CACHE_ENTRIES,
-            a.cache_evictions,
-            MAX_CONNECTIONS,
-            self.http.busy.load(Relaxed),
-            self.http.accept_errors.load(Relaxed),
-        )
+        let kind = |k: &'static str, n: u64| (Labels::one("kind", k), n);
+        text(vec![
+            Family::counters(
+                "netprobe_auth_reviews_total",
+                "TokenReviews and SubjectAccessReviews the agent asked the API server.",
+                [
+                    kind("token", a.token_reviews),
+                    kind("access", a.access_reviews),
+                ],
+            ),
+            Family::counter(
+                "netprobe_auth_cache_evictions_total",
+                format!(
+                    "Cached authorisation answers evicted before they expired (bound {}).",
+                    super::auth::CACHE_ENTRIES
+                ),
+                a.cache_evictions,
+            ),
+            Family::counter(
+                "netprobe_http_refused_connections_total",
+                format!("Connections answered 503 beyond {MAX_CONNECTIONS} open ones."),
+                self.http.busy.load(Relaxed),
+            ),
+            Family::counter(
+                "netprobe_http_accept_errors_total",
+                "Failed accepts (e.g. out of file descriptors), each followed by a pause.",
+                self.http.accept_errors.load(Relaxed),
+            ),
+        ])
     }
 
     /// Who sent `req`: the caller its bearer token names.

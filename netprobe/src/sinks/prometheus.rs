@@ -3,8 +3,11 @@
 //! agent's housekeeping sets the gauges (probes, interfaces, namespaces, kernel counters). Label
 //! values come from the kernel's names and the inventory.
 
+pub mod exposition;
 pub mod failed;
+mod latency;
 pub mod pods;
+mod process;
 
 use std::{
     cell::RefCell,
@@ -15,6 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use exposition::{Family, Labels, Samples};
 pub use failed::MetricsOptions;
 
 use super::Sink;
@@ -89,204 +93,239 @@ pub struct Metrics {
     pub kube_event_keys: usize,
     /// Pods named by `drops`/`dns_failures` that left the inventory, waiting out the grace.
     gone_pods: pods::GonePods,
+    /// DNS lookup and verdict latency histograms.
+    latencies: latency::Latencies,
 }
 
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// One label's samples, from a map keyed by its value.
+fn by_one<'a, K: AsRef<str>>(
+    name: &'static str,
+    map: &'a BTreeMap<K, u64>,
+) -> impl Iterator<Item = (Labels, u64)> + 'a {
+    map.iter()
+        .map(move |(v, n)| (Labels::one(name, v.as_ref().to_string()), *n))
 }
 
 impl Metrics {
+    /// `/metrics`: the Prometheus text exposition ([`exposition::CONTENT_TYPE`]).
     pub fn render(&self) -> String {
-        let mut s = String::new();
-        s.push_str("# HELP netprobe_drops_total Packets the kernel dropped, by drop reason, pod and owner of the rule.\n# TYPE netprobe_drops_total counter\n");
-        for ((reason, ns, pod, owner), n) in &self.drops {
-            s.push_str(&format!(
-                "netprobe_drops_total{{reason=\"{}\",namespace=\"{}\",pod=\"{}\",rule_owner=\"{}\"}} {n}\n",
-                label(reason),
-                label(ns),
-                label(pod),
-                label(owner)
-            ));
-        }
-        s.push_str("# HELP netprobe_resets_sent_total TCP resets sent by the kernel.\n# TYPE netprobe_resets_sent_total counter\n");
-        s.push_str(&format!("netprobe_resets_sent_total {}\n", self.resets));
-        s.push_str("# HELP netprobe_app_errors_total Errors reported to applications, by errno.\n# TYPE netprobe_app_errors_total counter\n");
-        for (errno, n) in &self.app_errors {
-            s.push_str(&format!(
-                "netprobe_app_errors_total{{errno=\"{}\"}} {n}\n",
-                label(errno)
-            ));
-        }
-        s.push_str("# HELP netprobe_syn_retransmits_total SYN retransmissions (silent drops somewhere), by the node of the destination pod (after DNAT, \"\" if unknown).\n# TYPE netprobe_syn_retransmits_total counter\n");
-        for (node, n) in &self.syn_retransmits {
-            s.push_str(&format!(
-                "netprobe_syn_retransmits_total{{dst_node=\"{}\"}} {n}\n",
-                label(node)
-            ));
-        }
-        s.push_str("# HELP netprobe_dns_failures_total DNS lookups that failed, by client pod and reason (dropped, rejected, unanswered, servfail, refused).\n# TYPE netprobe_dns_failures_total counter\n");
-        for ((ns, pod, reason), n) in &self.dns_failures {
-            s.push_str(&format!(
-                "netprobe_dns_failures_total{{namespace=\"{}\",pod=\"{}\",reason=\"{}\"}} {n}\n",
-                label(ns),
-                label(pod),
-                label(reason)
-            ));
-        }
-        s.push_str("# HELP netprobe_dns_queries_total DNS lookups seen leaving pods on this node, by the rcode of their answer (none: no answer).\n# TYPE netprobe_dns_queries_total counter\n");
-        for (rcode, n) in &self.dns_queries {
-            s.push_str(&format!(
-                "netprobe_dns_queries_total{{rcode=\"{}\"}} {n}\n",
-                label(rcode)
-            ));
-        }
-        self.failed.render(&mut s);
-        s.push_str("# HELP netprobe_kube_events_total Kubernetes Events about failed connections, by result: created, updated (series count of repeats), held (rate limit: counted into the next update), failed (the API refused), evicted (keys the bounded rate limiter forgot), released (keys of pods deleted from the inventory).\n# TYPE netprobe_kube_events_total counter\n");
-        for (result, n) in &self.kube_events {
-            s.push_str(&format!(
-                "netprobe_kube_events_total{{result=\"{result}\"}} {n}\n"
-            ));
-        }
-        self.render_engine(&mut s);
-        self.render_attribution(&mut s);
-        self.render_scope(&mut s);
-        s.push_str("# HELP netprobe_lost_events_total Events the kernel could not queue (ring buffer full).\n# TYPE netprobe_lost_events_total counter\n");
-        s.push_str(&format!("netprobe_lost_events_total {}\n", self.lost));
-        s.push_str("# HELP netprobe_kernel_drops_total Drops in the watched namespaces counted in the kernel, by reason (events lost or not).\n# TYPE netprobe_kernel_drops_total counter\n");
-        for (reason, n) in &self.kernel_drops {
-            s.push_str(&format!(
-                "netprobe_kernel_drops_total{{reason=\"{}\"}} {n}\n",
-                label(reason)
-            ));
-        }
-        s.push_str("# HELP netprobe_program_runs_total Runs of each netprobe eBPF program, counted while the kernel's run-time statistics are on (agent --program-stats or sysctl kernel.bpf_stats_enabled=1).\n# TYPE netprobe_program_runs_total counter\n");
-        for p in &self.programs {
-            s.push_str(&format!(
-                "netprobe_program_runs_total{{program=\"{}\"}} {}\n",
-                label(&p.program),
-                p.runs
-            ));
-        }
-        s.push_str("# HELP netprobe_program_run_seconds_total Time the kernel spent in each netprobe eBPF program, counted while its run-time statistics are on.\n# TYPE netprobe_program_run_seconds_total counter\n");
-        for p in &self.programs {
-            s.push_str(&format!(
-                "netprobe_program_run_seconds_total{{program=\"{}\"}} {:.9}\n",
-                label(&p.program),
-                p.run_ns as f64 / 1e9
-            ));
-        }
-        s.push_str("# HELP netprobe_events_total Events the kernel queued.\n# TYPE netprobe_events_total counter\n");
-        s.push_str(&format!("netprobe_events_total {}\n", self.emitted));
-        s.push_str("# HELP netprobe_attached_interfaces Interfaces with tc programs attached.\n# TYPE netprobe_attached_interfaces gauge\n");
-        s.push_str(&format!(
-            "netprobe_attached_interfaces {}\n",
-            self.interfaces
+        exposition::text(self.families())
+    }
+
+    /// Every family the agent's state reports, with the agent's build and process cost.
+    pub fn families(&self) -> Vec<Family> {
+        let mut out = self.traffic_families();
+        out.extend(self.failed.families());
+        out.push(Family::counters(
+            "netprobe_kube_events_total",
+            "Kubernetes Events about failed connections, by result: created, updated (series count of repeats), held (rate limit: counted into the next update), failed (the API refused), evicted (keys the bounded rate limiter forgot), released (keys of pods deleted from the inventory).",
+            self.kube_events.iter().map(|(r, n)| (Labels::one("result", *r), *n)),
         ));
-        s.push_str("# HELP netprobe_watched_namespaces Network namespaces in scope.\n# TYPE netprobe_watched_namespaces gauge\n");
-        s.push_str(&format!(
-            "netprobe_watched_namespaces {}\n",
-            self.namespaces
-        ));
-        s.push_str(&format!(
-            "# HELP netprobe_event_delay_max_seconds Longest time from the kernel's timestamp of an event to the agent reading it, over the last second.\n# TYPE netprobe_event_delay_max_seconds gauge\nnetprobe_event_delay_max_seconds {:.6}\n",
-            self.delay_max_s
-        ));
-        s.push_str(&format!(
-            "# TYPE netprobe_ready gauge\nnetprobe_ready {}\n",
-            u8::from(self.ready)
-        ));
-        s.push_str("# HELP netprobe_probe_up Whether each kernel probe is attached (0: refused by this kernel, see /readyz).\n# TYPE netprobe_probe_up gauge\n");
-        for (program, _) in crate::probes::always_on_tracepoints() {
-            let up = !self.degraded.iter().any(|(p, _)| p == program);
-            s.push_str(&format!(
-                "netprobe_probe_up{{probe=\"{program}\"}} {}\n",
-                u8::from(up)
-            ));
-        }
-        s
+        out.extend(self.engine_families());
+        out.extend(self.attribution_families());
+        out.extend(self.scope_families());
+        out.extend(self.kernel_families());
+        out.extend(self.state_families());
+        out.extend(self.latencies.families());
+        out.push(process::build_info());
+        out.extend(process::cost());
+        out
+    }
+
+    /// What the session delivered: drops, resets, errors, retransmits, DNS lookups.
+    fn traffic_families(&self) -> Vec<Family> {
+        vec![
+            Family::counters(
+                "netprobe_drops_total",
+                "Packets the kernel dropped, by drop reason, pod and owner of the rule.",
+                self.drops.iter().map(|((reason, ns, pod, owner), n)| {
+                    let l = [("reason", reason), ("namespace", ns), ("pod", pod)];
+                    (Labels::of(l).with("rule_owner", owner.clone()), *n)
+                }),
+            ),
+            Family::counter(
+                "netprobe_resets_sent_total",
+                "TCP resets sent by the kernel.",
+                self.resets,
+            ),
+            Family::counters(
+                "netprobe_app_errors_total",
+                "Errors reported to applications, by errno.",
+                by_one("errno", &self.app_errors),
+            ),
+            Family::counters(
+                "netprobe_syn_retransmits_total",
+                "SYN retransmissions (silent drops somewhere), by the node of the destination pod (after DNAT; no dst_node label if unknown).",
+                by_one("dst_node", &self.syn_retransmits),
+            ),
+            Family::counters(
+                "netprobe_dns_failures_total",
+                "DNS lookups that failed, by client pod and reason (dropped, rejected, unanswered, servfail, refused).",
+                self.dns_failures.iter().map(|((ns, pod, reason), n)| {
+                    (
+                        Labels::of([("namespace", ns), ("pod", pod), ("reason", reason)]),
+                        *n,
+                    )
+                }),
+            ),
+            Family::counters(
+                "netprobe_dns_queries_total",
+                "DNS lookups seen leaving pods on this node, by the rcode of their answer (none: no answer).",
+                by_one("rcode", &self.dns_queries),
+            ),
+        ]
+    }
+
+    /// The kernel side: lost events, in-kernel drop counts, program costs, events queued.
+    fn kernel_families(&self) -> Vec<Family> {
+        let program = |p: &crate::probes::ProgramStats| Labels::one("program", p.program.clone());
+        vec![
+            Family::counter(
+                "netprobe_lost_events_total",
+                "Events the kernel could not queue (ring buffer full).",
+                self.lost,
+            ),
+            Family::counters(
+                "netprobe_kernel_drops_total",
+                "Drops in the watched namespaces counted in the kernel, by reason (events lost or not).",
+                by_one("reason", &self.kernel_drops),
+            ),
+            Family::counters(
+                "netprobe_program_runs_total",
+                "Runs of each netprobe eBPF program, counted while the kernel's run-time statistics are on (agent --program-stats or sysctl kernel.bpf_stats_enabled=1).",
+                self.programs.iter().map(|p| (program(p), p.runs)),
+            ),
+            Family::new(
+                "netprobe_program_run_seconds_total",
+                "Time the kernel spent in each netprobe eBPF program, counted while its run-time statistics are on.",
+                Samples::CounterF64(
+                    self.programs
+                        .iter()
+                        .map(|p| (program(p), p.run_ns as f64 / 1e9))
+                        .collect(),
+                ),
+            ),
+            Family::counter(
+                "netprobe_events_total",
+                "Events the kernel queued.",
+                self.emitted,
+            ),
+        ]
+    }
+
+    /// Interfaces, namespaces, delay, readiness and each probe.
+    fn state_families(&self) -> Vec<Family> {
+        let probes = crate::probes::always_on_tracepoints()
+            .into_iter()
+            .map(|(program, _)| {
+                let up = !self.degraded.iter().any(|(p, _)| p == program);
+                (Labels::one("probe", program), i64::from(up))
+            });
+        vec![
+            Family::gauge(
+                "netprobe_attached_interfaces",
+                "Interfaces with tc programs attached.",
+                self.interfaces as i64,
+            ),
+            Family::gauge(
+                "netprobe_watched_namespaces",
+                "Network namespaces in scope.",
+                self.namespaces as i64,
+            ),
+            Family::new(
+                "netprobe_event_delay_max_seconds",
+                "Longest time from the kernel's timestamp of an event to the agent reading it, over the last second.",
+                Samples::GaugeF64(vec![(Labels::new(), self.delay_max_s)]),
+            ),
+            Family::gauge(
+                "netprobe_ready",
+                "1 once the agent's probes are attached (what /readyz answers).",
+                i64::from(self.ready),
+            ),
+            Family::gauges(
+                "netprobe_probe_up",
+                "Whether each kernel probe is attached (0: refused by this kernel, see /readyz).",
+                probes,
+            ),
+        ]
     }
 
     /// Attempts counted without events, and what the verdict engine let go of.
-    fn render_engine(&self, s: &mut String) {
-        s.push_str("# HELP netprobe_connection_attempts_total TCP connection attempts (connect() calls that sent a SYN) in the watched namespaces, from their TCP MIB (ActiveOpens): healthy attempts are only counted, at no event cost.\n# TYPE netprobe_connection_attempts_total counter\n");
-        s.push_str(&format!(
-            "netprobe_connection_attempts_total {}\n",
-            self.tcp_attempts.active_opens
-        ));
-        s.push_str("# HELP netprobe_tcp_attempt_fails_total TCP attempts the kernel counted as failed in the watched namespaces (TCP MIB AttemptFails).\n# TYPE netprobe_tcp_attempt_fails_total counter\n");
-        s.push_str(&format!(
-            "netprobe_tcp_attempt_fails_total {}\n",
-            self.tcp_attempts.attempt_fails
-        ));
-        s.push_str("# HELP netprobe_verdict_engine_evicted_total What the always-on verdict engines (engine: tcp on every port, dns) let go of to stay bounded: judged_early (too many open at once: the oldest with a result judged with what it had), dropped (dns: too many open at once and none with a result: the oldest unanswered query forgotten without a verdict), forgotten_early (too many decided ones remembered), events_dropped (events beyond the bound of one attempt).\n# TYPE netprobe_verdict_engine_evicted_total counter\n");
-        for (engine, ev) in [("tcp", &self.engine.tcp), ("dns", &self.engine.dns)] {
-            for (reason, n) in ev.by_reason() {
-                s.push_str(&format!(
-                    "netprobe_verdict_engine_evicted_total{{engine=\"{engine}\",reason=\"{reason}\"}} {n}\n"
-                ));
-            }
-        }
+    fn engine_families(&self) -> Vec<Family> {
+        let engines = [("tcp", &self.engine.tcp), ("dns", &self.engine.dns)];
+        let evicted = engines.into_iter().flat_map(|(engine, ev)| {
+            ev.by_reason()
+                .into_iter()
+                .map(move |(reason, n)| (Labels::one("engine", engine).with("reason", reason), n))
+        });
         let (forgotten, skipped) = crate::enrich::recent::evictions();
-        s.push_str("# HELP netprobe_verdict_detail_evicted_total Details a verdict reads from the node (tc programs at a drop, rp_filter and the route back, a full accept queue, other pods serving a refused localhost port) that were not read to stay bounded: forgotten (a remembered read dropped at the bound), skipped (over the reads per second; the verdict goes without that detail).\n# TYPE netprobe_verdict_detail_evicted_total counter\n");
-        s.push_str(&format!(
-            "netprobe_verdict_detail_evicted_total{{reason=\"forgotten\"}} {forgotten}\nnetprobe_verdict_detail_evicted_total{{reason=\"skipped\"}} {skipped}\n"
-        ));
+        vec![
+            Family::counter(
+                "netprobe_connection_attempts_total",
+                "TCP connection attempts (connect() calls that sent a SYN) in the watched namespaces, from their TCP MIB (ActiveOpens): healthy attempts are only counted, at no event cost.",
+                self.tcp_attempts.active_opens,
+            ),
+            Family::counter(
+                "netprobe_tcp_attempt_fails_total",
+                "TCP attempts the kernel counted as failed in the watched namespaces (TCP MIB AttemptFails).",
+                self.tcp_attempts.attempt_fails,
+            ),
+            Family::counters(
+                "netprobe_verdict_engine_evicted_total",
+                "What the always-on verdict engines (engine: tcp on every port, dns) let go of to stay bounded: judged_early (too many open at once: the oldest with a result judged with what it had), dropped (dns: too many open at once and none with a result: the oldest unanswered query forgotten without a verdict), forgotten_early (too many decided ones remembered), events_dropped (events beyond the bound of one attempt).",
+                evicted.collect::<Vec<_>>(),
+            ),
+            Family::counters(
+                "netprobe_verdict_detail_evicted_total",
+                "Details a verdict reads from the node (tc programs at a drop, rp_filter and the route back, a full accept queue, other pods serving a refused localhost port) that were not read to stay bounded: forgotten (a remembered read dropped at the bound), skipped (over the reads per second; the verdict goes without that detail).",
+                [
+                    (Labels::one("reason", "forgotten"), forgotten),
+                    (Labels::one("reason", "skipped"), skipped),
+                ],
+            ),
+        ]
     }
 
     /// What the agent holds per pod namespace, interface and pod.
-    fn render_scope(&self, s: &mut String) {
+    fn scope_families(&self) -> Vec<Family> {
         let c = &self.scope;
-        let scalars: [(&str, &str, &str, u64); 7] = [
-            (
+        vec![
+            Family::gauge(
                 "netprobe_kube_event_keys",
-                "gauge",
                 "Keys (pod, reason, peer, port) the Kubernetes Event rate limiter remembers now; a deleted pod's are released.",
-                self.kube_event_keys as u64,
+                self.kube_event_keys as i64,
             ),
-            (
+            Family::gauge(
                 "netprobe_netns_filter_capacity",
-                "gauge",
                 "Namespaces the kernel's filter map holds (--max-namespaces).",
                 c.capacity.into(),
             ),
-            (
+            Family::gauge(
                 "netprobe_unwatched_namespaces",
-                "gauge",
                 "Pod namespaces present but not watched because the filter map is full (retried every 200 ms).",
-                c.unwatched as u64,
+                c.unwatched as i64,
             ),
-            (
+            Family::counter(
                 "netprobe_netns_filter_refused_total",
-                "counter",
                 "Pod namespaces the full filter map refused (each counted once).",
                 c.refused_total,
             ),
-            (
+            Family::counter(
                 "netprobe_netns_filter_released_total",
-                "counter",
                 "Namespaces of deleted pods taken out of the filter map.",
                 c.released_total,
             ),
-            (
+            Family::gauge(
                 "netprobe_tc_links",
-                "gauge",
                 "tc program links held (tcx: one file descriptor each; two per attached interface).",
-                c.tc_links as u64,
+                c.tc_links as i64,
             ),
-            (
+            Family::counter(
                 "netprobe_tc_links_released_total",
-                "counter",
                 "tc links of deleted interfaces (pods' veths) released.",
                 c.tc_links_released_total,
             ),
-        ];
-        for (name, kind, help, value) in scalars {
-            s.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            ));
-        }
+        ]
     }
 
     /// Removes the `drops` and `dns_failures` series of pods gone from the inventory (`known`:
@@ -316,43 +355,46 @@ impl Metrics {
     }
 
     /// How the agent names rules without a trace: armed flows and rule counter reads.
-    fn render_attribution(&self, s: &mut String) {
-        let a = &self.arming;
-        s.push_str(&format!(
-            "# HELP netprobe_armed_flows Flows armed now for an nftables trace of their next packet (a dropped SYN or DNS query whose retry names the rule).\n# TYPE netprobe_armed_flows gauge\nnetprobe_armed_flows {}\n",
-            a.armed_now
-        ));
-        s.push_str("# HELP netprobe_armed_flows_total Flows armed (armed), refused because the bound of flows armed at once (32) or of new flows armed per second (4) was reached (refused), disarmed unused after their TTL (expired), traced to the dropping rule (traced), not armed because nft or the trace socket failed (errors).\n# TYPE netprobe_armed_flows_total counter\n");
-        for (result, n) in [
-            ("armed", a.armed_total),
-            ("refused", a.refused),
-            ("expired", a.expired),
-            ("traced", a.traced),
-            ("errors", a.errors),
-        ] {
-            s.push_str(&format!(
-                "netprobe_armed_flows_total{{result=\"{result}\"}} {n}\n"
-            ));
-        }
-        s.push_str(&format!(
-            "# HELP netprobe_nftrace_overruns_total Trace messages the kernel dropped (armed-flow trace socket full).\n# TYPE netprobe_nftrace_overruns_total counter\nnetprobe_nftrace_overruns_total {}\n",
-            a.trace_overruns
-        ));
-        let c = &self.rule_counters;
-        s.push_str(&format!(
-            "# HELP netprobe_rule_counter_reads_total Reads of the ruleset's counters after a netfilter drop (at most one per namespace per 200 ms).\n# TYPE netprobe_rule_counter_reads_total counter\nnetprobe_rule_counter_reads_total {}\n",
-            c.reads
-        ));
-        s.push_str("# HELP netprobe_rule_counter_drops_total Netfilter drops by how the counters named their rule: attributed, reused (the previous read, same destination), skipped (not attributed: within 200 ms of a read, another destination).\n# TYPE netprobe_rule_counter_drops_total counter\n");
-        for (result, n) in [
-            ("attributed", c.attributed),
-            ("reused", c.reused),
-            ("skipped", c.skipped),
-        ] {
-            s.push_str(&format!(
-                "netprobe_rule_counter_drops_total{{result=\"{result}\"}} {n}\n"
-            ));
-        }
+    fn attribution_families(&self) -> Vec<Family> {
+        let (a, c) = (&self.arming, &self.rule_counters);
+        let result = |r: &'static str, n: u64| (Labels::one("result", r), n);
+        vec![
+            Family::gauge(
+                "netprobe_armed_flows",
+                "Flows armed now for an nftables trace of their next packet (a dropped SYN or DNS query whose retry names the rule).",
+                a.armed_now as i64,
+            ),
+            Family::counters(
+                "netprobe_armed_flows_total",
+                "Flows armed (armed), refused because the bound of flows armed at once (32) or of new flows armed per second (4) was reached (refused), disarmed unused after their TTL (expired), traced to the dropping rule (traced), not armed because nft or the trace socket failed (errors).",
+                [
+                    result("armed", a.armed_total),
+                    result("refused", a.refused),
+                    result("expired", a.expired),
+                    result("traced", a.traced),
+                    result("errors", a.errors),
+                ],
+            ),
+            Family::counter(
+                "netprobe_nftrace_overruns_total",
+                "Trace messages the kernel dropped (armed-flow trace socket full).",
+                a.trace_overruns,
+            ),
+            Family::counter(
+                "netprobe_rule_counter_reads_total",
+                "Reads of the ruleset's counters after a netfilter drop (at most one per namespace per 200 ms).",
+                c.reads,
+            ),
+            Family::counters(
+                "netprobe_rule_counter_drops_total",
+                "Netfilter drops by how the counters named their rule: attributed, reused (the previous read, same destination), skipped (not attributed: within 200 ms of a read, another destination).",
+                [
+                    result("attributed", c.attributed),
+                    result("reused", c.reused),
+                    result("skipped", c.skipped),
+                ],
+            ),
+        ]
     }
 
     pub fn count(&mut self, e: &Event) {
@@ -477,6 +519,7 @@ impl Sink for PrometheusSink {
     /// answer (`none`: no answer), failures by client pod and reason.
     fn verdict(&mut self, v: &Verdict) -> io::Result<()> {
         self.count_failure(v);
+        self.lock().latencies.observe(v, latency::now_ns());
         let Some(rcode) = v
             .udp
             .as_ref()

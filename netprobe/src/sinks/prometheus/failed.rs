@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::label;
+use super::exposition::{Family, Labels};
 use crate::{
     model::{Cni, Named, Outcome, OwnerSystem, Peer},
     verdict::Verdict,
@@ -100,8 +100,9 @@ impl FailedKey {
             .map(|(ns, p)| super::pods::qualified(ns, p))
     }
 
-    fn render(&self) -> String {
-        let mut labels = vec![
+    /// The series' labels (an empty value is no label: a pod of another node has no workload).
+    fn labels(&self) -> Labels {
+        let mut labels = Labels::of([
             ("outcome", &self.outcome),
             ("rule_owner", &self.rule_owner),
             ("policy", &self.policy),
@@ -110,15 +111,21 @@ impl FailedKey {
             ("src_workload", &self.src_workload),
             ("dst_namespace", &self.dst_namespace),
             ("dst_workload", &self.dst_workload),
-        ];
+        ]);
         if let Some((src, dst)) = &self.pods {
-            labels.extend([("src_pod", src), ("dst_pod", dst)]);
+            labels = labels
+                .with("src_pod", src.clone())
+                .with("dst_pod", dst.clone());
         }
         labels
-            .iter()
-            .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
-            .collect::<Vec<_>>()
-            .join(",")
+    }
+
+    /// `name="value",…` as exposed (tests).
+    #[cfg(test)]
+    fn render(&self) -> String {
+        let labels = self.labels();
+        let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        pairs.join(",")
     }
 }
 
@@ -271,22 +278,32 @@ impl FailedConnections {
         self.series.get(key).map(|s| s.count)
     }
 
+    /// `netprobe_failed_connections_total` and `netprobe_metric_series_evicted_total`.
+    pub fn families(&self) -> Vec<Family> {
+        let evicted = ["limit", "expired"].map(|r| {
+            (
+                Labels::one("reason", r),
+                self.evicted.get(r).copied().unwrap_or(0),
+            )
+        });
+        vec![
+            Family::counters(
+                "netprobe_failed_connections_total",
+                "Failed connection attempts and DNS lookups, by outcome, owner of the deciding rule (kernel: no rule; none: nothing on this node decided), policy (or kind of rule), dialled Service and source/destination workload.",
+                self.series.iter().map(|(k, s)| (k.labels(), s.count)),
+            ),
+            Family::counters(
+                "netprobe_metric_series_evicted_total",
+                "Series removed: limit (netprobe_failed_connections_total's bound, least recently counted first), expired (series of netprobe_failed_connections_total, netprobe_drops_total or netprobe_dns_failures_total whose workload or pod left the inventory, after the grace period).",
+                evicted,
+            ),
+        ]
+    }
+
+    /// The exposition of [`Self::families`] appended to `out` (tests).
+    #[cfg(test)]
     pub fn render(&self, out: &mut String) {
-        out.push_str("# HELP netprobe_failed_connections_total Failed connection attempts and DNS lookups, by outcome, owner of the deciding rule (kernel: no rule; none: nothing on this node decided), policy (or kind of rule), dialled Service and source/destination workload.\n# TYPE netprobe_failed_connections_total counter\n");
-        for (k, s) in &self.series {
-            out.push_str(&format!(
-                "netprobe_failed_connections_total{{{}}} {}\n",
-                k.render(),
-                s.count
-            ));
-        }
-        out.push_str("# HELP netprobe_metric_series_evicted_total Series removed: limit (netprobe_failed_connections_total's bound, least recently counted first), expired (series of netprobe_failed_connections_total, netprobe_drops_total or netprobe_dns_failures_total whose workload or pod left the inventory, after the grace period).\n# TYPE netprobe_metric_series_evicted_total counter\n");
-        for reason in ["limit", "expired"] {
-            out.push_str(&format!(
-                "netprobe_metric_series_evicted_total{{reason=\"{reason}\"}} {}\n",
-                self.evicted.get(reason).copied().unwrap_or(0)
-            ));
-        }
+        out.push_str(&super::exposition::text(self.families()));
     }
 }
 
