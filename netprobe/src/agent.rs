@@ -42,6 +42,7 @@ use crate::{
     sinks::{
         Sinks,
         kube_events::KubeEventsSink,
+        ndjson::observing_node,
         prometheus::{MetricsOptions, PrometheusSink, SharedMetrics},
         storm::StormControlledLog,
     },
@@ -669,7 +670,11 @@ fn agent_sinks<'a>(
                 .with_options(opts.metrics)
                 .with_inventory(names.cloned()),
         )
-        .with(StormControlledLog::new(out, opts.rate_limit).with_raw_events(opts.raw_events));
+        .with(
+            StormControlledLog::new(out, opts.rate_limit)
+                .with_raw_events(opts.raw_events)
+                .on_node(observing_node(opts.node_name.as_deref())),
+        );
     match names {
         Some(n) => sinks.with(
             KubeEventsSink::new(n.clone(), opts.node_name.clone()).with_metrics(metrics.clone()),

@@ -103,7 +103,8 @@ struct AgentArgs {
     /// Example: --metrics-addr 127.0.0.1:19965
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:19965")]
     metrics_addr: std::net::SocketAddr,
-    /// This node's name: the inventory then lists only this node's pods.
+    /// This node's name: the inventory then lists only this node's pods, and every JSON record
+    /// says it observed it (`node`; default: the host name).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Events per second written per (kind, reason, pod); the rest become `suppressed`
@@ -209,7 +210,8 @@ struct TraceArgs {
     /// Example: --from-pod financial-inference/client-0
     #[arg(long, value_name = "POD")]
     from_pod: Option<String>,
-    /// This node's name: the inventory then lists only this node's pods.
+    /// This node's name: the inventory then lists only this node's pods, and every JSON record
+    /// says it observed it (`node`; default: the host name).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Also write every event to FILE as NDJSON (for offline analysis or a bug report).

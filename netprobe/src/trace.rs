@@ -21,7 +21,11 @@ use crate::{
     netns::{self, NetnsRef},
     probes::{Probes, btf::KernelBtf, require_root},
     session::{Ended, Housekeeping, Judge, Route, Session, Signals, Source, Stage, Stats, Summary},
-    sinks::{Format, Show, Sinks, ndjson::NdjsonSink, text::TextSink},
+    sinks::{
+        Format, Show, Sinks,
+        ndjson::{NdjsonSink, observing_node},
+        text::TextSink,
+    },
     sources::{
         nftrace::RuleTrace,
         ring::{EventReader, RingSource},
@@ -229,14 +233,15 @@ fn sinks<'a>(opts: &TraceOptions, out: impl Write + 'a) -> Result<Sinks<'a>> {
     } else {
         Show::Verdicts
     };
+    let node = observing_node(opts.node_name.as_deref());
     let mut sinks = match opts.format {
         Format::Text => Sinks::default().with(TextSink::new(out, show)),
-        Format::Json => Sinks::default().with(NdjsonSink::output(out, show)),
+        Format::Json => Sinks::default().with(NdjsonSink::output(out, show).on_node(&node)),
     };
     if let Some(p) = &opts.record {
         let file = std::fs::File::create(p)
             .map_err(|e| Error::io(format!("creating {}", p.display()), e))?;
-        sinks = sinks.with(NdjsonSink::recording(std::io::BufWriter::new(file)));
+        sinks = sinks.with(NdjsonSink::recording(std::io::BufWriter::new(file)).on_node(node));
     }
     Ok(sinks)
 }

@@ -430,12 +430,12 @@ fn check_listeners(objs: &[serde_yaml::Value], proxy_port: u16) {
     let expected: BTreeSet<String> = [
         format!("--secure-listen-address=0.0.0.0:{proxy_port}"),
         format!("--upstream=http://{addr}/"),
-        "--allow-paths=/metrics".to_string(),
+        "--allow-paths=/metrics,/readyz".to_string(),
     ]
     .into_iter()
     .collect();
     // Exactly these: no --insecure-listen-address, no --ignore-paths (which skip authorization),
-    // no static authorization config, no second path.
+    // no static authorization config, no other path (/readyz: for `helm test`, authorized too).
     assert_eq!(args, expected);
     assert!(proxy.command.is_none(), "the image's entrypoint");
     let ports: Vec<i32> = proxy
@@ -555,7 +555,10 @@ const HELM_INSTALL: &str =
     "python3 -m pip install --no-deps --target .tools/helm-python helm-python-sdk==0.2.2";
 
 struct Rendered {
+    /// What `helm install` applies.
     objects: Vec<serde_yaml::Value>,
+    /// Hooks (`helm test`'s objects): created by Helm when they run, not installed.
+    hooks: Vec<serde_yaml::Value>,
     error: Option<String>,
     lint: serde_json::Value,
 }
@@ -585,13 +588,16 @@ fn helm(values: serde_json::Value) -> Rendered {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut objects = Vec::new();
+    let mut hooks = Vec::new();
     if let Some(m) = v["manifests"].as_object() {
         let mut files: Vec<_> = m.iter().filter(|(k, _)| k.ends_with(".yaml")).collect();
         files.sort_by_key(|(k, _)| k.as_str());
         for (_, text) in files {
             for d in serde_yaml::Deserializer::from_str(text.as_str().unwrap()) {
                 let d = serde_yaml::Value::deserialize(d).unwrap();
-                if !d.is_null() {
+                if d["metadata"]["annotations"]["helm.sh/hook"].is_string() {
+                    hooks.push(d);
+                } else if !d.is_null() {
                     objects.push(d);
                 }
             }
@@ -599,6 +605,7 @@ fn helm(values: serde_json::Value) -> Rendered {
     }
     Rendered {
         objects,
+        hooks,
         error: v["error"].as_str().map(str::to_string),
         lint: v["lint"].clone(),
     }
@@ -1045,4 +1052,366 @@ fn the_kustomize_monitoring_component_matches_the_chart() {
         serde_json::to_value(mounts).unwrap(),
         serde_json::to_value(&patched["containers"][0]["volumeMounts"]).unwrap()
     );
+}
+
+/// `kubectl kustomize DIR`: what `kubectl apply -k DIR` applies.
+fn kustomize(dir: &Path) -> Vec<serde_yaml::Value> {
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("kubectl (kubectl kustomize renders offline)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_yaml::Deserializer::from_slice(&out.stdout)
+        .map(|d| serde_yaml::Value::deserialize(d).unwrap())
+        .collect()
+}
+
+/// The agent pod as a typed PodSpec, and the DaemonSet's rolling update bound.
+fn agent_pod(
+    objs: &[serde_yaml::Value],
+) -> (
+    k8s_openapi::api::core::v1::PodSpec,
+    Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+) {
+    let ds: DaemonSet = typed(find(objs, "DaemonSet", "netprobe"));
+    let spec = ds.spec.unwrap();
+    let max_unavailable = spec
+        .update_strategy
+        .and_then(|u| u.rolling_update)
+        .and_then(|r| r.max_unavailable);
+    (spec.template.spec.unwrap(), max_unavailable)
+}
+
+/// The DaemonSet settings of #17, in every rendering: one agent replaced at a time, Linux nodes
+/// only, the runtime's default seccomp profile, a type on every hostPath, system-node-critical.
+fn check_daemonset_settings(objs: &[serde_yaml::Value], what: &str) {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let (pod, max_unavailable) = agent_pod(objs);
+    assert_eq!(max_unavailable, Some(IntOrString::Int(1)), "{what}");
+    assert_eq!(
+        pod.node_selector.as_ref().unwrap()["kubernetes.io/os"],
+        "linux",
+        "{what}"
+    );
+    let seccomp = pod.security_context.unwrap().seccomp_profile.unwrap();
+    assert_eq!(seccomp.type_, "RuntimeDefault", "{what}");
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical"),
+        "{what}"
+    );
+    let volumes = pod.volumes.unwrap();
+    assert!(!volumes.is_empty());
+    for v in volumes {
+        let hp = v
+            .host_path
+            .unwrap_or_else(|| panic!("{what}: {} not hostPath", v.name));
+        let expected = match hp.path.as_str() {
+            "/sys/kernel/btf" => "Directory",
+            "/run/netns" => "DirectoryOrCreate",
+            other => panic!("{what}: unreviewed hostPath {other}"),
+        };
+        assert_eq!(hp.type_.as_deref(), Some(expected), "{what}: {}", hp.path);
+    }
+}
+
+/// `kubectl kustomize` renders the base and the k3s overlay. The base is the files' objects
+/// (namespaced as the kustomization says); the k3s overlay keeps system-node-critical (Kubernetes
+/// admits it outside kube-system since 1.17, k3s included).
+#[test]
+fn kubectl_kustomize_renders_the_base_and_the_k3s_overlay() {
+    let rendered = kustomize(&deploy().join("base"));
+    let key = |o: &serde_yaml::Value| {
+        format!(
+            "{}/{}",
+            o["kind"].as_str().unwrap(),
+            o["metadata"]["name"].as_str().unwrap()
+        )
+    };
+    let mut files: Vec<String> = base_objects().iter().map(key).collect();
+    let mut out: Vec<String> = rendered.iter().map(key).collect();
+    files.sort();
+    out.sort();
+    assert_eq!(files, out);
+    let ds = find(&rendered, "DaemonSet", "netprobe");
+    assert_eq!(
+        comparable(ds),
+        comparable(find(&base_objects(), "DaemonSet", "netprobe"))
+    );
+    check_daemonset_settings(&rendered, "kustomize base");
+    let k3s = kustomize(&deploy().join("overlays/k3s"));
+    check_daemonset_settings(&k3s, "k3s overlay");
+    check_listeners(&k3s, 19966);
+    check_rbac(&k3s, "netprobe");
+}
+
+#[test]
+fn the_daemonset_settings_render_in_the_chart_and_are_values() {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    check_daemonset_settings(&base_objects(), "kustomize files");
+    check_daemonset_settings(&helm(serde_json::json!({})).objects, "chart defaults");
+
+    let r = helm(serde_json::json!({
+        "updateStrategy": {"rollingUpdate": {"maxUnavailable": "10%"}},
+        "podAnnotations": {"example.com/team": "network"},
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "pool", "operator": "NotIn", "values": ["gpu"]}]}]}}},
+        "extraArgs": ["--ring-buffer-kib=8192"],
+        "extraEnv": [{"name": "NETPROBE_EXTRA", "value": "1"}],
+        "priorityClassQuota": {"create": true},
+    }));
+    assert_eq!(r.error, None);
+    let (pod, max_unavailable) = agent_pod(&r.objects);
+    assert_eq!(max_unavailable, Some(IntOrString::String("10%".into())));
+    let ds = find(&r.objects, "DaemonSet", "netprobe");
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["example.com/team"], "network");
+    assert!(annotations["checksum/config"].is_string());
+    let terms = &pod.affinity.unwrap().node_affinity.unwrap();
+    assert!(
+        terms
+            .required_during_scheduling_ignored_during_execution
+            .is_some()
+    );
+    let agent = pod.containers.iter().find(|c| c.name == "agent").unwrap();
+    assert_eq!(
+        agent.args.as_deref().unwrap(),
+        ["agent", "--ring-buffer-kib=8192"]
+    );
+    let env = agent.env.as_deref().unwrap();
+    assert_eq!(env[0].name, "NODE_NAME");
+    assert_eq!(env[1].name, "NETPROBE_EXTRA");
+    assert_eq!(env[1].value.as_deref(), Some("1"));
+    // The ResourceQuota some clusters (GKE) require for system-node-critical pods.
+    let quota: k8s_openapi::api::core::v1::ResourceQuota =
+        typed(find(&r.objects, "ResourceQuota", "netprobe-critical-pods"));
+    let scope = quota.spec.unwrap().scope_selector.unwrap();
+    let m = &scope.match_expressions.unwrap()[0];
+    assert_eq!(
+        (m.scope_name.as_str(), m.operator.as_str()),
+        ("PriorityClass", "In")
+    );
+    assert_eq!(m.values.as_deref().unwrap(), ["system-node-critical"]);
+    check_listeners(&r.objects, 19966);
+    check_rbac(&r.objects, "netprobe");
+}
+
+/// values.schema.json: a wrong value fails `helm template` and `helm lint` (the real engine)
+/// instead of crash-looping the agent; every value of values.yaml is described.
+#[test]
+fn the_chart_schema_rejects_bad_values() {
+    for (values, at) in [
+        (serde_json::json!({"rateLimit": "abc"}), "/rateLimit"),
+        (serde_json::json!({"rateLimt": 5}), "rateLimt"),
+        (serde_json::json!({"rateLimit": -1}), "/rateLimit"),
+        (serde_json::json!({"maxNamespaces": 1}), "/maxNamespaces"),
+        (
+            serde_json::json!({"metrics": {"rbacProxy": {"port": 70000}}}),
+            "/metrics/rbacProxy/port",
+        ),
+        (
+            serde_json::json!({"metrics": {"seriesGrace": "5m"}}),
+            "/metrics/seriesGrace",
+        ),
+        (
+            serde_json::json!({"updateStrategy": {"rollingUpdate": {"maxUnavailable": "all"}}}),
+            "/updateStrategy/rollingUpdate/maxUnavailable",
+        ),
+        (
+            serde_json::json!({"image": {"pullPolicy": "Sometimes"}}),
+            "/image/pullPolicy",
+        ),
+        (serde_json::json!({"extraArgs": ["agent"]}), "/extraArgs/0"),
+        (
+            serde_json::json!({"extraEnv": [{"value": "x"}]}),
+            "/extraEnv/0",
+        ),
+        (
+            serde_json::json!({"tolerations": [{"operator": "exists"}]}),
+            "/tolerations/0/operator",
+        ),
+        (serde_json::json!({"programStats": "yes"}), "/programStats"),
+        (
+            serde_json::json!({"monitoring": {"serviceMonitor": {"enabeld": true}}}),
+            "enabeld",
+        ),
+        (
+            serde_json::json!({"monitoring": {"prometheusRule": {"serviceFailingFor": "ten"}}}),
+            "/monitoring/prometheusRule/serviceFailingFor",
+        ),
+    ] {
+        let r = helm(values.clone());
+        let err = r
+            .error
+            .unwrap_or_else(|| panic!("{values} rendered: the schema must refuse it"));
+        assert!(err.contains(at), "{values}: {err}");
+        assert!(
+            !r.lint["errors"].as_array().unwrap().is_empty(),
+            "helm lint accepts {values}"
+        );
+    }
+    // A valid monitoring block renders.
+    assert_eq!(
+        helm(serde_json::json!({"monitoring": {"serviceMonitor": {"enabled": false}}})).error,
+        None
+    );
+
+    // Every value of values.yaml has a schema entry (and nothing else does).
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(chart().join("values.schema.json")).unwrap())
+            .unwrap();
+    let values: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart().join("values.yaml")).unwrap())
+            .unwrap();
+    assert_described(&schema, &schema, &values, "");
+}
+
+/// Every key of `values` (a values.yaml map) is a property of `schema`, recursively.
+fn assert_described(
+    root: &serde_json::Value,
+    schema: &serde_json::Value,
+    values: &serde_json::Value,
+    at: &str,
+) {
+    let schema = match schema["$ref"].as_str() {
+        Some(r) => root.pointer(r.trim_start_matches('#')).unwrap(),
+        None => schema,
+    };
+    let Some(map) = values.as_object() else {
+        return;
+    };
+    let free = schema["properties"].is_null();
+    for (k, v) in map {
+        if free {
+            // A free-form map (nodeSelector, podAnnotations): typed by additionalProperties.
+            continue;
+        }
+        let sub = &schema["properties"][k];
+        assert!(!sub.is_null(), "{at}/{k} is not in values.schema.json");
+        assert!(
+            schema["additionalProperties"] == false,
+            "{at}: a typo must fail"
+        );
+        assert_described(root, sub, v, &format!("{at}/{k}"));
+    }
+}
+
+/// `helm test`: a Pod asks /readyz through the Service `<fullname>-metrics` (kube-rbac-proxy)
+/// with its own ServiceAccount's token; only hooks, never installed; no RBAC of its own.
+#[test]
+fn helm_test_asks_readyz_through_the_metrics_service() {
+    let r = helm(serde_json::json!({"monitoring": {"service": {"enabled": true}}}));
+    let kinds: BTreeSet<(String, String)> = r
+        .hooks
+        .iter()
+        .map(|h| {
+            assert_eq!(
+                h["metadata"]["annotations"]["helm.sh/hook"], "test",
+                "{h:?}"
+            );
+            (
+                h["kind"].as_str().unwrap().to_string(),
+                h["metadata"]["name"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            ("Pod".to_string(), "netprobe-test-readyz".to_string()),
+            ("ServiceAccount".to_string(), "netprobe-test".to_string()),
+        ]),
+        "no role or binding: /readyz is open to authenticated callers as on the API server"
+    );
+    let pod: k8s_openapi::api::core::v1::Pod = typed(find(&r.hooks, "Pod", "netprobe-test-readyz"));
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.service_account_name.as_deref(), Some("netprobe-test"));
+    assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    let c = &spec.containers[0];
+    let url = c.env.as_deref().unwrap()[0].value.clone().unwrap();
+    assert_eq!(
+        url, "https://netprobe-metrics.netprobe.svc:19966/readyz",
+        "the Service in front of kube-rbac-proxy's https-metrics port"
+    );
+    let script = c.command.as_deref().unwrap().join(" ");
+    assert!(script.contains("--oauth2-bearer"), "{script}");
+    assert!(script.contains("serviceaccount/token"), "{script}");
+    assert!(script.contains("ready*) exit 0"), "{script}");
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(spec.security_context.unwrap().run_as_non_root, Some(true));
+    // The proxy lets /readyz through (authorized), and nothing more than before.
+    check_listeners(&r.objects, 19966);
+
+    // Without the proxy, or without the Service in front of it, there is nothing to test through.
+    let r = helm(serde_json::json!({"metrics": {"rbacProxy": {"enabled": false}},
+        "monitoring": {"service": {"enabled": true}}}));
+    assert!(r.hooks.is_empty());
+    assert!(helm(serde_json::json!({})).hooks.is_empty());
+}
+
+/// The image recipe: its build context (the repository root) leaves target/ and the local
+/// tools out, its base images are exact versions, and it builds for amd64 and arm64.
+#[test]
+fn the_image_recipe_pins_its_bases_and_keeps_target_out_of_the_context() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    let rules: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    for out in ["target/", "**/target/", ".tools/", ".git/"] {
+        assert!(rules.contains(&out), "{out} in the build context");
+    }
+    for needed in [
+        "Cargo.toml",
+        "Cargo.lock",
+        "netprobe",
+        "netprobe-common",
+        "netprobe-ebpf",
+        "xtask",
+        "*",
+        "**",
+    ] {
+        assert!(
+            !rules.iter().any(|r| r.trim_end_matches('/') == needed),
+            "{needed} is needed by the build"
+        );
+    }
+
+    let recipe = std::fs::read_to_string(root.join("deploy/image/Containerfile")).unwrap();
+    let args: std::collections::BTreeMap<&str, &str> = recipe
+        .lines()
+        .filter_map(|l| l.strip_prefix("ARG "))
+        .filter_map(|a| a.split_once('='))
+        .collect();
+    let froms: Vec<String> = recipe
+        .lines()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .map(|f| {
+            let image = f.split_whitespace().next().unwrap();
+            match image.strip_prefix("${").and_then(|i| i.strip_suffix('}')) {
+                Some(arg) => args[arg].to_string(),
+                None => image.to_string(),
+            }
+        })
+        .collect();
+    assert_eq!(froms.len(), 2, "a build stage and the runtime");
+    for image in &froms {
+        let (_, tag) = image.split_once(':').expect("a tag");
+        let version = tag.split(['-', '@']).next().unwrap();
+        assert!(
+            version.split('.').count() >= 2 && version.split('.').all(|p| p.parse::<u32>().is_ok()),
+            "{image}: not an exact version (a moving tag like latest or bookworm)"
+        );
+    }
+    assert!(recipe.contains("--platform linux/amd64,linux/arm64"));
 }

@@ -207,6 +207,9 @@ pub struct Event {
     /// Kernel `sock` address: equal values are the same socket.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sock: Option<String>,
+    /// `time` (`time_ns` in RFC 3339) and `node`: added by the NDJSON writer, last.
+    #[serde(flatten)]
+    pub observed: crate::model::Observed,
     /// The destination is a Service endpoint in the inventory: the client may have dialled a
     /// ClusterIP that only a later report (the agent's armed trace) names. Not serialised.
     #[serde(skip)]
@@ -289,6 +292,7 @@ pub fn derived(
         skb: None,
         sock: None,
         to_service_endpoint: false,
+        observed: Default::default(),
     }
 }
 
@@ -367,6 +371,7 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
         skb: (ev.skb != 0).then(|| format!("{:#x}", ev.skb)),
         sock: (ev.sk != 0).then(|| format!("{:#x}", ev.sk)),
         to_service_endpoint: false,
+        observed: Default::default(),
     })
 }
 

@@ -9,6 +9,7 @@ mod outcome;
 mod packet;
 mod peer;
 mod route;
+mod stamp;
 pub mod stats;
 
 use std::borrow::Cow;
@@ -21,6 +22,7 @@ pub use outcome::{DnsFailureReason, Outcome};
 pub use packet::{Direction, Family, Protocol, TcpFlag, TcpState, drop_reason};
 pub use peer::Peer;
 pub use route::{Encap, RouteHint};
+pub use stamp::{Observed, Written};
 
 /// What a netfilter rule did to the packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

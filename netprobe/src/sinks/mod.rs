@@ -120,6 +120,10 @@ pub struct Summary {
     /// Connection attempts judged, and how many of them failed.
     pub attempts: u64,
     pub failed: u64,
+    /// `time_ns` (when it was written), `time` (RFC 3339) and `node`: added by the NDJSON
+    /// writer.
+    #[serde(flatten)]
+    pub written: crate::model::Written,
 }
 
 impl Summary {

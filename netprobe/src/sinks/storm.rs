@@ -26,6 +26,10 @@ pub struct Suppressed {
     pub count: u64,
     /// Unix second the count covers.
     pub second: u64,
+    /// `time_ns` (when it was written), `time` (RFC 3339) and `node`: added by the NDJSON
+    /// writer.
+    #[serde(flatten)]
+    pub written: crate::model::Written,
 }
 
 /// (event kind, reason, namespace, pod)
@@ -94,6 +98,7 @@ impl Storm {
                         pod: pod.clone(),
                         count: slot.2,
                         second: slot.0,
+                        written: Default::default(),
                     });
                 }
                 return false;
@@ -128,6 +133,12 @@ impl<W: io::Write> StormControlledLog<W> {
             rate_limit,
             raw_events: false,
         }
+    }
+
+    /// Records are stamped with `node` (see [`super::ndjson::observing_node`]).
+    pub fn on_node(mut self, node: impl Into<String>) -> Self {
+        self.out = self.out.on_node(node);
+        self
     }
 
     pub fn with_raw_events(mut self, raw: bool) -> Self {

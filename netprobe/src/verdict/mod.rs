@@ -114,6 +114,10 @@ pub struct Verdict {
     /// A timeout that is a full accept queue: the listener, its queue and backlog.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen_queue: Option<crate::enrich::backlog::ListenQueue>,
+    /// `time_ns` (when it was written), `time` (RFC 3339) and `node`: added by the NDJSON
+    /// writer.
+    #[serde(flatten)]
+    pub written: crate::model::Written,
 }
 
 /// What the engine knows besides events: the traced port and protocol, and listeners by
@@ -1136,6 +1140,7 @@ fn classify_to(
         udp: None,
         no_route: None,
         listen_queue: None,
+        written: Default::default(),
     };
     if let Some(d) = ev.route_error
         && matches!(

@@ -47,3 +47,8 @@ relabelings:
   - sourceLabels: [__meta_kubernetes_pod_node_name]
     targetLabel: node
 {{- end -}}
+
+{{/* The Service <fullname>-metrics is rendered (the ServiceMonitor and `helm test` need it). */}}
+{{- define "netprobe.metricsService" -}}
+{{- if and .Values.metrics.rbacProxy.enabled (or .Values.monitoring.service.enabled .Values.monitoring.serviceMonitor.enabled) }}true{{ end }}
+{{- end }}
