@@ -1351,8 +1351,10 @@ fn helm_test_asks_readyz_through_the_metrics_service() {
     check_listeners(&r.objects, 19966);
 
     // Without the proxy, or without the Service in front of it, there is nothing to test through.
-    let r = helm(serde_json::json!({"metrics": {"rbacProxy": {"enabled": false}},
-        "monitoring": {"service": {"enabled": true}}}));
+    let r = helm(
+        serde_json::json!({"metrics": {"rbacProxy": {"enabled": false}},
+        "monitoring": {"service": {"enabled": true}}}),
+    );
     assert!(r.hooks.is_empty());
     assert!(helm(serde_json::json!({})).hooks.is_empty());
 }
