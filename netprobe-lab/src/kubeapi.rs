@@ -60,6 +60,20 @@ struct State {
     /// The API's authentication and authorisation (TokenReview, SubjectAccessReview,
     /// TokenRequest).
     auth: Auth,
+    /// Every request, in order (what kubectl-style flags changed on the wire).
+    requests: Vec<Seen>,
+    /// While stalled, requests are read and never answered (a hung API server).
+    stalled: bool,
+}
+
+/// A request as the server saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub method: String,
+    /// The path and query.
+    pub target: String,
+    /// The `Impersonate-User` header (kubectl `--as`).
+    pub impersonate: Option<String>,
 }
 
 /// Who a credential is.
@@ -128,8 +142,20 @@ impl Auth {
         a
     }
 
-    /// Who sent a request with these headers (None: anonymous, or an unknown credential).
+    /// Who a request with these headers acts as (None: anonymous, an unknown credential, or an
+    /// impersonation the credential may not make): the `Impersonate-User` when its sender may
+    /// `impersonate` `users`, as the API server does.
     fn requester(&self, headers: &BTreeMap<String, String>) -> Option<Identity> {
+        let sender = self.sender(headers)?;
+        let Some(user) = headers.get("impersonate-user") else {
+            return Some(sender);
+        };
+        self.may(&sender, "impersonate", "", "users", "")
+            .then(|| Identity::of(user, &["system:authenticated"]))
+    }
+
+    /// Who sent a request with these headers, by its credential.
+    fn sender(&self, headers: &BTreeMap<String, String>) -> Option<Identity> {
         let (scheme, cred) = headers.get("authorization")?.split_once(' ')?;
         match scheme {
             "Bearer" => self
@@ -371,6 +397,31 @@ impl FakeKube {
         self.shared.0.lock().unwrap().auth.token_requests.clone()
     }
 
+    /// Every request received so far, in order.
+    pub fn requests(&self) -> Vec<Seen> {
+        self.shared.0.lock().unwrap().requests.clone()
+    }
+
+    /// Stalls the server (requests read, never answered) or lets it answer again.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.shared.0.lock().unwrap().stalled = stalled;
+        self.shared.1.notify_all();
+    }
+
+    /// Records a request, then holds it while the server is stalled.
+    fn seen(&self, method: &str, target: &str, headers: &BTreeMap<String, String>) {
+        let (lock, cv) = &*self.shared;
+        let mut st = lock.lock().unwrap();
+        st.requests.push(Seen {
+            method: method.into(),
+            target: target.into(),
+            impersonate: headers.get("impersonate-user").cloned(),
+        });
+        while st.stalled {
+            st = cv.wait(st).unwrap();
+        }
+    }
+
     fn handle(&self, conn: TcpStream) -> std::io::Result<()> {
         let mut reader = BufReader::new(conn.try_clone()?);
         let mut out = conn;
@@ -401,6 +452,7 @@ impl FakeKube {
                 .unwrap_or("GET")
                 .to_string();
             let target = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+            self.seen(&method, &target, &headers);
             if method == "POST"
                 && let Some((code, answer)) = self.authn_authz(&target, &headers, &body)
             {

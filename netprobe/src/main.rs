@@ -3,7 +3,11 @@
 use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use netprobe::{probes::check, sinks::Format, trace};
+use netprobe::{sinks::Format, trace};
+
+/// Whether this binary has the node side (cargo feature `ebpf`, on by default): the kernel
+/// programs and the node commands. Without it, it is the client-only `kubectl-netprobe`.
+const NODE_BUILD: bool = cfg!(feature = "ebpf");
 
 /// Exit code when a failed connection attempt was diagnosed.
 const EXIT_DIAGNOSED: u8 = 1;
@@ -42,11 +46,13 @@ enum Command {
     /// Kubernetes API accepts (TokenReview) and allows (SubjectAccessReview on
     /// traces/failures.netprobe.io), each request logged with who asked. SIGTERM stops running
     /// traces (their tables removed) before exiting. Installs no firewall rule.
+    #[cfg(feature = "ebpf")]
     Agent(AgentArgs),
     /// Print the JSON Schemas of the objects `trace -o json` prints (events, verdicts, summary)
     /// and of the answer `failures -o json` prints, keyed by their `schema` value.
     Schema,
     /// Report which kernel hooks and features this machine offers; exit 0 if tracing can work.
+    #[cfg(feature = "ebpf")]
     Check(CheckArgs),
     /// Follow connection attempts to a port and print one verdict per attempt: connected,
     /// refused (no listener / by a rule), dropped (by a rule / by the kernel), reset, timed out —
@@ -91,8 +97,93 @@ enum Command {
     /// Examples: `kubectl netprobe failures`; `kubectl netprobe failures -n financial-inference
     /// --since 30m`; `kubectl netprobe failures --workload Deployment/client -o json`.
     Failures(FailuresArgs),
+    /// Print a shell completion script. Examples: `source <(netprobe completions bash)`;
+    /// `netprobe completions zsh > "${fpath[1]}/_netprobe"`;
+    /// `netprobe completions fish > ~/.config/fish/completions/netprobe.fish`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) of netprobe or of one of its commands.
+    /// Example: `netprobe man | gzip > /usr/local/share/man/man1/netprobe.1.gz`
+    #[command(hide = true)]
+    Man(ManArgs),
+    /// The node commands on the client-only build: refused, saying why.
+    #[cfg(not(feature = "ebpf"))]
+    #[command(hide = true, disable_help_flag = true)]
+    Agent(NodeOnly),
+    #[cfg(not(feature = "ebpf"))]
+    #[command(hide = true, disable_help_flag = true)]
+    Check(NodeOnly),
 }
 
+/// Whatever follows a node command on the client-only build.
+#[cfg(not(feature = "ebpf"))]
+#[derive(clap::Args)]
+struct NodeOnly {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<std::ffi::OsString>,
+}
+
+#[derive(clap::Args)]
+struct CompletionsArgs {
+    /// The shell to complete for.
+    shell: clap_complete::Shell,
+    /// The command name to complete (e.g. kubectl-netprobe).
+    #[arg(long, default_value = "netprobe")]
+    name: String,
+}
+
+#[derive(clap::Args)]
+struct ManArgs {
+    /// The command whose page to print (default: netprobe's). Example: trace
+    command: Option<String>,
+}
+
+/// kubectl's connection flags (cluster mode).
+#[derive(clap::Args)]
+#[command(next_help_heading = "Kubernetes API (cluster mode)")]
+struct KubeArgs {
+    /// The kubeconfig file to use (default: KUBECONFIG, else ~/.kube/config, else the
+    /// in-cluster service account).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current context; its namespace is the
+    /// default of -n).
+    #[arg(long)]
+    context: Option<String>,
+    /// Impersonate this user on every Kubernetes API request (RBAC: `impersonate`). The agents
+    /// check a bearer token and cannot impersonate: with --as, the kubeconfig's own token is
+    /// never sent; the agents get a token requested (as this user) for --as-service-account,
+    /// or, for --as system:serviceaccount:NS:NAME, for that ServiceAccount. --as a user without
+    /// --as-service-account is refused.
+    #[arg(long = "as", value_name = "USER")]
+    impersonate: Option<String>,
+    /// The longest wait for one Kubernetes API request (pod and agent lookups, token request,
+    /// opening a port-forward), e.g. 30s, 500ms, 2m; 0: kube's defaults. The trace's stream
+    /// itself is bounded by --duration.
+    #[arg(long, value_name = "DURATION",
+          value_parser = netprobe::cluster::kubeconfig::parse_request_timeout)]
+    request_timeout: Option<Duration>,
+}
+
+impl KubeArgs {
+    /// Whether any is set: they only mean something in cluster mode.
+    fn given(&self) -> bool {
+        self.kubeconfig.is_some()
+            || self.context.is_some()
+            || self.impersonate.is_some()
+            || self.request_timeout.is_some()
+    }
+
+    fn options(self) -> netprobe::cluster::kubeconfig::KubeOptions {
+        netprobe::cluster::kubeconfig::KubeOptions {
+            kubeconfig: self.kubeconfig,
+            context: self.context,
+            impersonate: self.impersonate,
+            request_timeout: self.request_timeout.filter(|t| !t.is_zero()),
+        }
+    }
+}
+
+#[cfg(feature = "ebpf")]
 #[derive(clap::Args)]
 struct AgentArgs {
     /// Address of the HTTP endpoint (/metrics, /healthz, /readyz, /v1/trace, /v1/failures).
@@ -157,6 +248,7 @@ struct AgentArgs {
     max_namespaces: u32,
 }
 
+#[cfg(feature = "ebpf")]
 #[derive(clap::Args)]
 struct CheckArgs {
     /// Output format.
@@ -182,7 +274,7 @@ struct TraceArgs {
     /// Trace inside this network namespace (name in /run/netns, or a path such as
     /// /proc/PID/ns/net); tc programs go on all its interfaces. Repeatable.
     /// Example: --netns cni-1234abcd
-    #[arg(long = "netns", value_name = "NAME|PATH")]
+    #[arg(long = "netns", value_name = "NAME|PATH", hide = !NODE_BUILD)]
     netns: Vec<String>,
     /// Stop after this long (e.g. 30s, 500ms, 2m; at most 365 days); default: until Ctrl-C.
     #[arg(short, long, visible_alias = "timeout", value_parser = parse_duration)]
@@ -212,10 +304,10 @@ struct TraceArgs {
     from_pod: Option<String>,
     /// This node's name: the inventory then lists only this node's pods, and every JSON record
     /// says it observed it (`node`; default: the host name).
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "NODE_NAME", hide = !NODE_BUILD)]
     node_name: Option<String>,
     /// Also write every event to FILE as NDJSON (for offline analysis or a bug report).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", hide = !NODE_BUILD)]
     record: Option<PathBuf>,
     /// Do not install the temporary nftables trace table (no rule attribution).
     #[arg(long)]
@@ -225,14 +317,16 @@ struct TraceArgs {
     ready_file: Option<PathBuf>,
     /// Size of the kernel → netprobe ring buffer in KiB (a power of two). Events that find
     /// it full are counted and reported as lost in the summary, never dropped silently.
-    #[arg(long, env = "NETPROBE_RING_KIB", default_value_t = 4096, value_parser = parse_ring_kib)]
+    #[arg(long, env = "NETPROBE_RING_KIB", default_value_t = 4096, value_parser = parse_ring_kib,
+          hide = !NODE_BUILD)]
     ring_buffer_kib: u32,
     /// Cluster mode (from a laptop): find --pod's node through the Kubernetes API and run
     /// the trace there by the node's netprobe agent, reached through a port-forward to the
     /// agent pod (RBAC: `create` on pods/portforward in the agent's namespace), with a bearer
     /// token the agent checks (RBAC: `create` on traces.netprobe.io in the pod's namespace;
     /// see --as-service-account). Default when
-    /// run as `kubectl netprobe` (the binary installed as kubectl-netprobe). With --addr
+    /// run as `kubectl netprobe` (the binary installed as kubectl-netprobe) and in the
+    /// client-only build. With --addr
     /// (ClusterIP or pod IP) whose pods run on other nodes, or --dns whose CoreDNS pods (behind
     /// kube-system/kube-dns) do, those nodes' agents trace too and each attempt or lookup gets
     /// one verdict joined from both nodes.
@@ -253,6 +347,8 @@ struct TraceArgs {
     /// kubeconfig has no token]
     #[arg(long, value_name = "NAMESPACE/NAME", value_parser = netprobe::cluster::token::parse_service_account)]
     as_service_account: Option<(String, String)>,
+    #[command(flatten)]
+    kube: KubeArgs,
 }
 
 #[derive(clap::Args)]
@@ -284,6 +380,8 @@ struct FailuresArgs {
     /// token, else netprobe/netprobe-tracer]
     #[arg(long, value_name = "NAMESPACE/NAME", value_parser = netprobe::cluster::token::parse_service_account)]
     as_service_account: Option<(String, String)>,
+    #[command(flatten)]
+    kube: KubeArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -357,6 +455,7 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match Cli::parse().command {
+        #[cfg(feature = "ebpf")]
         Command::Agent(a) => agent(a),
         Command::Schema => {
             println!(
@@ -365,9 +464,61 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        #[cfg(feature = "ebpf")]
         Command::Check(c) => check(c.output),
         Command::Trace(t) => trace(t),
         Command::Failures(f) => failures(f),
+        Command::Completions(c) => completions(c),
+        Command::Man(m) => man(m),
+        #[cfg(not(feature = "ebpf"))]
+        Command::Agent(_) => node_only("agent"),
+        #[cfg(not(feature = "ebpf"))]
+        Command::Check(_) => node_only("check"),
+    }
+}
+
+/// A node command typed on the client-only build: why it is not there, exit 2.
+#[cfg(not(feature = "ebpf"))]
+fn node_only(command: &str) -> ExitCode {
+    eprintln!(
+        "netprobe: `{command}` runs on a node and needs the full build: this is the client-only \
+         build (kubectl-netprobe, built without the cargo feature `ebpf`), which has no kernel \
+         programs. It offers cluster mode: `trace` (through the node's agent), `failures`, \
+         `schema`, `completions`. On a node, use the netprobe image of deploy/ or a default \
+         build (`cargo xtask build`, which installs the eBPF toolchain)."
+    );
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// `netprobe completions SHELL`: the script on stdout.
+fn completions(c: CompletionsArgs) -> ExitCode {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    clap_complete::generate(c.shell, &mut cmd, c.name, &mut std::io::stdout());
+    ExitCode::SUCCESS
+}
+
+/// `netprobe man [COMMAND]`: the page in roff on stdout.
+fn man(m: ManArgs) -> ExitCode {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    cmd.build();
+    let page = match m.command.as_deref() {
+        None => clap_mangen::Man::new(cmd),
+        Some(name) => match cmd.find_subcommand(name) {
+            Some(sub) => clap_mangen::Man::new(sub.clone()).title(format!("netprobe-{name}")),
+            None => {
+                eprintln!("netprobe: no command `{name}`");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+    match page.render(&mut std::io::stdout()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netprobe: writing the man page: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
     }
 }
 
@@ -382,6 +533,7 @@ fn failed(e: netprobe::Error) -> ExitCode {
     ExitCode::from(code)
 }
 
+#[cfg(feature = "ebpf")]
 fn agent(a: AgentArgs) -> ExitCode {
     let opts = netprobe::agent::AgentOptions {
         ring_bytes: a.ring_buffer_kib * 1024,
@@ -409,8 +561,9 @@ fn agent(a: AgentArgs) -> ExitCode {
     }
 }
 
+#[cfg(feature = "ebpf")]
 fn check(output: Format) -> ExitCode {
-    let report = check::run();
+    let report = netprobe::probes::check::run();
     match output {
         Format::Json => println!(
             "{}",
@@ -449,8 +602,14 @@ fn trace(t: TraceArgs) -> ExitCode {
         eprintln!("netprobe: --port is required (or --dns)");
         return ExitCode::from(EXIT_USAGE);
     };
-    if t.cluster || invoked_as_kubectl_plugin() {
+    if t.cluster || invoked_as_kubectl_plugin() || !NODE_BUILD {
         return cluster_trace(t, port, udp);
+    }
+    if t.kube.given() {
+        eprintln!(
+            "netprobe: --kubeconfig, --context, --as and --request-timeout are for cluster mode (--cluster); a trace on the node reads KUBECONFIG or the in-cluster config"
+        );
+        return ExitCode::from(EXIT_USAGE);
     }
     let opts = trace::TraceOptions {
         ring_bytes: t.ring_buffer_kib * 1024,
@@ -492,6 +651,12 @@ fn cluster_trace(t: TraceArgs, port: u16, udp: bool) -> ExitCode {
         eprintln!("netprobe: cluster mode needs --pod");
         return ExitCode::from(EXIT_USAGE);
     };
+    if !t.netns.is_empty() || t.record.is_some() {
+        eprintln!(
+            "netprobe: --netns and --record are for a trace run on the node itself (as root, with the full build); cluster mode traces through the node's agent"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
     let opts = netprobe::cluster::client::Options {
         pod,
         namespace: t.namespace,
@@ -499,6 +664,7 @@ fn cluster_trace(t: TraceArgs, port: u16, udp: bool) -> ExitCode {
         agent_port: t.agent_port,
         format: t.output,
         service_account: t.as_service_account,
+        kube: t.kube.options(),
         request: netprobe::cluster::protocol::TraceRequest {
             port,
             udp,
@@ -534,6 +700,7 @@ fn failures(f: FailuresArgs) -> ExitCode {
         agent_port: f.agent_port,
         format: f.output,
         service_account: f.as_service_account,
+        kube: f.kube.options(),
         query: netprobe::cluster::failures::FailuresQuery {
             since: f.since,
             namespace: f.namespace,
@@ -550,6 +717,8 @@ fn failures(f: FailuresArgs) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
 
     #[test]
@@ -604,8 +773,73 @@ mod tests {
     }
 
     #[test]
+    fn kubectl_flags_parse_on_both_cluster_commands() {
+        let parse = |args: &[&str]| Cli::try_parse_from(["netprobe"].iter().chain(args).copied());
+        let flags = [
+            "--kubeconfig",
+            "/tmp/k",
+            "--context",
+            "prod",
+            "--as",
+            "alice",
+            "--request-timeout",
+            "20s",
+        ];
+        let trace = [
+            &["trace", "--cluster", "--pod", "p", "--port", "1"][..],
+            &flags,
+        ]
+        .concat();
+        let Command::Trace(t) = parse(&trace).unwrap().command else {
+            panic!("trace");
+        };
+        assert!(t.kube.given());
+        let o = t.kube.options();
+        assert_eq!(o.context.as_deref(), Some("prod"));
+        assert_eq!(o.impersonate.as_deref(), Some("alice"));
+        assert_eq!(o.request_timeout, Some(Duration::from_secs(20)));
+        let Command::Failures(f) = parse(&[&["failures", "-n", "shop"][..], &flags].concat())
+            .unwrap()
+            .command
+        else {
+            panic!("failures");
+        };
+        assert_eq!(f.namespace.as_deref(), Some("shop"));
+        assert_eq!(f.kube.options().kubeconfig, Some(PathBuf::from("/tmp/k")));
+        let Command::Failures(f) = parse(&["failures", "--request-timeout", "0"])
+            .unwrap()
+            .command
+        else {
+            panic!("failures");
+        };
+        assert_eq!(f.kube.options().request_timeout, None, "0: kube's defaults");
+        let Command::Failures(f) = parse(&["failures"]).unwrap().command else {
+            panic!("failures");
+        };
+        assert!(!f.kube.given());
+    }
+
+    #[test]
+    fn completions_name_the_commands_for_each_shell() {
+        for shell in ["bash", "zsh", "fish"] {
+            let Command::Completions(c) = Cli::try_parse_from(["netprobe", "completions", shell])
+                .unwrap()
+                .command
+            else {
+                panic!("completions");
+            };
+            let mut script = Vec::new();
+            clap_complete::generate(c.shell, &mut Cli::command(), c.name, &mut script);
+            let script = String::from_utf8(script).unwrap();
+            for sub in ["trace", "failures", "schema", "completions"] {
+                assert!(script.contains(sub), "{shell}: {sub}");
+            }
+        }
+        assert!(Cli::try_parse_from(["netprobe", "completions", "tcsh"]).is_err());
+    }
+
+    #[test]
     fn cli_is_consistent() {
-        use clap::CommandFactory;
         Cli::command().debug_assert();
     }
 }

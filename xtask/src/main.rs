@@ -2,7 +2,9 @@
 
 mod bench;
 mod build;
+mod client;
 mod demo;
+mod dist;
 mod setup;
 mod test;
 
@@ -46,6 +48,20 @@ enum Cmd {
         /// Run only these scenarios (repeatable; default: all).
         #[arg(long, value_enum)]
         scenario: Vec<demo::Scenario>,
+    },
+    /// Build the client-only kubectl-netprobe (no eBPF) for every target this machine can
+    /// build, pack each with LICENSE into a tar.gz, write SHA256SUMS and render the krew
+    /// manifest (deploy/krew/netprobe.yaml) with their URLs and checksums, in target/dist/.
+    Dist {
+        /// Build only this target (repeatable; default: every one this toolchain can build).
+        #[arg(long)]
+        target: Vec<String>,
+        /// Where the archives will be downloaded from; `/vVERSION/ARCHIVE` is appended.
+        #[arg(long, default_value = dist::DEFAULT_BASE_URL)]
+        base_url: String,
+        /// Pack the debug build (a quick check) instead of the release build.
+        #[arg(long)]
+        debug: bool,
     },
     /// Measure what leaving netprobe on costs, side by side in one run inside a lab: throughput
     /// and connection rate without / with the agent, a drop storm, attach times, verdict
@@ -96,6 +112,15 @@ fn run(command: Cmd) -> anyhow::Result<()> {
         Cmd::Setup => setup::run(),
         Cmd::Build { release } => build::build(release),
         Cmd::Test { skip_setup, only } => test::run(skip_setup, only),
+        Cmd::Dist {
+            target,
+            base_url,
+            debug,
+        } => dist::run(&dist::Options {
+            targets: target,
+            base_url,
+            debug,
+        }),
         Cmd::Demo {
             skip_setup,
             scenario,

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: what CI runs (`.ci/run`), in order, stopping at the first failure:
-//! setup → build → fmt → clippy (userspace) → clippy (eBPF) → unit tests → privileged tests.
+//! setup → build → fmt → clippy (userspace) → clippy (eBPF) → client build (no eBPF toolchain)
+//! → unit tests → privileged tests.
 
 use std::{
     process::Command,
@@ -116,6 +117,44 @@ fn clippy_ebpf() -> Result<()> {
     run_checked(clippy, "clippy (eBPF)")
 }
 
+/// The client-only build (`--no-default-features`) with the plain toolchain and no bpf-linker
+/// in PATH: clippy, build, then what a kubectl user runs: `--help` offers only the
+/// cluster-mode commands, a node command says why it is missing, completions and the man page
+/// are generated (bash's passes `bash -n`), and `cargo xtask dist --debug`'s manifest matches
+/// its archive.
+fn client_build() -> Result<()> {
+    if let Some(dir) =
+        std::env::split_paths(crate::dist::CLIENT_PATH).find(|d| d.join("bpf-linker").exists())
+    {
+        bail!(
+            "bpf-linker is in {}: the client build would not prove it builds without",
+            dir.display()
+        );
+    }
+    let host = "x86_64-unknown-linux-gnu";
+    let mut clippy = crate::dist::client_cargo();
+    clippy.args([
+        "clippy",
+        "-p",
+        "netprobe",
+        "--no-default-features",
+        "--all-targets",
+        "--target",
+        host,
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run_checked(clippy, "clippy (client build, -D warnings)")?;
+    let bin = crate::dist::build_client(host, false)?;
+    crate::client::smoke(&bin)?;
+    crate::dist::run(&crate::dist::Options {
+        targets: vec![host.into()],
+        base_url: crate::dist::DEFAULT_BASE_URL.into(),
+        debug: true,
+    })
+}
+
 fn unit_tests() -> Result<()> {
     let mut unit = debian_cargo();
     unit.args([
@@ -165,6 +204,12 @@ pub fn run(skip_setup: bool, only: Option<Stage>) -> Result<()> {
         steps.step(
             "clippy (eBPF, bpfel-unknown-none, -D warnings)",
             clippy_ebpf,
+        )?;
+    }
+    if want(Stage::Lint) {
+        steps.step(
+            "client-only build (no eBPF toolchain): clippy, build, smoke, dist",
+            client_build,
         )?;
     }
     if want(Stage::Unit) {

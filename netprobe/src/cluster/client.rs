@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 
 use super::{
     failures::{FAILURES_PATH, FailuresAnswer, FailuresQuery},
+    kubeconfig::{Clients, KubeOptions},
     protocol::{AGENT_LABEL, Frame, STOP, TRACE_PATH, TraceRequest},
 };
 use crate::{
@@ -36,6 +37,8 @@ pub struct Options {
     pub format: Format,
     /// Request the agents' token for this ServiceAccount (`--as-service-account`).
     pub service_account: Option<(String, String)>,
+    /// How to reach the API server (kubectl's flags).
+    pub kube: KubeOptions,
 }
 
 /// Runs a trace on the pod's node through its agent; returns the node-side exit code. When
@@ -43,15 +46,23 @@ pub struct Options {
 /// nodes, the agents of those nodes trace too and each attempt gets one joined verdict
 /// ([`super::crossnode`]).
 pub async fn run(mut opts: Options, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<i32> {
-    let client = crate::enrich::kube::client().await?;
+    let service_account = super::token::agent_service_account(
+        opts.kube.impersonate.as_deref(),
+        opts.service_account.as_ref(),
+    )?;
+    let clients = opts.kube.clients().await?;
+    let client = clients.api.clone();
     let namespace = opts
         .namespace
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_string());
-    let pod = Api::<Pod>::namespaced(client.clone(), &namespace)
-        .get_opt(&opts.pod)
-        .await
-        .map_err(kube_err(format!("reading pod {namespace}/{}", opts.pod)))?
+    let what = || format!("reading pod {namespace}/{}", opts.pod);
+    let pods = Api::<Pod>::namespaced(client.clone(), &namespace);
+    let read = async { pods.get_opt(&opts.pod).await.map_err(kube_err(what())) };
+    let pod = opts
+        .kube
+        .bounded(what, read)
+        .await?
         .ok_or_else(|| Error::UnknownPod {
             namespace: Some(namespace.clone()),
             name: opts.pod.clone(),
@@ -60,19 +71,22 @@ pub async fn run(mut opts: Options, stdout: &mut dyn Write, stderr: &mut dyn Wri
         what: format!("pod {namespace}/{}", opts.pod),
         reason: "not scheduled on a node yet".into(),
     })?;
-    let agent = find_agent(&client, &opts.agent_namespace, &node).await?;
+    let agent = opts
+        .kube
+        .bounded(
+            || format!("finding the agent of node {node}"),
+            find_agent(&client, &opts.agent_namespace, &node),
+        )
+        .await?;
     opts.request.pod = format!("{namespace}/{}", opts.pod);
     let _ = writeln!(
         stderr,
         "netprobe: pod {namespace}/{} runs on node {node}; tracing through agent {}/{agent}",
         opts.pod, opts.agent_namespace
     );
-    let forwarder = Forwarder {
-        agents: Api::namespaced(client.clone(), &opts.agent_namespace),
-        namespace: opts.agent_namespace.clone(),
-        port: opts.agent_port,
-        token: super::token::bearer(&client, opts.service_account.as_ref()).await?,
-    };
+    let forwarder = Forwarder::new(&clients, &opts.kube, &opts.agent_namespace, opts.agent_port)
+        .with_token(&clients, service_account.as_ref())
+        .await?;
     let plan = super::crossnode::plan(&client, &opts, &node, &agent, stderr).await;
     match plan {
         Some(plan) => super::crossnode::run(&opts, plan, &forwarder, stdout, stderr).await,
@@ -98,11 +112,37 @@ pub(super) struct Forwarder {
     agents: Api<Pod>,
     namespace: String,
     port: u16,
+    /// Bounds opening a port-forward (`--request-timeout`).
+    kube: KubeOptions,
     /// The caller's bearer token, sent to every agent (each checks it with the API server).
     pub(super) token: String,
 }
 
 impl Forwarder {
+    fn new(clients: &Clients, kube: &KubeOptions, namespace: &str, port: u16) -> Self {
+        Self {
+            agents: Api::namespaced(clients.streams.clone(), namespace),
+            namespace: namespace.into(),
+            port,
+            kube: kube.clone(),
+            token: String::new(),
+        }
+    }
+
+    /// With the token the agents get ([`super::token::bearer`]).
+    async fn with_token(
+        mut self,
+        clients: &Clients,
+        service_account: Option<&(String, String)>,
+    ) -> Result<Self> {
+        let token = super::token::bearer(&clients.api, &clients.config, service_account);
+        self.token = self
+            .kube
+            .bounded(|| "getting the agents' bearer token".into(), token)
+            .await?;
+        Ok(self)
+    }
+
     pub(super) async fn open(
         &self,
         agent: &str,
@@ -110,14 +150,14 @@ impl Forwarder {
         kube::api::Portforwarder,
         impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
     )> {
-        let mut pf = self
-            .agents
-            .portforward(agent, &[self.port])
-            .await
-            .map_err(kube_err(format!(
-                "port-forward to agent {}/{agent}",
-                self.namespace
-            )))?;
+        let what = || format!("port-forward to agent {}/{agent}", self.namespace);
+        let opened = async {
+            self.agents
+                .portforward(agent, &[self.port])
+                .await
+                .map_err(kube_err(what()))
+        };
+        let mut pf = self.kube.bounded(what, opened).await?;
         let stream = pf.take_stream(self.port).expect("requested port");
         Ok((pf, stream))
     }
@@ -302,6 +342,8 @@ pub struct FailuresOptions {
     pub format: Format,
     /// Request the agents' token for this ServiceAccount (`--as-service-account`).
     pub service_account: Option<(String, String)>,
+    /// How to reach the API server (kubectl's flags).
+    pub kube: KubeOptions,
 }
 
 /// Longest wait for one agent's answer (port-forward included).
@@ -314,14 +356,26 @@ pub async fn failures(
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
 ) -> Result<i32> {
-    let client = crate::enrich::kube::client().await?;
-    let agents = running_agents(&client, &opts.agent_namespace).await?;
-    let forwarder = Forwarder {
-        agents: Api::namespaced(client.clone(), &opts.agent_namespace),
-        namespace: opts.agent_namespace.clone(),
-        port: opts.agent_port,
-        token: super::token::bearer(&client, opts.service_account.as_ref()).await?,
-    };
+    let service_account = super::token::agent_service_account(
+        opts.kube.impersonate.as_deref(),
+        opts.service_account.as_ref(),
+    )?;
+    let clients = opts.kube.clients().await?;
+    let agents = opts
+        .kube
+        .bounded(
+            || {
+                format!(
+                    "listing netprobe agents in namespace {}",
+                    opts.agent_namespace
+                )
+            },
+            running_agents(&clients.api, &opts.agent_namespace),
+        )
+        .await?;
+    let forwarder = Forwarder::new(&clients, &opts.kube, &opts.agent_namespace, opts.agent_port)
+        .with_token(&clients, service_account.as_ref())
+        .await?;
     let asked = agents
         .iter()
         .map(|(pod, node)| ask_failures(&forwarder, pod, node, &opts.query));

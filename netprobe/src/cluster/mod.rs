@@ -18,6 +18,7 @@
 //! - [`client`]: the laptop's side: pod → node → agent, port-forward, frames → the printer.
 //! - [`failures`] and [`memory`]: `kubectl netprobe failures` — the agent's memory of recent
 //!   failures (a sink fed with its verdicts), served on `/v1/failures`, asked of every agent.
+//! - [`kubeconfig`]: kubectl's `--kubeconfig`, `--context`, `--as`, `--request-timeout`.
 //! - `crossnode`: when the destination's pods run on other nodes, their agents trace too and
 //!   each attempt's verdicts are joined.
 
@@ -25,6 +26,7 @@ pub mod auth;
 pub mod client;
 mod crossnode;
 pub mod failures;
+pub mod kubeconfig;
 pub mod memory;
 pub mod protocol;
 pub mod server;

@@ -32,14 +32,41 @@ pub fn parse_service_account(s: &str) -> std::result::Result<(String, String), S
     }
 }
 
-/// The token to send the agents: a requested one for `service_account` when given, else the
-/// kubeconfig's, else one requested for [`DEFAULT_SERVICE_ACCOUNT`].
+/// The ServiceAccount whose token the agents get, if one is requested: `--as-service-account`
+/// when given; else, under `--as system:serviceaccount:NS:NAME`, that ServiceAccount (so the
+/// agents see who the API server sees); `None`: the kubeconfig's own token, else
+/// [`DEFAULT_SERVICE_ACCOUNT`]. `--as` a user without `--as-service-account` is refused: the
+/// agents authorise a bearer token and cannot impersonate, and sending the kubeconfig's token
+/// would authorise the caller, not the user `--as` names.
+pub fn agent_service_account(
+    impersonate: Option<&str>,
+    service_account: Option<&(String, String)>,
+) -> Result<Option<(String, String)>> {
+    if let Some(sa) = service_account {
+        return Ok(Some(sa.clone()));
+    }
+    let Some(user) = impersonate else {
+        return Ok(None);
+    };
+    let as_service_account = user
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| parse_service_account(&rest.replacen(':', "/", 1)).ok());
+    as_service_account.map(Some).ok_or_else(|| Error::Kube {
+        what: format!("--as {user}"),
+        reason: "the agents check a bearer token and cannot impersonate, so a trace or failures request cannot be made as a user; name the ServiceAccount whose token they should get with --as-service-account NAMESPACE/NAME (requested as this user, who needs `create` on its serviceaccounts/token), or impersonate a ServiceAccount: --as system:serviceaccount:NAMESPACE:NAME".into(),
+    })
+}
+
+/// The token to send the agents: a requested one for `service_account` (from
+/// [`agent_service_account`]) when given, else `config`'s own, else one requested for
+/// [`DEFAULT_SERVICE_ACCOUNT`]. Requests go through `client` (impersonating, under `--as`).
 pub async fn bearer(
     client: &kube::Client,
+    config: &kube::Config,
     service_account: Option<&(String, String)>,
 ) -> Result<String> {
     if service_account.is_none()
-        && let Some(token) = kubeconfig_token().await?
+        && let Some(token) = kubeconfig_token(config)?
     {
         return Ok(token);
     }
@@ -50,13 +77,9 @@ pub async fn bearer(
     request_token(client, &ns, &name).await
 }
 
-/// The static token (`token` or `tokenFile`) of the current kubeconfig user or in-cluster
-/// config, if it has one.
-async fn kubeconfig_token() -> Result<Option<String>> {
-    let config = kube::Config::infer().await.map_err(|e| Error::Kube {
-        what: "reading the kubeconfig / in-cluster config".into(),
-        reason: e.to_string(),
-    })?;
+/// The static token (`token` or `tokenFile`) of the kubeconfig user or in-cluster config, if
+/// it has one.
+fn kubeconfig_token(config: &kube::Config) -> Result<Option<String>> {
     let auth = &config.auth_info;
     if let Some(t) = &auth.token {
         return Ok(Some(t.expose_secret().trim().to_string()));
@@ -110,5 +133,25 @@ mod tests {
         for bad in ["netprobe", "a/b/c", "/x", "A/b", "a/--x"] {
             assert!(parse_service_account(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn impersonation_decides_whose_token_the_agents_get() {
+        let sa = |ns: &str, name: &str| Some((ns.to_string(), name.to_string()));
+        assert_eq!(agent_service_account(None, None).unwrap(), None);
+        let explicit = ("netprobe".to_string(), "netprobe-tracer".to_string());
+        assert_eq!(
+            agent_service_account(Some("alice"), Some(&explicit)).unwrap(),
+            sa("netprobe", "netprobe-tracer")
+        );
+        assert_eq!(
+            agent_service_account(Some("system:serviceaccount:team-a:tracer"), None).unwrap(),
+            sa("team-a", "tracer")
+        );
+        let refused = agent_service_account(Some("alice"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("--as-service-account"), "{refused}");
+        assert!(agent_service_account(Some("system:serviceaccount:bad"), None).is_err());
     }
 }
