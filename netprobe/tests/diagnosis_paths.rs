@@ -413,3 +413,35 @@ fn missing_route_in_the_pod_says_there_is_none() {
         "{v:#}"
     );
 }
+
+/// The route-lookup probe is optional: a kernel that refuses it (here: the verifier, made to
+/// refuse it by loading it against a one-argument tracepoint) leaves a trace that says so and
+/// goes on watching everything else — an ordinary refused connection is still judged.
+#[test]
+fn a_trace_without_the_route_lookup_probe_says_so_and_runs() {
+    let S1 {
+        lab,
+        client,
+        server: _server,
+    } = s1_lab("dppfault");
+    let trace = support::start_verdict_trace_env(
+        lab.node(),
+        &["--port", "9100", "--duration", "3s"],
+        &[("NETPROBE_FAULT_PROBE", "fib_table_lookup")],
+    );
+    let addr: SocketAddr = "10.42.0.30:9100".parse().unwrap();
+    assert_eq!(
+        lab.connect(&client.netns, addr, Duration::from_millis(1500)),
+        Connect::Refused
+    );
+    let out = trace.finish_with_code(1);
+    assert!(
+        out.stderr
+            .contains("optional probe fib_table_lookup refused, running without it"),
+        "{}",
+        out.stderr
+    );
+    let all = out.verdicts();
+    assert_eq!(all.len(), 1, "{}\n{}", out.dump(), out.stderr);
+    assert_eq!(all[0]["outcome"], "refused_no_listener", "{:#}", all[0]);
+}
