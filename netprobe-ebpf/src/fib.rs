@@ -15,6 +15,11 @@ use crate::{emit, filter, kernel};
 /// nothing) carry their device's index.
 const LOOPBACK_IFINDEX: u32 = 1;
 
+/// `-EAGAIN`: this table has no route for the flow; the lookup goes on to the next table.
+const EAGAIN: i32 = -11;
+/// `RT_TABLE_MAIN`: the table whose miss is worth an event (see below).
+const RT_TABLE_MAIN: u32 = 254;
+
 #[btf_tracepoint(function = "fib_table_lookup")]
 pub fn fib_table_lookup(ctx: BtfTracePointContext) -> i32 {
     let _ = try_fib_table_lookup(&ctx);
@@ -24,6 +29,12 @@ pub fn fib_table_lookup(ctx: BtfTracePointContext) -> i32 {
 fn try_fib_table_lookup(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let err = ctx.arg::<u64>(3) as i32;
     if err >= 0 {
+        return Ok(());
+    }
+    // With policy rules every lookup first misses the local table (and maybe others) before it
+    // finds its route: those misses are part of successful lookups. A miss of the main table is
+    // where a missing route shows (userspace checks the other tables before it says so).
+    if err == EAGAIN && ctx.arg::<u64>(0) as u32 != RT_TABLE_MAIN {
         return Ok(());
     }
     let flp: u64 = ctx.arg(1);

@@ -445,3 +445,35 @@ fn a_trace_without_the_route_lookup_probe_says_so_and_runs() {
     assert_eq!(all.len(), 1, "{}\n{}", out.dump(), out.stderr);
     assert_eq!(all[0]["outcome"], "refused_no_listener", "{:#}", all[0]);
 }
+
+/// Successful lookups cost no event: with policy rules (here a rule to an empty table before
+/// main), every connect() first misses the local table and that table before main finds its
+/// route. Those misses are not failures: a connection that works leaves no `route_failed`
+/// event and no verdict but its own.
+#[test]
+fn policy_rules_missing_a_table_before_main_are_no_route_failure() {
+    let S1 {
+        lab,
+        client,
+        server,
+    } = s1_lab("dpprules");
+    let _l = lab
+        .listen(&server.netns, "10.42.0.30:9100".parse().unwrap())
+        .unwrap();
+    lab.sh(&client.netns, "ip rule add from all lookup 100 pref 100")
+        .unwrap();
+    let trace = support::start_trace(lab.node(), &["--port", "9100", "--duration", "3s"]);
+    let addr: SocketAddr = "10.42.0.30:9100".parse().unwrap();
+    assert_eq!(
+        lab.connect(&client.netns, addr, Duration::from_millis(1500)),
+        Connect::Connected
+    );
+    let out = trace.finish_with_code(0);
+    assert!(
+        out.of_kind("route_failed").is_empty(),
+        "{}\n{}",
+        out.dump(),
+        out.stderr
+    );
+    assert!(out.of_kind("state_change").len() > 1, "{}", out.dump());
+}
