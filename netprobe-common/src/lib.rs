@@ -25,8 +25,13 @@ pub mod kind {
     pub const STATE_CHANGE: u8 = 7;
     /// `sock:inet_sk_error_report`: `reason` is the errno the application sees.
     pub const SOCK_ERROR: u8 = 8;
+    /// `fib:fib_table_lookup` failed (or hit a non-unicast route) for a connect() or send of a
+    /// task in a watched namespace, before any packet existed: `reason` is the lookup's errno
+    /// (positive; EAGAIN: that table had no route), `aux` the table id, `sport` 0 for a socket
+    /// without a port yet.
+    pub const ROUTE_FAILED: u8 = 9;
     /// Highest kind value in use (sizes per-kind counter arrays).
-    pub const MAX: u8 = 8;
+    pub const MAX: u8 = 9;
 }
 
 /// Values of the `QUIET_REASONS` map (indexed by drop reason): which drops of that reason the
@@ -98,8 +103,16 @@ pub struct RawEvent {
     pub daddr: [u8; 16],
     /// `comm` of the current task (only meaningful in process context).
     pub comm: [u8; 16],
+    /// DROP: the destination of the packet's conntrack entry in the original direction (network
+    /// order, as `daddr`): the address the client dialled, before DNAT. Valid if `orig_known`.
+    pub orig_daddr: [u8; 16],
+    /// DROP: the destination port of that entry (host order).
+    pub orig_dport: u16,
+    /// 1: `orig_daddr`/`orig_dport` were read from the skb's conntrack entry.
+    pub orig_known: u8,
+    pub _pad2: [u8; 5],
 }
-const _: () = assert!(size_of::<RawEvent>() == 112);
+const _: () = assert!(size_of::<RawEvent>() == 136);
 
 /// The DNS port: UDP datagrams to or from it carry the start of their DNS message.
 pub const DNS_PORT: u16 = 53;
@@ -109,7 +122,7 @@ pub const DNS_CAPTURE: usize = 128;
 
 /// A [`RawEvent`] of a UDP datagram to or from [`DNS_PORT`], followed by the first bytes of its
 /// DNS message. A record of its own size in the same ring buffer: userspace tells the two
-/// apart by length, and ordinary events stay 112 bytes.
+/// apart by length, and ordinary events stay 136 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RawDnsEvent {
@@ -119,7 +132,7 @@ pub struct RawDnsEvent {
     pub _pad: [u8; 6],
     pub payload: [u8; DNS_CAPTURE],
 }
-const _: () = assert!(size_of::<RawDnsEvent>() == 248);
+const _: () = assert!(size_of::<RawDnsEvent>() == 272);
 
 /// The in-kernel filter. Zero fields match anything. Set once at load time.
 #[repr(C)]
@@ -176,6 +189,38 @@ pub struct KernelOffsets {
 }
 const _: () = assert!(size_of::<KernelOffsets>() == 88);
 
+/// Offsets the `fib_table_lookup` program reads (kept apart from [`KernelOffsets`]: each
+/// program copies the structs it loads onto its 512-byte stack).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteOffsets {
+    /// `struct flowi4` members.
+    pub fl4_iif: u32,
+    pub fl4_proto: u32,
+    pub fl4_saddr: u32,
+    pub fl4_daddr: u32,
+    pub fl4_dport: u32,
+    pub fl4_sport: u32,
+    /// `task_struct.nsproxy` and `nsproxy.net_ns`: the current task's namespace.
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
+}
+const _: () = assert!(size_of::<RouteOffsets>() == 32);
+
+/// Where a packet's conntrack entry keeps the original destination (the drop program).
+/// All zero on a kernel without conntrack: then no original destination is read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackOffsets {
+    /// `sk_buff._nfct`.
+    pub skb_nfct: u32,
+    /// In `struct nf_conn`: `tuplehash[IP_CT_DIR_ORIGINAL].tuple.dst.u3` and `.dst.u.all`.
+    pub ct_orig_daddr: u32,
+    pub ct_orig_dport: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ConntrackOffsets>() == 16);
+
 /// Size of the drop-reason counter arrays: reasons at or above this are counted in the last slot.
 pub const MAX_DROP_REASONS: u32 = 256;
 /// Entries of the per-netns filter map.
@@ -201,6 +246,8 @@ mod user {
     unsafe impl aya::Pod for super::Filter {}
     unsafe impl aya::Pod for super::RawDnsEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::RouteOffsets {}
+    unsafe impl aya::Pod for super::ConntrackOffsets {}
 }
 
 #[cfg(test)]
@@ -217,6 +264,10 @@ mod tests {
         assert_eq!(offset_of!(RawEvent, kind), 60);
         assert_eq!(offset_of!(RawEvent, saddr), 64);
         assert_eq!(offset_of!(RawEvent, comm), 96);
+        // Appended for the conntrack original destination of a drop.
+        assert_eq!(offset_of!(RawEvent, orig_daddr), 112);
+        assert_eq!(offset_of!(RawEvent, orig_dport), 128);
+        assert_eq!(offset_of!(RawEvent, orig_known), 130);
         assert_eq!(core::mem::align_of::<RawEvent>(), 8);
     }
 
@@ -229,8 +280,8 @@ mod tests {
     #[test]
     fn dns_event_layout_is_stable() {
         assert_eq!(offset_of!(RawDnsEvent, ev), 0);
-        assert_eq!(offset_of!(RawDnsEvent, len), 112);
-        assert_eq!(offset_of!(RawDnsEvent, payload), 120);
+        assert_eq!(offset_of!(RawDnsEvent, len), 136);
+        assert_eq!(offset_of!(RawDnsEvent, payload), 144);
         assert_eq!(core::mem::align_of::<RawDnsEvent>(), 8);
     }
 }

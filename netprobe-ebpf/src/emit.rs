@@ -118,9 +118,11 @@ fn wakeup_flags(now: u64) -> u64 {
 }
 
 /// Fills in the time (and, when `with_task`, pid and comm) and submits; a full ring buffer is
-/// counted in `COUNTERS[LOST]` so that userspace can report the loss.
+/// counted in `COUNTERS[LOST]` so that userspace can report the loss. Takes the event by
+/// reference and copies it straight into the ring: a copy on the stack would not fit beside
+/// the callers' own (512 bytes in all).
 #[inline(always)]
-pub fn submit(mut ev: RawEvent, with_task: bool) {
+pub fn submit(ev: &mut RawEvent, with_task: bool) {
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     if with_task {
         ev.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -130,7 +132,8 @@ pub fn submit(mut ev: RawEvent, with_task: bool) {
     }
     match EVENTS.reserve::<RawEvent>(0) {
         Some(mut slot) => {
-            slot.write(ev);
+            // SAFETY: `slot` is reserved ring memory of the event's size.
+            unsafe { core::ptr::copy_nonoverlapping(ev as *const RawEvent, slot.as_mut_ptr(), 1) };
             slot.submit(wakeup_flags(ev.ts_ns));
             count(counter::EMITTED);
         }

@@ -5,10 +5,13 @@
 //! forwarded and loopback SYNs that die have no owning socket, and those are exactly the packets
 //! netprobe exists to explain.
 
-use aya_ebpf::{Global, helpers::bpf_probe_read_kernel};
+use aya_ebpf::{
+    Global,
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+};
 use netprobe_common::{
-    AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, KernelOffsets,
-    RawEvent,
+    AF_INET, AF_INET6, ConntrackOffsets, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    KernelOffsets, RawEvent, RouteOffsets,
 };
 
 #[unsafe(no_mangle)]
@@ -37,9 +40,34 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     rst_has_reason: 0,
 });
 
+#[unsafe(no_mangle)]
+static ROUTE_OFFSETS: Global<RouteOffsets> = Global::new(RouteOffsets {
+    fl4_iif: 0,
+    fl4_proto: 0,
+    fl4_saddr: 0,
+    fl4_daddr: 0,
+    fl4_dport: 0,
+    fl4_sport: 0,
+    task_nsproxy: 0,
+    nsproxy_net_ns: 0,
+});
+
+#[unsafe(no_mangle)]
+static CONNTRACK_OFFSETS: Global<ConntrackOffsets> = Global::new(ConntrackOffsets {
+    skb_nfct: 0,
+    ct_orig_daddr: 0,
+    ct_orig_dport: 0,
+    _pad: 0,
+});
+
 #[inline(always)]
 pub fn offsets() -> KernelOffsets {
     OFFSETS.load()
+}
+
+#[inline(always)]
+pub fn route_offsets() -> RouteOffsets {
+    ROUTE_OFFSETS.load()
 }
 
 #[inline(always)]
@@ -55,6 +83,51 @@ fn net_inum(net: u64, o: &KernelOffsets) -> u32 {
         return 0;
     }
     read::<u32>(net, o.net_ns_inum).unwrap_or(0)
+}
+
+/// The namespace (its inode) of the current task: the one a connect() or send runs in, for
+/// events in process context that carry no device or socket. 0 if unknown.
+#[inline(always)]
+pub fn current_netns(r: &RouteOffsets, o: &KernelOffsets) -> u32 {
+    // SAFETY: the helper returns the current task's address (never dereferenced here).
+    let task = unsafe { bpf_get_current_task() };
+    let nsproxy = read::<u64>(task, r.task_nsproxy).unwrap_or(0);
+    if nsproxy == 0 {
+        // An exiting task has dropped its namespaces.
+        return 0;
+    }
+    net_inum(read::<u64>(nsproxy, r.nsproxy_net_ns).unwrap_or(0), o)
+}
+
+/// `_nfct` holds the `struct nf_conn *` and the `ctinfo` in its low 3 bits (NFCT_INFOMASK).
+const NFCT_PTRMASK: u64 = !7;
+
+/// The destination of `skb`'s conntrack entry in the original direction (the address and port
+/// dialled, before any DNAT): fills `orig_daddr`, `orig_dport` and `orig_known`. The entry is
+/// attached by PREROUTING/OUTPUT (unconfirmed until the packet leaves), so a packet dropped by a
+/// later rule still has it. Nothing when the kernel has no conntrack or the packet no entry.
+#[inline(always)]
+pub fn skb_conntrack_dst(skb: u64, ev: &mut RawEvent) {
+    let o = CONNTRACK_OFFSETS.load();
+    if o.skb_nfct == 0 {
+        return;
+    }
+    let ct = read::<u64>(skb, o.skb_nfct).unwrap_or(0) & NFCT_PTRMASK;
+    if ct == 0 {
+        return;
+    }
+    let Ok(port) = read::<u16>(ct, o.ct_orig_dport) else {
+        return;
+    };
+    let n = if ev.family == AF_INET { 4 } else { 16 };
+    // Straight into the event: a temporary copy would not fit the drop program's stack.
+    // SAFETY: bpf_probe_read_kernel_buf validates the source; `n` ≤ the field's 16 bytes.
+    let src = (ct + o.ct_orig_daddr as u64) as *const u8;
+    if unsafe { bpf_probe_read_kernel_buf(src, &mut ev.orig_daddr[..n]) }.is_err() {
+        return;
+    }
+    ev.orig_dport = u16::from_be(port);
+    ev.orig_known = 1;
 }
 
 /// Fills `netns` and `ifindex` from `skb->dev`, or the netns from `skb->sk` when there is no

@@ -56,6 +56,8 @@ fn try_kfree_skb(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     ev.location = ctx.arg(1);
-    emit::submit(ev, true);
+    // The address dialled (a ClusterIP before DNAT) names the Service at the first drop.
+    kernel::skb_conntrack_dst(skb, &mut ev);
+    emit::submit(&mut ev, true);
     Ok(())
 }

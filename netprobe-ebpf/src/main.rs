@@ -11,6 +11,7 @@ mod emit;
 mod filter;
 mod kernel;
 
+mod fib;
 mod kfree_skb;
 mod sock_error;
 mod sock_state;

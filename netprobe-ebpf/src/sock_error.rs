@@ -35,6 +35,6 @@ fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     ev.reason = err as u32;
     ev.aux = kernel::sock_state(sk, &o);
-    emit::submit(ev, true);
+    emit::submit(&mut ev, true);
     Ok(())
 }

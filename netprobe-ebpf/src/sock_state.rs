@@ -30,6 +30,6 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     ev.aux = ctx.arg::<u64>(1) as u32;
     ev.reason = ctx.arg::<u64>(2) as u32;
-    emit::submit(ev, true);
+    emit::submit(&mut ev, true);
     Ok(())
 }

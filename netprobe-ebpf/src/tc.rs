@@ -199,7 +199,7 @@ fn try_tc(ctx: &TcContext, direction: u8) -> Result<(), i64> {
     ev.netns = kernel::skb_dev_netns(ctx.skb.skb as u64, &kernel::offsets());
     match dns_at {
         Some(off) => emit::submit_dns(ctx, ev, off),
-        None => emit::submit(ev, false),
+        None => emit::submit(&mut ev, false),
     }
     Ok(())
 }

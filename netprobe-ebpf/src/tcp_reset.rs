@@ -45,7 +45,7 @@ fn try_tcp_send_reset(ctx: &BtfTracePointContext) -> Result<(), i32> {
     {
         return Ok(());
     }
-    emit::submit(ev, true);
+    emit::submit(&mut ev, true);
     Ok(())
 }
 

@@ -37,6 +37,6 @@ pub fn emit_for_sock(sk: u64, event_kind: u8) -> Result<(), i32> {
     if event_kind == kind::RETRANSMIT && ev.aux == TCP_SYN_SENT {
         ev.tcp_flags = tcp_flags::SYN;
     }
-    emit::submit(ev, true);
+    emit::submit(&mut ev, true);
     Ok(())
 }

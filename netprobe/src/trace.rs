@@ -371,7 +371,9 @@ async fn install(opts: &TraceOptions, signals: &mut Signals) -> Result<Installed
     // The tracepoints last: an attempt whose connect() (SYN_SENT) they see began after the tc
     // programs and the rule trace were in place, so nothing of it was missed. Attempts already
     // under way are not judged (see verdict::began_before_the_trace).
-    signals.step(probes.attach_tracepoints(kbtf.aya()))?;
+    for (program, why) in signals.step(probes.attach_tracepoints(kbtf.aya()))? {
+        eprintln!("netprobe: WARNING: optional probe {program} refused, running without it: {why}");
+    }
     give_back(kbtf);
     let mut engine = Engine::new(Context {
         port: opts.port,

@@ -85,6 +85,27 @@ fn publish_s1(kube: &FakeKube, client: &Pod, server: &Pod) {
     support::publish_seldon_scheduler(kube);
 }
 
+/// The S1 lab with its rules and a listening scheduler, and the API stand-in that names its
+/// objects; the kubeconfig file (removed by the caller) and the listener (kept open).
+fn s1_published(
+    tag: &str,
+) -> (
+    support::S1,
+    FakeKube,
+    std::path::PathBuf,
+    std::net::TcpListener,
+) {
+    let s1 = support::s1_lab(tag);
+    let listener = s1
+        .lab
+        .listen(&s1.server.netns, "10.42.0.30:9004".parse().unwrap())
+        .unwrap();
+    support::s1_rules(&s1.lab, &s1.server, &s1.client);
+    let (kube, kubeconfig) = support::kube_api(&s1.lab);
+    publish_s1(&kube, &s1.client, &s1.server);
+    (s1, kube, kubeconfig, listener)
+}
+
 /// Done-when of #14: with only the agent running, the S1 drop (Calico end-of-tier deny behind
 /// the kube-proxy ClusterIP) is one verdict naming the chain, the rule comment, the policy, the
 /// Service with its ClusterIP and both pods; nothing else is written (no kernel noise); the
@@ -270,6 +291,39 @@ fn a_killed_agents_armed_table_is_removed_at_the_next_start() {
     assert_eq!(stateless_ruleset(&lab), before);
 }
 
+/// Wall-clock time from just before `client_ns` dials `addr` to the agent's first failure
+/// counted in /metrics (counted when it writes the verdict), and what connect() got.
+fn time_the_verdict(
+    lab: &Lab,
+    agent: &Agent,
+    client_ns: &str,
+    addr: std::net::SocketAddr,
+) -> (Duration, Connect) {
+    let failed = |agent: &Agent| {
+        netprobe_lab::metrics::sum(
+            &support::get(agent, "/metrics").1,
+            "netprobe_failed_connections_total",
+            &[],
+        )
+    };
+    assert_eq!(failed(agent), 0);
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        let client = s.spawn(|| lab.connect(client_ns, addr, Duration::from_millis(2500)));
+        let judged_after = loop {
+            if failed(agent) > 0 {
+                break started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "no verdict within 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (judged_after, client.join().unwrap())
+    })
+}
+
 /// Issue #16 item 9: a SYN dropped by a rule is judged as soon as the drop and its rule are
 /// known (the rule from the counters read at the drop), before the client's first retransmit
 /// (1 s after the SYN). Timed by wall clock from just before connect() to the failure counted
@@ -290,35 +344,8 @@ fn a_syn_dropped_by_a_rule_is_judged_before_the_first_retransmit() {
     )
     .unwrap();
     let agent = support::start_agent(lab.node(), &[], &[], true);
-    let failed = |agent: &Agent| {
-        netprobe_lab::metrics::sum(
-            &support::get(agent, "/metrics").1,
-            "netprobe_failed_connections_total",
-            &[],
-        )
-    };
-    assert_eq!(failed(&agent), 0);
-    let started = std::time::Instant::now();
-    let (judged_after, connect) = std::thread::scope(|s| {
-        let client = s.spawn(|| {
-            lab.connect(
-                &a.netns,
-                "10.42.0.82:9011".parse().unwrap(),
-                Duration::from_millis(2500),
-            )
-        });
-        let judged_after = loop {
-            if failed(&agent) > 0 {
-                break started.elapsed();
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "no verdict within 5 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (judged_after, client.join().unwrap())
-    });
+    let (judged_after, connect) =
+        time_the_verdict(&lab, &agent, &a.netns, "10.42.0.82:9011".parse().unwrap());
     assert_eq!(connect, Connect::TimedOut);
     eprintln!("agent verdict {judged_after:?} after the SYN");
     let (records, stderr) = records(agent);
@@ -335,4 +362,83 @@ fn a_syn_dropped_by_a_rule_is_judged_before_the_first_retransmit() {
         judged_after < Duration::from_millis(950),
         "the verdict came {judged_after:?} after the SYN (the first retransmit is at 1 s)"
     );
+}
+
+/// Issue #16 item 9, through a Service: the S1 SYN to the ClusterIP, DNAT'd to the scheduler
+/// pod and dropped there by Calico's policy, is judged before the client's first retransmit
+/// and still names the ClusterIP and Service dialled: the drop carries the original destination
+/// of its conntrack entry (the agent used to wait for its armed trace of the retransmit, ~1.4 s).
+#[test]
+fn a_syn_to_a_service_dropped_by_a_rule_names_the_cluster_ip_before_the_first_retransmit() {
+    let (support::S1 { lab, client, .. }, _kube, kubeconfig, _l) = s1_published("avsvcfast");
+    let agent = start_agent(&lab, &kubeconfig);
+    let (judged_after, connect) = time_the_verdict(
+        &lab,
+        &agent,
+        &client.netns,
+        format!("{CLUSTER_IP}:9004").parse().unwrap(),
+    );
+    assert_eq!(connect, Connect::TimedOut);
+    eprintln!("agent verdict {judged_after:?} after the SYN to the ClusterIP");
+    let (records, stderr) = records(agent);
+    let v = verdicts(&records);
+    assert_eq!(v.len(), 1, "{records:#?}\n{stderr}");
+    let v = v[0];
+    assert_eq!(v["outcome"], "dropped_by_rule", "{v:#}");
+    assert_eq!(
+        v["syn_retransmits"], 0,
+        "judged before the retransmit: {v:#}"
+    );
+    assert_eq!(v["dialed"]["addr"], CLUSTER_IP, "{v:#}");
+    assert_eq!(v["dialed"]["port"], 9004, "{v:#}");
+    assert_eq!(
+        v["dialed"]["peer"]["service"], "financial-inference/seldon-scheduler:xds",
+        "{v:#}"
+    );
+    assert_eq!(v["server"]["addr"], "10.42.0.30", "{v:#}");
+    assert_eq!(v["server"]["peer"]["pod"], "seldon-scheduler-0", "{v:#}");
+    assert_eq!(v["client"]["peer"]["pod"], "client-0", "{v:#}");
+    assert!(
+        judged_after < Duration::from_millis(950),
+        "the verdict came {judged_after:?} after the SYN (the first retransmit is at 1 s)"
+    );
+    let _ = std::fs::remove_file(kubeconfig);
+}
+
+/// Issue #16 item 2 in the always-on agent: a connect() in a pod whose own route table has an
+/// unreachable route fails before any packet exists; the agent names the pod, the route and
+/// the errno.
+#[test]
+fn the_agent_names_an_unreachable_route_inside_a_pod() {
+    let (support::S1 { lab, client, .. }, _kube, kubeconfig, _l) = s1_published("avpodrt");
+    lab.sh(&client.netns, "ip route replace unreachable 10.42.0.30/32")
+        .unwrap();
+    let agent = start_agent(&lab, &kubeconfig);
+    let (_, connect) = time_the_verdict(
+        &lab,
+        &agent,
+        &client.netns,
+        "10.42.0.30:9004".parse().unwrap(),
+    );
+    assert_eq!(connect, Connect::Other(libc::EHOSTUNREACH));
+    let (records, stderr) = records(agent);
+    let v = verdicts(&records);
+    assert_eq!(v.len(), 1, "{records:#?}\n{stderr}");
+    let v = v[0];
+    assert_eq!(v["outcome"], "unreachable", "{v:#}");
+    assert_eq!(v["client"]["peer"]["pod"], "client-0", "{v:#}");
+    assert_eq!(
+        v["client"]["peer"]["namespace"], "financial-inference",
+        "{v:#}"
+    );
+    assert_eq!(v["server"]["peer"]["pod"], "seldon-scheduler-0", "{v:#}");
+    let n = &v["no_route"];
+    assert_eq!(n["in_connect"], true, "{v:#}");
+    assert_eq!(n["client_sees"], "EHOSTUNREACH", "{v:#}");
+    assert_eq!(n["route"]["kind"], "unreachable", "{v:#}");
+    assert_eq!(n["route"]["prefix"], "10.42.0.30/32", "{v:#}");
+    assert_eq!(n["route"]["table"], "main", "{v:#}");
+    let why = v["explanation"].as_str().unwrap();
+    assert!(!why.contains("0.0.0.0"), "no source address existed: {why}");
+    let _ = std::fs::remove_file(kubeconfig);
 }

@@ -1,7 +1,8 @@
 //! Privileged tests of causes the kernel leaves no clear trace of (issue #16, items 1 and 2):
 //! a full accept queue (the SYN is consumed, not dropped) and a failed route lookup on the node
-//! (the node's own kernel sends the ICMP error, quoting the client's SYN). Real eBPF, real netns
-//! labs, real `netprobe trace`.
+//! (the node's own kernel sends the ICMP error, quoting the client's SYN) or inside the client
+//! pod (connect() fails there before any packet exists: only `fib:fib_table_lookup` sees it).
+//! Real eBPF, real netns labs, real `netprobe trace`.
 
 mod support;
 
@@ -180,20 +181,35 @@ fn wait_listening(lab: &Lab, netns: &str) {
     panic!("the slow server did not listen");
 }
 
-/// The node's route toward the server pod replaced by `route` (or removed, with the default
-/// route, when `None`); one connect from the client; the verdict.
-fn node_route_verdict(tag: &str, route: Option<&str>, expect: Connect) -> Value {
+/// Where a lab test breaks the route toward the server pod.
+#[derive(Clone, Copy, PartialEq)]
+enum Where {
+    /// The node's route (the SYN is forwarded, then freed there).
+    Node,
+    /// The client pod's own route (connect() fails there before any packet exists).
+    Pod,
+}
+
+/// The route toward the server pod replaced by `route` (or removed, with the default route,
+/// when `None`) on the node or in the client pod; one connect from the client; the trace's one
+/// verdict.
+fn route_verdict(tag: &str, at: Where, route: Option<&str>, expect: Connect) -> Value {
     let S1 {
         lab,
         client,
         server: _server,
     } = s1_lab(tag);
-    let change = match route {
-        Some(r) => format!("ip route replace {r}"),
-        None => "ip route del 10.42.0.30/32; ip route del default".into(),
+    let ns = match at {
+        Where::Node => lab.node().to_string(),
+        Where::Pod => client.netns.clone(),
     };
-    lab.sh(lab.node(), &change).unwrap();
-    if route.is_none() {
+    let change = match (route, at) {
+        (Some(r), _) => format!("ip route replace {r}"),
+        (None, Where::Node) => "ip route del 10.42.0.30/32; ip route del default".into(),
+        (None, Where::Pod) => "ip route del default".into(),
+    };
+    lab.sh(&ns, &change).unwrap();
+    if route.is_none() && at == Where::Node {
         // Proxy ARP answers only while the node has a route for the gateway address: a static
         // neighbour keeps this a routing failure, not a neighbour failure.
         support::static_gateway_neighbour(&lab, &client);
@@ -206,16 +222,42 @@ fn node_route_verdict(tag: &str, route: Option<&str>, expect: Connect) -> Value 
     );
     let out = trace.finish_with_code(1);
     let all = out.verdicts();
-    assert_eq!(all.len(), 1, "one attempt:\n{}", out.dump());
+    assert_eq!(all.len(), 1, "one attempt:\n{}\n{}", out.dump(), out.stderr);
     let v = all[0].clone();
     let why = v["explanation"].as_str().unwrap();
     assert!(
         !why.contains("from 10.42.0.20"),
         "the client did not send the ICMP error: {why}"
     );
-    assert_eq!(v["no_route"]["netns"], lab.node(), "{v:#}");
-    assert_eq!(v["no_route"]["interface"], client.host_if.as_str(), "{v:#}");
+    assert_eq!(v["no_route"]["netns"], ns.as_str(), "{v:#}");
+    if at == Where::Node {
+        assert_eq!(v["no_route"]["interface"], client.host_if.as_str(), "{v:#}");
+    } else {
+        assert_in_connect(&v, &client.netns);
+    }
     v
+}
+
+fn node_route_verdict(tag: &str, route: Option<&str>, expect: Connect) -> Value {
+    route_verdict(tag, Where::Node, route, expect)
+}
+
+/// A connect() in the client pod whose lookup failed there: said so, with no SYN and no
+/// source address.
+fn assert_in_connect(v: &Value, client_ns: &str) {
+    assert_eq!(v["outcome"], "unreachable", "{v:#}");
+    assert_eq!(v["no_route"]["in_connect"], true, "{v:#}");
+    assert_eq!(v["client"]["netns"], client_ns, "{v:#}");
+    assert_eq!(
+        (&v["server"]["addr"], &v["server"]["port"]),
+        (&"10.42.0.30".into(), &9100.into()),
+        "{v:#}"
+    );
+    assert_eq!(v["app_error"], v["no_route"]["client_sees"], "{v:#}");
+    let why = v["explanation"].as_str().unwrap();
+    let expected =
+        format!("connect() to 10.42.0.30:9100 in {client_ns} failed before any packet left");
+    assert!(why.starts_with(&expected), "{why}");
 }
 
 fn assert_route(v: &Value, kind: &str, client_sees: &str) {
@@ -316,4 +358,122 @@ fn missing_route_on_the_node_says_there_is_none() {
     assert_eq!(v["no_route"]["client_sees"], "ENETUNREACH", "{v:#}");
     let headline = v["headline"].as_str().unwrap();
     assert!(headline.starts_with("no route to 10.42.0.30"), "{headline}");
+}
+
+/// Inside the client pod (#16 item 2 in a pod's namespace): the route named there, and the
+/// errno connect() returned at once.
+fn pod_route(tag: &str, kind: &str, errno: i32, client_sees: &str) {
+    let route = format!("{kind} 10.42.0.30/32");
+    let v = route_verdict(tag, Where::Pod, Some(&route), Connect::Other(errno));
+    assert_route(&v, kind, client_sees);
+    let why = v["explanation"].as_str().unwrap();
+    assert!(
+        why.contains(&format!("so the client gets {client_sees} at once")),
+        "{why}"
+    );
+}
+
+#[test]
+fn unreachable_route_in_the_pod_is_named_with_its_table() {
+    pod_route("dppunr", "unreachable", libc::EHOSTUNREACH, "EHOSTUNREACH");
+}
+
+#[test]
+fn prohibit_route_in_the_pod_is_named_with_its_table() {
+    pod_route("dppproh", "prohibit", libc::EACCES, "EACCES");
+}
+
+/// A local connect() to a blackhole route fails with EINVAL (only forwarded packets are
+/// dropped silently).
+#[test]
+fn blackhole_route_in_the_pod_is_named_with_its_table() {
+    pod_route("dppbh", "blackhole", libc::EINVAL, "EINVAL");
+}
+
+#[test]
+fn missing_route_in_the_pod_says_there_is_none() {
+    let v = route_verdict(
+        "dppnone",
+        Where::Pod,
+        None,
+        Connect::Other(libc::ENETUNREACH),
+    );
+    assert_eq!(v["no_route"]["route"]["kind"], "none", "{v:#}");
+    assert_eq!(v["no_route"]["client_sees"], "ENETUNREACH", "{v:#}");
+    let headline = v["headline"].as_str().unwrap();
+    assert!(
+        headline.starts_with("no route to 10.42.0.30 in "),
+        "{headline}"
+    );
+    assert!(
+        v["next_steps"][1]
+            .as_str()
+            .unwrap()
+            .contains("add the missing route"),
+        "{v:#}"
+    );
+}
+
+/// The route-lookup probe is optional: a kernel that refuses it (here: the verifier, made to
+/// refuse it by loading it against a one-argument tracepoint) leaves a trace that says so and
+/// goes on watching everything else — an ordinary refused connection is still judged.
+#[test]
+fn a_trace_without_the_route_lookup_probe_says_so_and_runs() {
+    let S1 {
+        lab,
+        client,
+        server: _server,
+    } = s1_lab("dppfault");
+    let trace = support::start_verdict_trace_env(
+        lab.node(),
+        &["--port", "9100", "--duration", "3s"],
+        &[("NETPROBE_FAULT_PROBE", "fib_table_lookup")],
+    );
+    let addr: SocketAddr = "10.42.0.30:9100".parse().unwrap();
+    assert_eq!(
+        lab.connect(&client.netns, addr, Duration::from_millis(1500)),
+        Connect::Refused
+    );
+    let out = trace.finish_with_code(1);
+    assert!(
+        out.stderr
+            .contains("optional probe fib_table_lookup refused, running without it"),
+        "{}",
+        out.stderr
+    );
+    let all = out.verdicts();
+    assert_eq!(all.len(), 1, "{}\n{}", out.dump(), out.stderr);
+    assert_eq!(all[0]["outcome"], "refused_no_listener", "{:#}", all[0]);
+}
+
+/// Successful lookups cost no event: with policy rules (here a rule to an empty table before
+/// main), every connect() first misses the local table and that table before main finds its
+/// route. Those misses are not failures: a connection that works leaves no `route_failed`
+/// event and no verdict but its own.
+#[test]
+fn policy_rules_missing_a_table_before_main_are_no_route_failure() {
+    let S1 {
+        lab,
+        client,
+        server,
+    } = s1_lab("dpprules");
+    let _l = lab
+        .listen(&server.netns, "10.42.0.30:9100".parse().unwrap())
+        .unwrap();
+    lab.sh(&client.netns, "ip rule add from all lookup 100 pref 100")
+        .unwrap();
+    let trace = support::start_trace(lab.node(), &["--port", "9100", "--duration", "3s"]);
+    let addr: SocketAddr = "10.42.0.30:9100".parse().unwrap();
+    assert_eq!(
+        lab.connect(&client.netns, addr, Duration::from_millis(1500)),
+        Connect::Connected
+    );
+    let out = trace.finish_with_code(0);
+    assert!(
+        out.of_kind("route_failed").is_empty(),
+        "{}\n{}",
+        out.dump(),
+        out.stderr
+    );
+    assert!(out.of_kind("state_change").len() > 1, "{}", out.dump());
 }

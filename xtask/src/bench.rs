@@ -572,11 +572,13 @@ fn verdict_latency(bench: &mut Bench) -> Result<(f64, String)> {
 }
 
 /// One failure the agent alone explains: how long from the client's first SYN to the agent's
-/// verdict on stdout, the outcome, and the rule it names (empty: none).
+/// verdict on stdout, the outcome, the rule it names (empty: none) and the address it says the
+/// client dialled (empty: the server's own).
 struct AgentVerdict {
     seconds: f64,
     outcome: String,
     rule: String,
+    dialed: String,
 }
 
 /// The agent's verdicts on its NDJSON stdout, read on a thread: (server port, arrival, verdict).
@@ -597,78 +599,141 @@ fn verdict_lines(agent: &mut Agent) -> Result<std::sync::mpsc::Receiver<(u64, In
     Ok(rx)
 }
 
-/// Time from the first SYN to the agent's verdict, with the agent alone, for a SYN dropped by a
-/// rule that the client would retry (the rule is named from the counters read at the first
-/// drop: the verdict comes before the retransmit, issue #16 item 9) and for a REJECT the client
-/// does not retry (named from the rule counters).
-fn agent_verdict_latency(bench: &mut Bench) -> Result<Vec<(&'static str, AgentVerdict)>> {
+/// The ClusterIP of the bench's Service, DNAT-ed to bench-b on [`SERVICE_PORT`].
+const CLUSTER_IP: &str = "10.43.0.95";
+const SERVICE_PORT: u16 = 9995;
+
+/// An agent case: name, server port, the FORWARD rule's target, and whether the client dials
+/// the Service's ClusterIP (kube-proxy-style DNAT to bench-b) instead of bench-b itself.
+type AgentCase = (&'static str, u16, &'static str, bool);
+
+const AGENT_CASES: [AgentCase; 3] = [
+    ("retried_drop", 9997, "DROP", false),
+    ("reject", 9996, "REJECT", false),
+    ("service_drop", SERVICE_PORT, "DROP", true),
+];
+
+/// The rules of the agent cases added (`-I`) or deleted (`-D`) in the node.
+fn agent_case_rules(bench: &Bench, op: &str) -> Result<()> {
     let node = bench.node();
-    let cases = [
-        ("retried_drop", 9997u16, "DROP"),
-        ("reject", 9996, "REJECT"),
-    ];
-    for (_, port, target) in cases {
+    for (_, port, target, _) in AGENT_CASES {
         bench.lab.sh(
             &node,
-            &format!("iptables -I FORWARD -p tcp --dport {port} -j {target}"),
+            &format!("iptables {op} FORWARD -p tcp --dport {port} -j {target}"),
         )?;
     }
+    bench.lab.sh(
+        &node,
+        &format!(
+            "iptables -t nat {op} PREROUTING -d {CLUSTER_IP} -p tcp --dport {SERVICE_PORT} -j DNAT --to-destination {}:{SERVICE_PORT}",
+            bench.b.ip
+        ),
+    )?;
+    Ok(())
+}
+
+/// The API stand-in with the bench's Service and its endpoint (bench-b), so that the agent
+/// knows the dropped SYN went to a Service endpoint; its kubeconfig file.
+fn bench_kube(bench: &Bench) -> Result<(netprobe_lab::kubeapi::FakeKube, PathBuf)> {
+    use netprobe_lab::kubeapi::{FakeKube, Kind, endpoint_slice, service};
+    let kube = FakeKube::start(bench.lab.listen(&bench.node(), "127.0.0.1:0".parse()?)?);
+    kube.apply(
+        Kind::Service,
+        service(
+            "default",
+            "bench-svc",
+            CLUSTER_IP,
+            &[("tcp", SERVICE_PORT, SERVICE_PORT)],
+        ),
+    );
+    kube.apply(
+        Kind::EndpointSlice,
+        endpoint_slice(
+            "default",
+            "bench-svc",
+            &[(&bench.b.ip.to_string(), "bench-b")],
+            &[("tcp", SERVICE_PORT)],
+        ),
+    );
+    let path = std::env::temp_dir().join(format!("netprobe-bench-kubeconfig-{}", kube.port));
+    std::fs::write(&path, kube.kubeconfig())?;
+    Ok((kube, path))
+}
+
+/// Time from the first SYN to the agent's verdict, with the agent alone, for a SYN dropped by a
+/// rule that the client would retry (the rule is named from the counters read at the first
+/// drop: the verdict comes before the retransmit, issue #16 item 9), for the same through a
+/// Service's ClusterIP (the drop's conntrack entry names the ClusterIP at once), and for a
+/// REJECT the client does not retry (named from the rule counters).
+fn agent_verdict_latency(bench: &mut Bench) -> Result<Vec<(&'static str, AgentVerdict)>> {
+    agent_case_rules(bench, "-I")?;
     let r = (|| -> Result<Vec<(&'static str, AgentVerdict)>> {
-        let mut agent = Agent::start_on(&netprobe_bin(true), &node, bench.port, |s| {
-            s.env_remove("KUBECONFIG")
+        let (_kube, kubeconfig) = bench_kube(bench)?;
+        let mut agent = Agent::start_on(&netprobe_bin(true), &bench.node(), bench.port, |s| {
+            s.env("KUBECONFIG", &kubeconfig)
+                .env("NODE_NAME", "bench-node")
                 .env_remove("KUBERNETES_SERVICE_HOST")
                 .stdout(Stdio::piped())
                 .ready_limit(READY_LIMIT)
         })?;
-        let verdicts = verdict_lines(&mut agent)?;
-        let mut found = Vec::new();
-        for (name, port, _) in cases {
-            let to = SocketAddr::new(bench.b.ip.into(), port);
-            let ns = bench.a.netns.clone();
-            let t0 = Instant::now();
-            let client = std::thread::spawn(move || {
-                let _ = in_netns(&ns, move || {
-                    TcpStream::connect_timeout(&to, Duration::from_secs(3))
-                });
-            });
-            let deadline = t0 + Duration::from_secs(10);
-            let (at, v) = loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match verdicts.recv_timeout(left) {
-                    Ok((p, at, v)) if p == u64::from(port) => break (at, v),
-                    Ok(_) => continue,
-                    Err(_) => bail!("no agent verdict for the {name} case within 10 s"),
-                }
-            };
-            let _ = client.join();
-            let nf = &v["netfilter"];
-            found.push((
-                name,
-                AgentVerdict {
-                    seconds: at.duration_since(t0).as_secs_f64(),
-                    outcome: v["outcome"].as_str().unwrap_or("").to_string(),
-                    rule: match nf["chain"].as_str() {
-                        Some(c) => format!(
-                            "{} {} #{}",
-                            nf["table"].as_str().unwrap_or(""),
-                            c,
-                            nf["position"]
-                        ),
-                        None => String::new(),
-                    },
-                },
-            ));
-        }
+        let verdicts = verdict_lines(&mut agent);
+        let found = verdicts.and_then(|v| {
+            AGENT_CASES
+                .into_iter()
+                .map(|case| Ok((case.0, agent_case(bench, &v, case)?)))
+                .collect::<Result<Vec<_>>>()
+        });
         stop_agent(agent)?;
-        Ok(found)
+        let _ = std::fs::remove_file(&kubeconfig);
+        found
     })();
-    for (_, port, target) in cases {
-        bench.lab.sh(
-            &node,
-            &format!("iptables -D FORWARD -p tcp --dport {port} -j {target}"),
-        )?;
-    }
+    agent_case_rules(bench, "-D")?;
     r
+}
+
+/// One agent case: the client dials, the agent's verdict for its port.
+fn agent_case(
+    bench: &Bench,
+    verdicts: &std::sync::mpsc::Receiver<(u64, Instant, Value)>,
+    (name, port, _, via_service): AgentCase,
+) -> Result<AgentVerdict> {
+    let to = if via_service {
+        SocketAddr::new(CLUSTER_IP.parse()?, port)
+    } else {
+        SocketAddr::new(bench.b.ip.into(), port)
+    };
+    let ns = bench.a.netns.clone();
+    let t0 = Instant::now();
+    let client = std::thread::spawn(move || {
+        let _ = in_netns(&ns, move || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(3))
+        });
+    });
+    let deadline = t0 + Duration::from_secs(10);
+    let (at, v) = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match verdicts.recv_timeout(left) {
+            Ok((p, at, v)) if p == u64::from(port) => break (at, v),
+            Ok(_) => continue,
+            Err(_) => bail!("no agent verdict for the {name} case within 10 s"),
+        }
+    };
+    let _ = client.join();
+    let nf = &v["netfilter"];
+    Ok(AgentVerdict {
+        seconds: at.duration_since(t0).as_secs_f64(),
+        outcome: v["outcome"].as_str().unwrap_or("").to_string(),
+        rule: match nf["chain"].as_str() {
+            Some(c) => format!(
+                "{} {} #{}",
+                nf["table"].as_str().unwrap_or(""),
+                c,
+                nf["position"]
+            ),
+            None => String::new(),
+        },
+        dialed: v["dialed"]["addr"].as_str().unwrap_or("").to_string(),
+    })
 }
 
 pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
@@ -839,6 +904,7 @@ fn latency_cases(bench: &mut Bench) -> Result<Vec<(&'static str, Value)>> {
                 "seconds": (v.seconds * 1000.0).round() / 1000.0,
                 "outcome": v.outcome,
                 "rule": v.rule,
+                "dialed": v.dialed,
             });
             (name.to_string(), v)
         })
@@ -1010,10 +1076,23 @@ fn table(r: &Value) -> String {
             "≤ 1: before the first retransmit",
         ),
         ("reject", "a REJECT, not retried", "≤ 0.5"),
+        (
+            "service_drop",
+            "a SYN to a ClusterIP dropped by a rule at its endpoint, retried",
+            "≤ 1: before the first retransmit",
+        ),
     ] {
         let v = &r["agent_verdict"][case];
+        if v.is_null() {
+            continue;
+        }
+        let dialed = v["dialed"]
+            .as_str()
+            .filter(|d| !d.is_empty())
+            .map(|d| format!(", dialled {d}"))
+            .unwrap_or_default();
         t.push_str(&format!(
-            "| first SYN to the agent's verdict naming the rule: {label} (`{}`, {}), s | {} ({goal}) |\n",
+            "| first SYN to the agent's verdict naming the rule: {label} (`{}`, {}{dialed}), s | {} ({goal}) |\n",
             v["outcome"].as_str().unwrap_or(""),
             v["rule"].as_str().filter(|r| !r.is_empty()).unwrap_or("no rule named"),
             v["seconds"]

@@ -40,6 +40,11 @@ pub enum Kind {
     /// A DNS lookup failed (always-on agent): `dns` names the query, `dns_failure` says why;
     /// `src` is the client, `dst` the server it asked (the kube-dns ClusterIP before DNAT).
     DnsFailure,
+    /// A route lookup of a connect() or send failed in a watched namespace, before any packet
+    /// existed (`fib:fib_table_lookup`): `error` is the lookup's error (`EAGAIN`: that table
+    /// had no route), `process` who asked; `sport` is 0 (and `src` unspecified) while the
+    /// socket has no port (address) yet.
+    RouteFailed,
 }
 
 impl Kind {
@@ -52,6 +57,7 @@ impl Kind {
             kind::RETRANSMIT => Self::Retransmit,
             kind::STATE_CHANGE => Self::StateChange,
             kind::SOCK_ERROR => Self::SocketError,
+            kind::ROUTE_FAILED => Self::RouteFailed,
             _ => return None,
         })
     }
@@ -138,7 +144,7 @@ pub struct Process {
     pub comm: String,
 }
 
-/// A destination after DNAT.
+/// A destination on the other side of a DNAT: after it (`translated`) or before it (`dialed`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Translated {
     pub dst: IpAddr,
@@ -201,6 +207,10 @@ pub struct Event {
     pub dns: Option<dns::Dns>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_failure: Option<DnsFailure>,
+    /// A dropped packet's destination as the client dialled it (a ClusterIP before DNAT), from
+    /// the packet's conntrack entry; equal to `dst`/`dport` when nothing translated it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dialed: Option<Translated>,
     /// Kernel `sk_buff` address: equal values are the same packet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skb: Option<String>,
@@ -236,6 +246,8 @@ pub fn errno_name(e: i32) -> String {
         libc::ECONNABORTED => "ECONNABORTED".into(),
         libc::EPERM => "EPERM".into(),
         libc::EACCES => "EACCES".into(),
+        libc::EINVAL => "EINVAL".into(),
+        libc::EAGAIN => "EAGAIN".into(),
         other => format!("errno {other}"),
     }
 }
@@ -289,6 +301,7 @@ pub fn derived(
         translated: None,
         dns: None,
         dns_failure: None,
+        dialed: None,
         skb: None,
         sock: None,
         to_service_endpoint: false,
@@ -347,7 +360,11 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
             old: TcpState::from_number(ev.aux),
             new: TcpState::from_number(ev.reason),
         }),
-        error: (ev.kind == netprobe_common::kind::SOCK_ERROR).then(|| ErrorInfo {
+        error: matches!(
+            ev.kind,
+            netprobe_common::kind::SOCK_ERROR | netprobe_common::kind::ROUTE_FAILED
+        )
+        .then(|| ErrorInfo {
             errno: ev.reason as i32,
             name: errno_name(ev.reason as i32),
         }),
@@ -368,6 +385,13 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
         translated: None,
         dns: None,
         dns_failure: None,
+        dialed: (ev.kind == netprobe_common::kind::DROP && ev.orig_known != 0).then(|| {
+            Translated {
+                dst: ip_of(ev.family, &ev.orig_daddr),
+                dport: ev.orig_dport,
+                peer: None,
+            }
+        }),
         skb: (ev.skb != 0).then(|| format!("{:#x}", ev.skb)),
         sock: (ev.sk != 0).then(|| format!("{:#x}", ev.sk)),
         to_service_endpoint: false,

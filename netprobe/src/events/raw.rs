@@ -124,7 +124,7 @@ mod tests {
         assert_eq!(r.ev, ev);
         assert_eq!(r.dns_bytes(), Some(&b"hello"[..]));
         // A length beyond the buffer is clamped, never trusted.
-        bytes[112..114].copy_from_slice(&u16::MAX.to_ne_bytes());
+        bytes[136..138].copy_from_slice(&u16::MAX.to_ne_bytes());
         assert_eq!(
             decode_record(&bytes).unwrap().dns_bytes().unwrap().len(),
             DNS_CAPTURE

@@ -5,7 +5,7 @@
 use std::{collections::HashMap, path::Path};
 
 use btf_rs::{Btf, Type};
-use netprobe_common::KernelOffsets;
+use netprobe_common::{ConntrackOffsets, KernelOffsets, RouteOffsets};
 
 use crate::error::{Error, Result};
 
@@ -198,6 +198,41 @@ impl KernelBtf {
         })
     }
 
+    /// Offsets of the route lookup's flow and of the current task's namespace.
+    pub fn route_offsets(&self) -> Result<RouteOffsets> {
+        Ok(RouteOffsets {
+            fl4_iif: self.offset("flowi4", "__fl_common.flowic_iif")?,
+            fl4_proto: self.offset("flowi4", "__fl_common.flowic_proto")?,
+            fl4_saddr: self.offset("flowi4", "saddr")?,
+            fl4_daddr: self.offset("flowi4", "daddr")?,
+            fl4_dport: self.offset("flowi4", "uli.ports.dport")?,
+            fl4_sport: self.offset("flowi4", "uli.ports.sport")?,
+            task_nsproxy: self.offset("task_struct", "nsproxy")?,
+            nsproxy_net_ns: self.offset("nsproxy", "net_ns")?,
+        })
+    }
+
+    /// Where a packet's conntrack entry keeps the original destination. All zero (the drop
+    /// program then reads none) on a kernel without conntrack in its BTF: an optional detail.
+    pub fn conntrack_offsets(&self) -> ConntrackOffsets {
+        let tuple = || -> Result<(u32, u32, u32)> {
+            let orig = self.offset("nf_conn", "tuplehash")?
+                + self.offset("nf_conntrack_tuple_hash", "tuple")?;
+            Ok((
+                self.offset("sk_buff", "_nfct")?,
+                orig + self.offset("nf_conntrack_tuple", "dst.u3")?,
+                orig + self.offset("nf_conntrack_tuple", "dst.u.all")?,
+            ))
+        };
+        let (skb_nfct, ct_orig_daddr, ct_orig_dport) = tuple().unwrap_or_default();
+        ConntrackOffsets {
+            skb_nfct,
+            ct_orig_daddr,
+            ct_orig_dport,
+            _pad: 0,
+        }
+    }
+
     pub fn raw(&self) -> &Btf {
         &self.btf
     }
@@ -214,6 +249,13 @@ mod tests {
         let o = btf.offsets().expect("offsets");
         assert!(o.skb_head > 0 && o.skb_network_header > 0 && o.net_ns_inum > 0);
         assert_ne!(o.sk_daddr, o.sk_rcv_saddr);
+        // The route lookup's flow and the conntrack entry's original destination (this kernel
+        // has conntrack built in).
+        let r = btf.route_offsets().expect("route offsets");
+        assert!(r.fl4_daddr > r.fl4_saddr && r.fl4_dport > r.fl4_daddr && r.fl4_proto > 0);
+        assert!(r.task_nsproxy > 0 && r.nsproxy_net_ns > 0);
+        let c = btf.conntrack_offsets();
+        assert!(c.skb_nfct > 0 && c.ct_orig_dport > c.ct_orig_daddr && c.ct_orig_daddr > 0);
         let reasons = btf
             .enum_names("skb_drop_reason", "SKB_DROP_REASON_")
             .unwrap();

@@ -66,7 +66,7 @@ fn check_tracepoints(r: &mut Report, probes: &mut Probes) {
             for &(program, tp) in TRACEPOINTS {
                 r.add(
                     &format!("tp_btf/{tp}"),
-                    true,
+                    !super::OPTIONAL.contains(&program),
                     probes
                         .attach_tracepoint(&btf, program, tp)
                         .map(|_| "loaded and attached".into())

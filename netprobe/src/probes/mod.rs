@@ -28,8 +28,9 @@ use btf::KernelBtf;
 /// The kernel object, built by `build.rs` (aya-build) and embedded in the binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netprobe"));
 
-/// (program name in the object, BTF tracepoint it attaches to). All are required: each one works
-/// on every kernel netprobe supports (5.8+ for tp_btf with these signatures).
+/// (program name in the object, BTF tracepoint it attaches to). All are required except the
+/// [`OPTIONAL`] ones: each required one works on every kernel netprobe supports (5.8+ for
+/// tp_btf with these signatures).
 pub const TRACEPOINTS: &[(&str, &str)] = &[
     ("kfree_skb", "kfree_skb"),
     ("tcp_send_reset", "tcp_send_reset"),
@@ -37,7 +38,12 @@ pub const TRACEPOINTS: &[(&str, &str)] = &[
     ("tcp_retransmit_skb", "tcp_retransmit_skb"),
     ("inet_sock_set_state", "inet_sock_set_state"),
     ("inet_sk_error_report", "inet_sk_error_report"),
+    ("fib_table_lookup", "fib_table_lookup"),
 ];
+
+/// Probes a session runs without when the kernel refuses them (reported, not fatal): failed
+/// route lookups inside a namespace (connect() errors before any packet) are a detail.
+pub const OPTIONAL: &[&str] = &["fib_table_lookup"];
 
 /// Tracepoints only traces need: state changes are not failures, and `inet_sock_set_state`
 /// fires about ten times per healthy connection.
@@ -179,12 +185,16 @@ impl Probes {
     ) -> Result<Self> {
         raise_memlock_rlimit();
         let offsets = kbtf.offsets()?;
+        let route_offsets = kbtf.route_offsets()?;
+        let conntrack_offsets = kbtf.conntrack_offsets();
         let ebpf = EbpfLoader::new()
             .btf(Some(kbtf.aya()))
             .map_max_entries("EVENTS", ring_bytes)
             .map_max_entries("NETNS_FILTER", netns_entries.max(1))
             .override_global("FILTER", &filter, true)
             .override_global("OFFSETS", &offsets, true)
+            .override_global("ROUTE_OFFSETS", &route_offsets, true)
+            .override_global("CONNTRACK_OFFSETS", &conntrack_offsets, true)
             .load(OBJECT)
             .map_err(Error::Load)?;
         Ok(Self {
@@ -266,12 +276,18 @@ impl Probes {
         })
     }
 
-    /// Loads and attaches every tracepoint program. Links live as long as `self`.
-    pub fn attach_tracepoints(&mut self, btf: &aya::Btf) -> Result<()> {
+    /// Loads and attaches every tracepoint program. Links live as long as `self`. A required
+    /// one the kernel refuses fails the call; returns (program, reason) of each [`OPTIONAL`]
+    /// one refused.
+    pub fn attach_tracepoints(&mut self, btf: &aya::Btf) -> Result<Vec<(&'static str, String)>> {
+        let mut missing = Vec::new();
         for &(program, tp) in TRACEPOINTS {
-            self.attach_tracepoint(btf, program, tp)?;
+            match self.attach_tracepoint(btf, program, tp) {
+                Err(e) if OPTIONAL.contains(&program) => missing.push((program, check::chain(&e))),
+                r => r?,
+            }
         }
-        Ok(())
+        Ok(missing)
     }
 
     /// Like [`Probes::attach_tracepoints`], but a probe the kernel refuses is reported, not

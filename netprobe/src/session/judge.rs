@@ -32,6 +32,9 @@ pub struct Judge {
     route_hints: bool,
     namespaces: Option<NamespaceList>,
     looked: Looked,
+    /// Failed route lookups judged lately, so that one connect() is one verdict (a lookup
+    /// walks several tables, each miss an event).
+    lookups: RecentLookups,
 }
 
 impl Judge {
@@ -48,6 +51,7 @@ impl Judge {
                 QUEUE_RECHECK,
                 QUEUE_REMEMBERED,
             )),
+            lookups: RecentLookups::default(),
         }
     }
 
@@ -101,6 +105,9 @@ impl Judge {
 
     pub fn push(&mut self, e: Event) -> Vec<Verdict> {
         let now = self.now();
+        if e.kind == Kind::RouteFailed {
+            return self.route_failed(e, now);
+        }
         if let Some(lookup) = &mut self.listeners
             && no_socket(&e)
             && let Some(inode) = e.netns.as_ref().map(|n| n.inode)
@@ -113,6 +120,15 @@ impl Judge {
         let i = self.engine_for(&e);
         let v = self.engines[i].push(e, now);
         self.finalize(v)
+    }
+
+    /// A connect() whose route lookup failed: a verdict of its own (no packet, no port to
+    /// join an attempt by), once per connect().
+    fn route_failed(&mut self, e: Event, now: u64) -> Vec<Verdict> {
+        if !self.lookups.first(&e, now) {
+            return Vec::new();
+        }
+        self.finalize(vec![crate::verdict::noroute::lookup_failed(&e)])
     }
 
     /// Which engine takes `e`.
@@ -146,8 +162,10 @@ impl Judge {
         verdicts
             .into_iter()
             .filter_map(|mut v| {
-                if let Some(list) = &self.namespaces {
-                    look_inside(list, self.names.as_deref(), &self.looked, &mut v);
+                if let Some(list) = &self.namespaces
+                    && !look_inside(list, self.names.as_deref(), &self.looked, &mut v)
+                {
+                    return None;
                 }
                 if let Some(names) = &self.names
                     && (self.name_healthy || failed(&v))
@@ -199,18 +217,57 @@ type Looked = RefCell<
     >,
 >;
 
+/// How long a failed lookup of one task toward one destination counts as the same connect().
+const LOOKUP_SAME_NS: u64 = 500_000_000;
+/// Failed lookups remembered at most (a task retrying in a loop, many destinations).
+const LOOKUPS_REMEMBERED: usize = 1024;
+
+/// (namespace, pid, destination, port) of failed lookups judged, and when.
+#[derive(Default)]
+struct RecentLookups(std::collections::HashMap<(u64, u32, std::net::IpAddr, u16), u64>);
+
+impl RecentLookups {
+    /// Is `e` the first failed lookup of its connect()? The tables after the first miss (and
+    /// the lookups of a retry within [`LOOKUP_SAME_NS`]) are not.
+    fn first(&mut self, e: &Event, now: u64) -> bool {
+        let key = (
+            e.netns.as_ref().map_or(0, |n| n.inode),
+            e.process.as_ref().map_or(0, |p| p.pid),
+            e.dst,
+            e.dport,
+        );
+        if self
+            .0
+            .get(&key)
+            .is_some_and(|&t| now.saturating_sub(t) < LOOKUP_SAME_NS)
+        {
+            return false;
+        }
+        if self.0.len() >= LOOKUPS_REMEMBERED {
+            self.0
+                .retain(|_, t| now.saturating_sub(*t) < LOOKUP_SAME_NS);
+            if self.0.len() >= LOOKUPS_REMEMBERED {
+                self.0.clear();
+            }
+        }
+        self.0.insert(key, now);
+        true
+    }
+}
+
 /// What only the namespaces show: a timeout whose server's accept queue is full, and the route
-/// a failed lookup hit.
+/// a failed lookup hit. False: the verdict was wrong, drop it (a connect()'s lookup that
+/// missed one table but found a usable route in the next).
 fn look_inside(
     list: &NamespaceList,
     names: Option<&RefCell<PodContext>>,
     looked: &Looked,
     v: &mut Verdict,
-) {
+) -> bool {
     let timed_out = v.outcome == Outcome::TimedOut && v.udp.is_none();
     let lookup_failed = v.no_route.as_ref().is_some_and(|n| n.route.is_none());
     if !timed_out && !lookup_failed {
-        return;
+        return true;
     }
     let mut all = list();
     if let Ok(me) = NetnsRef::current()
@@ -239,8 +296,12 @@ fn look_inside(
             .ok()
             .and_then(Result::ok)
             .flatten();
+        if n.in_connect && n.route.is_none() {
+            return false;
+        }
         crate::verdict::noroute::render(v);
     }
+    true
 }
 
 /// A timed-out server on this node (routed to a pod's veth, or local) whose listener's accept

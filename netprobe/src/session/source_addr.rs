@@ -34,6 +34,10 @@ pub fn name_client_by_netns(names: &PodContext, v: &mut Verdict, cgroup: Option<
     if let Some(ip) = pod.ips.first() {
         v.client.peer = Some(inv.peer(*ip, v.client.port, Some(inode), cgroup));
     }
+    // A connect() whose route lookup failed had no source address yet: nothing to say of it.
+    if v.client.addr.is_unspecified() {
+        return;
+    }
     let (why, next) = not_its_ip(pod, v.client.addr, v.server.addr);
     v.explanation.push_str(&why);
     v.next_steps.insert(0, next);

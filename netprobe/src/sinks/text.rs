@@ -205,6 +205,7 @@ pub fn text_line(e: &Event) -> String {
         Kind::SocketError => "SOCK ERR".into(),
         Kind::Netfilter => "NETFILTER".into(),
         Kind::DnsFailure => "DNS FAIL".into(),
+        Kind::RouteFailed => "NO ROUTE".into(),
     };
     let mut s = format!("{} {what:<12}", hms(e.time_ns));
     let ns = e

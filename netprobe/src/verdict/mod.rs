@@ -592,7 +592,9 @@ impl Attempt {
         match (e.kind, &e.drop, &e.netfilter) {
             (Kind::Drop, Some(d), _) if syn && d.reason == drop_reason::NETFILTER_DROP => {
                 self.netfilter_syn_drop = true;
-                self.to_service_endpoint |= e.to_service_endpoint;
+                // The drop's conntrack entry already names the address dialled (a ClusterIP,
+                // or the endpoint itself): nothing for the retransmit's trace to add.
+                self.to_service_endpoint |= e.to_service_endpoint && e.dialed.is_none();
             }
             (Kind::Netfilter, _, Some(n)) if n.action == NfAction::Drop => {
                 let traced = n.evidence.is_trace();
@@ -607,7 +609,8 @@ impl Attempt {
     /// later), only [`SETTLE_NS`] for a more detailed report of the same drop. It waits when
     /// the retransmit may still name something: a rule not known yet (bounded by
     /// [`PERSISTENT_SYN_DROPS`]), or, for a rule known from counters only, the ClusterIP of a
-    /// SYN to a Service endpoint (the agent's armed trace names it).
+    /// SYN to a Service endpoint whose drop did not carry its conntrack entry (the agent's
+    /// armed trace names it).
     fn dropped_by_a_rule(&self) -> bool {
         self.netfilter_syn_drop
             && (self.rule_traced || (self.rule_counted && !self.to_service_endpoint))
@@ -753,6 +756,11 @@ fn checkpoint(e: &Event) -> String {
             "application gets {}{at}",
             e.error.as_ref().map(|x| x.name.clone()).unwrap_or_default()
         ),
+        Kind::RouteFailed => format!(
+            "route lookup for {} failed ({}){at}: no packet left",
+            endpoint_str(e.dst, e.dport),
+            e.error.as_ref().map(|x| x.name.clone()).unwrap_or_default()
+        ),
         Kind::DnsFailure => format!(
             "DNS lookup failed: {}{at}",
             e.dns_failure.as_ref().map_or("", |f| f.reason.as_str())
@@ -849,7 +857,8 @@ impl<'a> Evidence<'a> {
                 })
                 .or(first_syn)
                 .or_else(|| client_socket(events, client))
-                .map(|e| (e.dst, e.dport)),
+                .map(|e| (e.dst, e.dport))
+                .or_else(|| dialed_per_conntrack(events)),
             netfilter: most_detailed_rule(events),
             syn_drop,
             no_socket,
@@ -877,6 +886,15 @@ impl<'a> Evidence<'a> {
             last_egress: syn_via(events.iter().rev(), Direction::Egress),
         }
     }
+}
+
+/// The destination a dropped packet's conntrack entry shows (before DNAT): in the always-on
+/// agent the first drop is often all there is when the verdict is made.
+fn dialed_per_conntrack(events: &[Event]) -> Option<(IpAddr, u16)> {
+    events
+        .iter()
+        .filter(|e| e.kind == Kind::Drop)
+        .find_map(|e| e.dialed.as_ref().map(|d| (d.dst, d.dport)))
 }
 
 /// An event of the client's own socket (a SYN retransmit, its error): its peer address is the

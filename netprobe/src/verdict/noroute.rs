@@ -1,15 +1,17 @@
 //! No route: a SYN whose route lookup on this node hit an `unreachable`, `prohibit` or
-//! `blackhole` route, or found none. The kernel frees it in `ip_error` (IPv6: `ip6_pkt_*`, and
+//! `blackhole` route, or found none; or a connect() (or send) inside a pod whose own lookup
+//! failed, so that no packet ever existed (a `route_failed` event, see [`lookup_failed`]). The kernel frees it in `ip_error` (IPv6: `ip6_pkt_*`, and
 //! `dst_discard*` for a blackhole) and itself sends the ICMP error back, with the quoted SYN's addresses: the ICMP error is
 //! this node's, never the client's or the server's. The route itself (type, prefix, table) is
 //! looked up in that namespace when the verdict is final (see `session::judge`).
 
 use serde::{Deserialize, Serialize};
 
-use super::{Outcome, Verdict, ns_name};
+use super::{Checkpoint, Outcome, SCHEMA, Verdict, checkpoint, ns_name};
 use crate::{
     enrich::route::ErrorRoute,
-    events::{Event, Kind},
+    events::{Event, Kind, errno_name},
+    model::Endpoint,
 };
 
 /// Where a route lookup failed and what the client sees.
@@ -21,13 +23,20 @@ pub struct NoRoute {
     /// The interface the SYN came in on there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
-    /// The kernel function that freed the SYN (`ip_error`, `ip6_pkt_discard`, `dst_discard_out`).
+    /// The kernel function that freed the SYN (`ip_error`, `ip6_pkt_discard`, `dst_discard_out`);
+    /// empty when the lookup failed in the client's connect() (no SYN existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub freed_in: String,
+    /// The lookup was the client's own connect() (or send) in its namespace: it failed before
+    /// any packet existed, and connect() returned `client_sees` at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_connect: bool,
     /// The ICMP error that kernel sent back (`type 3 code 1 (host unreachable)`); none for a
     /// blackhole route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp: Option<String>,
-    /// `EHOSTUNREACH`, `ENETUNREACH`, `EACCES`, or `a timeout`.
+    /// `EHOSTUNREACH`, `ENETUNREACH`, `EACCES`, `EINVAL` (a local connect() to a blackhole
+    /// route), or `a timeout`.
     pub client_sees: String,
     /// The route the lookup hit, read in that namespace when the verdict was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,15 +82,91 @@ pub(super) fn no_route(drop: &Event, icmp: Option<&Event>) -> NoRoute {
             .as_ref()
             .map(|d| d.location.split('+').next().unwrap_or_default().to_string())
             .unwrap_or_default(),
+        in_connect: false,
         client_sees: meaning.as_ref().map_or("a timeout", |m| m.1).to_string(),
         icmp: meaning.map(|m| m.0),
         route: None,
     }
 }
 
+/// The verdict of a `route_failed` event: a connect() (or send) whose route lookup failed in
+/// the client's namespace. No packet existed, so there is no attempt to join (the socket has
+/// no port yet): the event alone is the attempt.
+pub fn lookup_failed(e: &Event) -> Verdict {
+    let errno = e.error.as_ref().map_or(0, |x| x.errno);
+    // EAGAIN is one table without a route; connect() gets ENETUNREACH once every table missed.
+    let client_sees = if errno == libc::EAGAIN {
+        "ENETUNREACH".to_string()
+    } else {
+        errno_name(errno)
+    };
+    let mut v = Verdict {
+        schema: SCHEMA.into(),
+        kind: "verdict".into(),
+        outcome: Outcome::Unreachable,
+        headline: String::new(),
+        client: Endpoint {
+            netns: ns_name(e),
+            pid: e.process.as_ref().map(|p| p.pid),
+            process: e.process.as_ref().map(|p| p.comm.clone()),
+            ..Endpoint::at(e.src, e.sport)
+        },
+        server: Endpoint::at(e.dst, e.dport),
+        dialed: None,
+        timeline: vec![Checkpoint {
+            time_ns: e.time_ns,
+            what: checkpoint(e),
+            node: None,
+        }],
+        explanation: String::new(),
+        next_steps: Vec::new(),
+        drop: None,
+        netfilter: None,
+        rule_prefix: None,
+        listeners: Vec::new(),
+        syn_retransmits: 0,
+        app_error: Some(client_sees.clone()),
+        arrived_via: None,
+        left_via: None,
+        route: None,
+        cross_node: None,
+        udp: None,
+        no_route: Some(NoRoute {
+            netns: ns_name(e),
+            interface: None,
+            freed_in: String::new(),
+            in_connect: true,
+            icmp: None,
+            client_sees,
+            route: None,
+        }),
+        listen_queue: None,
+    };
+    render(&mut v);
+    v
+}
+
+/// What a local connect() gets from a lookup that hit `route`.
+fn connect_errno(route: &ErrorRoute) -> &'static str {
+    match route.kind.as_str() {
+        "unreachable" => "EHOSTUNREACH",
+        "prohibit" => "EACCES",
+        "blackhole" => "EINVAL",
+        _ => "ENETUNREACH",
+    }
+}
+
 /// Outcome, headline, explanation and next steps of a verdict with [`Verdict::no_route`]:
 /// rendered by the engine, and again once the route is known.
 pub fn render(v: &mut Verdict) {
+    if let Some(n) = &mut v.no_route
+        && n.in_connect
+        && let Some(r) = &n.route
+    {
+        // The route decides: the event may be an earlier table's miss.
+        n.client_sees = connect_errno(r).into();
+        v.app_error = Some(n.client_sees.clone());
+    }
     let Some(n) = &v.no_route else {
         return;
     };
@@ -91,7 +176,7 @@ pub fn render(v: &mut Verdict) {
         || "an error route or no route".to_string(),
         ErrorRoute::describe,
     );
-    v.outcome = if n.icmp.is_some() {
+    v.outcome = if n.icmp.is_some() || n.in_connect {
         Outcome::Unreachable
     } else {
         Outcome::DroppedByKernel
@@ -101,6 +186,20 @@ pub fn render(v: &mut Verdict) {
         Some(_) => format!("no route to {server} in {at}"),
         None => format!("no usable route to {server} in {at}"),
     };
+    if n.in_connect {
+        v.explanation = format!(
+            "connect() to {server}:{} in {at} failed before any packet left: the route lookup there hit {route}, so the client gets {} at once.{}",
+            v.server.port,
+            n.client_sees,
+            if n.client_sees == "EINVAL" {
+                " (A blackhole route fails a local connect() with EINVAL; forwarded packets it drops silently.)"
+            } else {
+                ""
+            }
+        );
+        v.next_steps = route_steps(n, (v.client.addr, server), at);
+        return;
+    }
     let came_in = n
         .interface
         .as_ref()
@@ -207,5 +306,55 @@ mod tests {
             is_route_error(&drop_at("dst_discard_out+0x14")),
             "IPv6 blackhole"
         );
+    }
+
+    /// A connect() in a pod whose lookup met an unreachable route: no SYN, no port; the route
+    /// (read later in that namespace) decides what the client got, whatever table the event
+    /// came from.
+    #[test]
+    fn a_failed_lookup_in_connect_is_its_own_verdict() {
+        let mut e = drop_at("");
+        e.kind = Kind::RouteFailed;
+        e.drop = None;
+        e.interface = None;
+        e.sport = 0;
+        e.src = "0.0.0.0".parse().unwrap();
+        e.netns.as_mut().unwrap().name = Some("client-ns".into());
+        e.error = Some(crate::events::ErrorInfo {
+            errno: libc::EAGAIN,
+            name: "EAGAIN".into(),
+        });
+        let mut v = lookup_failed(&e);
+        assert_eq!(v.outcome, Outcome::Unreachable);
+        assert_eq!(v.no_route.as_ref().unwrap().client_sees, "ENETUNREACH");
+        assert!(
+            v.headline.contains("10.42.0.30 in client-ns"),
+            "{}",
+            v.headline
+        );
+        v.no_route.as_mut().unwrap().route = Some(ErrorRoute {
+            kind: "unreachable".into(),
+            prefix: Some("10.42.0.30/32".into()),
+            table: Some("main".into()),
+        });
+        render(&mut v);
+        assert_eq!(v.no_route.as_ref().unwrap().client_sees, "EHOSTUNREACH");
+        assert_eq!(v.app_error.as_deref(), Some("EHOSTUNREACH"));
+        assert_eq!(
+            v.headline,
+            "no route: unreachable route to 10.42.0.30 in client-ns"
+        );
+        assert!(
+            v.explanation.starts_with("connect() to 10.42.0.30:9100 in client-ns failed before any packet left: the route lookup there hit the unreachable route 10.42.0.30/32 (table main), so the client gets EHOSTUNREACH"),
+            "{}",
+            v.explanation
+        );
+        assert_eq!(
+            v.next_steps[0],
+            "in client-ns, see the lookup: `ip route get 10.42.0.30`"
+        );
+        let json = serde_json::to_value(&v).unwrap();
+        assert!(json["no_route"].get("freed_in").is_none(), "{json:#}");
+        assert_eq!(json["no_route"]["in_connect"], true);
     }
 }
