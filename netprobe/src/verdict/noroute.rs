@@ -131,6 +131,7 @@ pub fn lookup_failed(e: &Event) -> Verdict {
         route: None,
         cross_node: None,
         udp: None,
+        written: Default::default(),
         no_route: Some(NoRoute {
             netns: ns_name(e),
             interface: None,
