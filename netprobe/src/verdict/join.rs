@@ -288,6 +288,7 @@ mod tests {
             cross_node: None,
             no_route: None,
             listen_queue: None,
+            after_handshake: None,
             udp: None,
         }
     }

@@ -459,6 +459,7 @@ pub(super) fn classify(events: &[Event], client: (IpAddr, u16), ctx: &Context) -
         cross_node: None,
         no_route: None,
         listen_queue: None,
+        after_handshake: None,
         udp: Some(UdpExchange {
             requests: ev.requests(),
             replied: !ev.replies.is_empty() && !ev.reply_dropped,
