@@ -1040,6 +1040,9 @@ fn table(r: &Value) -> String {
     if let Some(c) = r.get("pod_churn") {
         t.push_str(&churn::table(c));
     }
+    if let Some(c) = r.get("traced_port") {
+        t.push_str(&traced::table(c));
+    }
     t.push_str(&bounded_tables(r));
     t
 }

@@ -61,3 +61,17 @@ pub fn traced_port(bench: &mut Bench, seconds: u64) -> Result<Value> {
         "seconds": seconds,
     }))
 }
+
+/// The BENCHMARKS.md rows of the case, with the run it comes from.
+pub fn table(v: &Value) -> String {
+    format!(
+        "\n_Traced port (`--only traced-port`), measured {}, commit {}; medians of {} alternating rounds of {} s:_\n\n| measure | without netprobe | with `trace --port 5201` | ratio (goal) |\n|---|---|---|---|\n| iperf3 TCP over veths through the traced port, Gbit/s | {} | {} | **{}** (≥ 0.98) |\n",
+        v["measured"]["date"].as_str().unwrap_or(""),
+        v["measured"]["commit"].as_str().unwrap_or(""),
+        v["rounds"],
+        v["seconds"],
+        v["without_gbit_s"],
+        v["traced_gbit_s"],
+        v["ratio"],
+    )
+}
