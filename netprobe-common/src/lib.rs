@@ -81,13 +81,15 @@ pub struct RawEvent {
     pub netns: u32,
     /// Interface index (in `netns`); 0 if unknown.
     pub ifindex: u32,
-    /// Kind-specific: drop reason, RST reason, new TCP state or errno.
+    /// Kind-specific: drop reason, RST reason, new TCP state, errno, or for a retransmit the
+    /// segment's length (`end_seq - seq`).
     pub reason: u32,
-    /// Kind-specific: old TCP state, ICMP type/code.
+    /// Kind-specific: old TCP state, ICMP type/code, a dropped TCP/UDP packet's IP length, the
+    /// MSS option of a SYN passing a tc checkpoint.
     pub aux: u32,
     /// Thread group id of the current task (only meaningful in process context).
     pub pid: u32,
-    /// TCP sequence number (host order) of the segment, 0 if none.
+    /// TCP sequence number (host order) of the segment (a retransmit's too), 0 if none.
     pub seq: u32,
     pub sport: u16,
     pub dport: u16,
@@ -186,8 +188,10 @@ pub struct KernelOffsets {
     pub _pad: u32,
     /// 1 if `tcp_send_reset` has the `enum sk_rst_reason` argument (6.10+).
     pub rst_has_reason: u32,
+    /// `sk_buff.cb`: a TCP skb's `struct tcp_skb_cb` (`seq`, `end_seq` first) for retransmits.
+    pub skb_cb: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 88);
+const _: () = assert!(size_of::<KernelOffsets>() == 92);
 
 /// Offsets the `fib_table_lookup` program reads (kept apart from [`KernelOffsets`]: each
 /// program copies the structs it loads onto its 512-byte stack).

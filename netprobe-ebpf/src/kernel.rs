@@ -38,6 +38,7 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     sk_err_soft: 0,
     _pad: 0,
     rst_has_reason: 0,
+    skb_cb: 0,
 });
 
 #[unsafe(no_mangle)]
@@ -196,6 +197,7 @@ pub fn skb_headers(skb: u64, ev: &mut RawEvent, o: &KernelOffsets) -> bool {
     let Ok(first) = read::<u8>(ip, 0) else {
         return false;
     };
+    let ip_len;
     let l4 = match first >> 4 {
         4 => {
             let Ok(frag) = read::<u16>(ip, 6) else {
@@ -205,6 +207,7 @@ pub fn skb_headers(skb: u64, ev: &mut RawEvent, o: &KernelOffsets) -> bool {
                 return false;
             }
             ev.family = AF_INET;
+            ip_len = u16::from_be(read::<u16>(ip, 2).unwrap_or(0)) as u32;
             ev.proto = read::<u8>(ip, 9).unwrap_or(0);
             if let Ok(a) = read::<[u8; 4]>(ip, 12) {
                 ev.saddr[..4].copy_from_slice(&a);
@@ -216,6 +219,7 @@ pub fn skb_headers(skb: u64, ev: &mut RawEvent, o: &KernelOffsets) -> bool {
         }
         6 => {
             ev.family = AF_INET6;
+            ip_len = u16::from_be(read::<u16>(ip, 4).unwrap_or(0)) as u32 + 40;
             // Extension headers are not walked: TCP/UDP/ICMPv6 directly after the fixed header.
             ev.proto = read::<u8>(ip, 6).unwrap_or(0);
             ev.saddr = read::<[u8; 16]>(ip, 8).unwrap_or([0; 16]);
@@ -230,16 +234,57 @@ pub fn skb_headers(skb: u64, ev: &mut RawEvent, o: &KernelOffsets) -> bool {
             ev.dport = u16::from_be(read::<u16>(l4, 2).unwrap_or(0));
             ev.seq = u32::from_be(read::<u32>(l4, 4).unwrap_or(0));
             ev.tcp_flags = read::<u8>(l4, 13).unwrap_or(0);
+            ev.aux = ip_len;
             true
         }
         IPPROTO_UDP => {
             ev.sport = u16::from_be(read::<u16>(l4, 0).unwrap_or(0));
             ev.dport = u16::from_be(read::<u16>(l4, 2).unwrap_or(0));
+            ev.aux = ip_len;
             true
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => true,
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            icmp_quoted(l4, ev);
+            true
+        }
         _ => false,
     }
+}
+
+/// An ICMP "destination unreachable" (fragmentation needed included) or ICMPv6 "destination
+/// unreachable"/"packet too big" at `l4`: the tuple becomes the quoted packet's, so the error
+/// matches the connection it answers (as the tc programs report it), `aux` its type and code.
+/// Other ICMP keeps its zero ports.
+#[inline(always)]
+fn icmp_quoted(l4: u64, ev: &mut RawEvent) {
+    let icmp_type = read::<u8>(l4, 0).unwrap_or(0);
+    let code = read::<u8>(l4, 1).unwrap_or(0);
+    let quoted = l4 + 8;
+    let inner_l4 = if ev.proto == IPPROTO_ICMP {
+        if icmp_type != 3 {
+            return;
+        }
+        let Ok(vihl) = read::<u8>(quoted, 0) else {
+            return;
+        };
+        if let Ok(a) = read::<[u8; 4]>(quoted, 12) {
+            ev.saddr[..4].copy_from_slice(&a);
+        }
+        if let Ok(a) = read::<[u8; 4]>(quoted, 16) {
+            ev.daddr[..4].copy_from_slice(&a);
+        }
+        quoted + ((vihl & 0x0f) as u64) * 4
+    } else {
+        if icmp_type != 1 && icmp_type != 2 {
+            return;
+        }
+        ev.saddr = read::<[u8; 16]>(quoted, 8).unwrap_or([0; 16]);
+        ev.daddr = read::<[u8; 16]>(quoted, 24).unwrap_or([0; 16]);
+        quoted + 40
+    };
+    ev.sport = u16::from_be(read::<u16>(inner_l4, 0).unwrap_or(0));
+    ev.dport = u16::from_be(read::<u16>(inner_l4, 2).unwrap_or(0));
+    ev.aux = ((icmp_type as u32) << 8) | code as u32;
 }
 
 /// Fills family, addresses, ports, netns and state (in `aux`) from a `struct sock *`.

@@ -20,6 +20,9 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+/// TCP option kind of the MSS (RFC 9293), which Linux writes first in a SYN's options.
+const TCPOPT_MSS: u8 = 2;
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
@@ -158,6 +161,9 @@ fn try_tc(ctx: &TcContext, direction: u8) -> Result<(), i64> {
             ev.sport = u16::from_be(ctx.load::<u16>(l4)?);
             ev.dport = u16::from_be(ctx.load::<u16>(l4 + 2)?);
             ev.seq = u32::from_be(ctx.load::<u32>(l4 + 4)?);
+            if ev.tcp_flags & tcp_flags::SYN != 0 {
+                ev.aux = syn_mss(ctx, l4);
+            }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let icmp_type = ctx.load::<u8>(l4)?;
@@ -169,7 +175,7 @@ fn try_tc(ctx: &TcContext, direction: u8) -> Result<(), i64> {
                 }
                 ipv4(ctx, quoted, &mut ev)?
             } else {
-                if icmp_type != ICMPV6_DEST_UNREACH {
+                if icmp_type != ICMPV6_DEST_UNREACH && icmp_type != ICMPV6_PKT_TOOBIG {
                     return Ok(());
                 }
                 ipv6(ctx, quoted, &mut ev)?
@@ -202,6 +208,17 @@ fn try_tc(ctx: &TcContext, direction: u8) -> Result<(), i64> {
         None => emit::submit(&mut ev, false),
     }
     Ok(())
+}
+
+/// The MSS a SYN or SYN-ACK announces (its first option, where Linux puts it); 0 if absent.
+/// Read once per handshake, never for data segments.
+#[inline(always)]
+fn syn_mss(ctx: &TcContext, l4: usize) -> u32 {
+    let doff = ctx.load::<u8>(l4 + 12).map(|b| b >> 4).unwrap_or(0);
+    if doff <= 5 || ctx.load::<u8>(l4 + 20).unwrap_or(0) != TCPOPT_MSS {
+        return 0;
+    }
+    ctx.load::<u16>(l4 + 22).map(u16::from_be).unwrap_or(0) as u32
 }
 
 /// Reads an IPv4 header at `off`; returns the offset of the transport header.

@@ -51,6 +51,6 @@ fn try_tcp_send_reset(ctx: &BtfTracePointContext) -> Result<(), i32> {
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
-    let _ = crate::tcp_retransmit::emit_for_sock(ctx.arg(0), kind::RECEIVE_RESET);
+    let _ = crate::tcp_retransmit::emit_for_sock(ctx.arg(0), 0, kind::RECEIVE_RESET);
     0
 }

@@ -1,5 +1,7 @@
 //! `tp_btf/tcp_retransmit_skb(sk, skb)`: retransmitted segments. SYN retransmits (state
-//! `SYN_SENT`) are the signature of a silent drop: nobody answered, nobody refused.
+//! `SYN_SENT`) are the signature of a silent drop: nobody answered, nobody refused. A data
+//! retransmit carries its sequence number and length (from the skb's `tcp_skb_cb`): the same
+//! segment sent again and again is a stalled connection, its size hints at a path MTU.
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use netprobe_common::{RawEvent, kind, tcp_flags};
@@ -11,12 +13,13 @@ const TCP_SYN_SENT: u32 = 2;
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
-    let _ = emit_for_sock(ctx.arg(0), kind::RETRANSMIT);
+    let _ = emit_for_sock(ctx.arg(0), ctx.arg(1), kind::RETRANSMIT);
     0
 }
 
-/// An event described by a socket alone: tuple, namespace and state (in `aux`).
-pub fn emit_for_sock(sk: u64, event_kind: u8) -> Result<(), i32> {
+/// An event described by a socket alone: tuple, namespace and state (in `aux`); for a
+/// retransmit of `skb` also its sequence number and length.
+pub fn emit_for_sock(sk: u64, skb: u64, event_kind: u8) -> Result<(), i32> {
     if sk == 0 {
         return Ok(());
     }
@@ -36,6 +39,12 @@ pub fn emit_for_sock(sk: u64, event_kind: u8) -> Result<(), i32> {
     ev.aux = kernel::sock_state(sk, &o);
     if event_kind == kind::RETRANSMIT && ev.aux == TCP_SYN_SENT {
         ev.tcp_flags = tcp_flags::SYN;
+    }
+    if event_kind == kind::RETRANSMIT && skb != 0 {
+        // `struct tcp_skb_cb` starts with `seq` and `end_seq`.
+        ev.seq = kernel::read::<u32>(skb, o.skb_cb).unwrap_or(0);
+        let end = kernel::read::<u32>(skb, o.skb_cb + 4).unwrap_or(ev.seq);
+        ev.reason = end.wrapping_sub(ev.seq);
     }
     emit::submit(&mut ev, true);
     Ok(())

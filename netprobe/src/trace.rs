@@ -379,7 +379,8 @@ async fn install(opts: &TraceOptions, signals: &mut Signals) -> Result<Installed
         port: opts.port,
         udp: opts.udp,
         listeners: listeners(&scope, opts.udp),
-    });
+    })
+    .follow_established();
     engine.armed_at(enricher.now_ns());
     let ring = RingSource::new(EventReader::new(probes.take_events()?)?, enricher.clone());
     sources.insert(0, Box::new(ring));
@@ -489,8 +490,9 @@ fn finish(
     Ok(summary)
 }
 
-/// The nftables trace of the traced port in the scope's namespaces, and the iptables-legacy
-/// counters (legacy rules have no trace).
+/// The nftables trace of the traced port in the scope's namespaces, and the rule counters for
+/// what it cannot trace: iptables-legacy rules, and nf_tables drops of segments of established
+/// connections and of ICMP errors (the trace marks only SYN, FIN and RST: no per-packet cost).
 fn rule_trace(
     opts: &TraceOptions,
     scope: &Scope,
@@ -498,7 +500,7 @@ fn rule_trace(
     enricher: Rc<Enricher>,
 ) -> Result<(RuleTrace, RuleCounters)> {
     let rt = RuleTrace::start(&scope.attach_in, proto, opts.port, opts.addr, enricher)?;
-    let counters = RuleCounters::new(Counted::Legacy);
+    let counters = RuleCounters::new(Counted::TraceGaps);
     for ns in &scope.attach_in {
         counters.scope().add_netns(ns)?;
     }

@@ -28,6 +28,7 @@ use crate::build::{netprobe_bin, repo_root};
 mod dns_load;
 mod peak;
 mod storm;
+mod traced;
 
 /// How long a release netprobe may take to attach (250 veths in the attach-time sample).
 const READY_LIMIT: Duration = Duration::from_secs(120);
@@ -58,6 +59,8 @@ pub enum Case {
     VerdictLatency,
     /// Pod create/delete cycles: what the agent holds before and after.
     PodChurn,
+    /// iperf3 through the port a `trace` follows, against without netprobe (#18).
+    TracedPort,
 }
 
 /// The release agent in `node` on `port`, without Kubernetes (the bench measures the datapath).
@@ -772,6 +775,12 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
         if opts.only.contains(&Case::PodChurn) {
             cases.push(("pod_churn", churn::pod_churn()?));
         }
+        if opts.only.contains(&Case::TracedPort) {
+            cases.push((
+                "traced_port",
+                traced::traced_port(&mut bench, opts.seconds)?,
+            ));
+        }
         drop(bench);
         drop(lab);
         return write_only(cases);
@@ -1109,6 +1118,9 @@ fn table(r: &Value) -> String {
     }
     if let Some(c) = r.get("pod_churn") {
         t.push_str(&churn::table(c));
+    }
+    if let Some(c) = r.get("traced_port") {
+        t.push_str(&traced::table(c));
     }
     t.push_str(&bounded_tables(r));
     t

@@ -211,6 +211,16 @@ pub struct Event {
     /// the packet's conntrack entry; equal to `dst`/`dport` when nothing translated it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dialed: Option<Translated>,
+    /// TCP sequence number of a retransmitted data segment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u32>,
+    /// Bytes: a retransmitted data segment's payload, or a dropped TCP/UDP packet's IP length
+    /// (how a path MTU black hole shows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u32>,
+    /// The MSS option a SYN or SYN-ACK announced (tc checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mss: Option<u16>,
     /// Kernel `sk_buff` address: equal values are the same packet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skb: Option<String>,
@@ -302,6 +312,9 @@ pub fn derived(
         dns: None,
         dns_failure: None,
         dialed: None,
+        seq: None,
+        size: None,
+        mss: None,
         skb: None,
         sock: None,
         to_service_endpoint: false,
@@ -392,11 +405,37 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
                 peer: None,
             }
         }),
+        seq: data_retransmit(ev).then_some(ev.seq),
+        size: size_of_raw(ev),
+        mss: mss_of_raw(ev),
         skb: (ev.skb != 0).then(|| format!("{:#x}", ev.skb)),
         sock: (ev.sk != 0).then(|| format!("{:#x}", ev.sk)),
         to_service_endpoint: false,
         observed: Default::default(),
     })
+}
+
+/// A retransmit of a data segment (not a SYN): the kernel gave its length.
+fn data_retransmit(ev: &RawEvent) -> bool {
+    ev.kind == kind::RETRANSMIT && ev.tcp_flags == 0 && ev.reason != 0
+}
+
+/// A retransmitted segment's payload, or a dropped TCP/UDP packet's IP length.
+fn size_of_raw(ev: &RawEvent) -> Option<u32> {
+    let ip_payload =
+        ev.proto == netprobe_common::IPPROTO_TCP || ev.proto == netprobe_common::IPPROTO_UDP;
+    if data_retransmit(ev) {
+        Some(ev.reason)
+    } else {
+        (ev.kind == kind::DROP && ip_payload && ev.aux != 0).then_some(ev.aux)
+    }
+}
+
+/// The MSS option of a SYN (or SYN-ACK) at a tc checkpoint.
+fn mss_of_raw(ev: &RawEvent) -> Option<u16> {
+    let tc = ev.kind == kind::TC_INGRESS || ev.kind == kind::TC_EGRESS;
+    let syn = ev.tcp_flags & netprobe_common::tcp_flags::SYN != 0;
+    (tc && syn && ev.proto == netprobe_common::IPPROTO_TCP && ev.aux != 0).then_some(ev.aux as u16)
 }
 
 #[cfg(test)]
@@ -435,6 +474,41 @@ mod tests {
         let json = serde_json::to_value(base(&ev, 5).unwrap()).unwrap();
         assert_eq!(json["schema"], SCHEMA);
         assert_eq!(json["kind"], "state_change");
+    }
+
+    #[test]
+    fn retransmit_size_drop_size_and_syn_mss() {
+        let rtx = RawEvent {
+            kind: kind::RETRANSMIT,
+            proto: IPPROTO_TCP,
+            seq: 1000,
+            reason: 1448,
+            ..Default::default()
+        };
+        let e = base(&rtx, 0).unwrap();
+        assert_eq!((e.seq, e.size, e.mss), (Some(1000), Some(1448), None));
+        let syn_rtx = RawEvent {
+            tcp_flags: netprobe_common::tcp_flags::SYN,
+            reason: 1,
+            ..rtx
+        };
+        assert_eq!(base(&syn_rtx, 0).unwrap().size, None);
+        let drop = RawEvent {
+            kind: kind::DROP,
+            proto: IPPROTO_TCP,
+            aux: 1500,
+            ..Default::default()
+        };
+        assert_eq!(base(&drop, 0).unwrap().size, Some(1500));
+        let syn = RawEvent {
+            kind: kind::TC_EGRESS,
+            proto: IPPROTO_TCP,
+            tcp_flags: netprobe_common::tcp_flags::SYN,
+            aux: 1460,
+            ..Default::default()
+        };
+        let e = base(&syn, 0).unwrap();
+        assert_eq!((e.mss, e.size, e.icmp), (Some(1460), None, None));
     }
 
     #[test]

@@ -33,11 +33,27 @@ pub enum Outcome {
     Unanswered,
     /// Not enough evidence (the trace ended before anything decisive).
     Unknown,
+    /// After the handshake (trace): the connection closed cleanly (FIN, no reset).
+    Closed,
+    /// After the handshake: a reset ended it; `after_handshake.reset_by` says who sent it (the
+    /// peer, a netfilter rule, this node's kernel).
+    ResetAfterEstablished,
+    /// After the handshake: data was sent again and again and nothing acknowledged it.
+    Stalled,
+    /// After the handshake: segments too big for a device on the path were dropped
+    /// (`PKT_TOO_BIG`) and the "fragmentation needed" error never reached the sender.
+    MtuBlackhole,
+    /// After the handshake: the connection ended with an error the application got (its
+    /// errno), without retransmits, drops or resets that explain it.
+    Aborted,
 }
 
 impl Outcome {
     pub fn is_failure(self) -> bool {
-        !matches!(self, Self::Connected | Self::Answered | Self::Unknown)
+        !matches!(
+            self,
+            Self::Connected | Self::Answered | Self::Unknown | Self::Closed
+        )
     }
 
     pub fn headline(self) -> &'static str {
@@ -57,6 +73,13 @@ impl Outcome {
             Self::Answered => "answered",
             Self::Unanswered => "unanswered: no reply, and no drop on this node",
             Self::Unknown => "undetermined",
+            Self::Closed => "connected, then closed cleanly",
+            Self::ResetAfterEstablished => "connected, then reset",
+            Self::Stalled => "connected, then stalled: data retransmitted, nothing acknowledged",
+            Self::MtuBlackhole => {
+                "connected, then stalled in a path MTU black hole (segments too big, dropped)"
+            }
+            Self::Aborted => "connected, then aborted (the application got an error)",
         }
     }
 }

@@ -184,6 +184,11 @@ pub mod drop_reason {
     pub const TC_EGRESS: &str = "TC_EGRESS";
     /// Reverse-path filtering: the source is not routed back through the receiving interface.
     pub const IP_RPFILTER: &str = "IP_RPFILTER";
+    /// Too big for the output device's MTU with DF set (`ip_forward`): a path MTU black hole
+    /// when the ICMP "fragmentation needed" never reaches the sender.
+    pub const PKT_TOO_BIG: &str = "PKT_TOO_BIG";
+    /// A closed socket's queued data freed: teardown, not a loss.
+    pub const SOCKET_CLOSE: &str = "SOCKET_CLOSE";
 
     /// What a kernel drop reason means, for the explanation.
     pub fn hint(reason: &str) -> &'static str {
@@ -199,6 +204,9 @@ pub mod drop_reason {
                 "a tc program (e.g. Calico's eBPF dataplane or Cilium) returned drop on this interface"
             }
             "TCP_LISTEN_OVERFLOW" | "SOCKET_BACKLOG" => "the listener's accept backlog is full",
+            "PKT_TOO_BIG" => {
+                "the packet is bigger than the output device's MTU and may not be fragmented"
+            }
             "NEIGH_FAILED" | "NEIGH_QUEUEFULL" => {
                 "the next hop did not answer ARP/neighbour discovery"
             }

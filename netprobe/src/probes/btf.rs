@@ -195,6 +195,7 @@ impl KernelBtf {
             sk_err_soft: self.offset("sock", "sk_err_soft")?,
             _pad: 0,
             rst_has_reason: u32::from(self.tracepoint_args("tcp_send_reset").unwrap_or(2) >= 3),
+            skb_cb: self.offset("sk_buff", "cb")?,
         })
     }
 

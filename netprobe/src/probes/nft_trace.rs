@@ -41,7 +41,9 @@ fn nft(stdin: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
 }
 
 /// The nft script for a flow: `proto` (`tcp` or `udp`) to or from `port`, optionally to or
-/// from `addr`.
+/// from `addr`. TCP: only segments with SYN, FIN or RST are marked, so a healthy transfer on
+/// the traced port costs no trace message per data segment (mid-stream drops are named by the
+/// rule counters instead).
 pub fn table_script(name: &str, proto: &str, port: u16, addr: Option<IpAddr>) -> String {
     let addr_match = |dir: &str| match addr {
         Some(IpAddr::V4(a)) => format!("ip {dir}addr {a} "),
@@ -49,6 +51,11 @@ pub fn table_script(name: &str, proto: &str, port: u16, addr: Option<IpAddr>) ->
         None => String::new(),
     };
     let mut rules = String::new();
+    let flags = if proto == "tcp" {
+        "tcp flags & (fin | syn | rst) != 0 "
+    } else {
+        ""
+    };
     for port_dir in ["dport", "sport"] {
         for addr_dir in if addr.is_some() {
             vec!["s", "d"]
@@ -61,7 +68,7 @@ pub fn table_script(name: &str, proto: &str, port: u16, addr: Option<IpAddr>) ->
                 addr_match(addr_dir)
             };
             rules.push_str(&format!(
-                "{a}meta l4proto {proto} th {port_dir} {port} meta nftrace set 1\n"
+                "{a}meta l4proto {proto} {flags}th {port_dir} {port} meta nftrace set 1\n"
             ));
         }
     }
@@ -334,8 +341,14 @@ mod tests {
             9004,
             Some("10.43.51.131".parse().unwrap()),
         );
-        assert!(s.contains("ip daddr 10.43.51.131 meta l4proto tcp th dport 9004"));
-        assert!(s.contains("ip saddr 10.43.51.131 meta l4proto tcp th sport 9004"));
+        // TCP: only SYN, FIN and RST are traced, never a data segment (#18: no per-packet cost).
+        let syn_fin_rst = "meta l4proto tcp tcp flags & (fin | syn | rst) != 0";
+        assert!(s.contains(&format!(
+            "ip daddr 10.43.51.131 {syn_fin_rst} th dport 9004"
+        )));
+        assert!(s.contains(&format!(
+            "ip saddr 10.43.51.131 {syn_fin_rst} th sport 9004"
+        )));
         let s = table_script("netprobe_1", "udp", 53, None);
         assert_eq!(
             s.matches("meta l4proto udp th dport 53 meta nftrace set 1")

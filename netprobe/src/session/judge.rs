@@ -167,6 +167,9 @@ impl Judge {
                 {
                     return None;
                 }
+                if v.outcome == Outcome::MtuBlackhole {
+                    name_mtu_device(self.namespaces.as_ref(), &mut v);
+                }
                 if let Some(names) = &self.names
                     && (self.name_healthy || failed(&v))
                 {
@@ -323,8 +326,47 @@ fn full_queue(all: &[NetnsRef], looked: &Looked, v: &mut Verdict) {
     }
 }
 
+/// `mtu_blackhole`: the route toward the server in the namespace where the segments were
+/// dropped names the device and its MTU.
+fn name_mtu_device(list: Option<&NamespaceList>, v: &mut Verdict) {
+    let at = v
+        .after_handshake
+        .as_ref()
+        .and_then(|a| a.mtu.as_ref())
+        .and_then(|m| m.netns.clone());
+    let dst = v.server.addr;
+    let ns = list.and_then(|l| {
+        l().into_iter().find(|ns| {
+            at.as_deref()
+                .is_some_and(|n| ns.name == n || ns.inode.to_string() == n)
+        })
+    });
+    let route = match ns {
+        Some(ns) => ns
+            .run(|| crate::enrich::route::route_hint(dst))
+            .ok()
+            .and_then(Result::ok)
+            .flatten(),
+        None => crate::enrich::route::route_hint(dst).ok().flatten(),
+    };
+    if let Some(r) = route {
+        crate::verdict::established::name_mtu_device(v, &r);
+        v.route = Some(r);
+    }
+}
+
+/// A stall that nothing on this node explains (no drop, no rule): like a timeout, the node's
+/// route toward the server says what lies beyond.
+fn unexplained_stall(v: &Verdict) -> bool {
+    v.outcome == Outcome::Stalled
+        && v.netfilter.is_none()
+        && v.after_handshake
+            .as_ref()
+            .is_some_and(|a| a.drops.is_empty())
+}
+
 fn add_route_hint(v: &mut Verdict) {
-    if matches!(v.outcome, Outcome::TimedOut | Outcome::Unanswered)
+    if (matches!(v.outcome, Outcome::TimedOut | Outcome::Unanswered) || unexplained_stall(v))
         && v.route.is_none()
         && let Ok(Some(r)) = crate::enrich::route::route_hint(v.server.addr)
     {

@@ -148,6 +148,9 @@ pub fn verdict_text(v: &Verdict) -> String {
         ));
     }
     s.push_str(&format!("  why: {}\n", v.explanation));
+    if let Some(a) = &v.after_handshake {
+        s.push_str(&after_handshake_lines(a));
+    }
     if let Some(x) = &v.cross_node {
         let hop = |h: &Option<crate::verdict::Hop>| {
             h.as_ref()
@@ -189,6 +192,67 @@ pub fn verdict_text(v: &Verdict) -> String {
     }
     for n in &v.next_steps {
         s.push_str(&format!("  next: {n}\n"));
+    }
+    s
+}
+
+/// What a connection showed after its handshake: the MSS announced, the segments sent again,
+/// the drops, who reset it, the device of an MTU black hole.
+fn after_handshake_lines(a: &crate::verdict::established::AfterHandshake) -> String {
+    let mss = |m: Option<u16>| m.map_or_else(|| "?".to_string(), |m| m.to_string());
+    let mut s = format!(
+        "  handshake MSS: client {}, server {}\n",
+        mss(a.mss.client),
+        mss(a.mss.server)
+    );
+    if !a.retransmits.is_empty() {
+        let r: Vec<String> = a
+            .retransmits
+            .iter()
+            .map(|r| format!("seq {} ({} B)", r.seq, r.bytes))
+            .collect();
+        s.push_str(&format!("  retransmitted: {}\n", r.join(", ")));
+    }
+    for d in &a.drops {
+        s.push_str(&format!(
+            "  dropped: {} at {}{}{}\n",
+            d.reason,
+            d.location,
+            d.bytes.map(|b| format!(", {b} bytes")).unwrap_or_default(),
+            d.at.as_ref()
+                .map(|h| format!(
+                    " on {}{}",
+                    h.interface,
+                    h.netns
+                        .as_ref()
+                        .map(|n| format!(" in {n}"))
+                        .unwrap_or_default()
+                ))
+                .unwrap_or_default()
+        ));
+    }
+    if let Some(r) = a.reset_by {
+        let by = match r {
+            crate::verdict::established::ResetBy::Peer => "the peer",
+            crate::verdict::established::ResetBy::Rule => "a netfilter rule on this node",
+            crate::verdict::established::ResetBy::Kernel => "this node's kernel",
+        };
+        s.push_str(&format!("  reset sent by: {by}\n"));
+    }
+    if let Some(m) = &a.mtu {
+        s.push_str(&format!(
+            "  MTU black hole: {} MTU {}, dropped sizes {:?}, ICMP frag-needed {}\n",
+            m.device.as_deref().unwrap_or("?"),
+            m.mtu.map_or_else(|| "?".to_string(), |m| m.to_string()),
+            m.dropped_sizes,
+            if m.icmp.dropped {
+                "dropped on this node"
+            } else if m.icmp.went_back_via.is_some() {
+                "went back"
+            } else {
+                "not seen"
+            }
+        ));
     }
     s
 }

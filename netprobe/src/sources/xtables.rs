@@ -48,6 +48,9 @@ pub enum Counted {
     Legacy,
     /// iptables-legacy and nf_tables (the agent, which traces only armed, retried flows).
     All,
+    /// `trace`: iptables-legacy, and the nf_tables drops its rule trace does not see — segments
+    /// of established connections (the trace marks only SYN, FIN and RST) and ICMP errors.
+    TraceGaps,
 }
 
 /// What the counters stage keeps of one namespace.
@@ -71,14 +74,14 @@ impl NsCounters {
     fn snapshot(ns: &NetnsRef, counted: Counted) -> Result<Self> {
         let (ruleset, legacy) = ns.run(|| {
             let legacy = legacy::snapshot();
-            let rs = if counted == Counted::All || !legacy.is_empty() {
+            let rs = if counted != Counted::Legacy || !legacy.is_empty() {
                 fetch_ruleset()
             } else {
                 Ruleset::default()
             };
             (rs, (!legacy.is_empty()).then_some(legacy))
         })?;
-        let nft = (counted == Counted::All).then(|| counters::nft_counters(&ruleset.tables));
+        let nft = (counted != Counted::Legacy).then(|| counters::nft_counters(&ruleset.tables));
         Ok(Self {
             ns: ns.clone(),
             ruleset,
@@ -231,9 +234,27 @@ impl Scope {
     }
 }
 
+/// An nf_tables drop of a packet the trace table marks (UDP, TCP with SYN, FIN or RST): its
+/// rule comes from the trace, with a path.
+fn traced_by_nft(e: &Event) -> bool {
+    use crate::model::{Protocol, TcpFlag};
+    let nft = e
+        .drop
+        .as_ref()
+        .is_some_and(|d| d.location.starts_with("nft_do_chain"));
+    let marked = e.protocol == Protocol::Udp
+        || [TcpFlag::Syn, TcpFlag::Fin, TcpFlag::Rst]
+            .iter()
+            .any(|f| e.has_flag(*f));
+    nft && marked
+}
+
 impl Stage for RuleCounters {
     fn enrich(&mut self, e: &mut Event, derived: &mut Vec<Event>) {
         if !in_netfilter(e) {
+            return;
+        }
+        if self.scope.0.borrow().counted == Counted::TraceGaps && traced_by_nft(e) {
             return;
         }
         let Some(inode) = e.netns.as_ref().map(|n| n.inode) else {

@@ -289,6 +289,7 @@ mod tests {
             no_route: None,
             listen_queue: None,
             written: Default::default(),
+            after_handshake: None,
             udp: None,
         }
     }

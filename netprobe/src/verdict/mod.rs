@@ -4,6 +4,7 @@
 //! silent drop. Fed live by `trace`, and in tests from recorded event streams.
 
 mod drop_detail;
+pub mod established;
 pub mod noroute;
 pub mod overflow;
 mod pairing;
@@ -118,6 +119,10 @@ pub struct Verdict {
     /// writer.
     #[serde(flatten)]
     pub written: crate::model::Written,
+    /// A connection's second verdict (`trace`), when it ended after its handshake: retransmits,
+    /// drops, who reset it, the MTU black hole, the MSS both sides announced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_handshake: Option<established::AfterHandshake>,
 }
 
 /// What the engine knows besides events: the traced port and protocol, and listeners by
@@ -230,6 +235,8 @@ pub struct Engine {
     /// TCP: the caller's clock at the last scan for due verdicts and at the last pruning.
     scanned_at: u64,
     pruned_at: u64,
+    /// Connections followed past their handshake (`trace`); None: attempts end at `connected`.
+    established: Option<established::Established>,
     pub stats: EngineStats,
 }
 
@@ -259,8 +266,18 @@ impl Engine {
             armed_at: 0,
             scanned_at: 0,
             pruned_at: 0,
+            established: None,
             stats: EngineStats::default(),
         }
+    }
+
+    /// Keeps following connections that connected, and judges how they end (TCP traces: their
+    /// tracepoints report state changes; the always-on agent sees no healthy connection).
+    pub fn follow_established(mut self) -> Self {
+        if !self.ctx.udp {
+            self.established = Some(established::Established::default());
+        }
+        self
     }
 
     pub fn port(&self) -> u16 {
@@ -411,6 +428,12 @@ impl Engine {
         let Some(key) = key else {
             return self.poll(now);
         };
+        if let Some(f) = &mut self.established
+            && f.contains(&key)
+        {
+            f.push(key, e, now);
+            return self.poll(now);
+        }
         if self.done.contains_key(&key) {
             return self.poll(now);
         }
@@ -509,10 +532,14 @@ impl Engine {
             let taken: HashSet<Key> = ready.iter().copied().collect();
             self.order.retain(|(_, k)| !taken.contains(k));
         }
-        ready
+        let mut verdicts: Vec<Verdict> = ready
             .into_iter()
             .filter_map(|k| self.take(k, now))
-            .collect()
+            .collect();
+        if let Some(f) = &mut self.established {
+            verdicts.extend(f.poll(now));
+        }
+        verdicts
     }
 
     /// TCP, once a second: decided attempts are forgotten after [`DONE_KEEP_NS`] (or
@@ -555,9 +582,14 @@ impl Engine {
             .chain(self.settling.drain(..))
             .map(|(_, k)| k)
             .collect();
-        keys.into_iter()
+        let mut verdicts: Vec<Verdict> = keys
+            .into_iter()
             .filter_map(|k| self.take(k, u64::MAX))
-            .collect()
+            .collect();
+        if let Some(f) = &mut self.established {
+            verdicts.extend(f.finish());
+        }
+        verdicts
     }
 
     fn take(&mut self, key: Key, now: u64) -> Option<Verdict> {
@@ -578,10 +610,37 @@ impl Engine {
         }
         let v = if self.ctx.udp {
             udp::classify(&events, client, &self.ctx)
+        } else if self.established.is_some() {
+            return self.connected_then_follow(key, events, a.port, now);
         } else {
             classify_to(&events, client, a.port, &self.ctx, &self.sock_process)
         };
         (v.outcome != Outcome::Unknown || was_an_attempt(&events, &v)).then_some(v)
+    }
+
+    /// Classifies the handshake's events; a connection that connected is then followed with
+    /// what it showed after the handshake (judged on its own when it ends).
+    fn connected_then_follow(
+        &mut self,
+        key: Key,
+        events: Vec<Event>,
+        port: u16,
+        now: u64,
+    ) -> Option<Verdict> {
+        let (handshake, after) = established::split_after(events, port);
+        let v = classify_to(
+            &handshake,
+            (key.0, key.1),
+            port,
+            &self.ctx,
+            &self.sock_process,
+        );
+        if v.outcome == Outcome::Connected
+            && let Some(f) = &mut self.established
+        {
+            f.follow(key, &v, &handshake, after, now);
+        }
+        (v.outcome != Outcome::Unknown || was_an_attempt(&handshake, &v)).then_some(v)
     }
 }
 
@@ -876,7 +935,11 @@ impl<'a> Evidence<'a> {
                 .iter()
                 .any(|e| e.kind == Kind::Packet && flags(e).2 && e.sport == server.1),
             received_reset: events.iter().any(|e| e.kind == Kind::ReceiveReset),
-            icmp: events.iter().find(|e| e.icmp.is_some()),
+            // A packet that came back, not an ICMP error dropped on its way (kfree_skb names
+            // those by the packet they quote too).
+            icmp: events
+                .iter()
+                .find(|e| e.kind == Kind::Packet && e.icmp.is_some()),
             route_error: events.iter().find(|e| noroute::is_route_error(e)),
             retransmits: events
                 .iter()
@@ -1159,6 +1222,7 @@ fn classify_to(
         no_route: None,
         listen_queue: None,
         written: Default::default(),
+        after_handshake: None,
     };
     if let Some(d) = ev.route_error
         && matches!(
@@ -1176,18 +1240,24 @@ fn classify_to(
 /// A netfilter rule decided: which rule, its owner (the CNI module that made it says what to
 /// check next), and what the client sees.
 fn netfilter_verdict(nf: &Netfilter, next_steps: &mut Vec<String>) -> (Outcome, String) {
-    let rule = nf.rule.clone().unwrap_or_else(|| "(chain policy)".into());
-    next_steps.push(format!(
-        "inspect {} {} chain {}: {}",
-        nf.family, nf.table, nf.chain, rule
-    ));
-    next_steps.push(cni::next_step(nf));
+    inspect_rule(nf, next_steps);
     let outcome = if nf.action == NfAction::Reject {
         Outcome::RefusedByRule
     } else {
         Outcome::DroppedByRule
     };
     (outcome, rule_sentence(nf))
+}
+
+/// What to check for a rule that decided: the rule itself, and what its owner (the CNI module
+/// that wrote it) suggests.
+fn inspect_rule(nf: &Netfilter, next_steps: &mut Vec<String>) {
+    let rule = nf.rule.clone().unwrap_or_else(|| "(chain policy)".into());
+    next_steps.push(format!(
+        "inspect {} {} chain {}: {}",
+        nf.family, nf.table, nf.chain, rule
+    ));
+    next_steps.push(cni::next_step(nf));
 }
 
 /// `<the owner's explanation>. The client sees <…>.`
@@ -1373,6 +1443,8 @@ pub fn dns_failure(v: &Verdict) -> Option<Event> {
 mod join;
 pub use join::join;
 
+#[cfg(test)]
+mod established_tests;
 #[cfg(test)]
 mod golden;
 #[cfg(test)]

@@ -132,6 +132,7 @@ pub fn lookup_failed(e: &Event) -> Verdict {
         cross_node: None,
         udp: None,
         written: Default::default(),
+        after_handshake: None,
         no_route: Some(NoRoute {
             netns: ns_name(e),
             interface: None,

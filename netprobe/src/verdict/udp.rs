@@ -460,6 +460,7 @@ pub(super) fn classify(events: &[Event], client: (IpAddr, u16), ctx: &Context) -
         no_route: None,
         listen_queue: None,
         written: Default::default(),
+        after_handshake: None,
         udp: Some(UdpExchange {
             requests: ev.requests(),
             replied: !ev.replies.is_empty() && !ev.reply_dropped,

@@ -1,0 +1,196 @@
+//! Privileged tests of connections that die after the handshake (issue #18): `trace` keeps
+//! following a connection that connected and judges how it ends — an MTU black hole, a reset
+//! by a netfilter rule inserted mid-stream, a stall with no drop on this node, and a long
+//! healthy transfer that closes cleanly. Real kernel programs, real traffic, netns labs.
+
+mod support;
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use netprobe_lab::mtu::{self, PATH_MTU, Pods};
+use serde_json::Value;
+use support::{TraceOutput, start_verdict_trace};
+
+const PORT: &str = "9500";
+const SERVER: &str = "10.42.0.30:9500";
+
+fn server_addr() -> SocketAddr {
+    SERVER.parse().unwrap()
+}
+
+/// A sink server on the server pod.
+fn serve(p: &Pods) {
+    mtu::sink(p.lab.listen(&p.server.netns, server_addr()).unwrap());
+}
+
+/// The connection's two verdicts: `connected` first, then how it ended.
+fn two_verdicts(out: &TraceOutput) -> (Value, Value) {
+    let v = out.verdicts();
+    assert_eq!(
+        v.len(),
+        2,
+        "connected, then how it ended:\n{}\n{}",
+        out.dump(),
+        out.stderr
+    );
+    assert_eq!(v[0]["outcome"], "connected", "{:#}", v[0]);
+    assert_eq!(
+        (&v[0]["client"]["port"], &v[0]["server"]["addr"]),
+        (&v[1]["client"]["port"], &v[1]["server"]["addr"]),
+        "the same connection"
+    );
+    (v[0].clone(), v[1].clone())
+}
+
+#[test]
+fn mtu_black_hole_names_device_mtu_sizes_and_the_rule_that_eats_the_icmp() {
+    let p = mtu::black_hole("ahmtu").unwrap();
+    serve(&p);
+    let trace = start_verdict_trace(
+        p.lab.node(),
+        &["--port", PORT, "--duration", "30s", "--count", "2"],
+    );
+    let mut s = mtu::connect(&p.client.netns, server_addr()).unwrap();
+    let err = mtu::send_and_wait(&mut s, 256 * 1024, Duration::from_secs(3))
+        .expect_err("the client cannot get its data through the black hole");
+    assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "{err}");
+    let out = trace.finish_with_code(1);
+    let (_, v) = two_verdicts(&out);
+    assert_eq!(v["outcome"], "mtu_blackhole", "{v:#}");
+    let a = &v["after_handshake"];
+    let m = &a["mtu"];
+    assert_eq!(m["device"], p.server.host_if.as_str(), "{v:#}");
+    assert_eq!(m["mtu"], PATH_MTU, "{v:#}");
+    let sizes: Vec<u64> = m["dropped_sizes"]
+        .as_array()
+        .expect("sizes")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert!(
+        !sizes.is_empty() && sizes.iter().all(|s| *s > u64::from(PATH_MTU)),
+        "dropped sizes above the MTU: {v:#}"
+    );
+    assert_eq!(m["icmp"]["dropped"], true, "{v:#}");
+    let rule = m["icmp"]["dropped_by"]["rule"].as_str().unwrap_or_default();
+    assert!(rule.contains("frag-needed-eater"), "the ICMP rule: {v:#}");
+    assert_eq!(a["mss"]["client"], 1460, "{v:#}");
+    assert_eq!(a["mss"]["server"], 1460, "{v:#}");
+    let why = v["explanation"].as_str().unwrap();
+    assert!(
+        why.contains(&p.server.host_if) && why.contains("MTU 1400"),
+        "{why}"
+    );
+    let steps = v["next_steps"].to_string();
+    assert!(steps.contains("1450") && steps.contains("frag"), "{steps}");
+}
+
+#[test]
+fn mid_stream_reset_by_a_rule_inserted_after_the_handshake_names_the_rule() {
+    let p = mtu::pods("ahrst").unwrap();
+    serve(&p);
+    let trace = start_verdict_trace(
+        p.lab.node(),
+        &["--port", PORT, "--duration", "20s", "--count", "2"],
+    );
+    let mut s = mtu::connect(&p.client.netns, server_addr()).unwrap();
+    s.write_all(b"hello before the policy change").unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    p.lab
+        .sh(
+            p.lab.node(),
+            "iptables -I FORWARD -p tcp --dport 9500 -m comment --comment cut-existing-flows -j REJECT --reject-with tcp-reset",
+        )
+        .unwrap();
+    s.write_all(b"hello after it").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let err = s.read(&mut [0u8; 16]).expect_err("reset");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    let out = trace.finish_with_code(1);
+    let (_, v) = two_verdicts(&out);
+    assert_eq!(v["outcome"], "reset_after_established", "{v:#}");
+    assert_eq!(v["after_handshake"]["reset_by"], "rule", "{v:#}");
+    assert_eq!(v["netfilter"]["chain"], "FORWARD", "{v:#}");
+    assert!(
+        v["netfilter"]["rule"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cut-existing-flows"),
+        "{v:#}"
+    );
+    assert_eq!(v["app_error"], "ECONNRESET", "{v:#}");
+}
+
+#[test]
+fn stall_with_no_drop_on_this_node_names_the_route() {
+    let p = mtu::pods("ahstall").unwrap();
+    serve(&p);
+    // Only the node and the client are watched: the server pod is "beyond this node", and
+    // what it drops nobody here sees.
+    let trace = start_verdict_trace(
+        p.lab.node(),
+        &[
+            "--port",
+            PORT,
+            "--netns",
+            p.lab.node(),
+            "--netns",
+            &p.client.netns,
+            "--duration",
+            "30s",
+            "--count",
+            "2",
+        ],
+    );
+    let mut s = mtu::connect(&p.client.netns, server_addr()).unwrap();
+    p.lab
+        .sh(
+            &p.server.netns,
+            "iptables -I INPUT -p tcp --dport 9500 -m length --length 200:65535 -j DROP",
+        )
+        .unwrap();
+    let err = mtu::send_and_wait(&mut s, 64 * 1024, Duration::from_secs(3))
+        .expect_err("nothing is acknowledged");
+    assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "{err}");
+    let out = trace.finish_with_code(1);
+    let (_, v) = two_verdicts(&out);
+    assert_eq!(v["outcome"], "stalled", "{v:#}");
+    let a = &v["after_handshake"];
+    assert!(a["drops"].as_array().is_none_or(Vec::is_empty), "{v:#}");
+    let resent = a["retransmits"].as_array().expect("retransmits");
+    assert!(
+        resent.len() >= 2 && resent.iter().all(|r| r["bytes"].as_u64() > Some(0)),
+        "{v:#}"
+    );
+    assert_eq!(v["route"]["dev"], p.server.host_if.as_str(), "{v:#}");
+    assert_eq!(v["app_error"], "ETIMEDOUT", "{v:#}");
+    let why = v["explanation"].as_str().unwrap();
+    assert!(why.contains("Nothing on this node dropped"), "{why}");
+}
+
+#[test]
+fn long_healthy_transfer_stays_connected_and_closes_cleanly() {
+    let p = mtu::pods("ahok").unwrap();
+    serve(&p);
+    let trace = start_verdict_trace(
+        p.lab.node(),
+        &["--port", PORT, "--duration", "40s", "--count", "2"],
+    );
+    let mut s = mtu::connect(&p.client.netns, server_addr()).unwrap();
+    mtu::send_and_wait(&mut s, 512 * 1024 * 1024, Duration::from_secs(10))
+        .expect("a healthy transfer");
+    drop(s);
+    let out = trace.finish_with_code(0);
+    let (connected, v) = two_verdicts(&out);
+    assert_eq!(connected["outcome"], "connected");
+    assert_eq!(v["outcome"], "closed", "{v:#}");
+    assert!(v["after_handshake"]["reset_by"].is_null(), "{v:#}");
+    assert_eq!(
+        out.summary["lost"].as_u64().expect("lost in the summary"),
+        0
+    );
+}
