@@ -100,8 +100,12 @@ fn cycle_batch(n: &Node, churn: &mut Churn, size: usize, fail: bool, agent: &Age
         let mut last = level(agent);
         for _ in 0..5 {
             let counted = churn::counted_pods(&last.1);
+            // An Event needs the pod named when its verdict is written, which can come after
+            // its drop was counted by pod: while Event keys are missing, every pod fails again
+            // (a pod that has its key only bumps that Event's count).
+            let keys_missing = last.0.event_keys < size as u64;
             churn
-                .fail_connections(&n.lab, &|pod| !counted.contains(pod))
+                .fail_connections(&n.lab, &|pod| keys_missing || !counted.contains(pod))
                 .unwrap();
             last = churn::level_within(agent, Duration::from_secs(2), |l| {
                 l.churned_series >= size && l.event_keys >= size as u64
