@@ -776,10 +776,9 @@ pub fn run(skip_setup: bool, opts: &Options) -> Result<()> {
             cases.push(("pod_churn", churn::pod_churn()?));
         }
         if opts.only.contains(&Case::TracedPort) {
-            cases.push((
-                "traced_port",
-                traced::traced_port(&mut bench, opts.seconds)?,
-            ));
+            let mut v = traced::traced_port(&mut bench, opts.seconds)?;
+            v["measured"] = json!({"date": now_utc(), "commit": head_commit()});
+            cases.push(("traced_port", v));
         }
         drop(bench);
         drop(lab);
