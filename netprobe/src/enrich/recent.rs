@@ -19,6 +19,11 @@ pub fn evictions() -> (u64, u64) {
     (FORGOTTEN.load(Relaxed), SKIPPED.load(Relaxed))
 }
 
+/// Counts `n` keys another bounded memory of the verdict path forgot at its bound.
+pub fn count_forgotten(n: usize) {
+    FORGOTTEN.fetch_add(n as u64, Relaxed);
+}
+
 pub struct Recent<K, V> {
     found: HashMap<K, (Instant, V)>,
     reuse_for: Duration,

@@ -250,6 +250,8 @@ impl RecentLookups {
             self.0
                 .retain(|_, t| now.saturating_sub(*t) < LOOKUP_SAME_NS);
             if self.0.len() >= LOOKUPS_REMEMBERED {
+                // Still live: forgetting them may judge a retry's lookup again, so it is counted.
+                crate::enrich::recent::count_forgotten(self.0.len());
                 self.0.clear();
             }
         }
