@@ -89,7 +89,8 @@ pub struct RawEvent {
     pub aux: u32,
     /// Thread group id of the current task (only meaningful in process context).
     pub pid: u32,
-    /// TCP sequence number (host order) of the segment (a retransmit's too), 0 if none.
+    /// TCP sequence number (host order) of the segment (a retransmit's too), 0 if none. For a
+    /// TCP state change: the connection's `total_retrans` (segments it sent again so far).
     pub seq: u32,
     pub sport: u16,
     pub dport: u16,
@@ -185,13 +186,17 @@ pub struct KernelOffsets {
     pub sk_err: u32,
     pub sk_protocol: u32,
     pub sk_err_soft: u32,
-    pub _pad: u32,
+    /// `inet_connection_sock.icsk_retransmits` (a `u8`): retransmission timeouts since the
+    /// last acknowledgement of new data; 0 for a fast retransmit or a loss probe.
+    pub icsk_retransmits: u32,
     /// 1 if `tcp_send_reset` has the `enum sk_rst_reason` argument (6.10+).
     pub rst_has_reason: u32,
     /// `sk_buff.cb`: a TCP skb's `struct tcp_skb_cb` (`seq`, `end_seq` first) for retransmits.
     pub skb_cb: u32,
+    /// `tcp_sock.total_retrans`: segments the connection sent again over its lifetime.
+    pub tcp_total_retrans: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 92);
+const _: () = assert!(size_of::<KernelOffsets>() == 96);
 
 /// Offsets the `fib_table_lookup` program reads (kept apart from [`KernelOffsets`]: each
 /// program copies the structs it loads onto its 512-byte stack).
@@ -240,6 +245,10 @@ pub mod counter {
     pub const EMITTED: u32 = 1;
     /// Packets the tc programs looked at (before filtering).
     pub const TC_SEEN: u32 = 2;
+    /// Data retransmits of connections still making progress (fast retransmits, loss probes,
+    /// retransmits after a partial acknowledgement): counted, not emitted — a healthy bulk
+    /// transfer has hundreds a second, and only a retransmission timeout says anything is wrong.
+    pub const RETRANSMITS_COUNTED: u32 = 3;
     pub const MAX: u32 = 4;
 }
 

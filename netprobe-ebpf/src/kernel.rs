@@ -36,9 +36,10 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     sk_err: 0,
     sk_protocol: 0,
     sk_err_soft: 0,
-    _pad: 0,
+    icsk_retransmits: 0,
     rst_has_reason: 0,
     skb_cb: 0,
+    tcp_total_retrans: 0,
 });
 
 #[unsafe(no_mangle)]

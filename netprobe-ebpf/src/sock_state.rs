@@ -30,6 +30,9 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     ev.aux = ctx.arg::<u64>(1) as u32;
     ev.reason = ctx.arg::<u64>(2) as u32;
+    // How many segments the connection resent (data retransmits are events only after a
+    // timeout): a closed connection's verdict says how lossy its life was.
+    ev.seq = kernel::read::<u32>(sk, o.tcp_total_retrans).unwrap_or(0);
     emit::submit(&mut ev, true);
     Ok(())
 }

@@ -266,6 +266,7 @@ impl AgentHousekeeping {
         m.rule_counters = self.counted.stats();
         m.lost = c.lost;
         m.emitted = c.emitted;
+        m.retransmits_counted = c.retransmits_counted;
         m.kernel_drops = c
             .drops_matched
             .iter()

@@ -172,19 +172,60 @@ fn stall_with_no_drop_on_this_node_names_the_route() {
     assert!(why.contains("Nothing on this node dropped"), "{why}");
 }
 
-#[test]
-fn long_healthy_transfer_stays_connected_and_closes_cleanly() {
-    let p = mtu::pods("ahok").unwrap();
-    serve(&p);
+/// `bytes` sent from the client pod to the sink server and closed, under a trace of the port
+/// (exit 0: every connection connected and closed cleanly).
+fn traced_transfer(p: &Pods, bytes: usize) -> TraceOutput {
     let trace = start_verdict_trace(
         p.lab.node(),
         &["--port", PORT, "--duration", "40s", "--count", "2"],
     );
     let mut s = mtu::connect(&p.client.netns, server_addr()).unwrap();
-    mtu::send_and_wait(&mut s, 512 * 1024 * 1024, Duration::from_secs(10))
-        .expect("a healthy transfer");
+    mtu::send_and_wait(&mut s, bytes, Duration::from_secs(10)).expect("a healthy transfer");
     drop(s);
-    let out = trace.finish_with_code(0);
+    trace.finish_with_code(0)
+}
+
+/// A lossy but healthy transfer (a rule drops 0.3 % of its data segments): the kernel
+/// recovers with fast retransmits, which are counted, not events — the closed verdict has the
+/// connection's lifetime count (`resent_total`) above the retransmits it lists (only those
+/// after a retransmission timeout), and the trace received far fewer events than that.
+#[test]
+fn lossy_transfer_closes_cleanly_and_its_fast_retransmits_are_counted_not_events() {
+    let p = mtu::pods("ahloss").unwrap();
+    serve(&p);
+    p.lab
+        .sh(
+            p.lab.node(),
+            "nft add table inet lossy
+             nft add chain inet lossy thin '{ type filter hook forward priority 0; }'
+             nft add rule inet lossy thin tcp dport 9500 numgen random mod 1000 '<' 3 drop",
+        )
+        .unwrap();
+    let out = traced_transfer(&p, 64 * 1024 * 1024);
+    let (_, v) = two_verdicts(&out);
+    assert_eq!(v["outcome"], "closed", "{v:#}");
+    let a = &v["after_handshake"];
+    let total = a["resent_total"].as_u64().expect("resent_total");
+    let after_timeout = a["retransmits"].as_array().map_or(0, Vec::len) as u64;
+    assert!(
+        total >= 20 && total > after_timeout,
+        "fast retransmits counted by the kernel: {v:#}"
+    );
+    let events = out.summary["events"]
+        .as_u64()
+        .expect("events in the summary");
+    // Each dropped segment is a drop event; its fast retransmit is not one.
+    assert!(
+        events < 3 * total,
+        "{events} events for {total} segments resent"
+    );
+}
+
+#[test]
+fn long_healthy_transfer_stays_connected_and_closes_cleanly() {
+    let p = mtu::pods("ahok").unwrap();
+    serve(&p);
+    let out = traced_transfer(&p, 512 * 1024 * 1024);
     let (connected, v) = two_verdicts(&out);
     assert_eq!(connected["outcome"], "connected");
     assert_eq!(v["outcome"], "closed", "{v:#}");

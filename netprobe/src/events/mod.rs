@@ -106,6 +106,10 @@ pub struct ResetInfo {
 pub struct StateInfo {
     pub old: TcpState,
     pub new: TcpState,
+    /// Segments the connection had sent again so far, fast retransmits and loss probes
+    /// included (`tcp_sock.total_retrans`; only retransmits after a timeout are events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retransmitted: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -372,6 +376,7 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
         state: (ev.kind == netprobe_common::kind::STATE_CHANGE).then(|| StateInfo {
             old: TcpState::from_number(ev.aux),
             new: TcpState::from_number(ev.reason),
+            retransmitted: Some(ev.seq),
         }),
         error: matches!(
             ev.kind,
@@ -466,7 +471,8 @@ mod tests {
             e.state,
             Some(StateInfo {
                 old: TcpState::SynSent,
-                new: TcpState::Close
+                new: TcpState::Close,
+                retransmitted: Some(0),
             })
         );
         assert_eq!(e.process.unwrap().comm, "agent");

@@ -193,9 +193,11 @@ impl KernelBtf {
             sk_err: self.offset("sock", "sk_err")?,
             sk_protocol: self.offset("sock", "sk_protocol")?,
             sk_err_soft: self.offset("sock", "sk_err_soft")?,
-            _pad: 0,
+            // Both structs begin with `struct sock`: offsets from the socket pointer.
+            icsk_retransmits: self.offset("inet_connection_sock", "icsk_retransmits")?,
             rst_has_reason: u32::from(self.tracepoint_args("tcp_send_reset").unwrap_or(2) >= 3),
             skb_cb: self.offset("sk_buff", "cb")?,
+            tcp_total_retrans: self.offset("tcp_sock", "total_retrans")?,
         })
     }
 

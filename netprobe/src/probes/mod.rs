@@ -127,6 +127,8 @@ pub struct Counters {
     pub lost: u64,
     pub emitted: u64,
     pub tc_seen: u64,
+    /// Data retransmits of connections still making progress: counted, not events.
+    pub retransmits_counted: u64,
     /// Drops that matched the filter, by reason number.
     pub drops_matched: Vec<(u32, u64)>,
     /// Every drop on the machine, by reason number.
@@ -567,6 +569,7 @@ impl Probes {
             lost: sum("COUNTERS", counter::LOST)?,
             emitted: sum("COUNTERS", counter::EMITTED)?,
             tc_seen: sum("COUNTERS", counter::TC_SEEN)?,
+            retransmits_counted: sum("COUNTERS", counter::RETRANSMITS_COUNTED)?,
             drops_matched: by_reason("DROPS_MATCHED")?,
             drops_all: by_reason("DROPS_ALL")?,
         })

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub syn_retransmits: BTreeMap<String, u64>,
     pub lost: u64,
     pub emitted: u64,
+    /// Data retransmits of connections still making progress (counted in the kernel, no event).
+    pub retransmits_counted: u64,
     /// Drops in scope counted in the kernel (per-CPU counters), by reason: every drop, also
     /// those whose event was lost or never written.
     pub kernel_drops: BTreeMap<String, u64>,
@@ -209,6 +211,11 @@ impl Metrics {
                 "netprobe_events_total",
                 "Events the kernel queued.",
                 self.emitted,
+            ),
+            Family::counter(
+                "netprobe_retransmits_counted_total",
+                "TCP data retransmits of connections still making progress (fast retransmits, loss probes, retransmits after a partial acknowledgement): counted in the kernel, not events; only a retransmission timeout is an event.",
+                self.retransmits_counted,
             ),
         ]
     }

@@ -211,7 +211,15 @@ fn after_handshake_lines(a: &crate::verdict::established::AfterHandshake) -> Str
             .iter()
             .map(|r| format!("seq {} ({} B)", r.seq, r.bytes))
             .collect();
-        s.push_str(&format!("  retransmitted: {}\n", r.join(", ")));
+        s.push_str(&format!(
+            "  retransmitted after a timeout: {}\n",
+            r.join(", ")
+        ));
+    }
+    if let Some(n) = a.resent_total {
+        s.push_str(&format!(
+            "  segments resent over the connection's life (fast retransmits included): {n}\n"
+        ));
     }
     for d in &a.drops {
         s.push_str(&format!(

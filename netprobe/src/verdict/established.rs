@@ -49,6 +49,11 @@ pub struct AfterHandshake {
     /// `mtu_blackhole`: the device, its MTU, the dropped sizes and the ICMP error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<MtuBlackhole>,
+    /// Segments both ends sent again over the connection's life, fast retransmits and loss
+    /// probes included (the kernel's count at each socket's last state change seen);
+    /// `retransmits` lists only those after a retransmission timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resent_total: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -317,6 +322,7 @@ struct After<'a> {
     reset_seen: bool,
     errno: Option<String>,
     closed: bool,
+    resent_total: Option<u32>,
 }
 
 impl<'a> After<'a> {
@@ -369,7 +375,32 @@ impl<'a> After<'a> {
             closed: events
                 .iter()
                 .any(|e| e.state.as_ref().is_some_and(|s| s.new == TcpState::Close)),
+            resent_total: resent_total(events),
         }
+    }
+}
+
+/// Both sockets' lifetime retransmit counts, each at its last state change seen.
+fn resent_total(events: &[Event]) -> Option<u32> {
+    let mut by_sock: HashMap<&str, u32> = HashMap::new();
+    for e in events {
+        if let (Some(sock), Some(n)) = (&e.sock, e.state.as_ref().and_then(|s| s.retransmitted)) {
+            let seen = by_sock.entry(sock).or_default();
+            *seen = (*seen).max(n);
+        }
+    }
+    (!by_sock.is_empty()).then(|| by_sock.values().sum())
+}
+
+/// How much was resent on the way: the kernel's lifetime count when a state change carried
+/// it, else the retransmits after a timeout that were seen.
+fn resent_words(a: &After) -> String {
+    let timeouts = a.retransmits.len();
+    match a.resent_total {
+        Some(n) => format!(
+            "{n} segments resent on the way, {timeouts} of them after a retransmission timeout"
+        ),
+        None => format!("{timeouts} segments resent after a retransmission timeout"),
     }
 }
 
@@ -401,6 +432,7 @@ fn judge(f: Followed) -> Option<Verdict> {
         drops: after.drops.iter().map(|e| segment_drop(e)).collect(),
         reset_by: (outcome == Outcome::ResetAfterEstablished).then(|| reset_by(&after)),
         mtu: (outcome == Outcome::MtuBlackhole).then(|| mtu_blackhole(&after)),
+        resent_total: after.resent_total,
     });
     Some(v)
 }
@@ -484,8 +516,8 @@ fn decide(
         Some((
             Outcome::Closed,
             format!(
-                "The connection was established and closed cleanly, without a reset or an error ({} data segments resent on the way).",
-                a.retransmits.len()
+                "The connection was established and closed cleanly, without a reset or an error ({}).",
+                resent_words(a)
             ),
         ))
     } else if !a.too_big.is_empty() {

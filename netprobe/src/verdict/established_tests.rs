@@ -27,7 +27,11 @@ fn ev(t_ms: u64, kind: Kind, back: bool) -> Event {
 
 fn state(t_ms: u64, old: TcpState, new: TcpState) -> Event {
     Event {
-        state: Some(StateInfo { old, new }),
+        state: Some(StateInfo {
+            old,
+            new,
+            retransmitted: None,
+        }),
         sock: Some("0x1".into()),
         ..ev(t_ms, Kind::StateChange, false)
     }
