@@ -243,8 +243,8 @@ pub mod counter {
     pub const LOST: u32 = 0;
     /// Events written to the ring buffer.
     pub const EMITTED: u32 = 1;
-    /// Packets the tc programs looked at (before filtering).
-    pub const TC_SEEN: u32 = 2;
+    // 2: unused (once every packet the tc programs saw: a map update per packet that nothing
+    // read).
     /// Data retransmits of connections still making progress (fast retransmits, loss probes,
     /// retransmits after a partial acknowledgement): counted, not emitted — a healthy bulk
     /// transfer has hundreds a second, and only a retransmission timeout says anything is wrong.

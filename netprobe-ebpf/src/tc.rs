@@ -10,7 +10,7 @@
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use netprobe_common::{
     AF_INET, AF_INET6, DNS_PORT, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, RawEvent,
-    counter, kind, tcp_flags,
+    kind, tcp_flags,
 };
 
 use crate::{emit, filter, kernel};
@@ -126,7 +126,6 @@ fn candidate_loaded(ctx: &TcContext) -> Result<bool, i64> {
 }
 
 fn try_tc(ctx: &TcContext, direction: u8) -> Result<(), i64> {
-    emit::count(counter::TC_SEEN);
     if !candidate(ctx)? {
         return Ok(());
     }

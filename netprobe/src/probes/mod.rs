@@ -126,7 +126,6 @@ pub struct Counters {
     /// Events that matched but found the ring buffer full.
     pub lost: u64,
     pub emitted: u64,
-    pub tc_seen: u64,
     /// Data retransmits of connections still making progress: counted, not events.
     pub retransmits_counted: u64,
     /// Drops that matched the filter, by reason number.
@@ -568,7 +567,6 @@ impl Probes {
         Ok(Counters {
             lost: sum("COUNTERS", counter::LOST)?,
             emitted: sum("COUNTERS", counter::EMITTED)?,
-            tc_seen: sum("COUNTERS", counter::TC_SEEN)?,
             retransmits_counted: sum("COUNTERS", counter::RETRANSMITS_COUNTED)?,
             drops_matched: by_reason("DROPS_MATCHED")?,
             drops_all: by_reason("DROPS_ALL")?,
