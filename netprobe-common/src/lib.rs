@@ -185,7 +185,8 @@ pub struct KernelOffsets {
     pub sk_err: u32,
     pub sk_protocol: u32,
     pub sk_err_soft: u32,
-    pub _pad: u32,
+    /// `inet_sock.inet_sport`: a closed socket's own port (`skc_num` is cleared when it closes).
+    pub inet_sport: u32,
     /// 1 if `tcp_send_reset` has the `enum sk_rst_reason` argument (6.10+).
     pub rst_has_reason: u32,
     /// `sk_buff.cb`: a TCP skb's `struct tcp_skb_cb` (`seq`, `end_seq` first) for retransmits.

@@ -36,7 +36,7 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     sk_err: 0,
     sk_protocol: 0,
     sk_err_soft: 0,
-    _pad: 0,
+    inet_sport: 0,
     rst_has_reason: 0,
     skb_cb: 0,
 });
