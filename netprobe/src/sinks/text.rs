@@ -236,9 +236,11 @@ fn after_handshake_lines(a: &crate::verdict::established::AfterHandshake) -> Str
             crate::verdict::established::ResetBy::Peer => "the peer",
             crate::verdict::established::ResetBy::Rule => "a netfilter rule on this node",
             crate::verdict::established::ResetBy::Kernel => "this node's kernel",
+            crate::verdict::established::ResetBy::Client => "the client itself",
         };
         s.push_str(&format!("  reset sent by: {by}\n"));
     }
+    s.push_str(&reset_lines(a));
     if let Some(m) = &a.mtu {
         s.push_str(&format!(
             "  MTU black hole: {} MTU {}, dropped sizes {:?}, ICMP frag-needed {}\n",
@@ -253,6 +255,29 @@ fn after_handshake_lines(a: &crate::verdict::established::AfterHandshake) -> Str
                 "not seen"
             }
         ));
+    }
+    s
+}
+
+/// The kernel's reason for a reset sent on this node, and the socket and process that sent it.
+fn reset_lines(a: &crate::verdict::established::AfterHandshake) -> String {
+    let mut s = String::new();
+    if let Some(r) = &a.reset_reason {
+        s.push_str(&format!("  reset reason: {r}\n"));
+    }
+    if let Some(x) = &a.reset_sender {
+        let process = x
+            .process
+            .as_ref()
+            .map(|p| format!("{} (pid {})", p.comm, p.pid))
+            .unwrap_or_else(|| "?".into());
+        let place = x
+            .pod
+            .as_ref()
+            .map(crate::model::Peer::describe)
+            .or_else(|| x.netns.clone())
+            .unwrap_or_else(|| "?".into());
+        s.push_str(&format!("  reset sender: {process} in {place}\n"));
     }
     s
 }
