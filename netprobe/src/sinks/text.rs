@@ -402,4 +402,35 @@ mod tests {
         assert!(line.starts_with("01:02:03.000001 DROP"), "{line}");
         assert!(line.contains("netns=pod tcp 127.0.0.1:40000 > 127.0.0.1:9500 [SYN] reason=NO_SOCKET at tcp_v4_rcv+0x99"), "{line}");
     }
+
+    #[test]
+    fn a_reset_sent_on_this_node_is_printed_with_its_reason_and_sender() {
+        use crate::verdict::{
+            established::{AfterHandshake, ResetBy},
+            resets::{ResetSender, Side},
+        };
+        let a = AfterHandshake {
+            reset_by: Some(ResetBy::Peer),
+            reset_reason: Some("TCP_ABORT_ON_CLOSE".into()),
+            reset_sender: Some(ResetSender {
+                side: Side::Server,
+                netns: Some("srv".into()),
+                pod: Some(crate::model::Peer {
+                    namespace: Some("default".into()),
+                    pod: Some("server".into()),
+                    ..Default::default()
+                }),
+                process: Some(events::Process {
+                    pid: 7,
+                    comm: "iperf3".into(),
+                }),
+            }),
+            ..Default::default()
+        };
+        let s = after_handshake_lines(&a);
+        assert!(
+            s.contains("  reset sent by: the peer\n  reset reason: TCP_ABORT_ON_CLOSE\n  reset sender: iperf3 (pid 7) in default/server\n"),
+            "{s}"
+        );
+    }
 }
