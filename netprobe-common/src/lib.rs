@@ -195,8 +195,10 @@ pub struct KernelOffsets {
     pub skb_cb: u32,
     /// `tcp_sock.total_retrans`: segments the connection sent again over its lifetime.
     pub tcp_total_retrans: u32,
+    /// `inet_sock.inet_sport`: a closed socket's own port (`skc_num` is cleared when it closes).
+    pub inet_sport: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 96);
+const _: () = assert!(size_of::<KernelOffsets>() == 100);
 
 /// Offsets the `fib_table_lookup` program reads (kept apart from [`KernelOffsets`]: each
 /// program copies the structs it loads onto its 512-byte stack).

@@ -40,6 +40,7 @@ static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     rst_has_reason: 0,
     skb_cb: 0,
     tcp_total_retrans: 0,
+    inet_sport: 0,
 });
 
 #[unsafe(no_mangle)]

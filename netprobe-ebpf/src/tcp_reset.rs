@@ -36,6 +36,12 @@ fn try_tcp_send_reset(ctx: &BtfTracePointContext) -> Result<(), i32> {
         if !kernel::sock_tuple(sk, &mut ev, &o) {
             return Ok(());
         }
+        // An active reset (close with unread data, linger 0, abort) comes after the socket
+        // was set to CLOSE, which cleared its port number: its own port is still in
+        // `inet_sport`, without which the port filter would miss the reset.
+        if ev.sport == 0 {
+            ev.sport = u16::from_be(kernel::read::<u16>(sk, o.inet_sport).unwrap_or(0));
+        }
         ev.aux = kernel::sock_state(sk, &o);
     } else {
         return Ok(());

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod mtu;
 pub mod ports;
 pub mod process;
+pub mod resets;
 pub mod rules;
 pub mod two_nodes;
 pub mod underlay;

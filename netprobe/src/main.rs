@@ -57,8 +57,9 @@ enum Command {
     /// Follow connection attempts to a port and print one verdict per attempt: connected,
     /// refused (no listener / by a rule), dropped (by a rule / by the kernel), reset, timed out —
     /// with the timeline, the rule and its owner, and what to check next. A connection that
-    /// connected is followed until it ends: a second verdict says closed, reset (by the peer, a
-    /// rule, the kernel), stalled, MTU black hole or aborted. Exit 0 all connected (and closed
+    /// connected is followed until it ends: a second verdict says closed, reset (by the peer —
+    /// naming the process that closed its socket and the kernel's reason —, a rule, the kernel),
+    /// stalled, MTU black hole or aborted; a reset exits 1 whoever sent it. Exit 0 all connected (and closed
     /// cleanly), 1 a failure was diagnosed, 2 usage/environment error (also: a traced namespace, e.g. the
     /// --pod's, deleted mid-trace), 3 no attempt seen, 130 interrupted (SIGINT/SIGTERM) before
     /// the trace was in place (what it had installed is removed).

@@ -198,6 +198,7 @@ impl KernelBtf {
             rst_has_reason: u32::from(self.tracepoint_args("tcp_send_reset").unwrap_or(2) >= 3),
             skb_cb: self.offset("sk_buff", "cb")?,
             tcp_total_retrans: self.offset("tcp_sock", "total_retrans")?,
+            inet_sport: self.offset("inet_sock", "inet_sport")?,
         })
     }
 
@@ -269,5 +270,37 @@ mod tests {
         assert!(no_socket.is_some(), "NO_SOCKET present");
         assert!(reasons.values().any(|n| n == "NETFILTER_DROP"));
         assert_eq!(btf.tracepoint_args("kfree_skb").map(|n| n >= 3), Some(true));
+    }
+
+    /// `enum sk_rst_reason` (6.10+, with the reason argument of `tcp_send_reset`): the names the
+    /// verdict says, prefix stripped, one value each; a kernel without it has neither.
+    #[test]
+    fn decodes_reset_reasons_from_running_kernel() {
+        let btf = KernelBtf::load().expect("kernel BTF");
+        let decoded = btf.enum_names("sk_rst_reason", "SK_RST_REASON_");
+        if btf.tracepoint_args("tcp_send_reset").unwrap_or(0) < 3 {
+            assert!(decoded.is_err(), "no reason argument, no enum");
+            return;
+        }
+        let reasons = decoded.expect("sk_rst_reason");
+        let value = |name: &str| reasons.iter().find(|(_, n)| *n == name).map(|(v, _)| *v);
+        for name in [
+            "NOT_SPECIFIED",
+            "NO_SOCKET",
+            "TCP_ABORT_ON_CLOSE",
+            "TCP_ABORT_ON_LINGER",
+            "TCP_ABORT_ON_MEMORY",
+            "TCP_STATE",
+            "TCP_KEEPALIVE_TIMEOUT",
+            "TCP_DISCONNECT_WITH_DATA",
+        ] {
+            assert!(value(name).is_some(), "{name} in {reasons:?}");
+        }
+        assert_eq!(value("NOT_SPECIFIED"), Some(0));
+        assert!(reasons.values().all(|n| !n.starts_with("SK_RST_REASON_")));
+        let o = btf.offsets().expect("offsets");
+        assert_eq!(o.rst_has_reason, 1);
+        // A closed socket's port is read from inet_sock (past struct sock).
+        assert!(o.inet_sport > o.sk_num);
     }
 }

@@ -244,9 +244,11 @@ fn after_handshake_lines(a: &crate::verdict::established::AfterHandshake) -> Str
             crate::verdict::established::ResetBy::Peer => "the peer",
             crate::verdict::established::ResetBy::Rule => "a netfilter rule on this node",
             crate::verdict::established::ResetBy::Kernel => "this node's kernel",
+            crate::verdict::established::ResetBy::Client => "the client itself",
         };
         s.push_str(&format!("  reset sent by: {by}\n"));
     }
+    s.push_str(&reset_lines(a));
     if let Some(m) = &a.mtu {
         s.push_str(&format!(
             "  MTU black hole: {} MTU {}, dropped sizes {:?}, ICMP frag-needed {}\n",
@@ -261,6 +263,29 @@ fn after_handshake_lines(a: &crate::verdict::established::AfterHandshake) -> Str
                 "not seen"
             }
         ));
+    }
+    s
+}
+
+/// The kernel's reason for a reset sent on this node, and the socket and process that sent it.
+fn reset_lines(a: &crate::verdict::established::AfterHandshake) -> String {
+    let mut s = String::new();
+    if let Some(r) = &a.reset_reason {
+        s.push_str(&format!("  reset reason: {r}\n"));
+    }
+    if let Some(x) = &a.reset_sender {
+        let process = x
+            .process
+            .as_ref()
+            .map(|p| format!("{} (pid {})", p.comm, p.pid))
+            .unwrap_or_else(|| "?".into());
+        let place = x
+            .pod
+            .as_ref()
+            .map(crate::model::Peer::describe)
+            .or_else(|| x.netns.clone())
+            .unwrap_or_else(|| "?".into());
+        s.push_str(&format!("  reset sender: {process} in {place}\n"));
     }
     s
 }
@@ -384,5 +409,36 @@ mod tests {
         let line = text_line(&e);
         assert!(line.starts_with("01:02:03.000001 DROP"), "{line}");
         assert!(line.contains("netns=pod tcp 127.0.0.1:40000 > 127.0.0.1:9500 [SYN] reason=NO_SOCKET at tcp_v4_rcv+0x99"), "{line}");
+    }
+
+    #[test]
+    fn a_reset_sent_on_this_node_is_printed_with_its_reason_and_sender() {
+        use crate::verdict::{
+            established::{AfterHandshake, ResetBy},
+            resets::{ResetSender, Side},
+        };
+        let a = AfterHandshake {
+            reset_by: Some(ResetBy::Peer),
+            reset_reason: Some("TCP_ABORT_ON_CLOSE".into()),
+            reset_sender: Some(ResetSender {
+                side: Side::Server,
+                netns: Some("srv".into()),
+                pod: Some(crate::model::Peer {
+                    namespace: Some("default".into()),
+                    pod: Some("server".into()),
+                    ..Default::default()
+                }),
+                process: Some(events::Process {
+                    pid: 7,
+                    comm: "iperf3".into(),
+                }),
+            }),
+            ..Default::default()
+        };
+        let s = after_handshake_lines(&a);
+        assert!(
+            s.contains("  reset sent by: the peer\n  reset reason: TCP_ABORT_ON_CLOSE\n  reset sender: iperf3 (pid 7) in default/server\n"),
+            "{s}"
+        );
     }
 }

@@ -46,6 +46,15 @@ pub struct AfterHandshake {
     /// `reset_after_established`: who sent the reset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reset_by: Option<ResetBy>,
+    /// `reset_after_established`: the kernel's reason for the reset this node sent
+    /// (`enum sk_rst_reason` named from its BTF, e.g. `TCP_ABORT_ON_CLOSE`, `NO_SOCKET`;
+    /// `unknown` before 6.10); absent when nothing on this node sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_reason: Option<String>,
+    /// `reset_after_established`: the socket on this node that sent the reset by its own
+    /// decision (its side, pod and the process that closed it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_sender: Option<super::resets::ResetSender>,
     /// `mtu_blackhole`: the device, its MTU, the dropped sizes and the ICMP error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<MtuBlackhole>,
@@ -87,12 +96,15 @@ pub struct SegmentDrop {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ResetBy {
-    /// The other end (or something beyond this node): a reset arrived, nothing here sent it.
+    /// The other end: its socket on this node reset the connection (`reset_sender` names the
+    /// process), or a reset arrived from beyond this node and nothing here sent it.
     Peer,
     /// A netfilter rule on this node (REJECT with tcp-reset): `netfilter` names it.
     Rule,
     /// This node's kernel: a segment found no socket (closed), or was out of window.
     Kernel,
+    /// The client's own socket (its application closed with unread data, or aborted).
+    Client,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -417,6 +429,10 @@ fn judge(f: Followed) -> Option<Verdict> {
     v.explanation = why;
     v.next_steps = next_steps;
     v.timeline = timeline(&few_retransmits(&events));
+    let reset = outcome == Outcome::ResetAfterEstablished;
+    let by = reset_by(&after, &v);
+    let sent = after.kernel_reset.filter(|_| reset && by != ResetBy::Rule);
+    let reset_sender = sent.and_then(|e| super::resets::sender(e, &v));
     v.app_error = after.errno.clone();
     v.rule_prefix = None;
     v.drop = after.drops.first().and_then(|e| e.drop.clone());
@@ -430,7 +446,9 @@ fn judge(f: Followed) -> Option<Verdict> {
             .cloned()
             .collect(),
         drops: after.drops.iter().map(|e| segment_drop(e)).collect(),
-        reset_by: (outcome == Outcome::ResetAfterEstablished).then(|| reset_by(&after)),
+        reset_by: reset.then_some(by),
+        reset_reason: sent.map(super::resets::reason),
+        reset_sender,
         mtu: (outcome == Outcome::MtuBlackhole).then(|| mtu_blackhole(&after)),
         resent_total: after.resent_total,
     });
@@ -474,14 +492,19 @@ fn segment_drop(e: &Event) -> SegmentDrop {
     }
 }
 
-fn reset_by(a: &After) -> ResetBy {
+fn reset_by(a: &After, v: &Verdict) -> ResetBy {
     if a.rule
         .as_ref()
         .is_some_and(|n| n.action == NfAction::Reject)
     {
         ResetBy::Rule
-    } else if a.kernel_reset.is_some() {
-        ResetBy::Kernel
+    } else if let Some(sent) = a.kernel_reset {
+        // An active reset is its socket owner's; one in answer to a segment, the kernel's.
+        match super::resets::sender(sent, v).map(|s| s.side) {
+            Some(super::resets::Side::Server) => ResetBy::Peer,
+            Some(super::resets::Side::Client) => ResetBy::Client,
+            None => ResetBy::Kernel,
+        }
     } else {
         ResetBy::Peer
     }
@@ -525,7 +548,7 @@ fn decide(
     } else if reset {
         Some((
             Outcome::ResetAfterEstablished,
-            reset_sentence(a, next_steps),
+            reset_sentence(a, v, next_steps),
         ))
     } else if worst >= STALLED_AT
         || a.errno.as_deref() == Some("ETIMEDOUT")
@@ -610,26 +633,28 @@ fn icmp_sentence(icmp: &IcmpBack) -> String {
     }
 }
 
-fn reset_sentence(a: &After, next_steps: &mut Vec<String>) -> String {
-    match reset_by(a) {
+fn reset_sentence(a: &After, v: &Verdict, next_steps: &mut Vec<String>) -> String {
+    let sent = a.kernel_reset.map(|e| (e, super::resets::reason(e)));
+    let app_sees = a.errno.as_deref().unwrap_or("ECONNRESET");
+    let by = reset_by(a, v);
+    if by != ResetBy::Rule
+        && let Some((e, reason)) = &sent
+        && let Some(s) = super::resets::sender(e, v)
+    {
+        return super::resets::sentence(&s, reason, app_sees, next_steps);
+    }
+    match by {
         ResetBy::Rule => {
             let nf = a.rule.as_ref().expect("a rule");
             inspect_rule(nf, next_steps);
             format!(
                 "The connection was established, then a netfilter rule on this node rejected one of its segments with a TCP reset: {}. The application sees {}.",
-                nf.owner.explanation,
-                a.errno.as_deref().unwrap_or("ECONNRESET")
+                nf.owner.explanation, app_sees
             )
         }
-        ResetBy::Kernel => {
-            let e = a.kernel_reset.expect("a reset");
-            let reason = e.reset.as_ref().and_then(|r| r.reason.clone());
-            next_steps.push("did the server close its socket (or restart) while the client still sent? a conntrack INVALID drop or asymmetric routing shows as a drop before the reset".into());
-            format!(
-                "The connection was established, then the kernel{} answered one of its segments with a reset{}: its socket was closed or the segment did not fit it.",
-                ns_name(e).map(|n| format!(" in {n}")).unwrap_or_default(),
-                reason.map(|r| format!(" ({r})")).unwrap_or_default()
-            )
+        ResetBy::Kernel | ResetBy::Client => {
+            let (e, reason) = sent.expect("a reset sent here");
+            super::resets::kernel_sentence(e, &reason, next_steps)
         }
         ResetBy::Peer => {
             next_steps.push("look at the server (its logs, restarts, idle timeouts) and at middleboxes beyond this node that reset idle or long flows".into());

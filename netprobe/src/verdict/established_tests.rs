@@ -19,7 +19,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 /// An event of the connection, client → server (`back`: server → client).
-fn ev(t_ms: u64, kind: Kind, back: bool) -> Event {
+pub(super) fn ev(t_ms: u64, kind: Kind, back: bool) -> Event {
     let (c, s) = ((ip(CLIENT.0), CLIENT.1), (ip(SERVER.0), SERVER.1));
     let (a, b) = if back { (s, c) } else { (c, s) };
     derived(t_ms * MS, kind, Protocol::Tcp, (a.0, a.1, b.0, b.1))
@@ -38,7 +38,7 @@ fn state(t_ms: u64, old: TcpState, new: TcpState) -> Event {
 }
 
 /// SYN (MSS 1460), SYN-ACK (MSS 1460), the client's ESTABLISHED.
-fn handshake() -> Vec<Event> {
+pub(super) fn handshake() -> Vec<Event> {
     let syn = Event {
         tcp_flags: vec![TcpFlag::Syn],
         mss: Some(1460),
@@ -65,7 +65,7 @@ fn retransmit(t_ms: u64, seq: u32) -> Event {
     }
 }
 
-fn error(t_ms: u64, errno: i32, name: &str) -> Event {
+pub(super) fn error(t_ms: u64, errno: i32, name: &str) -> Event {
     Event {
         error: Some(ErrorInfo {
             errno,
@@ -96,7 +96,7 @@ fn rule(save: &str) -> crate::attribution::Netfilter {
 }
 
 /// Everything pushed 10 ms apart on the caller's clock, then polled well after.
-fn judge(events: Vec<Event>) -> Vec<Verdict> {
+pub(super) fn judge(events: Vec<Event>) -> Vec<Verdict> {
     let mut engine = Engine::new(Context {
         port: SERVER.1,
         ..Context::default()

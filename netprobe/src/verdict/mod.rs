@@ -8,6 +8,7 @@ pub mod established;
 pub mod noroute;
 pub mod overflow;
 mod pairing;
+pub mod resets;
 pub mod udp;
 
 use std::{
@@ -1447,5 +1448,7 @@ pub use join::join;
 mod established_tests;
 #[cfg(test)]
 mod golden;
+#[cfg(test)]
+mod resets_tests;
 #[cfg(test)]
 mod tests;
