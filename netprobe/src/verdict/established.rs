@@ -305,6 +305,22 @@ fn frag_needed(e: &Event) -> bool {
     })
 }
 
+/// The rule that dropped the connection's segments (`icmp`: its ICMP errors); a traced one
+/// (with its path) before one named by counters.
+fn traced_first(events: &[Event], icmp: bool) -> Option<Netfilter> {
+    let mut rules = events
+        .iter()
+        .filter(|e| e.protocol.is_icmp() == icmp)
+        .filter_map(|e| e.netfilter.as_ref());
+    let first = rules.clone().next()?;
+    Some(
+        rules
+            .find(|n| n.evidence.is_trace())
+            .unwrap_or(first)
+            .clone(),
+    )
+}
+
 /// What the events after the handshake show.
 struct After<'a> {
     retransmits: Vec<Retransmit>,
@@ -330,12 +346,7 @@ impl<'a> After<'a> {
             .copied()
             .filter(|e| loss(e).is_some_and(|d| d.reason == drop_reason::PKT_TOO_BIG))
             .collect();
-        let rules = |icmp: bool| {
-            events
-                .iter()
-                .filter(move |e| e.protocol.is_icmp() == icmp)
-                .find_map(|e| e.netfilter.clone())
-        };
+        let rules = |icmp: bool| traced_first(events, icmp);
         Self {
             retransmits: events
                 .iter()
