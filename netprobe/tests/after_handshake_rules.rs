@@ -1,8 +1,9 @@
 //! Privileged tests of netfilter drops after the handshake (issue #18 §2, §3): every rule that
 //! drops something of an established connection is named by a trace, with its path, whether
 //! it has a counter or not — the ICMP "fragmentation needed" of an MTU black hole eaten by a
-//! native nft rule, data segments cut by a native nft rule inserted mid-stream. Real kernel
-//! programs, real traffic, netns labs.
+//! native nft rule, data segments cut by a native nft rule inserted mid-stream, and segments
+//! dropped as conntrack INVALID after conntrack lost the flow. Real kernel programs, real
+//! traffic, netns labs.
 
 mod support;
 
@@ -109,4 +110,40 @@ EOF",
     assert_eq!(v["netfilter"]["hook"], "forward", "{v:#}");
     let why = v["explanation"].as_str().unwrap();
     assert!(why.contains("A netfilter rule on this node drops"), "{why}");
+}
+
+#[test]
+fn conntrack_invalid_mid_stream_names_the_rule_and_explains_invalid() {
+    let p = mtu::pods("ahrinv").unwrap();
+    // Conntrack follows the flow from its SYN (the rule registers its hooks); strict TCP
+    // tracking will not pick the flow up again once its entry is gone.
+    p.lab
+        .sh(
+            p.lab.node(),
+            "iptables -I FORWARD -m conntrack --ctstate INVALID -m comment --comment ct-invalid-drop -j DROP
+             sysctl -qw net.netfilter.nf_conntrack_tcp_loose=0",
+        )
+        .unwrap();
+    let trace = traced(&p, 30);
+    let mut s = mtu::connect(&p.client.netns, server_addr()).unwrap();
+    s.write_all(b"hello before conntrack loses the flow")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    p.lab
+        .sh(p.lab.node(), "conntrack -D -p tcp --dport 9500")
+        .unwrap();
+    let sent = mtu::send_and_wait(&mut s, 64 * 1024, Duration::from_secs(3));
+    let v = ended(trace, sent);
+    assert_eq!(v["outcome"], "stalled", "{v:#}");
+    assert_traced(&v["netfilter"], "filter", "ct-invalid-drop", &v);
+    assert_eq!(v["netfilter"]["chain"], "FORWARD", "{v:#}");
+    let why = v["explanation"].as_str().unwrap();
+    assert!(why.contains("INVALID"), "{why}");
+    let steps = v["next_steps"].to_string();
+    assert!(
+        steps.contains("asymmetric routing")
+            && steps.contains("conntrack -S")
+            && steps.contains("nf_conntrack_tcp_loose"),
+        "{steps}"
+    );
 }

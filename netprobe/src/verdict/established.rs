@@ -642,6 +642,7 @@ fn stall_sentence(a: &After, v: &Verdict, next_steps: &mut Vec<String>) -> Strin
             nf.owner.explanation
         ));
         inspect_rule(nf, next_steps);
+        why.push_str(&ct_invalid(nf, next_steps));
     } else if let Some(first) = a.drops.first() {
         let d = first.drop.as_ref().expect("a drop");
         why.push_str(" On this node");
@@ -665,6 +666,21 @@ fn stall_sentence(a: &After, v: &Verdict, next_steps: &mut Vec<String>) -> Strin
         why.push_str(&format!(" The application gave up with {errno}."));
     }
     why
+}
+
+/// When the rule drops conntrack INVALID packets: what INVALID means mid-stream, and where to
+/// look (the sentence, after the rule's).
+fn ct_invalid(nf: &Netfilter, next_steps: &mut Vec<String>) -> String {
+    let text = nf.rule.as_deref().unwrap_or_default().to_lowercase();
+    let invalid =
+        (text.contains("ctstate") || text.contains("ct state")) && text.contains("invalid");
+    if !invalid {
+        return String::new();
+    }
+    next_steps.push("asymmetric routing: do both directions of the flow pass this node (the replies through another node or interface leave conntrack here with half a connection)?".into());
+    next_steps.push("the conntrack table: `conntrack -L` for the flow, `conntrack -S` (insert_failed, drop, early_drop), `nf_conntrack_count` against `nf_conntrack_max` — an entry deleted or evicted mid-stream".into());
+    next_steps.push("`sysctl net.netfilter.nf_conntrack_tcp_loose`: at 0 conntrack does not pick up an established flow it lost, and its segments stay INVALID".into());
+    " The rule drops packets conntrack deems INVALID: conntrack has no entry that this segment fits (the entry was lost or deleted mid-stream, or the flow's other direction bypasses this node), so every later segment of the connection is dropped too.".into()
 }
 
 /// `mtu_blackhole`: the device toward the server where the segments were dropped and its MTU
