@@ -50,8 +50,9 @@ pub struct RuleTrace {
     /// By namespace inode.
     rules: HashMap<u64, NsRules>,
     rx: mpsc::UnboundedReceiver<Message>,
-    /// The traced flow's protocol (TCP or UDP).
+    /// The traced flow's protocol (TCP or UDP) and port.
     proto: Protocol,
+    port: u16,
     enricher: Rc<Enricher>,
     tables: Vec<TraceTable>,
     readers: TraceReaders,
@@ -76,6 +77,7 @@ impl RuleTrace {
             rules: HashMap::new(),
             rx,
             proto,
+            port,
             enricher,
             tables: Vec::new(),
             readers,
@@ -99,6 +101,7 @@ impl RuleTrace {
         MidStreamDrops {
             icmp: self.icmp.clone(),
             arming: self.armed.arming(),
+            port: self.port,
         }
     }
 
@@ -188,11 +191,15 @@ impl Drop for RuleTrace {
 pub struct MidStreamDrops {
     icmp: Rc<RefCell<IcmpJoin>>,
     arming: Arming,
+    /// The traced port: its side's segments do not arm.
+    port: u16,
 }
 
-/// The sender of a TCP segment without SYN, FIN or RST that an nf_tables rule dropped, and the
-/// namespace (inode) it was dropped in.
-fn dropped_data_segment(e: &Event) -> Option<(u64, (IpAddr, u16))> {
+/// The client that sent a TCP segment without SYN, FIN or RST that an nf_tables rule dropped,
+/// and the namespace (inode) it was dropped in. A segment from the traced `port` does not arm:
+/// the armed set matches a sender's address and port, and a server's are all its connections'
+/// (every segment of them would be traced); counters name that rule.
+fn dropped_data_segment(e: &Event, port: u16) -> Option<(u64, (IpAddr, u16))> {
     let by_nft = e.drop.as_ref().is_some_and(|d| {
         d.reason == drop_reason::NETFILTER_DROP && d.location.starts_with("nft_do_chain")
     });
@@ -200,7 +207,7 @@ fn dropped_data_segment(e: &Event) -> Option<(u64, (IpAddr, u16))> {
         && ![TcpFlag::Syn, TcpFlag::Fin, TcpFlag::Rst]
             .iter()
             .any(|f| e.has_flag(*f));
-    (e.kind == Kind::Drop && by_nft && data)
+    (e.kind == Kind::Drop && by_nft && data && e.sport != port)
         .then(|| Some((e.netns.as_ref()?.inode, (e.src, e.sport))))
         .flatten()
 }
@@ -219,7 +226,7 @@ impl Stage for MidStreamDrops {
                     t.nf,
                 ));
             }
-        } else if let Some((inode, sender)) = dropped_data_segment(e) {
+        } else if let Some((inode, sender)) = dropped_data_segment(e, self.port) {
             // Refused at the bound (counted): the drop is then named by counters only.
             self.arming.arm(inode, Protocol::Tcp, sender);
         }
@@ -256,14 +263,17 @@ mod tests {
     fn a_data_segment_dropped_by_an_nft_rule_names_its_sender() {
         let sender = ("10.42.0.20".parse().unwrap(), 40000);
         let data = dropped(&[TcpFlag::Ack, TcpFlag::Psh], "nft_do_chain+0x46f");
-        assert_eq!(dropped_data_segment(&data), Some((7, sender)));
+        assert_eq!(dropped_data_segment(&data, 9500), Some((7, sender)));
+        let mut from_server = data.clone();
+        (from_server.sport, from_server.dport) = (9500, 40000);
+        assert_eq!(dropped_data_segment(&from_server, 9500), None);
         for not_data in [
             dropped(&[TcpFlag::Syn], "nft_do_chain+0x46f"),
             dropped(&[TcpFlag::Fin, TcpFlag::Ack], "nft_do_chain+0x46f"),
             // iptables-legacy: no trace would see its retransmit; counters name it.
             dropped(&[TcpFlag::Ack], "nf_hook_slow+0x9a"),
         ] {
-            assert_eq!(dropped_data_segment(&not_data), None, "{not_data:?}");
+            assert_eq!(dropped_data_segment(&not_data, 9500), None, "{not_data:?}");
         }
     }
 }
