@@ -110,6 +110,9 @@ EOF",
     assert_eq!(v["netfilter"]["hook"], "forward", "{v:#}");
     let why = v["explanation"].as_str().unwrap();
     assert!(why.contains("A netfilter rule on this node drops"), "{why}");
+    // The armed-flows table went with the flow, the trace table with the trace.
+    let left = support::netprobe_tables(&p.lab, p.lab.node());
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]

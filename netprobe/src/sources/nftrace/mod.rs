@@ -60,6 +60,9 @@ pub struct RuleTrace {
     icmp: Rc<RefCell<IcmpJoin>>,
     /// Flows whose data segments a rule dropped: their retransmits are traced.
     armed: ArmedTrace,
+    /// When armed flows are next expired (a deadline, not a timer restarted by each message:
+    /// a steady stream of trace messages must not put it off).
+    expire_at: tokio::time::Instant,
 }
 
 impl RuleTrace {
@@ -83,6 +86,7 @@ impl RuleTrace {
             readers,
             icmp: Rc::default(),
             armed,
+            expire_at: tokio::time::Instant::now() + EXPIRE_EVERY,
         };
         for ns in namespaces {
             trace.armed.arming().add_netns(ns);
@@ -154,7 +158,8 @@ impl Source for RuleTrace {
                         return Ok(Input::Events(events));
                     }
                     armed = self.armed.next() => return armed,
-                    _ = tokio::time::sleep(EXPIRE_EVERY) => {
+                    _ = tokio::time::sleep_until(self.expire_at) => {
+                        self.expire_at = tokio::time::Instant::now() + EXPIRE_EVERY;
                         self.armed.arming().expire(Instant::now());
                     }
                 }
