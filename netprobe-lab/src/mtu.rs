@@ -21,6 +21,15 @@ pub const PATH_MTU: u32 = 1400;
 pub const ICMP_RULE: &str =
     "-A OUTPUT -p icmp -m icmp --icmp-type 3/4 -m comment --comment frag-needed-eater -j DROP";
 
+/// The same rule in native nftables, without a `counter`: no counter moves when it drops, only
+/// a trace names it (`inet frag_eater`, chain `out` on the output hook).
+pub const NFT_ICMP_RULE: &str = "table inet frag_eater {
+  chain out {
+    type filter hook output priority filter; policy accept;
+    icmp type destination-unreachable icmp code frag-needed drop comment \"frag-needed-eater-nft\"
+  }
+}";
+
 /// A node with `default/client` (10.42.0.20) and `default/server` (10.42.0.30).
 pub struct Pods {
     pub lab: Lab,
@@ -45,15 +54,19 @@ pub fn pods(tag: &str) -> Result<Pods> {
 /// The black hole: the node's veth toward the server carries [`PATH_MTU`], the pods think 1500,
 /// and [`ICMP_RULE`] drops the node's "fragmentation needed" on its way back to the client.
 pub fn black_hole(tag: &str) -> Result<Pods> {
+    narrow_path(tag, &format!("iptables {ICMP_RULE}"))
+}
+
+/// The black hole with [`NFT_ICMP_RULE`] (native nftables, no counter) eating the ICMP.
+pub fn black_hole_nft(tag: &str) -> Result<Pods> {
+    narrow_path(tag, &format!("nft -f - <<'EOF'\n{NFT_ICMP_RULE}\nEOF"))
+}
+
+/// The pods with [`PATH_MTU`] toward the server, and `eater` run on the node.
+fn narrow_path(tag: &str, eater: &str) -> Result<Pods> {
     let p = pods(tag)?;
-    p.lab.sh(
-        p.lab.node(),
-        &format!(
-            "ip link set {} mtu {PATH_MTU}
-             iptables {ICMP_RULE}",
-            p.server.host_if,
-        ),
-    )?;
+    let narrow = format!("ip link set {} mtu {PATH_MTU}", p.server.host_if);
+    p.lab.sh(p.lab.node(), &format!("{narrow}\n{eater}"))?;
     Ok(p)
 }
 

@@ -72,7 +72,9 @@ enum Command {
     ///
     /// To name the netfilter rule behind a drop, a trace installs a TEMPORARY nftables table
     /// (`inet netprobe_<pid>`, earliest priority of prerouting and output) that sets
-    /// `meta nftrace` on the traced flow only; it is removed when the trace ends (also on Ctrl-C
+    /// `meta nftrace` on the traced flow only (its SYN, FIN, RST and the ICMP errors quoting it;
+    /// a client whose data a rule dropped is traced a few seconds through `inet
+    /// netprobe_<pid>_armed`); it is removed when the trace ends (also on Ctrl-C
     /// and errors), and leftovers of a killed netprobe are removed at the next start. Disable
     /// with --no-rule-trace. The tc programs never alter packets and go away when netprobe exits.
     ///

@@ -366,6 +366,7 @@ async fn install(opts: &TraceOptions, signals: &mut Signals) -> Result<Installed
         };
         let (rt, counters) = signals.step(rule_trace(opts, &scope, proto, enricher.clone()))?;
         stages.push(Box::new(counters));
+        stages.push(Box::new(rt.stage()));
         sources.push(Box::new(rt));
     }
     // The tracepoints last: an attempt whose connect() (SYN_SENT) they see began after the tc
@@ -491,8 +492,9 @@ fn finish(
 }
 
 /// The nftables trace of the traced port in the scope's namespaces, and the rule counters for
-/// what it cannot trace: iptables-legacy rules, and nf_tables drops of segments of established
-/// connections and of ICMP errors (the trace marks only SYN, FIN and RST: no per-packet cost).
+/// what it cannot trace: iptables-legacy rules, and nf_tables drops of data segments of
+/// established connections (the trace marks only SYN, FIN, RST and ICMP errors: no per-packet
+/// cost) until the flow's retransmit is traced.
 fn rule_trace(
     opts: &TraceOptions,
     scope: &Scope,

@@ -102,8 +102,11 @@ pub struct TraceMsg {
     pub policy: Option<u32>,
     pub iif: Option<u32>,
     pub oif: Option<u32>,
-    /// (src, sport, dst, dport) from the traced packet's headers, when present.
+    /// (src, sport, dst, dport) from the traced packet's headers, when present. For an ICMP
+    /// error: the ICMP packet's own addresses, its type and code as `sport`.
     pub tuple: Option<(IpAddr, u16, IpAddr, u16)>,
+    /// The packet's `IPPROTO_*` (from its network header), when present.
+    pub l4proto: Option<u8>,
 }
 
 fn be32(b: &[u8]) -> Option<u32> {
@@ -112,6 +115,15 @@ fn be32(b: &[u8]) -> Option<u32> {
 
 fn be64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+}
+
+/// The protocol field of an IPv4 header, the next header of an IPv6 one.
+fn l4proto_of(net: &[u8]) -> Option<u8> {
+    match net.first()? >> 4 {
+        4 => net.get(9).copied(),
+        6 => net.get(6).copied(),
+        _ => None,
+    }
 }
 
 fn tuple_of(net: &[u8], transport: Option<&[u8]>) -> Option<(IpAddr, u16, IpAddr, u16)> {
@@ -159,6 +171,7 @@ pub fn parse_trace(body: &[u8]) -> Option<TraceMsg> {
         iif: None,
         oif: None,
         tuple: None,
+        l4proto: None,
     };
     let mut net = None;
     let mut transport = None;
@@ -201,6 +214,7 @@ pub fn parse_trace(body: &[u8]) -> Option<TraceMsg> {
         m.verdict = m.policy.map(|p| Verdict::from_code(p as i32, None));
     }
     m.tuple = net.and_then(|n| tuple_of(n, transport));
+    m.l4proto = net.and_then(l4proto_of);
     Some(m)
 }
 
@@ -331,6 +345,7 @@ mod tests {
         assert_eq!(m.kind, TraceType::Rule);
         assert_eq!(m.verdict, Some(Verdict::Drop));
         assert_eq!(m.iif, Some(7));
+        assert_eq!(m.l4proto, Some(6));
         assert_eq!(
             m.tuple,
             Some((

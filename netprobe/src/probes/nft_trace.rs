@@ -7,7 +7,8 @@
 //!
 //! The agent's armed flows ([`ArmedOp`], `inet netprobe_<pid>_armed`) work the same way for
 //! single client flows listed in two sets; the table exists only while a flow is armed, so
-//! healthy traffic never passes a netprobe chain.
+//! healthy traffic never passes a netprobe chain. A trace arms the same way the flows whose
+//! data segments a rule dropped mid-stream: their retransmits are traced.
 
 use std::{
     io::Write,
@@ -41,37 +42,14 @@ fn nft(stdin: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
 }
 
 /// The nft script for a flow: `proto` (`tcp` or `udp`) to or from `port`, optionally to or
-/// from `addr`. TCP: only segments with SYN, FIN or RST are marked, so a healthy transfer on
-/// the traced port costs no trace message per data segment (mid-stream drops are named by the
-/// rule counters instead).
+/// from `addr`, and the ICMP errors about it. TCP: only segments with SYN, FIN or RST are
+/// marked, and a data segment (any port) leaves the chain at its first rule, so a healthy
+/// transfer on the traced port costs one rule test and no trace message (a data segment dropped
+/// by a rule arms its flow instead: see [`ArmedOp`]).
 pub fn table_script(name: &str, proto: &str, port: u16, addr: Option<IpAddr>) -> String {
-    let addr_match = |dir: &str| match addr {
-        Some(IpAddr::V4(a)) => format!("ip {dir}addr {a} "),
-        Some(IpAddr::V6(a)) => format!("ip6 {dir}addr {a} "),
-        None => String::new(),
-    };
-    let mut rules = String::new();
-    let flags = if proto == "tcp" {
-        "tcp flags & (fin | syn | rst) != 0 "
-    } else {
-        ""
-    };
-    for port_dir in ["dport", "sport"] {
-        for addr_dir in if addr.is_some() {
-            vec!["s", "d"]
-        } else {
-            vec![""]
-        } {
-            let a = if addr_dir.is_empty() {
-                String::new()
-            } else {
-                addr_match(addr_dir)
-            };
-            rules.push_str(&format!(
-                "{a}meta l4proto {proto} {flags}th {port_dir} {port} meta nftrace set 1\n"
-            ));
-        }
-    }
+    let mut rules = String::from("tcp flags & (fin | syn | rst) == 0 accept\n");
+    rules.push_str(&icmp_error_rules(port));
+    rules.push_str(&flow_rules(proto, port, addr));
     let chain = |n: &str, hook: &str| {
         format!(
             "  chain {n} {{\n    type filter hook {hook} priority {PRIORITY}; policy accept;\n{rules}  }}\n"
@@ -82,6 +60,58 @@ pub fn table_script(name: &str, proto: &str, port: u16, addr: Option<IpAddr>) ->
         chain("pre", "prerouting"),
         chain("out", "output")
     )
+}
+
+/// ICMP "destination unreachable" (fragmentation needed included) and ICMPv6 "destination
+/// unreachable" / "packet too big" quoting a packet from or to `port`: rare packets. The quoted
+/// ports sit after the ICMP header (8 bytes) and the quoted IP header (20 bytes without
+/// options; IPv6: 40 without extension headers).
+fn icmp_error_rules(port: u16) -> String {
+    let mut rules = String::new();
+    for (at, ty) in [
+        (28, "icmp type destination-unreachable"),
+        (
+            48,
+            "icmpv6 type { destination-unreachable, packet-too-big }",
+        ),
+    ] {
+        for port_at in [at, at + 2] {
+            rules.push_str(&format!(
+                "{ty} @th,{},16 {port} meta nftrace set 1\n",
+                port_at * 8
+            ));
+        }
+    }
+    rules
+}
+
+/// The flow's own packets in both directions (TCP: SYN, FIN, RST).
+fn flow_rules(proto: &str, port: u16, addr: Option<IpAddr>) -> String {
+    let addr_match = |dir: &str| match addr {
+        Some(IpAddr::V4(a)) => format!("ip {dir}addr {a} "),
+        Some(IpAddr::V6(a)) => format!("ip6 {dir}addr {a} "),
+        None => String::new(),
+    };
+    let flags = if proto == "tcp" {
+        "tcp flags & (fin | syn | rst) != 0 "
+    } else {
+        ""
+    };
+    let addr_dirs: &[&str] = if addr.is_some() { &["s", "d"] } else { &[""] };
+    let mut rules = String::new();
+    for port_dir in ["dport", "sport"] {
+        for addr_dir in addr_dirs {
+            let a = if addr_dir.is_empty() {
+                String::new()
+            } else {
+                addr_match(addr_dir)
+            };
+            rules.push_str(&format!(
+                "{a}meta l4proto {proto} {flags}th {port_dir} {port} meta nftrace set 1\n"
+            ));
+        }
+    }
+    rules
 }
 
 /// A trace table installed in one namespace; removed on drop.
@@ -355,5 +385,29 @@ mod tests {
                 .count(),
             2
         );
+    }
+
+    #[test]
+    fn a_data_segment_leaves_at_the_first_rule_and_icmp_errors_about_the_port_are_marked() {
+        let s = table_script("netprobe_1", "tcp", 9500, None);
+        for chain in s.split("chain ").skip(1) {
+            let rules: Vec<&str> = chain.lines().skip(2).map(str::trim).collect();
+            assert_eq!(rules[0], "tcp flags & (fin | syn | rst) == 0 accept", "{s}");
+            // ICMP: the quoted source port, then the quoted destination port.
+            assert_eq!(
+                rules[1],
+                "icmp type destination-unreachable @th,224,16 9500 meta nftrace set 1"
+            );
+            assert_eq!(
+                rules[2],
+                "icmp type destination-unreachable @th,240,16 9500 meta nftrace set 1"
+            );
+            assert_eq!(
+                rules[3],
+                "icmpv6 type { destination-unreachable, packet-too-big } @th,384,16 9500 meta nftrace set 1"
+            );
+            assert!(rules[4].ends_with("@th,400,16 9500 meta nftrace set 1"));
+            assert!(rules[5].contains("th dport 9500"));
+        }
     }
 }

@@ -48,8 +48,9 @@ pub enum Counted {
     Legacy,
     /// iptables-legacy and nf_tables (the agent, which traces only armed, retried flows).
     All,
-    /// `trace`: iptables-legacy, and the nf_tables drops its rule trace does not see — segments
-    /// of established connections (the trace marks only SYN, FIN and RST) and ICMP errors.
+    /// `trace`: iptables-legacy, and the nf_tables drops its rule trace does not see — data
+    /// segments of established connections (the trace marks only SYN, FIN, RST and ICMP
+    /// errors; a dropped flow's retransmit is traced once it is armed).
     TraceGaps,
 }
 
@@ -234,8 +235,8 @@ impl Scope {
     }
 }
 
-/// An nf_tables drop of a packet the trace table marks (UDP, TCP with SYN, FIN or RST): its
-/// rule comes from the trace, with a path.
+/// An nf_tables drop of a packet the trace table marks (UDP, TCP with SYN, FIN or RST, an
+/// ICMP error about the flow): its rule comes from the trace, with a path.
 fn traced_by_nft(e: &Event) -> bool {
     use crate::model::{Protocol, TcpFlag};
     let nft = e
@@ -243,6 +244,7 @@ fn traced_by_nft(e: &Event) -> bool {
         .as_ref()
         .is_some_and(|d| d.location.starts_with("nft_do_chain"));
     let marked = e.protocol == Protocol::Udp
+        || (e.protocol.is_icmp() && e.icmp.is_some() && e.sport != 0)
         || [TcpFlag::Syn, TcpFlag::Fin, TcpFlag::Rst]
             .iter()
             .any(|f| e.has_flag(*f));

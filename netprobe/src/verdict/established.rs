@@ -322,6 +322,22 @@ fn frag_needed(e: &Event) -> bool {
     })
 }
 
+/// The rule that dropped the connection's segments (`icmp`: its ICMP errors); a traced one
+/// (with its path) before one named by counters.
+fn traced_first(events: &[Event], icmp: bool) -> Option<Netfilter> {
+    let mut rules = events
+        .iter()
+        .filter(|e| e.protocol.is_icmp() == icmp)
+        .filter_map(|e| e.netfilter.as_ref());
+    let first = rules.clone().next()?;
+    Some(
+        rules
+            .find(|n| n.evidence.is_trace())
+            .unwrap_or(first)
+            .clone(),
+    )
+}
+
 /// What the events after the handshake show.
 struct After<'a> {
     retransmits: Vec<Retransmit>,
@@ -348,12 +364,7 @@ impl<'a> After<'a> {
             .copied()
             .filter(|e| loss(e).is_some_and(|d| d.reason == drop_reason::PKT_TOO_BIG))
             .collect();
-        let rules = |icmp: bool| {
-            events
-                .iter()
-                .filter(move |e| e.protocol.is_icmp() == icmp)
-                .find_map(|e| e.netfilter.clone())
-        };
+        let rules = |icmp: bool| traced_first(events, icmp);
         Self {
             retransmits: events
                 .iter()
@@ -688,11 +699,13 @@ fn stall_sentence(a: &After, v: &Verdict, next_steps: &mut Vec<String>) -> Strin
             nf.owner.explanation
         ));
         inspect_rule(nf, next_steps);
+        why.push_str(&ct_invalid(nf, next_steps));
     } else if let Some(first) = a.drops.first() {
         let d = first.drop.as_ref().expect("a drop");
         why.push_str(" On this node");
         why.push_str(&dropped(&a.drops));
         next_steps.push(format!("kernel drop reason {} at {}", d.reason, d.location));
+        why.push_str(&ruleless_netfilter_drop(d, next_steps));
     } else {
         why.push_str(" Nothing on this node dropped its packets.");
         if let Some(h) = &v.left_via {
@@ -711,6 +724,32 @@ fn stall_sentence(a: &After, v: &Verdict, next_steps: &mut Vec<String>) -> Strin
         why.push_str(&format!(" The application gave up with {errno}."));
     }
     why
+}
+
+/// When the rule drops conntrack INVALID packets: what INVALID means mid-stream, and where to
+/// look (the sentence, after the rule's).
+fn ct_invalid(nf: &Netfilter, next_steps: &mut Vec<String>) -> String {
+    let text = nf.rule.as_deref().unwrap_or_default().to_lowercase();
+    let invalid =
+        (text.contains("ctstate") || text.contains("ct state")) && text.contains("invalid");
+    if !invalid {
+        return String::new();
+    }
+    next_steps.push("asymmetric routing: do both directions of the flow pass this node (the replies through another node or interface leave conntrack here with half a connection)?".into());
+    next_steps.push("the conntrack table: `conntrack -L` for the flow, `conntrack -S` (insert_failed, drop, early_drop), `nf_conntrack_count` against `nf_conntrack_max` — an entry deleted or evicted mid-stream".into());
+    next_steps.push("`sysctl net.netfilter.nf_conntrack_tcp_loose`: at 0 conntrack does not pick up an established flow it lost, and its segments stay INVALID".into());
+    " The rule drops packets conntrack deems INVALID: conntrack has no entry that this segment fits (the entry was lost or deleted mid-stream, or the flow's other direction bypasses this node), so every later segment of the connection is dropped too.".into()
+}
+
+/// A netfilter drop at a hook with no rule named (nf_tables rules are named by trace or
+/// counters, iptables-legacy ones by counters): conntrack itself drops what it cannot track —
+/// its table full, or no entry a mid-stream segment may create.
+fn ruleless_netfilter_drop(d: &crate::events::DropInfo, next_steps: &mut Vec<String>) -> String {
+    if d.reason != drop_reason::NETFILTER_DROP || !d.location.starts_with("nf_hook_slow") {
+        return String::new();
+    }
+    next_steps.push("conntrack: `conntrack -S` (drop, early_drop, insert_failed), `nf_conntrack_count` against `nf_conntrack_max`, and the kernel log's \"nf_conntrack: table full, dropping packet\"".into());
+    " No rule was named for it: unless an iptables-legacy rule dropped it while its counters were not read, conntrack itself did — its table is full (nf_conntrack_max), or it could not track the segment.".into()
 }
 
 /// `mtu_blackhole`: the device toward the server where the segments were dropped and its MTU

@@ -233,6 +233,45 @@ fn a_reject_with_tcp_reset_mid_stream_is_a_reset_by_the_rule() {
 }
 
 #[test]
+fn a_conntrack_invalid_drop_mid_stream_is_explained_and_the_traced_rule_preferred() {
+    let counted = rule("-A FORWARD -m conntrack --ctstate INVALID -j DROP");
+    let mut traced = counted.clone();
+    traced.evidence = crate::attribution::Evidence::Trace;
+    traced.position = Some(1);
+    let mut events = handshake();
+    events.push(drop_of(500, drop_reason::NETFILTER_DROP, 80));
+    for (t, nf) in [(500, counted), (800, traced)] {
+        events.push(Event {
+            netfilter: Some(nf),
+            ..ev(t, Kind::Netfilter, false)
+        });
+    }
+    events.push(retransmit(800, 1000));
+    events.push(error(3000, libc::ETIMEDOUT, "ETIMEDOUT"));
+    let v = judge(events);
+    assert_eq!(v[1].outcome, Outcome::Stalled);
+    let nf = v[1].netfilter.as_ref().unwrap();
+    assert!(nf.evidence.is_trace(), "{nf:?}");
+    assert!(v[1].explanation.contains("conntrack deems INVALID"));
+    let steps = v[1].next_steps.join("\n");
+    assert!(steps.contains("asymmetric routing") && steps.contains("nf_conntrack_tcp_loose"));
+}
+
+#[test]
+fn a_netfilter_drop_without_a_rule_points_at_a_full_conntrack_table() {
+    let mut events = handshake();
+    let mut dropped = drop_of(500, drop_reason::NETFILTER_DROP, 1000);
+    dropped.drop.as_mut().unwrap().location = "nf_hook_slow+0x9a".into();
+    events.push(dropped);
+    events.push(retransmit(800, 1000));
+    events.push(error(3000, libc::ETIMEDOUT, "ETIMEDOUT"));
+    let v = judge(events);
+    assert_eq!(v[1].outcome, Outcome::Stalled);
+    assert!(v[1].explanation.contains("conntrack itself did"));
+    assert!(v[1].next_steps.join("\n").contains("nf_conntrack_max"));
+}
+
+#[test]
 fn a_reset_nothing_here_sent_is_the_peers() {
     let mut events = handshake();
     events.push(Event {

@@ -305,6 +305,7 @@ mod tests {
                 "10.42.0.30".parse().unwrap(),
                 9004,
             )),
+            l4proto: Some(6),
         }
     }
 
