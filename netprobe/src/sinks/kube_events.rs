@@ -254,8 +254,11 @@ pub fn reason(v: &Verdict) -> &'static str {
         Outcome::DroppedByRule | Outcome::DroppedInNetfilter | Outcome::DroppedByKernel => {
             "ConnectionDropped"
         }
-        Outcome::ResetByPeer => "ConnectionReset",
+        Outcome::ResetByPeer | Outcome::ResetAfterEstablished => "ConnectionReset",
         Outcome::Unreachable => "ConnectionUnreachable",
+        Outcome::MtuBlackhole => "PathMTUBlackhole",
+        Outcome::Stalled => "ConnectionStalled",
+        Outcome::Aborted => "ConnectionAborted",
         _ => "ConnectionTimedOut",
     }
 }

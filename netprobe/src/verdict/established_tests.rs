@@ -10,16 +10,16 @@ use crate::{
     model::{Protocol, TcpFlag, TcpState},
 };
 
-const CLIENT: (&str, u16) = ("10.42.0.20", 40000);
-const SERVER: (&str, u16) = ("10.42.0.30", 9500);
-const MS: u64 = 1_000_000;
+pub(super) const CLIENT: (&str, u16) = ("10.42.0.20", 40000);
+pub(super) const SERVER: (&str, u16) = ("10.42.0.30", 9500);
+pub(super) const MS: u64 = 1_000_000;
 
-fn ip(s: &str) -> IpAddr {
+pub(super) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
 /// An event of the connection, client → server (`back`: server → client).
-fn ev(t_ms: u64, kind: Kind, back: bool) -> Event {
+pub(super) fn ev(t_ms: u64, kind: Kind, back: bool) -> Event {
     let (c, s) = ((ip(CLIENT.0), CLIENT.1), (ip(SERVER.0), SERVER.1));
     let (a, b) = if back { (s, c) } else { (c, s) };
     derived(t_ms * MS, kind, Protocol::Tcp, (a.0, a.1, b.0, b.1))
@@ -53,7 +53,7 @@ fn handshake() -> Vec<Event> {
     ]
 }
 
-fn retransmit(t_ms: u64, seq: u32) -> Event {
+pub(super) fn retransmit(t_ms: u64, seq: u32) -> Event {
     Event {
         seq: Some(seq),
         size: Some(1448),
@@ -61,7 +61,7 @@ fn retransmit(t_ms: u64, seq: u32) -> Event {
     }
 }
 
-fn error(t_ms: u64, errno: i32, name: &str) -> Event {
+pub(super) fn error(t_ms: u64, errno: i32, name: &str) -> Event {
     Event {
         error: Some(ErrorInfo {
             errno,
@@ -71,7 +71,7 @@ fn error(t_ms: u64, errno: i32, name: &str) -> Event {
     }
 }
 
-fn drop_of(t_ms: u64, reason: &str, size: u32) -> Event {
+pub(super) fn drop_of(t_ms: u64, reason: &str, size: u32) -> Event {
     Event {
         drop: Some(DropInfo {
             reason: reason.into(),
@@ -83,7 +83,7 @@ fn drop_of(t_ms: u64, reason: &str, size: u32) -> Event {
     }
 }
 
-fn rule(save: &str) -> crate::attribution::Netfilter {
+pub(super) fn rule(save: &str) -> crate::attribution::Netfilter {
     let fired = legacy::fired(
         &legacy::Counters::new(),
         &legacy::parse_counters("ip", &format!("*filter\n[1:60] {save}\nCOMMIT\n")),
