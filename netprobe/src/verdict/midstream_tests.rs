@@ -216,3 +216,25 @@ fn followed_connections_are_bounded_and_the_evicted_counted() {
     // A drop had hit each: the evicted were judged with what they had.
     assert_eq!(v.len(), 5, "{v:#?}");
 }
+
+#[test]
+fn the_error_report_of_a_reset_socket_finds_its_connection_by_the_socket() {
+    let sock = Some("0xabc".to_string());
+    let received = Event {
+        sock: sock.clone(),
+        ..ev(500, Kind::ReceiveReset, false)
+    };
+    // After the reset the socket's tuple is gone: as the kernel reports it then.
+    let report = Event {
+        sock,
+        dport: 0,
+        ..ev(501, Kind::SocketError, true)
+    };
+    let report = Event {
+        error: error(501, libc::ECONNRESET, "ECONNRESET").error,
+        ..report
+    };
+    let v = judge(vec![rule_reset(500), received, report]);
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].app_error.as_deref(), Some("ECONNRESET"));
+}
