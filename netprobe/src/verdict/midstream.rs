@@ -18,12 +18,17 @@ use crate::{
 /// has (or let go when it has no drop), counted in `EngineStats::tcp.followed_evicted`. Each
 /// holds up to 128 events: 128 connections hold about what [`super::MAX_HELD`] does.
 pub const MAX_FOLLOWED: usize = 128;
-/// A followed connection without news for this long is let go: judged when a drop on this node
-/// hit it, forgotten otherwise (a retransmission timeout that recovered).
+/// A followed connection without news for this long is let go without a verdict: nothing ended
+/// it and no drop persisted (a retransmission timeout that recovered, a stray segment a rule
+/// dropped).
 pub const QUIET_NS: u64 = 5_000_000_000;
-/// The connection's segments dropped this often on this node (by a rule, or too big for the
-/// path) — a burst, or a segment and its retransmit — is a drop that persists: judged at once.
+/// The connection's segments dropped this often by a rule on this node — a burst, or a segment
+/// and its retransmit — is a drop that persists: judged at once. One alone (a late segment
+/// conntrack calls INVALID) is no news.
 const PERSISTENT_DROPS: u32 = 2;
+/// Segments still too big for the path this long after the first: the sender did not learn the
+/// path MTU (path MTU discovery takes one round trip when the ICMP gets through).
+const STILL_TOO_BIG_NS: u64 = 1_000_000_000;
 /// How often followed connections are looked at for quiet ones.
 const SCAN_EVERY_NS: u64 = 1_000_000_000;
 /// Errors an application gets on an established connection.
@@ -36,10 +41,41 @@ const OPENING_DROPS: &[&str] = &[drop_reason::NETFILTER_DROP, drop_reason::PKT_T
 struct News {
     /// Caller's clock at its latest event.
     last_at: u64,
-    /// Its segments dropped by a rule or as too big.
-    drops: u32,
+    /// Its segments dropped by a rule.
+    rule_drops: u32,
+    /// Caller's clock at its first and latest segment dropped as too big for the path.
+    too_big: Option<(u64, u64)>,
+    /// The ICMP "fragmentation needed" about it was dropped on this node.
+    icmp_eaten: bool,
     /// The address the client dialled (a ClusterIP before DNAT), from a drop's conntrack entry.
     dialed: Option<(IpAddr, u16)>,
+}
+
+impl News {
+    fn note(&mut self, e: &Event, now: u64) {
+        self.last_at = now;
+        match dropped_for(e) {
+            Some(drop_reason::NETFILTER_DROP) => self.rule_drops += 1,
+            Some(drop_reason::PKT_TOO_BIG) => {
+                let first = self.too_big.map_or(now, |(first, _)| first);
+                self.too_big = Some((first, now));
+            }
+            _ => {}
+        }
+        self.icmp_eaten |= e.kind == Kind::Drop && established::frag_needed(e);
+        if self.dialed.is_none() {
+            self.dialed = e.dialed.as_ref().map(|d| (d.dst, d.dport));
+        }
+    }
+
+    /// A drop on this node that does not go away: by a rule, again; too big for the path with
+    /// the ICMP that would fix it eaten here, or still a second later.
+    fn persists(&self) -> bool {
+        self.rule_drops >= PERSISTENT_DROPS
+            || self
+                .too_big
+                .is_some_and(|(first, last)| self.icmp_eaten || last >= first + STILL_TOO_BIG_NS)
+    }
 }
 
 /// The agent's followed connections.
@@ -89,14 +125,8 @@ impl Midstream {
             self.socks.insert(sock.clone(), key);
         }
         let n = self.news.entry(key).or_default();
-        n.last_at = now;
-        if persisting_drop(&e) {
-            n.drops += 1;
-        }
-        if n.dialed.is_none() {
-            n.dialed = e.dialed.as_ref().map(|d| (d.dst, d.dport));
-        }
-        let due = n.drops >= PERSISTENT_DROPS;
+        n.note(&e, now);
+        let due = n.persists();
         self.conns.push(key, e, now);
         if due {
             self.conns.mark_due(key, now);
@@ -104,7 +134,7 @@ impl Midstream {
     }
 
     /// Starts following `key` with `skeleton` (endpoints, no outcome yet); the one with the
-    /// oldest news makes room beyond [`MAX_FOLLOWED`] (judged if a drop hit it).
+    /// oldest news makes room beyond [`MAX_FOLLOWED`] (judged if a drop persisted).
     fn follow(&mut self, key: Key, skeleton: &Verdict, now: u64) -> (Vec<Verdict>, u64) {
         let mut out = Vec::new();
         let mut evicted = 0;
@@ -126,11 +156,11 @@ impl Midstream {
             .map(|(k, _)| *k)
     }
 
-    /// Judged now if a drop on this node hit it, else forgotten.
+    /// Judged now if a drop on this node persisted, else forgotten.
     fn let_go(&mut self, key: Key) -> Option<Verdict> {
         let n = self.news.remove(&key)?;
         self.let_go = true;
-        if n.drops == 0 {
+        if !n.persists() {
             self.conns.forget(&key);
             return None;
         }
@@ -171,12 +201,13 @@ fn with_dialed(mut v: Verdict, dialed: Option<(IpAddr, u16)>) -> Verdict {
     v
 }
 
-/// A drop of the connection's own segments (or of the ICMP error about them) that a rule or
-/// the path's MTU caused.
-fn persisting_drop(e: &Event) -> bool {
-    e.kind == Kind::Drop
-        && !e.protocol.is_icmp()
-        && established::loss(e).is_some_and(|d| OPENING_DROPS.contains(&d.reason.as_str()))
+/// Why the connection's own segment was dropped, when a rule or the path's MTU did it.
+fn dropped_for(e: &Event) -> Option<&'static str> {
+    if e.kind != Kind::Drop || e.protocol.is_icmp() {
+        return None;
+    }
+    let reason = established::loss(e)?.reason.as_str();
+    OPENING_DROPS.iter().copied().find(|r| *r == reason)
 }
 
 /// Is `e` a sign that an established connection is in trouble (never one of a healthy
