@@ -29,6 +29,7 @@ pub mod churn;
 pub mod dns;
 pub mod kubeapi;
 pub mod metrics;
+pub mod midstream;
 pub mod mtu;
 pub mod ports;
 pub mod process;

@@ -600,11 +600,13 @@ fn judge(
     present: Namespaces,
     enricher: Rc<Enricher>,
 ) -> Judge {
+    // Connections past their handshake are followed from their first failure signal.
     let tcp = Engine::new(Context {
         port: crate::verdict::ANY_PORT,
         udp: false,
         listeners: Default::default(),
-    });
+    })
+    .judge_midstream();
     let dns = Engine::new(Context {
         port: DNS_PORT,
         udp: true,

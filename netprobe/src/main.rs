@@ -223,7 +223,8 @@ struct AgentArgs {
     /// Also write the raw kernel events (drops, resets, retransmits, ICMP errors) to stdout,
     /// those that belong to no connection attempt included (IPv6 router solicitations, packets
     /// of connections that ended). By default stdout has one verdict per failed connection
-    /// attempt, one `dns_failure` per failed lookup and `suppressed` records; raw drops are only
+    /// attempt (and per connection that died after its handshake), one `dns_failure` per failed
+    /// lookup and `suppressed` records; raw drops are only
     /// counted by reason in /metrics.
     #[arg(long, env = "NETPROBE_RAW_EVENTS")]
     raw_events: bool,

@@ -462,3 +462,26 @@ pub fn kube_env(kubeconfig: &Path) -> [(&'static str, &str); 2] {
         ("NODE_NAME", "lab-node"),
     ]
 }
+
+/// The `mtu_blackhole` verdict of [`netprobe_lab::mtu::black_hole`]'s lab names the server's
+/// node-side veth and its MTU, dropped sizes above it, and the rule that ate the ICMP.
+pub fn assert_names_the_black_hole(v: &Value, server_if: &str) {
+    use netprobe_lab::mtu::PATH_MTU;
+    assert_eq!(v["outcome"], "mtu_blackhole", "{v:#}");
+    let m = &v["after_handshake"]["mtu"];
+    assert_eq!(m["device"], server_if, "{v:#}");
+    assert_eq!(m["mtu"], PATH_MTU, "{v:#}");
+    let sizes: Vec<u64> = m["dropped_sizes"]
+        .as_array()
+        .expect("sizes")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert!(
+        !sizes.is_empty() && sizes.iter().all(|s| *s > u64::from(PATH_MTU)),
+        "dropped sizes above the MTU: {v:#}"
+    );
+    assert_eq!(m["icmp"]["dropped"], true, "{v:#}");
+    let rule = m["icmp"]["dropped_by"]["rule"].as_str().unwrap_or_default();
+    assert!(rule.contains("frag-needed-eater"), "the ICMP rule: {v:#}");
+}

@@ -63,6 +63,10 @@ pub struct Evictions {
     /// Events not kept because their attempt already held `verdict::MAX_EVENTS` (only events
     /// that may decide the verdict are kept beyond it).
     pub events_dropped: u64,
+    /// TCP, every port: connections followed past their handshake (from a failure signal) let
+    /// go because `verdict::midstream::MAX_FOLLOWED` were followed — judged with what they had
+    /// when a drop had hit them, forgotten otherwise.
+    pub followed_evicted: u64,
 }
 
 impl std::ops::AddAssign for Evictions {
@@ -71,17 +75,19 @@ impl std::ops::AddAssign for Evictions {
         self.dropped += o.dropped;
         self.forgotten_early += o.forgotten_early;
         self.events_dropped += o.events_dropped;
+        self.followed_evicted += o.followed_evicted;
     }
 }
 
 impl Evictions {
     /// `(reason label, count)` as `/metrics` exports them.
-    pub fn by_reason(&self) -> [(&'static str, u64); 4] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 5] {
         [
             ("judged_early", self.judged_early),
             ("dropped", self.dropped),
             ("forgotten_early", self.forgotten_early),
             ("events_dropped", self.events_dropped),
+            ("followed_evicted", self.followed_evicted),
         ]
     }
 }

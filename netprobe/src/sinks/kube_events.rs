@@ -1,7 +1,8 @@
 //! Kubernetes Events: every failed verdict becomes a `Warning` Event on the server pod and on the
 //! client pod (those of this node: each agent speaks for its own pods), reason by outcome
 //! (`ConnectionDropped`, `ConnectionRefused`, `ConnectionTimedOut`, `ConnectionReset`,
-//! `ConnectionUnreachable`, `DNSLookupFailed`), the note one line naming the rule or policy and
+//! `ConnectionUnreachable`, `PathMTUBlackhole`, `ConnectionStalled`, `ConnectionAborted`,
+//! `DNSLookupFailed`), the note one line naming the rule or policy and
 //! both sides. Raw drops get none: a dropped SYN or DNS query is explained by its attempt's
 //! verdict, and a drop that belongs to no attempt is only counted (`/metrics`).
 //!
@@ -254,8 +255,11 @@ pub fn reason(v: &Verdict) -> &'static str {
         Outcome::DroppedByRule | Outcome::DroppedInNetfilter | Outcome::DroppedByKernel => {
             "ConnectionDropped"
         }
-        Outcome::ResetByPeer => "ConnectionReset",
+        Outcome::ResetByPeer | Outcome::ResetAfterEstablished => "ConnectionReset",
         Outcome::Unreachable => "ConnectionUnreachable",
+        Outcome::MtuBlackhole => "PathMTUBlackhole",
+        Outcome::Stalled => "ConnectionStalled",
+        Outcome::Aborted => "ConnectionAborted",
         _ => "ConnectionTimedOut",
     }
 }

@@ -279,7 +279,7 @@ impl Metrics {
             ),
             Family::counters(
                 "netprobe_verdict_engine_evicted_total",
-                "What the always-on verdict engines (engine: tcp on every port, dns) let go of to stay bounded: judged_early (too many open at once: the oldest with a result judged with what it had), dropped (dns: too many open at once and none with a result: the oldest unanswered query forgotten without a verdict), forgotten_early (too many decided ones remembered), events_dropped (events beyond the bound of one attempt).",
+                "What the always-on verdict engines (engine: tcp on every port, dns) let go of to stay bounded: judged_early (too many open at once: the oldest with a result judged with what it had), dropped (dns: too many open at once and none with a result: the oldest unanswered query forgotten without a verdict), forgotten_early (too many decided ones remembered), events_dropped (events beyond the bound of one attempt), followed_evicted (tcp: connections followed past their handshake from a failure signal, too many at once: the quietest judged with what it had, or let go without a drop).",
                 evicted.collect::<Vec<_>>(),
             ),
             Family::counters(

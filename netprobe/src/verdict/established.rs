@@ -190,9 +190,40 @@ impl Established {
                 worst: 0,
             },
         );
+        self.compact_order();
         self.order.push_back(key);
         for e in after {
             self.push(key, e, now);
+        }
+    }
+
+    /// The agent's follower: `key`'s connection is judged at its next poll (after
+    /// [`SETTLE_NS`]), as if something had ended it.
+    pub(super) fn mark_due(&mut self, key: Key, now: u64) {
+        if let Some(f) = self.conns.get_mut(&key)
+            && f.terminal_at.is_none()
+        {
+            f.terminal_at = Some(now);
+            self.due.push((now + SETTLE_NS, key));
+        }
+    }
+
+    /// Lets a connection go without a verdict.
+    pub(super) fn forget(&mut self, key: &Key) {
+        self.conns.remove(key);
+    }
+
+    /// Judges a connection now, with what it has.
+    pub(super) fn take_now(&mut self, key: &Key) -> Option<Verdict> {
+        self.conns.remove(key).and_then(judge)
+    }
+
+    /// Keys of connections no longer followed are dropped from the order once they are the
+    /// majority (a long-running agent follows connections one after another).
+    fn compact_order(&mut self) {
+        if self.order.len() > 2 * self.conns.len() + 64 {
+            let conns = &self.conns;
+            self.order.retain(|k| conns.contains_key(k));
         }
     }
 
@@ -302,7 +333,7 @@ fn mss_of(handshake: &[Event], client_port: u16) -> Mss {
 }
 
 /// A drop that lost something of the connection (not the teardown frees).
-fn loss(e: &Event) -> Option<&crate::events::DropInfo> {
+pub(super) fn loss(e: &Event) -> Option<&crate::events::DropInfo> {
     (e.kind == Kind::Drop)
         .then_some(e.drop.as_ref())
         .flatten()
@@ -315,7 +346,7 @@ fn loss(e: &Event) -> Option<&crate::events::DropInfo> {
 }
 
 /// An ICMP "fragmentation needed" (type 3 code 4) or ICMPv6 "packet too big" (type 2).
-fn frag_needed(e: &Event) -> bool {
+pub(super) fn frag_needed(e: &Event) -> bool {
     e.icmp.as_ref().is_some_and(|i| {
         (e.protocol == crate::model::Protocol::Icmp && i.icmp_type == 3 && i.code == 4)
             || (e.protocol == crate::model::Protocol::Icmpv6 && i.icmp_type == 2)

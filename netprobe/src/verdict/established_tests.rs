@@ -10,11 +10,11 @@ use crate::{
     model::{Protocol, TcpFlag, TcpState},
 };
 
-const CLIENT: (&str, u16) = ("10.42.0.20", 40000);
-const SERVER: (&str, u16) = ("10.42.0.30", 9500);
-const MS: u64 = 1_000_000;
+pub(super) const CLIENT: (&str, u16) = ("10.42.0.20", 40000);
+pub(super) const SERVER: (&str, u16) = ("10.42.0.30", 9500);
+pub(super) const MS: u64 = 1_000_000;
 
-fn ip(s: &str) -> IpAddr {
+pub(super) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
@@ -57,7 +57,7 @@ pub(super) fn handshake() -> Vec<Event> {
     ]
 }
 
-fn retransmit(t_ms: u64, seq: u32) -> Event {
+pub(super) fn retransmit(t_ms: u64, seq: u32) -> Event {
     Event {
         seq: Some(seq),
         size: Some(1448),
@@ -75,7 +75,7 @@ pub(super) fn error(t_ms: u64, errno: i32, name: &str) -> Event {
     }
 }
 
-fn drop_of(t_ms: u64, reason: &str, size: u32) -> Event {
+pub(super) fn drop_of(t_ms: u64, reason: &str, size: u32) -> Event {
     Event {
         drop: Some(DropInfo {
             reason: reason.into(),
@@ -87,7 +87,7 @@ fn drop_of(t_ms: u64, reason: &str, size: u32) -> Event {
     }
 }
 
-fn rule(save: &str) -> crate::attribution::Netfilter {
+pub(super) fn rule(save: &str) -> crate::attribution::Netfilter {
     let fired = legacy::fired(
         &legacy::Counters::new(),
         &legacy::parse_counters("ip", &format!("*filter\n[1:60] {save}\nCOMMIT\n")),

@@ -5,6 +5,7 @@
 
 mod drop_detail;
 pub mod established;
+mod midstream;
 pub mod noroute;
 pub mod overflow;
 mod pairing;
@@ -238,6 +239,8 @@ pub struct Engine {
     pruned_at: u64,
     /// Connections followed past their handshake (`trace`); None: attempts end at `connected`.
     established: Option<established::Established>,
+    /// The agent's connections past their handshake, followed from failure signals.
+    midstream: Option<midstream::Midstream>,
     pub stats: EngineStats,
 }
 
@@ -268,6 +271,7 @@ impl Engine {
             scanned_at: 0,
             pruned_at: 0,
             established: None,
+            midstream: None,
             stats: EngineStats::default(),
         }
     }
@@ -407,6 +411,9 @@ impl Engine {
         if self.ctx.udp {
             return self.push_udp(e, now);
         }
+        if let Some((key, opened)) = self.midstream_key(&e) {
+            return self.push_midstream(key, opened, e, now);
+        }
         if e.kind == Kind::StateChange
             && let Some(sock) = &e.sock
             && e.state.as_ref().is_some_and(|s| s.new == TcpState::SynSent)
@@ -540,6 +547,7 @@ impl Engine {
         if let Some(f) = &mut self.established {
             verdicts.extend(f.poll(now));
         }
+        verdicts.extend(self.poll_midstream(now));
         verdicts
     }
 

@@ -145,7 +145,7 @@ pub fn rule_owner(v: &Verdict) -> std::borrow::Cow<'static, str> {
         return nf.owner.system.name();
     }
     std::borrow::Cow::Borrowed(match v.outcome {
-        Outcome::RefusedNoListener | Outcome::DroppedByKernel => "kernel",
+        Outcome::RefusedNoListener | Outcome::DroppedByKernel | Outcome::MtuBlackhole => "kernel",
         Outcome::DroppedInNetfilter | Outcome::DroppedByRule | Outcome::RefusedByRule => "unknown",
         _ => "none",
     })
