@@ -158,15 +158,18 @@ fn agent_names_the_rule_behind_a_mid_stream_drop() {
     event_on_client(&kube, "ConnectionStalled");
 }
 
-/// What the kernel queued for the agent so far.
-fn events_total(agent: &Agent) -> u64 {
+/// What the kernel queued for the agent so far, and the retransmits it only counted.
+fn events_total(agent: &Agent) -> (u64, u64) {
     let (_, m) = support::get(agent, "/metrics");
-    metrics::sum(&m, "netprobe_events_total", &[])
+    (
+        metrics::sum(&m, "netprobe_events_total", &[]),
+        metrics::sum(&m, "netprobe_retransmits_counted_total", &[]),
+    )
 }
 
-/// A healthy transfer costs the agent nothing: no verdict, and no event beyond the data
-/// retransmits the kernel side still reports. Those go once retransmits become events only after
-/// a retransmission timeout (the traced port's change of #18): then the bound is 0.
+/// A healthy transfer costs the agent nothing: no verdict, and no event — its fast retransmits
+/// are counted in the kernel (`netprobe_retransmits_counted_total`), not events; only a
+/// retransmission timeout is one (a loaded machine may have one or two).
 #[test]
 fn a_long_healthy_transfer_costs_the_agent_no_event_and_no_verdict() {
     let r = run(mtu::pods("aaok").unwrap());
@@ -181,14 +184,18 @@ fn a_long_healthy_transfer_costs_the_agent_no_event_and_no_verdict() {
     std::thread::sleep(Duration::from_millis(500));
     let after = events_total(&r.agent);
     let (verdicts, m, stderr, _kube, _p) = stop(r);
+    let (events, counted) = (after.0 - before.0, after.1 - before.1);
+    eprintln!("healthy 512 MiB: {events} agent events, {resent} retransmits, {counted} counted");
+    // The kernel counts retransmitted buffers (one may carry several segments of `resent`).
     assert!(
-        after - before <= u64::from(resent),
-        "512 MiB through the node cost the agent {} events ({resent} retransmits):\n{m}\n{stderr}",
-        after - before
+        resent == 0 || counted > 0,
+        "{resent} segments resent, {counted} retransmits counted in the kernel, {events} events"
     );
-    eprintln!(
-        "healthy 512 MiB: {} agent events, {resent} retransmits",
-        after - before
+    // A loaded machine may time out a retransmit or drop from a full backlog (real failure
+    // signals, a handful); fast retransmits, thousands here, must not be events.
+    assert!(
+        events <= 2 + counted / 100,
+        "512 MiB through the node cost the agent {events} events ({resent} segments resent, {counted} retransmits counted):\n{m}\n{stderr}"
     );
     assert!(verdicts.is_empty(), "{verdicts:#?}");
 }

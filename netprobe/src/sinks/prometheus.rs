@@ -214,7 +214,7 @@ impl Metrics {
             ),
             Family::counter(
                 "netprobe_retransmits_counted_total",
-                "TCP data retransmits of connections still making progress (fast retransmits, loss probes, retransmits after a partial acknowledgement): counted in the kernel, not events; only a retransmission timeout is an event.",
+                "TCP data retransmits of connections still making progress (fast retransmits, loss probes, retransmits after a partial acknowledgement), node-wide: counted in the kernel, not events; only a retransmission timeout is an event.",
                 self.retransmits_counted,
             ),
         ]
