@@ -215,7 +215,8 @@ pub struct Event {
     /// the packet's conntrack entry; equal to `dst`/`dport` when nothing translated it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dialed: Option<Translated>,
-    /// TCP sequence number of a retransmitted data segment.
+    /// TCP sequence number of a retransmitted data segment, or of a RST at a tc checkpoint
+    /// (0: it answers a SYN — a refusal; else the reset of an established connection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u32>,
     /// Bytes: a retransmitted data segment's payload, or a dropped TCP/UDP packet's IP length
@@ -410,7 +411,7 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
                 peer: None,
             }
         }),
-        seq: data_retransmit(ev).then_some(ev.seq),
+        seq: (data_retransmit(ev) || tc_reset(ev)).then_some(ev.seq),
         size: size_of_raw(ev),
         mss: mss_of_raw(ev),
         skb: (ev.skb != 0).then(|| format!("{:#x}", ev.skb)),
@@ -418,6 +419,14 @@ pub fn base(ev: &RawEvent, time_ns: u64) -> Option<Event> {
         to_service_endpoint: false,
         observed: Default::default(),
     })
+}
+
+/// A RST passing a tc checkpoint: its sequence number tells a refusal (0: it answers a SYN)
+/// from the reset of an established connection.
+fn tc_reset(ev: &RawEvent) -> bool {
+    matches!(ev.kind, kind::TC_INGRESS | kind::TC_EGRESS)
+        && ev.proto == netprobe_common::IPPROTO_TCP
+        && ev.tcp_flags & netprobe_common::tcp_flags::RST != 0
 }
 
 /// A retransmit of a data segment (not a SYN): the kernel gave its length.
@@ -515,6 +524,18 @@ mod tests {
         };
         let e = base(&syn, 0).unwrap();
         assert_eq!((e.mss, e.size, e.icmp), (Some(1460), None, None));
+        // A RST's sequence number tells a refusal (0) from an established connection's reset.
+        let refusal = RawEvent {
+            kind: kind::TC_INGRESS,
+            proto: IPPROTO_TCP,
+            tcp_flags: netprobe_common::tcp_flags::RST | netprobe_common::tcp_flags::ACK,
+            ..Default::default()
+        };
+        assert_eq!(base(&refusal, 0).unwrap().seq, Some(0));
+        let mid_stream = RawEvent { seq: 77, ..refusal };
+        let e = base(&mid_stream, 0).unwrap();
+        assert_eq!((e.seq, e.size), (Some(77), None));
+        assert_eq!(base(&RawEvent { seq: 77, ..syn }, 0).unwrap().seq, None);
     }
 
     #[test]

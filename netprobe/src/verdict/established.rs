@@ -399,6 +399,7 @@ impl<'a> After<'a> {
         Self {
             retransmits: events
                 .iter()
+                .filter(|e| e.kind == Kind::Retransmit)
                 .filter_map(|e| {
                     Some(Retransmit {
                         time_ns: e.time_ns,
