@@ -57,6 +57,27 @@ pub fn black_hole(tag: &str) -> Result<Pods> {
     narrow_path(tag, &format!("iptables {ICMP_RULE}"))
 }
 
+/// The IPv6 rule that eats the node's ICMPv6 "packet too big" (ip6tables, filter OUTPUT).
+pub const ICMPV6_RULE: &str = "-A OUTPUT -p ipv6-icmp -m icmp6 --icmpv6-type packet-too-big -m comment --comment frag-needed-eater -j DROP";
+
+/// The black hole for IPv6 (the pods' `fd00::` addresses): [`ICMPV6_RULE`] eats the ICMPv6.
+pub fn black_hole_v6(tag: &str) -> Result<Pods> {
+    narrow_path(tag, &format!("ip6tables {ICMPV6_RULE}"))
+}
+
+/// [`NFT_ICMP_RULE`] for IPv6: the ICMPv6 "packet too big", native nftables, no counter.
+pub const NFT_ICMPV6_RULE: &str = "table inet frag_eater {
+  chain out {
+    type filter hook output priority filter; policy accept;
+    icmpv6 type packet-too-big drop comment \"frag-needed-eater-nft\"
+  }
+}";
+
+/// The IPv6 black hole with [`NFT_ICMPV6_RULE`] eating the ICMPv6.
+pub fn black_hole_nft_v6(tag: &str) -> Result<Pods> {
+    narrow_path(tag, &format!("nft -f - <<'EOF'\n{NFT_ICMPV6_RULE}\nEOF"))
+}
+
 /// The black hole with [`NFT_ICMP_RULE`] (native nftables, no counter) eating the ICMP.
 pub fn black_hole_nft(tag: &str) -> Result<Pods> {
     narrow_path(tag, &format!("nft -f - <<'EOF'\n{NFT_ICMP_RULE}\nEOF"))

@@ -46,21 +46,28 @@ fn two_verdicts(out: &TraceOutput) -> (Value, Value) {
     (v[0].clone(), v[1].clone())
 }
 
-#[test]
-fn mtu_black_hole_names_device_mtu_sizes_and_the_rule_that_eats_the_icmp() {
-    let p = mtu::black_hole("ahmtu").unwrap();
-    serve(&p);
+/// A client sending through the black hole to `server` under a trace: how it ended, checked
+/// for the device, its MTU, the dropped sizes and the rule that ate the ICMP.
+fn black_hole_verdict(p: &Pods, server: SocketAddr) -> Value {
     let trace = start_verdict_trace(
         p.lab.node(),
         &["--port", PORT, "--duration", "30s", "--count", "2"],
     );
-    let mut s = mtu::connect(&p.client.netns, server_addr()).unwrap();
+    let mut s = mtu::connect(&p.client.netns, server).unwrap();
     let err = mtu::send_and_wait(&mut s, 256 * 1024, Duration::from_secs(3))
         .expect_err("the client cannot get its data through the black hole");
     assert_eq!(err.raw_os_error(), Some(libc::ETIMEDOUT), "{err}");
     let out = trace.finish_with_code(1);
     let (_, v) = two_verdicts(&out);
     support::assert_names_the_black_hole(&v, &p.server.host_if);
+    v
+}
+
+#[test]
+fn mtu_black_hole_names_device_mtu_sizes_and_the_rule_that_eats_the_icmp() {
+    let p = mtu::black_hole("ahmtu").unwrap();
+    serve(&p);
+    let v = black_hole_verdict(&p, server_addr());
     let a = &v["after_handshake"];
     assert_eq!(a["mss"]["client"], 1460, "{v:#}");
     assert_eq!(a["mss"]["server"], 1460, "{v:#}");
@@ -71,6 +78,18 @@ fn mtu_black_hole_names_device_mtu_sizes_and_the_rule_that_eats_the_icmp() {
     );
     let steps = v["next_steps"].to_string();
     assert!(steps.contains("1450") && steps.contains("frag"), "{steps}");
+}
+
+/// The same black hole over IPv6: segments too big for the narrow hop, the node's ICMPv6
+/// "packet too big" eaten by an ip6tables rule.
+#[test]
+fn mtu_black_hole_over_ipv6_names_device_mtu_sizes_and_the_rule_that_eats_the_icmpv6() {
+    let p = mtu::black_hole_v6("ahmtu6").unwrap();
+    let server = SocketAddr::new(p.server.ip6.into(), 9500);
+    mtu::sink(p.lab.listen(&p.server.netns, server).unwrap());
+    let v = black_hole_verdict(&p, server);
+    // IPv6 headers are 40 bytes: the MSS both sides announce is 1440.
+    assert_eq!(v["after_handshake"]["mss"]["client"], 1440, "{v:#}");
 }
 
 #[test]

@@ -25,7 +25,12 @@ fn server_addr() -> SocketAddr {
 
 /// Pods with a sink server, and a trace of the port on the node.
 fn traced(p: &Pods, seconds: u32) -> TraceRun {
-    mtu::sink(p.lab.listen(&p.server.netns, server_addr()).unwrap());
+    traced_at(p, server_addr(), seconds)
+}
+
+/// [`traced`] with the server listening on `server`.
+fn traced_at(p: &Pods, server: SocketAddr, seconds: u32) -> TraceRun {
+    mtu::sink(p.lab.listen(&p.server.netns, server).unwrap());
     let duration = format!("{seconds}s");
     start_verdict_trace(
         p.lab.node(),
@@ -84,6 +89,20 @@ fn mtu_black_hole_names_a_native_nft_rule_without_counter_eating_the_icmp() {
     assert_eq!(nf["chain"], "out", "{v:#}");
     let steps = v["next_steps"].to_string();
     assert!(steps.contains("frag_eater"), "{steps}");
+}
+
+/// The same over IPv6: the ICMPv6 "packet too big" eaten by a native nft rule without counter.
+#[test]
+fn mtu_black_hole_over_ipv6_names_a_native_nft_rule_without_counter_eating_the_icmpv6() {
+    let p = mtu::black_hole_nft_v6("ahrnft6").unwrap();
+    let server = SocketAddr::new(p.server.ip6.into(), 9500);
+    let trace = traced_at(&p, server, 30);
+    let mut s = mtu::connect(&p.client.netns, server).unwrap();
+    let sent = mtu::send_and_wait(&mut s, 256 * 1024, Duration::from_secs(3));
+    let v = ended(trace, sent);
+    support::assert_names_the_black_hole(&v, &p.server.host_if);
+    let nf = &v["after_handshake"]["mtu"]["icmp"]["dropped_by"];
+    assert_traced(nf, "frag_eater", "frag-needed-eater-nft", &v);
 }
 
 #[test]
