@@ -63,9 +63,10 @@ pub struct Evictions {
     /// Events not kept because their attempt already held `verdict::MAX_EVENTS` (only events
     /// that may decide the verdict are kept beyond it).
     pub events_dropped: u64,
-    /// TCP, every port: connections followed past their handshake (from a failure signal) let
-    /// go because `verdict::midstream::MAX_FOLLOWED` were followed — judged with what they had
-    /// when a drop had hit them, forgotten otherwise.
+    /// TCP: connections followed past their handshake let go because too many were followed —
+    /// the agent's (from a failure signal, `verdict::midstream::MAX_FOLLOWED`) judged with what
+    /// they had when a drop had hit them, forgotten otherwise; a trace's (from the handshake,
+    /// `verdict::established::MAX_FOLLOWED`) get no second verdict.
     pub followed_evicted: u64,
 }
 

@@ -100,6 +100,24 @@ pub struct Stats {
     pub engine: crate::verdict::EngineStats,
 }
 
+/// What the verdict engines let go of to stay bounded, one line per engine and reason: a
+/// summary must not be silent about verdicts judged early or never written.
+fn evictions_warnings(st: &crate::verdict::EngineStats) -> Vec<String> {
+    [("tcp", &st.tcp), ("dns", &st.dns)]
+        .into_iter()
+        .flat_map(|(engine, ev)| {
+            ev.by_reason()
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(move |(reason, n)| {
+                    format!(
+                        "verdict engine {engine}: {n} let go to stay bounded ({reason}; see netprobe_verdict_engine_evicted_total in the README)"
+                    )
+                })
+        })
+        .collect()
+}
+
 /// SIGINT and SIGTERM, listened to from the moment a front-end starts: a signal that arrives
 /// while probes and tables are still being installed stops the installation at its next step
 /// ([`Signals::check`], [`Signals::interruptible`]) or ends the session as soon as it starts,
@@ -352,6 +370,9 @@ impl<'a> Session<'a> {
         for s in &self.sources {
             s.report(summary);
         }
+        if let Some(j) = &self.judge {
+            summary.warnings.extend(evictions_warnings(&j.stats()));
+        }
     }
 
     /// Ends the session but for its sinks (for the summary): sources, stages and housekeeping
@@ -373,6 +394,21 @@ mod tests {
     use std::{cell::RefCell, rc::Rc};
 
     use super::*;
+
+    #[test]
+    fn a_summary_names_what_the_engines_let_go_of() {
+        let mut st = crate::verdict::EngineStats::default();
+        assert!(evictions_warnings(&st).is_empty());
+        st.tcp.followed_evicted = 3;
+        st.dns.dropped = 1;
+        let w = evictions_warnings(&st);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("tcp: 3") && w[0].contains("followed_evicted"),
+            "{w:?}"
+        );
+        assert!(w[1].contains("dns: 1") && w[1].contains("dropped"), "{w:?}");
+    }
     use crate::{
         sinks::{Show, ndjson::NdjsonSink, text::TextSink},
         sources::recorded::Recorded,

@@ -113,6 +113,33 @@ pub(super) fn judge(events: Vec<Event>) -> Vec<Verdict> {
     out
 }
 
+/// Beyond `established::MAX_FOLLOWED` connected connections the oldest is let go, and counted
+/// where the summary and `/metrics` read the engine's evictions.
+#[test]
+fn connections_followed_beyond_the_bound_are_let_go_and_counted() {
+    let mut engine = Engine::new(Context {
+        port: SERVER.1,
+        ..Context::default()
+    })
+    .follow_established();
+    let mut now = 0;
+    for n in 0..=established::MAX_FOLLOWED as u16 {
+        let port = 20000 + n;
+        for mut e in handshake() {
+            for p in [&mut e.sport, &mut e.dport] {
+                if *p == CLIENT.1 {
+                    *p = port;
+                }
+            }
+            e.sock = e.sock.map(|_| format!("{port:#x}"));
+            now = e.time_ns.max(now) + MS;
+            engine.push(e, now);
+        }
+    }
+    engine.poll(now + 10 * SETTLE_NS);
+    assert_eq!(engine.stats.tcp.followed_evicted, 1);
+}
+
 #[test]
 fn a_clean_close_is_connected_then_closed_not_a_failure() {
     let mut events = handshake();

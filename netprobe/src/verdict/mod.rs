@@ -647,7 +647,9 @@ impl Engine {
         if v.outcome == Outcome::Connected
             && let Some(f) = &mut self.established
         {
+            let evicted = f.evicted;
             f.follow(key, &v, &handshake, after, now);
+            self.stats.tcp.followed_evicted += f.evicted - evicted;
         }
         (v.outcome != Outcome::Unknown || was_an_attempt(&handshake, &v)).then_some(v)
     }

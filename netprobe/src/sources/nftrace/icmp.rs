@@ -27,7 +27,7 @@ use crate::{
 /// How long one half of a pair waits for the other (they arrive through different sources).
 pub const JOIN_WINDOW: Duration = Duration::from_secs(3);
 /// Halves waiting at once, per side; the oldest goes first.
-const MAX_WAITING: usize = 64;
+pub const MAX_WAITING: usize = 64;
 
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
@@ -93,29 +93,37 @@ pub fn dropped_error(e: &Event) -> Option<(ErrorKey, QuotedFlow)> {
     ))
 }
 
-/// Halves of one side waiting for their other half.
-struct Waiting<T>(VecDeque<(Instant, ErrorKey, T)>);
+/// Halves of one side waiting for their other half, and how many were let go at the bound
+/// before their window ended.
+struct Waiting<T> {
+    halves: VecDeque<(Instant, ErrorKey, T)>,
+    evicted: u64,
+}
 
 impl<T> Default for Waiting<T> {
     fn default() -> Self {
-        Self(VecDeque::new())
+        Self {
+            halves: VecDeque::new(),
+            evicted: 0,
+        }
     }
 }
 
 impl<T> Waiting<T> {
     fn push(&mut self, key: ErrorKey, v: T, now: Instant) {
-        if self.0.len() >= MAX_WAITING {
-            self.0.pop_front();
+        if self.halves.len() >= MAX_WAITING {
+            self.halves.pop_front();
+            self.evicted += 1;
         }
-        self.0.push_back((now, key, v));
+        self.halves.push_back((now, key, v));
     }
 
     /// The oldest half of `key` still within the window; older halves are let go.
     fn take(&mut self, key: &ErrorKey, now: Instant) -> Option<T> {
-        self.0
+        self.halves
             .retain(|(at, _, _)| now.saturating_duration_since(*at) < JOIN_WINDOW);
-        let i = self.0.iter().position(|(_, k, _)| k == key)?;
-        self.0.remove(i).map(|(_, _, v)| v)
+        let i = self.halves.iter().position(|(_, k, _)| k == key)?;
+        self.halves.remove(i).map(|(_, _, v)| v)
     }
 }
 
@@ -127,6 +135,12 @@ pub struct IcmpJoin {
 }
 
 impl IcmpJoin {
+    /// Halves let go at the bound ([`MAX_WAITING`] per side) before their other half came:
+    /// those ICMP errors' rules may go unnamed.
+    pub fn evicted(&self) -> u64 {
+        self.traced.evicted + self.dropped.evicted
+    }
+
     /// A traced ICMP error that a rule dropped: with its quoted flow if its drop event came
     /// already; otherwise it waits for it.
     pub fn traced(
@@ -278,5 +292,23 @@ mod tests {
         let mut not_by_rule = dropped_frag_needed();
         not_by_rule.drop.as_mut().unwrap().reason = "NO_SOCKET".into();
         assert!(dropped_error(&not_by_rule).is_none());
+    }
+
+    #[test]
+    fn halves_beyond_the_bound_are_let_go_and_counted() {
+        let key = traced_error(7, &[traced_frag_needed(1)]).unwrap();
+        let (_, flow) = dropped_error(&dropped_frag_needed()).unwrap();
+        let now = Instant::now();
+        let mut j = IcmpJoin::default();
+        for n in 0..MAX_WAITING as u8 + 2 {
+            let other = (7, format!("10.42.1.{n}").parse().unwrap(), 3, 4);
+            assert!(
+                j.traced(if n == 0 { key } else { other }, nf(), now)
+                    .is_none()
+            );
+        }
+        assert_eq!(j.evicted(), 2);
+        // The first one waited longest and went first: its drop event finds nothing.
+        assert!(j.dropped(key, flow, now).is_none());
     }
 }

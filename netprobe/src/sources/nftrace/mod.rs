@@ -170,6 +170,13 @@ impl Source for RuleTrace {
     fn report(&self, summary: &mut Summary) {
         summary.netfilter_trace_overruns += self.readers.overruns();
         self.armed.report(summary);
+        let forgotten = self.icmp.borrow().evicted();
+        if forgotten > 0 {
+            summary.warnings.push(format!(
+                "{forgotten} ICMP errors dropped by a rule were let go before their trace and their drop event met (at most {} wait on each side): their rules may be unnamed",
+                icmp::MAX_WAITING
+            ));
+        }
         for r in self.rules.values() {
             if let Some(rs) = r.ruleset().filter(|rs| rs.mixed_backends()) {
                 summary.warnings.push(format!(
