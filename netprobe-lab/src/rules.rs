@@ -97,6 +97,26 @@ COMMIT
     )
 }
 
+/// kube-router (k3s's embedded network policy controller), iptables-save format: the
+/// scheduler pod (10.42.0.30) is selected by `scheduler-allow-xds`, which admits TCP 9005 only,
+/// so anything else to it is REJECTed (icmp-port-unreachable).
+pub fn kube_router_reject() -> String {
+    "*filter
+:FORWARD ACCEPT [0:0]
+:KUBE-ROUTER-FORWARD - [0:0]
+:KUBE-POD-FW-4HZJ5VQMYRPBZKTG - [0:0]
+:KUBE-NWPLCY-CIJ6BCSXSBWG6QXL - [0:0]
+-A FORWARD -m comment --comment \"kube-router netpol - TEMCG2JMHZYE7H7T\" -j KUBE-ROUTER-FORWARD
+-A KUBE-ROUTER-FORWARD -d 10.42.0.30/32 -m comment --comment \"rule to jump traffic destined to POD name:seldon-scheduler-0 namespace: financial-inference to chain KUBE-POD-FW-4HZJ5VQMYRPBZKTG\" -j KUBE-POD-FW-4HZJ5VQMYRPBZKTG
+-A KUBE-POD-FW-4HZJ5VQMYRPBZKTG -m comment --comment \"rule for stateful firewall for pod\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A KUBE-POD-FW-4HZJ5VQMYRPBZKTG -d 10.42.0.30/32 -m comment --comment \"run through nw policy scheduler-allow-xds\" -j KUBE-NWPLCY-CIJ6BCSXSBWG6QXL
+-A KUBE-POD-FW-4HZJ5VQMYRPBZKTG -m comment --comment \"rule to log dropped traffic POD name:seldon-scheduler-0 namespace: financial-inference\" -m mark ! --mark 0x10000/0x10000 -m limit --limit 10/min --limit-burst 10 -j NFLOG --nflog-group 100
+-A KUBE-POD-FW-4HZJ5VQMYRPBZKTG -m comment --comment \"rule to REJECT traffic destined for POD name:seldon-scheduler-0 namespace: financial-inference\" -m mark ! --mark 0x10000/0x10000 -j REJECT --reject-with icmp-port-unreachable
+-A KUBE-NWPLCY-CIJ6BCSXSBWG6QXL -p tcp -m comment --comment \"rule to ACCEPT traffic from all sources to dest pods selected by policy name: scheduler-allow-xds namespace financial-inference\" -m tcp --dport 9005 -j MARK --set-xmark 0x10000/0x10000
+COMMIT
+".into()
+}
+
 /// The cluster DNS Service `kube-system/kube-dns` (k3s's default ClusterIP).
 pub const KUBE_DNS_IP: &str = "10.43.0.10";
 

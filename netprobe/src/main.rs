@@ -585,6 +585,9 @@ fn check(output: Format) -> ExitCode {
                 };
                 println!("{mark} {:<28} {}", f.name, f.detail);
             }
+            for w in &report.warnings {
+                println!("warn {w}");
+            }
             println!(
                 "{}",
                 if report.tracing_possible() {

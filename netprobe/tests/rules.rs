@@ -11,7 +11,9 @@ use netprobe_lab::{Connect, Lab, Pod};
 use serde_json::Value;
 use support::{S1, TraceOutput, s1_lab, start_trace};
 
-use netprobe_lab::rules::{CLUSTER_IP, calico_filter, kube_proxy_dnat, kube_proxy_no_endpoints};
+use netprobe_lab::rules::{
+    CLUSTER_IP, calico_filter, kube_proxy_dnat, kube_proxy_no_endpoints, kube_router_reject,
+};
 
 fn load(lab: &Lab, restore: &str, rules: &str) {
     let path = std::env::temp_dir().join(format!("netprobe-rules-{}", std::process::id()));
@@ -205,24 +207,7 @@ fn kube_router_reject_names_the_pod_and_policies() {
     let _l = lab
         .listen(&server.netns, "10.42.0.30:9004".parse().unwrap())
         .unwrap();
-    load(
-        &lab,
-        "iptables-restore",
-        "*filter
-:FORWARD ACCEPT [0:0]
-:KUBE-ROUTER-FORWARD - [0:0]
-:KUBE-POD-FW-4HZJ5VQMYRPBZKTG - [0:0]
-:KUBE-NWPLCY-CIJ6BCSXSBWG6QXL - [0:0]
--A FORWARD -m comment --comment \"kube-router netpol - TEMCG2JMHZYE7H7T\" -j KUBE-ROUTER-FORWARD
--A KUBE-ROUTER-FORWARD -d 10.42.0.30/32 -m comment --comment \"rule to jump traffic destined to POD name:seldon-scheduler-0 namespace: financial-inference to chain KUBE-POD-FW-4HZJ5VQMYRPBZKTG\" -j KUBE-POD-FW-4HZJ5VQMYRPBZKTG
--A KUBE-POD-FW-4HZJ5VQMYRPBZKTG -m comment --comment \"rule for stateful firewall for pod\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A KUBE-POD-FW-4HZJ5VQMYRPBZKTG -d 10.42.0.30/32 -m comment --comment \"run through nw policy scheduler-allow-xds\" -j KUBE-NWPLCY-CIJ6BCSXSBWG6QXL
--A KUBE-POD-FW-4HZJ5VQMYRPBZKTG -m comment --comment \"rule to log dropped traffic POD name:seldon-scheduler-0 namespace: financial-inference\" -m mark ! --mark 0x10000/0x10000 -m limit --limit 10/min --limit-burst 10 -j NFLOG --nflog-group 100
--A KUBE-POD-FW-4HZJ5VQMYRPBZKTG -m comment --comment \"rule to REJECT traffic destined for POD name:seldon-scheduler-0 namespace: financial-inference\" -m mark ! --mark 0x10000/0x10000 -j REJECT --reject-with icmp-port-unreachable
--A KUBE-NWPLCY-CIJ6BCSXSBWG6QXL -p tcp -m comment --comment \"rule to ACCEPT traffic from all sources to dest pods selected by policy name: scheduler-allow-xds namespace financial-inference\" -m tcp --dport 9005 -j MARK --set-xmark 0x10000/0x10000
-COMMIT
-",
-    );
+    load(&lab, "iptables-restore", &kube_router_reject());
     let out = trace_connect(
         &lab,
         "9004",
@@ -245,6 +230,77 @@ COMMIT
         serde_json::json!(["financial-inference/scheduler-allow-xds"])
     );
     assert_eq!(n["client_sees"], "connection refused");
+    assert!(
+        n["owner"].get("policy_engines").is_none(),
+        "one engine alone is not called out: {n:#}"
+    );
+}
+
+/// S1's likeliest root cause: a Flannel→Calico migration that kept k3s's embedded network policy
+/// controller. kube-router's chains still REJECT 9004 to the scheduler beside Calico's: the
+/// verdict names kube-router's rule, says that two engines enforce and gives the k3s fix.
+#[test]
+fn two_policy_engines_are_called_out_with_the_fix() {
+    let S1 {
+        lab,
+        client,
+        server,
+    } = s1_lab("two");
+    let _l = lab
+        .listen(&server.netns, "10.42.0.30:9004".parse().unwrap())
+        .unwrap();
+    load(&lab, "iptables-restore", &kube_router_reject());
+    load(
+        &lab,
+        "iptables-restore",
+        &calico_filter(&server.host_if, &client.host_if),
+    );
+    let trace = support::start_verdict_trace(lab.node(), &["--port", "9004", "--duration", "4s"]);
+    assert_eq!(
+        lab.connect(
+            &client.netns,
+            "10.42.0.30:9004".parse().unwrap(),
+            Duration::from_secs(2)
+        ),
+        Connect::Refused
+    );
+    let out = trace.finish_with_code(1);
+    let v = out
+        .verdicts()
+        .into_iter()
+        .find(|v| v["outcome"] == "refused_by_rule")
+        .unwrap_or_else(|| panic!("no refused_by_rule verdict:\n{}", out.dump()));
+    let owner = &v["netfilter"]["owner"];
+    assert_eq!(owner["system"], "kube-router", "{v:#}");
+    assert_eq!(
+        owner["policy_engines"],
+        serde_json::json!(["calico", "kube-router"]),
+        "{v:#}"
+    );
+    let why = v["explanation"].as_str().unwrap();
+    assert!(
+        why.contains(
+            "two NetworkPolicy engines filter pod traffic on this node: calico and kube-router"
+        ),
+        "{why}"
+    );
+    let steps = v["next_steps"].to_string();
+    assert!(steps.contains("--disable-network-policy"), "{steps}");
+
+    // `netprobe check` on that node says it too.
+    let out = lab
+        .sh(
+            lab.node(),
+            &format!("{} check -o json", support::netprobe_bin().display()),
+        )
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let warnings = report["warnings"].to_string();
+    assert!(
+        warnings.contains("calico and kube-router both filter pod traffic")
+            && warnings.contains("--disable-network-policy"),
+        "{report:#}"
+    );
 }
 
 /// kube-proxy in nftables mode (native nf_tables, no iptables): the Service name lives in the

@@ -7,7 +7,7 @@ pub mod rules;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Backend, NfAction, OwnerSystem};
+use crate::model::{Backend, Cni, NfAction, OwnerSystem};
 
 /// The Kubernetes (or other) object behind a rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -29,6 +29,11 @@ pub struct Owner {
     /// `cali` + sha1("<namespace>.<pod>")[:11]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    /// Every network-policy engine filtering pod traffic on this node, when more than one does
+    /// and this rule is one of theirs: a flow must be admitted by each (k3s's embedded
+    /// kube-router policy controller left running beside Calico after a migration).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_engines: Vec<Cni>,
     /// One sentence for a human.
     pub explanation: String,
     /// Appended to the explanation whenever it is rendered again (iptables-legacy: the other
@@ -46,6 +51,7 @@ impl Owner {
             object: None,
             interface: None,
             workload: None,
+            policy_engines: Vec::new(),
             explanation,
             note: String::new(),
         }

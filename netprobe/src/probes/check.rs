@@ -21,6 +21,10 @@ pub struct Feature {
 pub struct Report {
     pub kernel: String,
     pub features: Vec<Feature>,
+    /// What this node's configuration will break, apart from netprobe's own needs (two
+    /// NetworkPolicy engines filtering pod traffic).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Report {
@@ -45,6 +49,26 @@ impl Report {
             detail,
         });
     }
+}
+
+/// Two NetworkPolicy engines filtering pod traffic in this namespace's ruleset, said with the
+/// usual fix; None with one engine or none.
+fn policy_engines_warning(rs: &crate::attribution::rules::Ruleset) -> Option<String> {
+    use crate::attribution::cni::{self, Cni};
+    let engines = cni::policy_engines(rs);
+    if engines.len() < 2 {
+        return None;
+    }
+    let names: Vec<&str> = engines.iter().map(Cni::as_str).collect();
+    let fix = if engines.contains(&Cni::KubeRouter) {
+        cni::kube_router::TWO_ENGINES_FIX
+    } else {
+        "keep one NetworkPolicy engine"
+    };
+    Some(format!(
+        "NetworkPolicy engines: {} both filter pod traffic on this node; a flow must be admitted by each. Fix: {fix}",
+        names.join(" and ")
+    ))
 }
 
 pub fn chain(e: &dyn std::error::Error) -> String {
@@ -107,6 +131,7 @@ pub fn run() -> Report {
     let mut r = Report {
         kernel,
         features: Vec::new(),
+        warnings: Vec::new(),
     };
     // SAFETY: geteuid never fails.
     let root = unsafe { libc::geteuid() } == 0;
@@ -158,6 +183,9 @@ pub fn run() -> Report {
     if !root {
         return r;
     }
+    r.warnings.extend(policy_engines_warning(
+        &crate::attribution::rules::fetch_ruleset(),
+    ));
     match Probes::load(&kbtf, Default::default()) {
         Err(e) => r.add("eBPF object", true, Err(chain(&e))),
         Ok(mut probes) => {

@@ -24,6 +24,15 @@ pub fn owns(rule: &RuleRef) -> bool {
         || rule.comments.iter().any(|c| c.starts_with("cali:"))
 }
 
+/// Is this one of the chains through which Calico enforces policy on workloads (per-endpoint or
+/// policy chains)?
+pub fn enforces_policy(chain: &str) -> bool {
+    [TO_WORKLOAD, FROM_WORKLOAD]
+        .iter()
+        .chain(POLICY_CHAINS.iter())
+        .any(|p| chain.contains(p))
+}
+
 /// Do the chain's policies belong to the packet's source (egress) rather than its destination?
 pub fn polices_source(chain: &str) -> bool {
     EGRESS_CHAINS.iter().any(|p| chain.contains(p))

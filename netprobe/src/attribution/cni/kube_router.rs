@@ -13,6 +13,22 @@ const POD_REJECT: &str = "rule to REJECT traffic destined for POD name:";
 const POLICY_JUMP: &str = "run through nw policy ";
 const INVALID_STATE: &str = "rule to drop invalid state for pod";
 
+/// The chains of kube-router's policy firewall: per-pod (`KUBE-POD-FW-`), per-policy
+/// (`KUBE-NWPLCY-`) and the hooks' entry chains. Stable across the versions k3s ships, unlike
+/// the rules' positions.
+const POLICY_CHAINS: [&str; 5] = [
+    "KUBE-POD-FW-",
+    "KUBE-NWPLCY-",
+    "KUBE-ROUTER-FORWARD",
+    "KUBE-ROUTER-INPUT",
+    "KUBE-ROUTER-OUTPUT",
+];
+
+/// Is this one of the chains through which kube-router enforces NetworkPolicies?
+pub fn enforces_policy(chain: &str) -> bool {
+    POLICY_CHAINS.iter().any(|p| chain.starts_with(p))
+}
+
 pub fn owner(rs: &Ruleset, rule: &RuleRef) -> Option<Owner> {
     rule.comments.iter().find_map(|c| {
         if let Some(rest) = c.strip_prefix(POD_REJECT) {
@@ -59,6 +75,11 @@ fn policy_reject(rs: &Ruleset, rule: &RuleRef, rest: &str) -> Owner {
     o.policies = policies;
     o
 }
+
+/// The usual fix when kube-router's policy chains filter beside another engine's: on k3s the
+/// embedded network policy controller keeps running after a migration to Calico unless told
+/// not to.
+pub const TWO_ENGINES_FIX: &str = "two NetworkPolicy engines enforce on this node (kube-router, k3s's embedded network policy controller, beside the CNI's): once the CNI enforces NetworkPolicies, start every k3s server with --disable-network-policy and remove kube-router's KUBE-ROUTER-*/KUBE-POD-FW-*/KUBE-NWPLCY-* chains (or reboot the nodes)";
 
 pub fn next_step() -> String {
     "check the NetworkPolicies selecting the destination pod (k3s network policy controller)".into()

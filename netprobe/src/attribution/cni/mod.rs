@@ -39,12 +39,51 @@ fn has(r: &RuleRef, needle: &str) -> bool {
 /// The owner of the rule that dropped or rejected a packet (`dst`: the packet's destination,
 /// for Services named by address).
 pub fn owner_of(rs: &Ruleset, rule: &RuleRef, dst: Option<(std::net::IpAddr, u16)>) -> Owner {
-    calico::owner(rs, rule)
+    let mut owner = calico::owner(rs, rule)
         .or_else(|| kube_proxy::owner(rs, rule, dst))
         .or_else(|| kube_router::owner(rs, rule))
         .or_else(|| flannel::owner(rule))
         .or_else(|| kube_proxy::owner_by_chain(rule))
-        .unwrap_or_else(|| user_owner(rule))
+        .unwrap_or_else(|| user_owner(rule));
+    if let OwnerSystem::Cni(cni) = owner.system {
+        let engines = policy_engines(rs);
+        if engines.len() > 1 && engines.contains(&cni) {
+            let names: Vec<&str> = engines.iter().map(Cni::as_str).collect();
+            owner.add_note(&format!(
+                " (two NetworkPolicy engines filter pod traffic on this node: {}; a flow must be admitted by each)",
+                names.join(" and ")
+            ));
+            owner.policy_engines = engines;
+        }
+    }
+    owner
+}
+
+/// The NetworkPolicy engines whose chains hold rules in this ruleset, in a fixed order. More
+/// than one is a migration's leftover (k3s's kube-router controller beside Calico): a flow then
+/// has to pass both, and the one the user no longer thinks about drops it.
+pub fn policy_engines(rs: &Ruleset) -> Vec<Cni> {
+    let nft = rs
+        .tables
+        .iter()
+        .filter(|((_, t), _)| !t.starts_with(crate::attribution::rules::NETPROBE_TABLE_PREFIX))
+        .flat_map(|(_, t)| t.chains.iter())
+        .filter(|(_, c)| !c.handles.is_empty())
+        .map(|(name, _)| name.as_str());
+    let saved = rs
+        .iptables
+        .iter()
+        .filter(|(_, rules)| !rules.is_empty())
+        .map(|((_, _, chain), _)| chain.as_str());
+    let chains: Vec<&str> = nft.chain(saved).collect();
+    [
+        (Cni::Calico, calico::enforces_policy as fn(&str) -> bool),
+        (Cni::KubeRouter, kube_router::enforces_policy),
+    ]
+    .into_iter()
+    .filter(|(_, enforces)| chains.iter().any(|c| enforces(c)))
+    .map(|(cni, _)| cni)
+    .collect()
 }
 
 fn user_owner(rule: &RuleRef) -> Owner {
@@ -73,6 +112,14 @@ pub fn whose_pod(nf: &Netfilter) -> Side {
 
 /// What to check next about the rule's owner.
 pub fn next_step(nf: &Netfilter) -> String {
+    let step = owner_step(nf);
+    if nf.owner.policy_engines.contains(&Cni::KubeRouter) {
+        return format!("{}; {step}", kube_router::TWO_ENGINES_FIX);
+    }
+    step
+}
+
+fn owner_step(nf: &Netfilter) -> String {
     match nf.owner.system {
         OwnerSystem::Cni(Cni::Calico) => calico::next_step(&nf.owner, whose_pod(nf)),
         OwnerSystem::Cni(Cni::KubeProxy) => kube_proxy::next_step(&nf.owner),

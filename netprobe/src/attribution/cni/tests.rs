@@ -126,3 +126,69 @@ fn kube_proxy_and_kube_router_and_user_rules() {
     );
     assert_eq!(o.kind, "kube-proxy-unallocated-clusterip");
 }
+
+/// Calico's and kube-router's chains side by side (a migration that kept k3s's policy
+/// controller): both engines are named on either's rules, with the k3s fix first; one engine
+/// alone, or a rule of neither, is not called out.
+#[test]
+fn two_policy_engines_are_named_on_either_engines_rules() {
+    use crate::attribution::Netfilter;
+    let calico = netprobe_lab::rules::calico_filter("cali1234", "cali5678");
+    let router = netprobe_lab::rules::kube_router_reject();
+    let both = Ruleset::from_outputs("", &format!("{router}{calico}"), "");
+    assert_eq!(policy_engines(&both), vec![Cni::Calico, Cni::KubeRouter]);
+    let only_router = Ruleset::from_outputs("", &router, "");
+    assert_eq!(policy_engines(&only_router), vec![Cni::KubeRouter]);
+
+    let reject = rule(
+        "filter",
+        "KUBE-POD-FW-4HZJ5VQMYRPBZKTG",
+        "-j REJECT --reject-with icmp-port-unreachable",
+        &[
+            "rule to REJECT traffic destined for POD name:seldon-scheduler-0 namespace: financial-inference",
+        ],
+    );
+    let o = owner_of(&both, &reject, None);
+    assert_eq!(o.system, OwnerSystem::Cni(Cni::KubeRouter));
+    assert_eq!(o.policy_engines, vec![Cni::Calico, Cni::KubeRouter]);
+    assert!(
+        o.explanation.contains(
+            "two NetworkPolicy engines filter pod traffic on this node: calico and kube-router"
+        ),
+        "{}",
+        o.explanation
+    );
+    let nf = Netfilter {
+        backend: crate::model::Backend::IptablesNft,
+        family: "ip".into(),
+        hook: Some("forward".into()),
+        table: "filter".into(),
+        chain: reject.chain.clone(),
+        handle: Some(1),
+        position: Some(1),
+        rule: Some(reject.text.clone()),
+        comments: reject.comments.clone(),
+        action: crate::model::NfAction::Reject,
+        client_sees: "connection refused".into(),
+        path: Vec::new(),
+        owner: o,
+        evidence: Default::default(),
+    };
+    let step = next_step(&nf);
+    assert!(
+        step.starts_with("two NetworkPolicy engines enforce"),
+        "{step}"
+    );
+    assert!(step.contains("--disable-network-policy"), "{step}");
+
+    assert!(
+        owner_of(&only_router, &reject, None)
+            .policy_engines
+            .is_empty()
+    );
+    let user = owner_of(&both, &rule("filter", "FORWARD", "-j DROP", &[]), None);
+    assert!(
+        user.policy_engines.is_empty(),
+        "a user's rule is neither engine's"
+    );
+}
