@@ -205,3 +205,174 @@ fn s1_failure_is_counted_by_workload_and_posted_on_both_pods() {
     }
     let _ = std::fs::remove_file(&s1.kubeconfig);
 }
+
+/// The scheduler's Event writes so far: (POSTs, PATCHes) of Events.
+fn event_writes(kube: &FakeKube) -> (usize, usize) {
+    let writes = |m: &str| {
+        kube.requests()
+            .iter()
+            .filter(|r| r.method == m && r.target.contains("/apis/events.k8s.io/v1/"))
+            .count()
+    };
+    (writes("POST"), writes("PATCH"))
+}
+
+/// The latest version of each Event written about `pod`: name → its failures (series.count,
+/// else 1).
+fn event_counts(posted: &[Value], pod: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut latest = std::collections::BTreeMap::new();
+    for e in posted.iter().filter(|e| e["regarding"]["name"] == pod) {
+        let count = e["series"]["count"].as_u64().unwrap_or(1);
+        let name = e["metadata"]["name"].as_str().unwrap().to_string();
+        latest.insert(name, count);
+    }
+    latest
+}
+
+/// Issue #24: a SYN scan from spoofed addresses against the NetworkPolicy-protected scheduler
+/// (S1's Calico policy allows 9005 only): 1000 undeclared ports from 1000 addresses, and 60 of
+/// the ports the pod declares from 3 addresses each. The addresses the agent cannot name fold
+/// into one peer (`external`), the undeclared ports into one port: 61 keys, whatever the
+/// addresses. The writes never outrun the token bucket (burst 5, 10/s); the failures whose
+/// write waited are counted (`netprobe_kube_events_suppressed_total`) and in the series.count of
+/// their Event, so the Events' counts add up to every failure /metrics counted.
+#[test]
+fn a_syn_scan_of_a_protected_pod_writes_no_more_than_the_budget_and_loses_no_count() {
+    netprobe_lab::require_root();
+    let s1 = s1_workloads("agentscan");
+    const DECLARED: std::ops::Range<u16> = 10000..10060;
+    let declared: Vec<u16> = DECLARED.collect();
+    let s = pod(
+        NS,
+        SERVER,
+        NODE,
+        "10.42.0.30",
+        &[("scheduler", "5e5e5e5e5e5e5e5e", declared.as_slice())],
+    );
+    s1.kube
+        .apply(Kind::Pod, owned_by(s, "StatefulSet", "seldon-scheduler"));
+    let agent = start_agent(
+        &s1,
+        &[
+            "--metrics-pod-labels",
+            "--events-burst",
+            "5",
+            "--events-in-flight",
+            "2",
+        ],
+    );
+    // The inventory has the pod's ports (rescanned every second).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(event_writes(&s1.kube), (0, 0));
+
+    let spoofed = |i: u32| std::net::Ipv4Addr::from(0x6440_0000 + i);
+    let undeclared = (1..=1000u16).map(|p| (spoofed(u32::from(p)), p));
+    let on_declared =
+        DECLARED.flat_map(|p| (0..3).map(move |k| (spoofed(5000 + 3 * u32::from(p) + k), p)));
+    let start = Instant::now();
+    let sent = netprobe_lab::scan::syn_scan(
+        &s1.client.netns,
+        "10.42.0.30".parse().unwrap(),
+        undeclared.chain(on_declared),
+    )
+    .unwrap();
+    assert_eq!(sent, 1180);
+
+    // Judged (the count by pod stops growing), while the writes keep within the budget.
+    let failed = |body: &str| {
+        metrics::sum(
+            body,
+            "netprobe_failed_connections_total",
+            &[("dst_pod", SERVER)],
+        )
+    };
+    let mut last = (0, Instant::now());
+    let body = loop {
+        let (_, body) = support::get(&agent, "/metrics");
+        let (posts, patches) = event_writes(&s1.kube);
+        let budget = 5.0 + 10.0 * start.elapsed().as_secs_f64();
+        assert!(
+            (posts + patches) as f64 <= budget + 1.0,
+            "{posts} creations and {patches} updates after {:?}: over the budget",
+            start.elapsed()
+        );
+        assert!(
+            metrics::sum(&body, "netprobe_kube_events_in_flight", &[]) <= 2,
+            "{body}"
+        );
+        let n = failed(&body);
+        let keys = metrics::sum(&body, "netprobe_kube_event_keys", &[]) as usize;
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if n > 0 && last.1.elapsed() > Duration::from_secs(5) && posts >= keys {
+            break body;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "judged and written:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let failures = failed(&body);
+    assert!(
+        failures >= 1000,
+        "most SYNs judged as failures: {failures}\n{body}"
+    );
+    let keys = metrics::sum(&body, "netprobe_kube_event_keys", &[]);
+    assert!(
+        keys <= 61,
+        "one key per declared port and one for every other port: {keys}"
+    );
+    assert_eq!(
+        metrics::sum(
+            &body,
+            "netprobe_kube_events_total",
+            &[("result", "evicted")]
+        ),
+        0,
+        "{body}"
+    );
+    let waited = metrics::sum(
+        &body,
+        "netprobe_kube_events_suppressed_total",
+        &[("cause", "rate")],
+    );
+    assert!(waited > 0, "the bucket held writes back:\n{body}");
+    let posted = s1.kube.posted();
+    let created = event_counts(&posted, SERVER);
+    assert_eq!(created.len(), keys as usize, "one Event per key");
+    let external: Vec<&Value> = posted
+        .iter()
+        .filter(|e| e["metadata"]["annotations"]["netprobe.io/client"] == "external")
+        .collect();
+    assert_eq!(external.len(), posted.len(), "no address names a peer");
+    assert!(
+        posted
+            .iter()
+            .any(|e| e["series"]["count"].as_u64() == Some(3)),
+        "an Event created after the bucket emptied carries the failures that waited"
+    );
+
+    // The held repeats go out in updates a minute after their creation: then the Events'
+    // counts are every failure.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let counted: u64 = event_counts(&s1.kube.posted(), SERVER).values().sum();
+        if counted == failures {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Events count {counted} failures, /metrics {failures}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (_, body) = support::get(&agent, "/metrics");
+    assert_eq!(failed(&body), failures, "no later failure");
+    assert!(
+        metrics::sum(&body, "netprobe_kube_event_keys", &[]) <= keys,
+        "nothing grew:\n{body}"
+    );
+    let _ = agent.stop();
+    let _ = std::fs::remove_file(&s1.kubeconfig);
+}
