@@ -79,6 +79,8 @@ pub struct Seen {
     pub target: String,
     /// The `Impersonate-User` header (kubectl `--as`).
     pub impersonate: Option<String>,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 /// Who a credential is.
@@ -421,6 +423,7 @@ impl FakeKube {
             method: method.into(),
             target: target.into(),
             impersonate: headers.get("impersonate-user").cloned(),
+            at: Instant::now(),
         });
         while st.stalled {
             st = cv.wait(st).unwrap();
