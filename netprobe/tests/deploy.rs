@@ -505,10 +505,8 @@ fn the_default_ports_are_no_common_node_agents() {
         binary.ip().is_loopback() && !taken(binary.port()),
         "{binary}"
     );
-    for cmd in [&["trace"][..], &["failures"]] {
-        let port: u16 = help_default(cmd, "--agent-port").parse().unwrap();
-        assert_eq!(port, binary.port(), "{cmd:?} --agent-port");
-    }
+    let port: u16 = help_default(&["trace"], "--agent-port").parse().unwrap();
+    assert_eq!(port, binary.port(), "trace --agent-port");
     for objs in [base_objects(), helm(serde_json::json!({})).objects] {
         let ds: DaemonSet = typed(find(&objs, "DaemonSet", "netprobe"));
         let containers = ds.spec.unwrap().template.spec.unwrap().containers;
