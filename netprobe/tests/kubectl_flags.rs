@@ -1,8 +1,8 @@
 //! kubectl's flags on the cluster-mode commands (`--kubeconfig`, `--context`, `-n`, `--as`,
 //! `--request-timeout`), checked on the wire: the real binary talks to the Kubernetes API
 //! stand-in, which records every request (path, `Impersonate-User`) and can hang. No root, no
-//! agent: each run ends where the API's answers lead it (unknown pod, refused TokenRequest,
-//! an agent pod nothing forwards to), and that end is part of what is checked.
+//! agent: each run ends where the API's answers lead it (unknown pod, Events refused or
+//! listed), and that end is part of what is checked.
 
 use std::{
     net::TcpListener,
@@ -11,8 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netprobe_lab::kubeapi::{ADMIN_TOKEN, FakeKube, Kind, Seen};
-use serde_json::json;
+use netprobe_lab::kubeapi::{ADMIN_TOKEN, FakeKube, Seen};
 
 /// A scratch directory (HOME and the kubeconfig), removed when dropped.
 struct Scratch(PathBuf);
@@ -66,20 +65,6 @@ fn paths(seen: &[Seen]) -> Vec<String> {
     seen.iter()
         .map(|s| format!("{} {}", s.method, s.target.split('?').next().unwrap_or("")))
         .collect()
-}
-
-/// A Running agent pod on node-a (nothing forwards to it: the port-forward is refused).
-fn agent_pod(api: &FakeKube) {
-    api.apply(
-        Kind::Pod,
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "netprobe-a", "namespace": "netprobe", "uid": "0a0a0a0a-0000-4000-8000-0000000000aa",
-                         "labels": {"app.kubernetes.io/name": "netprobe"}},
-            "spec": {"nodeName": "node-a", "containers": [{"name": "agent", "image": "netprobe"}]},
-            "status": {"phase": "Running"},
-        }),
-    );
 }
 
 #[test]
