@@ -1,6 +1,7 @@
 //! A small local HTTP server speaking enough of the Kubernetes API for tests: list and watch
 //! (chunked streams of `{"type","object"}` lines) of pods (with `spec.nodeName` field selector),
-//! services and EndpointSlices, JSON shaped like the real API. The client under test is the real
+//! services and EndpointSlices, JSON shaped like the real API; Events (module `events`: created,
+//! patched, listed with field selectors in both APIs' shapes). The client under test is the real
 //! kube-rs path; this is the only stand-in the project allows.
 
 use std::{
@@ -12,6 +13,8 @@ use std::{
 };
 
 use serde_json::{Value, json};
+
+mod events;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
@@ -64,6 +67,8 @@ struct State {
     requests: Vec<Seen>,
     /// While stalled, requests are read and never answered (a hung API server).
     stalled: bool,
+    /// Events (events.k8s.io/v1, also listed as core/v1).
+    events: events::Store,
 }
 
 /// A request as the server saw it.
@@ -74,6 +79,8 @@ pub struct Seen {
     pub target: String,
     /// The `Impersonate-User` header (kubectl `--as`).
     pub impersonate: Option<String>,
+    /// When it arrived.
+    pub at: Instant,
 }
 
 /// Who a credential is.
@@ -416,6 +423,7 @@ impl FakeKube {
             method: method.into(),
             target: target.into(),
             impersonate: headers.get("impersonate-user").cloned(),
+            at: Instant::now(),
         });
         while st.stalled {
             st = cv.wait(st).unwrap();
@@ -453,6 +461,10 @@ impl FakeKube {
                 .to_string();
             let target = request.split_whitespace().nth(1).unwrap_or("/").to_string();
             self.seen(&method, &target, &headers);
+            if let Some((code, answer)) = self.events_request(&method, &target, &headers, &body) {
+                respond(&mut out, code, &answer)?;
+                continue;
+            }
             if method == "POST"
                 && let Some((code, answer)) = self.authn_authz(&target, &headers, &body)
             {
@@ -925,6 +937,9 @@ fn respond(out: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> 
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        422 => "Unprocessable Entity",
         _ => "Service Unavailable",
     };
     write!(

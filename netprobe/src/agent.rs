@@ -83,6 +83,8 @@ pub struct AgentOptions {
     pub metrics: MetricsOptions,
     /// Namespaces watched at once (the node's and its pods'): the kernel filter map's size.
     pub max_namespaces: u32,
+    /// The budget of Kubernetes Event writes.
+    pub events: crate::sinks::kube_events::EventsOptions,
 }
 
 /// Which events go where: TCP and DNS to the judge (one verdict per failed attempt), what
@@ -680,7 +682,9 @@ fn agent_sinks<'a>(
         );
     match names {
         Some(n) => sinks.with(
-            KubeEventsSink::new(n.clone(), opts.node_name.clone()).with_metrics(metrics.clone()),
+            KubeEventsSink::new(n.clone(), opts.node_name.clone())
+                .with_options(opts.events)
+                .with_metrics(metrics.clone()),
         ),
         None => sinks,
     }

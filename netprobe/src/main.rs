@@ -35,14 +35,18 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per run; boxing would only obscure the clap derive"
+)]
 enum Command {
     /// Always-on mode (DaemonSet): drops, resets, application errors, SYN retransmits,
     /// RST/ICMP-unreachable packets and failed DNS lookups (dropped, rejected, unanswered,
     /// SERVFAIL) of the node and every pod behind its veths as NDJSON on stdout; Prometheus /metrics, /healthz,
     /// /readyz (200 once the probes are attached; the body names what is degraded: a probe
     /// the kernel refused, an inventory not synced while the API server is down), /v1/trace
-    /// (cluster-mode traces) and /v1/failures (what failed in the last 60 minutes, for
-    /// `netprobe failures`) on --metrics-addr; those two only for a bearer token the
+    /// (cluster-mode traces) and /v1/failures (what this agent saw fail in the last 60
+    /// minutes) on --metrics-addr; those two only for a bearer token the
     /// Kubernetes API accepts (TokenReview) and allows (SubjectAccessReview on
     /// traces/failures.netprobe.io), each request logged with who asked. SIGTERM stops running
     /// traces (their tables removed) before exiting. Installs no firewall rule.
@@ -84,23 +88,24 @@ enum Command {
     /// unanswered (no reply after 5 s and no drop on this node); DNS verdicts name the query
     /// (name and type).
     Trace(TraceArgs),
-    /// What is failing on the cluster right now and in the last minutes, as every node's agent
-    /// saw it (also `kubectl netprobe failures`, from a laptop).
+    /// What is failing on the cluster right now and in the last minutes, as the nodes' agents
+    /// recorded it in Kubernetes Events (also `kubectl netprobe failures`, from a laptop).
     ///
-    /// Every agent remembers the failed connection attempts and DNS lookups it judged (refused,
-    /// dropped by a rule or the kernel, unreachable, reset, timed out) for 60 minutes. This
-    /// asks every agent through a port-forward to its pod with a bearer token, as cluster-mode
-    /// trace does (RBAC: the netprobe-tracer roles of deploy/, i.e. list pods and
-    /// pods/portforward in the agent's namespace, and `list` on failures.netprobe.io, which the
-    /// agents check: cluster-wide gives every failure, a namespace only those with a side in
-    /// it), and prints the answers merged, grouped by client workload → Service:port
-    /// (else the server's workload), outcome and rule/policy, with counts (now = this minute
-    /// and the previous; and over --since) and one example verdict's explanation per group. An
-    /// agent that does not answer is reported, not fatal. Exit 0 when an agent answered, 2
-    /// otherwise.
+    /// Every agent writes a Warning Event for each failed connection attempt and DNS lookup it
+    /// judges (refused, dropped by a rule or the kernel, unreachable, reset, timed out) on the
+    /// pods of its node, one Event per (pod, reason, peer workload, port) with series.count,
+    /// the details in netprobe.io/ annotations. This lists those Events from the API server
+    /// (field selector reportingController=netprobe.io/agent) in the namespace (-n, else the
+    /// kubeconfig's) or in all namespaces (-A), and prints them grouped by client workload →
+    /// Service:port (else the server's workload), outcome and rule/policy, with counts (now =
+    /// Events last observed this minute and the previous; and over --since) and one Event's
+    /// note per group. A failure's Events on the client and on the server pod count once.
+    /// Who sees what is the API server's RBAC: `list` on events (events.k8s.io) in the
+    /// namespace, or cluster-wide for -A. Exit 0 when the API answered, 2 otherwise.
     ///
-    /// Examples: `kubectl netprobe failures`; `kubectl netprobe failures -n financial-inference
-    /// --since 30m`; `kubectl netprobe failures --workload Deployment/client -o json`.
+    /// Examples: `kubectl netprobe failures -A`; `kubectl netprobe failures -n
+    /// financial-inference --since 30m`; `kubectl netprobe failures -A --workload
+    /// Deployment/client -o json`.
     Failures(FailuresArgs),
     /// Print a shell completion script. Examples: `source <(netprobe completions bash)`;
     /// `netprobe completions zsh > "${fpath[1]}/_netprobe"`;
@@ -252,6 +257,23 @@ struct AgentArgs {
     #[arg(long, env = "NETPROBE_MAX_NAMESPACES", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(2..=1_048_576))]
     max_namespaces: u32,
+    /// Kubernetes Event writes (creations and updates) per second, for the whole agent: a
+    /// token bucket refilled at this rate. A failure whose Event must wait is counted in that
+    /// Event's series.count, written when the budget allows, and counted in
+    /// netprobe_kube_events_suppressed_total{cause="rate"}.
+    #[arg(long, env = "NETPROBE_EVENTS_RATE", default_value_t = netprobe::sinks::kube_events::DEFAULT_RATE,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    events_rate: u32,
+    /// Kubernetes Event writes the agent may send at once after a quiet while (the token
+    /// bucket's size).
+    #[arg(long, env = "NETPROBE_EVENTS_BURST", default_value_t = netprobe::sinks::kube_events::DEFAULT_BURST,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    events_burst: u32,
+    /// Kubernetes Event requests open at once; a write beyond waits
+    /// (netprobe_kube_events_suppressed_total{cause="in_flight"}).
+    #[arg(long, env = "NETPROBE_EVENTS_IN_FLIGHT", default_value_t = netprobe::sinks::kube_events::DEFAULT_IN_FLIGHT as u32,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    events_in_flight: u32,
 }
 
 #[cfg(feature = "ebpf")]
@@ -359,33 +381,27 @@ struct TraceArgs {
 
 #[derive(clap::Args)]
 struct FailuresArgs {
-    /// Only failures whose client or destination is in this namespace.
+    /// Read the Events of this namespace (failures with a pod of it on one side).
+    /// [default: the kubeconfig context's namespace]
     /// Example: -n financial-inference
-    #[arg(short = 'n', long)]
+    #[arg(short = 'n', long, conflicts_with = "all_namespaces")]
     namespace: Option<String>,
+    /// Read the Events of every namespace (needs `list events` cluster-wide).
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
     /// Only failures whose client or destination is this workload: `Kind/name` or a bare name
     /// (a pod without owner is `Pod/name`, a Service `Service/name`).
     /// Example: --workload Deployment/client
     #[arg(long)]
     workload: Option<String>,
-    /// How far back to count (whole s, m or h; at most 24h, and the agents remember 60 min).
+    /// Only Events last observed this long ago or later (whole s, m or h; at most 24h; the API
+    /// server keeps Events 1h by default).
     /// Example: --since 30m
     #[arg(long, default_value = "10m", value_parser = netprobe::cluster::failures::parse_since)]
     since: Duration,
-    /// text: grouped by client workload; json: the merged answer (schema netprobe.failures/v1).
+    /// text: grouped by client workload; json: the answer (schema netprobe.failures/v1).
     #[arg(short, long, value_enum, default_value_t = Format::Text)]
     output: Format,
-    /// Namespace of the netprobe DaemonSet.
-    #[arg(long, env = "NETPROBE_NAMESPACE", default_value = "netprobe")]
-    agent_namespace: String,
-    /// The agents' loopback port (the port of their --metrics-addr).
-    #[arg(long, default_value_t = 19965)]
-    agent_port: u16,
-    /// Request the agents' bearer token for this ServiceAccount (as for `trace`; RBAC: `list`
-    /// on failures.netprobe.io, cluster-wide or per namespace). [default: the kubeconfig's
-    /// token, else netprobe/netprobe-tracer]
-    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = netprobe::cluster::token::parse_service_account)]
-    as_service_account: Option<(String, String)>,
     #[command(flatten)]
     kube: KubeArgs,
 }
@@ -555,6 +571,11 @@ fn agent(a: AgentArgs) -> ExitCode {
             series_grace: std::time::Duration::from_secs(a.metrics_series_grace),
         },
         max_namespaces: a.max_namespaces,
+        events: netprobe::sinks::kube_events::EventsOptions {
+            rate: a.events_rate,
+            burst: a.events_burst,
+            in_flight: a.events_in_flight as usize,
+        },
     };
     let Some(rt) = runtime() else {
         return ExitCode::from(EXIT_USAGE);
@@ -702,25 +723,28 @@ fn exit_with(result: Result<i32, netprobe::Error>) -> ExitCode {
     }
 }
 
-/// `kubectl netprobe failures`: every agent's memory of failures, merged.
+/// `kubectl netprobe failures`: the agents' Events, grouped.
 fn failures(f: FailuresArgs) -> ExitCode {
-    let opts = netprobe::cluster::client::FailuresOptions {
-        agent_namespace: f.agent_namespace,
-        agent_port: f.agent_port,
-        format: f.output,
-        service_account: f.as_service_account,
-        kube: f.kube.options(),
-        query: netprobe::cluster::failures::FailuresQuery {
-            since: f.since,
-            namespace: f.namespace,
-            workload: f.workload,
-        },
-    };
     let Some(rt) = runtime() else {
         return ExitCode::from(EXIT_USAGE);
     };
     let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr());
-    let run = netprobe::cluster::client::failures(opts, &mut stdout, &mut stderr);
+    use netprobe::cluster::event_failures::{Options, Scope};
+    let opts = Options {
+        scope: match (f.all_namespaces, f.namespace) {
+            (true, _) => Scope::All,
+            (false, Some(ns)) => Scope::Namespace(ns),
+            (false, None) => Scope::Default,
+        },
+        query: netprobe::cluster::failures::FailuresQuery {
+            since: f.since,
+            namespace: None,
+            workload: f.workload,
+        },
+        format: f.output,
+        kube: f.kube.options(),
+    };
+    let run = netprobe::cluster::event_failures::run(opts, &mut stdout, &mut stderr);
     exit_with(rt.block_on(run))
 }
 
@@ -779,6 +803,8 @@ mod tests {
         );
         assert!(parse(&["--since", "25h"]).is_err());
         assert!(parse(&["--since", "10"]).is_err());
+        assert!(parse(&["-A"]).is_ok());
+        assert!(parse(&["-A", "-n", "team-a"]).is_err(), "one scope");
     }
 
     #[test]

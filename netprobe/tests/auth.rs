@@ -117,11 +117,13 @@ impl Setup {
         kubeconfig: &str,
         args: &[impl AsRef<std::ffi::OsStr>],
     ) -> std::process::Child {
-        support::laptop(self.lab.node(), kubeconfig, support::netprobe_bin())
-            .args(args)
-            .args(["--agent-port", &self.port().to_string()])
-            .spawn()
-            .unwrap()
+        let mut c = support::laptop(self.lab.node(), kubeconfig, support::netprobe_bin());
+        c.args(args);
+        // `trace` reaches the agent; `failures` only the API server.
+        if args.first().is_some_and(|a| a.as_ref() == "trace") {
+            c.args(["--agent-port", &self.port().to_string()]);
+        }
+        c.spawn().unwrap()
     }
 
     /// The laptop's command to its end: (exit code, stdout, stderr).
@@ -228,9 +230,9 @@ fn the_kubelet_probe_request_and_other_local_users_get_401_and_start_nothing() {
     );
 }
 
-/// The tracer ServiceAccount may trace in team-a and list its failures; `user` may request
-/// its tokens (a kubeconfig without a token, as k3s's client certificates). Returns that
-/// kubeconfig.
+/// The tracer ServiceAccount may trace in team-a; `user` may request its tokens (a kubeconfig
+/// without a token, as k3s's client certificates) and list team-a's Events (what `failures`
+/// reads). Returns that kubeconfig.
 fn team_a_tracer(s: &mut Setup, user: &str) -> String {
     let kc = s
         .kube
@@ -245,7 +247,7 @@ fn team_a_tracer(s: &mut Setup, user: &str) -> String {
     s.kube
         .allow(TRACER_SA, "create", "netprobe.io", "traces", Some("team-a"));
     s.kube
-        .allow(TRACER_SA, "list", "netprobe.io", "failures", Some("team-a"));
+        .allow(user, "list", "events.k8s.io", "events", Some("team-a"));
     s.kubeconfig(user, &kc)
 }
 
@@ -257,11 +259,17 @@ fn trace_args(pod: &str, ns: &str) -> Vec<String> {
         .collect()
 }
 
-/// The merged failures answer `kubeconfig`'s user gets, asked until `done` or 30 s.
-fn failures_until(s: &Setup, kubeconfig: &str, done: impl Fn(&Value) -> bool) -> Value {
+/// The failures answer `kubeconfig`'s user gets for `scope` (`-A`, `-n NS`), asked until
+/// `done` or 30 s.
+fn failures_until(
+    s: &Setup,
+    kubeconfig: &str,
+    scope: &[&str],
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let start = Instant::now();
     loop {
-        let (code, out, err) = s.run(kubeconfig, &["failures", "-o", "json"]);
+        let (code, out, err) = s.run(kubeconfig, &[&["failures", "-o", "json"], scope].concat());
         assert_eq!(code, 0, "{out}\n{err}");
         let a: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
         if done(&a) || start.elapsed() > Duration::from_secs(30) {
@@ -319,18 +327,21 @@ fn a_tracer_of_one_namespace_traces_there_with_a_requested_token_and_nowhere_els
         assert_eq!(r["spec"]["expirationSeconds"], 600, "{r}");
     }
 
-    // Failures: everything for the admin, team-a's only for the team-a tracer. Attempts
-    // team-a → team-b (alice's) and team-b → team-c (not alice's).
+    // Failures, from the agent's Events: everything for the admin, team-a's only for alice,
+    // whom RBAC lets list team-a's Events. Attempts team-a → team-b (alice's) and
+    // team-b → team-c (not alice's).
     knocks.push(knock(&s.api, &s.db.ip.to_string(), stop.clone()));
     knocks.push(knock(&s.db, &s.cache.ip.to_string(), stop.clone()));
     let admin = s.kubeconfig("admin", &s.kube.kubeconfig());
-    let all = failures_until(&s, &admin, |a| {
+    let all = failures_until(&s, &admin, &["-A"], |a| {
         let ns = namespaces_of(a);
         ns.iter().any(|n| n == "team-a") && ns.iter().any(|n| n == "team-c")
     });
     let ns = namespaces_of(&all);
     assert!(ns.iter().any(|n| n == "team-c"), "{all:#}");
-    let mine = failures_until(&s, &alice, |_| true);
+    let mine = failures_until(&s, &alice, &["-n", "team-a"], |a| {
+        namespaces_of(a).iter().any(|n| n == "team-a")
+    });
     let ns = namespaces_of(&mine);
     assert!(ns.iter().any(|n| n == "team-a"), "{mine:#}");
     assert!(!ns.iter().any(|n| n == "team-c"), "{mine:#}");
@@ -342,6 +353,11 @@ fn a_tracer_of_one_namespace_traces_there_with_a_requested_token_and_nowhere_els
                 || g["destination"]["namespace"] == "team-a"),
         "{mine:#}"
     );
+    for scope in [&["-A"][..], &["-n", "team-c"]] {
+        let (code, _, err) = s.run(&alice, &[&["failures"][..], scope].concat());
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains("forbidden") && err.contains("alice"), "{err}");
+    }
     stop.store(true, Relaxed);
     for k in knocks {
         k.join().unwrap();

@@ -3,7 +3,8 @@
 //! ten alive at a time, every fifth batch failing a connection in each pod (per-pod series and
 //! Event keys), one batch larger than the agent's namespace map. Then what the agent holds,
 //! read from the kernel (fds, bpf links, entries of its namespace filter map via bpftool, RSS)
-//! and from /metrics (per-pod series, Event limiter keys), is back to its level before.
+//! and from /metrics (per-pod series, Event limiter keys, Event writes open), is back to its
+//! level before.
 
 mod support;
 
@@ -222,6 +223,17 @@ fn pod_churn_leaves_the_agent_as_it_was() {
     assert_eq!(
         after.event_keys, before.event_keys,
         "Event keys of deleted pods released"
+    );
+    // Their Events' writes are done: none open, none owed, nothing lost to the bound.
+    assert_eq!(
+        metrics::sum(&body, "netprobe_kube_events_in_flight", &[]),
+        0,
+        "{body}"
+    );
+    assert_eq!(
+        metrics::sum(&body, "netprobe_kube_events_total", &[("result", "lost")]),
+        0,
+        "{body}"
     );
     assert!(
         after.held.rss_kib <= before.held.rss_kib + RSS_SLACK_KIB,

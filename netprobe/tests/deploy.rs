@@ -505,10 +505,8 @@ fn the_default_ports_are_no_common_node_agents() {
         binary.ip().is_loopback() && !taken(binary.port()),
         "{binary}"
     );
-    for cmd in [&["trace"][..], &["failures"]] {
-        let port: u16 = help_default(cmd, "--agent-port").parse().unwrap();
-        assert_eq!(port, binary.port(), "{cmd:?} --agent-port");
-    }
+    let port: u16 = help_default(&["trace"], "--agent-port").parse().unwrap();
+    assert_eq!(port, binary.port(), "trace --agent-port");
     for objs in [base_objects(), helm(serde_json::json!({})).objects] {
         let ds: DaemonSet = typed(find(&objs, "DaemonSet", "netprobe"));
         let containers = ds.spec.unwrap().template.spec.unwrap().containers;
@@ -713,6 +711,7 @@ fn the_helm_chart_values_change_only_what_they_name() {
         "metrics": {"address": "127.0.0.1:29965", "rbacProxy": {"port": 29966},
                     "podLabels": true, "maxSeries": 100, "seriesGrace": 60},
         "maxNamespaces": 512,
+        "kubeEvents": {"rate": 3, "burst": 7, "inFlight": 2},
     }));
     assert_eq!(r.error, None);
     let cm: ConfigMap = typed(find(&r.objects, "ConfigMap", "netprobe"));
@@ -725,6 +724,14 @@ fn the_helm_chart_values_change_only_what_they_name() {
     assert_eq!(data["NETPROBE_METRICS_MAX_SERIES"], "100");
     assert_eq!(data["NETPROBE_METRICS_SERIES_GRACE"], "60");
     assert_eq!(data["NETPROBE_MAX_NAMESPACES"], "512");
+    assert_eq!(
+        (
+            &data["NETPROBE_EVENTS_RATE"],
+            &data["NETPROBE_EVENTS_BURST"],
+            &data["NETPROBE_EVENTS_IN_FLIGHT"]
+        ),
+        (&"3".to_string(), &"7".to_string(), &"2".to_string())
+    );
     let ds: DaemonSet = typed(find(&r.objects, "DaemonSet", "netprobe"));
     let pod = ds.spec.unwrap().template.spec.unwrap();
     assert_eq!(
@@ -1212,6 +1219,10 @@ fn the_chart_schema_rejects_bad_values() {
         (serde_json::json!({"rateLimt": 5}), "rateLimt"),
         (serde_json::json!({"rateLimit": -1}), "/rateLimit"),
         (serde_json::json!({"maxNamespaces": 1}), "/maxNamespaces"),
+        (
+            serde_json::json!({"kubeEvents": {"rate": 0}}),
+            "/kubeEvents/rate",
+        ),
         (
             serde_json::json!({"metrics": {"rbacProxy": {"port": 70000}}}),
             "/metrics/rbacProxy/port",

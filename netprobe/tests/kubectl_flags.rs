@@ -1,8 +1,8 @@
 //! kubectl's flags on the cluster-mode commands (`--kubeconfig`, `--context`, `-n`, `--as`,
 //! `--request-timeout`), checked on the wire: the real binary talks to the Kubernetes API
 //! stand-in, which records every request (path, `Impersonate-User`) and can hang. No root, no
-//! agent: each run ends where the API's answers lead it (unknown pod, refused TokenRequest,
-//! an agent pod nothing forwards to), and that end is part of what is checked.
+//! agent: each run ends where the API's answers lead it (unknown pod, Events refused or
+//! listed), and that end is part of what is checked.
 
 use std::{
     net::TcpListener,
@@ -11,8 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netprobe_lab::kubeapi::{ADMIN_TOKEN, FakeKube, Kind, Seen};
-use serde_json::json;
+use netprobe_lab::kubeapi::{ADMIN_TOKEN, FakeKube, Seen};
 
 /// A scratch directory (HOME and the kubeconfig), removed when dropped.
 struct Scratch(PathBuf);
@@ -68,20 +67,6 @@ fn paths(seen: &[Seen]) -> Vec<String> {
         .collect()
 }
 
-/// A Running agent pod on node-a (nothing forwards to it: the port-forward is refused).
-fn agent_pod(api: &FakeKube) {
-    api.apply(
-        Kind::Pod,
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "netprobe-a", "namespace": "netprobe", "uid": "0a0a0a0a-0000-4000-8000-0000000000aa",
-                         "labels": {"app.kubernetes.io/name": "netprobe"}},
-            "spec": {"nodeName": "node-a", "containers": [{"name": "agent", "image": "netprobe"}]},
-            "status": {"phase": "Running"},
-        }),
-    );
-}
-
 #[test]
 fn kubeconfig_and_context_choose_the_server_and_the_default_namespace() {
     let scratch = Scratch::new("kubectl-context");
@@ -132,109 +117,69 @@ fn kubeconfig_and_context_choose_the_server_and_the_default_namespace() {
     assert_eq!(a.requests().len(), 1, "context b never asks server a");
 }
 
+/// `failures` talks to the API server only: `--as` impersonates its Event list, and RBAC on
+/// Events decides — the context's namespace by default, every namespace with `-A`. (Whose
+/// token the agents get under `--as` is `trace`'s: `cluster::token`'s tests and auth.rs.)
 #[test]
-fn as_impersonates_every_request_and_decides_whose_token_the_agents_get() {
+fn as_impersonates_the_event_list_and_rbac_on_events_decides() {
     let scratch = Scratch::new("kubectl-as");
     let (api, unused) = (api_server(), api_server());
-    agent_pod(&api);
     let config = kubeconfig(&scratch.0, &api, &unused);
     let config = config.to_str().unwrap();
     let failures = ["failures", "--kubeconfig", config];
+    let as_alice = [&failures[..], &["--as", "alice"]].concat();
 
-    // A user: the agents cannot be told; refused before asking anything.
-    let out = netprobe(&scratch.0, &[&failures[..], &["--as", "alice"]].concat());
+    // alice may list no Events: refused by the API server, naming what is missing.
+    let out = netprobe(&scratch.0, &as_alice);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).contains("--as-service-account"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(api.requests().is_empty(), "{:?}", api.requests());
-
-    // A user and the ServiceAccount whose token to request, as that user: alice may not yet.
-    let with_sa = [
-        &failures[..],
-        &[
-            "--as",
-            "alice",
-            "--as-service-account",
-            "netprobe/netprobe-tracer",
-        ],
-    ]
-    .concat();
-    let out = netprobe(&scratch.0, &with_sa);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(
-        stderr(&out).contains("User \"alice\" cannot create resource \"serviceaccounts/token\""),
+        stderr(&out).contains(
+            "User \"alice\" cannot list resource \"events\" in API group \"events.k8s.io\" in the namespace \"default\""
+        ),
         "{}",
         stderr(&out)
     );
     let seen = api.requests();
     assert_eq!(
         paths(&seen),
-        [
-            "GET /api/v1/namespaces/netprobe/pods",
-            "POST /api/v1/namespaces/netprobe/serviceaccounts/netprobe-tracer/token"
-        ]
+        ["GET /apis/events.k8s.io/v1/namespaces/default/events"]
+    );
+    assert!(
+        seen[0]
+            .target
+            .contains("fieldSelector=reportingController%3Dnetprobe.io%2Fagent"),
+        "{seen:?}"
     );
     assert!(
         seen.iter()
             .all(|s| s.impersonate.as_deref() == Some("alice")),
         "{seen:?}"
     );
-    assert!(api.token_requests().is_empty());
 
-    // Allowed: the token is requested as alice and the port-forward is opened as alice.
-    api.allow(
-        "alice",
-        "create",
-        "",
-        "serviceaccounts/token",
-        Some("netprobe"),
+    // Allowed in her namespace: an answer; all namespaces stay refused.
+    api.allow("alice", "list", "events.k8s.io", "events", Some("default"));
+    let out = netprobe(&scratch.0, &as_alice);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no failed connection attempt"),
+        "{out:?}"
     );
-    let out = netprobe(&scratch.0, &with_sa);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "no agent answers: {}",
+    let out = netprobe(&scratch.0, &[&as_alice[..], &["-A"]].concat());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("at the cluster scope"),
+        "{}",
         stderr(&out)
     );
-    assert!(stderr(&out).contains("did not answer"), "{}", stderr(&out));
-    assert_eq!(api.token_requests().len(), 1);
-    let seen = api.requests();
-    assert!(
-        seen.iter()
-            .any(|s| s.target.contains("/pods/netprobe-a/portforward")
-                && s.impersonate.as_deref() == Some("alice")),
-        "{seen:?}"
-    );
 
-    // A ServiceAccount: its own token is requested (the agents see whom the API server saw).
-    let sa = "system:serviceaccount:netprobe:netprobe-tracer";
-    api.allow(sa, "create", "", "serviceaccounts/token", Some("netprobe"));
+    // Without --as: the kubeconfig's user, nobody impersonated; -A lists every namespace.
     let before = api.requests().len();
-    let out = netprobe(&scratch.0, &[&failures[..], &["--as", sa]].concat());
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert_eq!(api.token_requests().len(), 2);
+    let out = netprobe(&scratch.0, &[&failures[..], &["-A"]].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let seen = &api.requests()[before..];
-    assert!(
-        seen.iter().any(
-            |s| s.target.contains("/serviceaccounts/netprobe-tracer/token?")
-                && s.impersonate.as_deref() == Some(sa)
-        ),
-        "{seen:?}"
-    );
-
-    // Without --as: no impersonation, and the kubeconfig's own token (no TokenRequest).
-    let before = api.requests().len();
-    let out = netprobe(&scratch.0, &failures);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert_eq!(api.token_requests().len(), 2);
-    assert!(
-        api.requests()[before..]
-            .iter()
-            .all(|s| s.impersonate.is_none())
-    );
+    assert_eq!(paths(seen), ["GET /apis/events.k8s.io/v1/events"]);
+    assert!(seen.iter().all(|s| s.impersonate.is_none()));
+    assert!(api.token_requests().is_empty(), "no token goes anywhere");
 }
 
 #[test]
@@ -268,6 +213,6 @@ fn request_timeout_bounds_a_hung_api_server() {
     );
     assert_eq!(
         paths(&api.requests()),
-        ["GET /api/v1/namespaces/netprobe/pods"]
+        ["GET /apis/events.k8s.io/v1/namespaces/default/events"]
     );
 }

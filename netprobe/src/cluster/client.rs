@@ -1,6 +1,5 @@
 //! The laptop's side: find the pod's node and that node's agent through the Kubernetes API,
-//! port-forward to the agent, ask it to trace and render the frames it streams back; and
-//! `failures`: ask every agent what failed, the same way.
+//! port-forward to the agent, ask it to trace and render the frames it streams back.
 
 use std::io::Write;
 
@@ -16,7 +15,6 @@ use kube::{Api, api::ListParams};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::{
-    failures::{FAILURES_PATH, FailuresAnswer, FailuresQuery},
     kubeconfig::{Clients, KubeOptions},
     protocol::{AGENT_LABEL, Frame, STOP, TRACE_PATH, TraceRequest},
 };
@@ -332,163 +330,6 @@ pub async fn session(
     }
 }
 
-/// `netprobe failures`: whom to ask and how to print.
-pub struct FailuresOptions {
-    /// Namespace of the agent DaemonSet.
-    pub agent_namespace: String,
-    /// The agents' loopback port (their --metrics-addr).
-    pub agent_port: u16,
-    pub query: FailuresQuery,
-    pub format: Format,
-    /// Request the agents' token for this ServiceAccount (`--as-service-account`).
-    pub service_account: Option<(String, String)>,
-    /// How to reach the API server (kubectl's flags).
-    pub kube: KubeOptions,
-}
-
-/// Longest wait for one agent's answer (port-forward included).
-const AGENT_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
-
-/// Asks every running agent what failed, merges the answers and prints them; an agent that
-/// does not answer is reported, not fatal. Returns the exit code: 0 when an agent answered.
-pub async fn failures(
-    opts: FailuresOptions,
-    stdout: &mut dyn Write,
-    stderr: &mut dyn Write,
-) -> Result<i32> {
-    let service_account = super::token::agent_service_account(
-        opts.kube.impersonate.as_deref(),
-        opts.service_account.as_ref(),
-    )?;
-    let clients = opts.kube.clients().await?;
-    let agents = opts
-        .kube
-        .bounded(
-            || {
-                format!(
-                    "listing netprobe agents in namespace {}",
-                    opts.agent_namespace
-                )
-            },
-            running_agents(&clients.api, &opts.agent_namespace),
-        )
-        .await?;
-    let forwarder = Forwarder::new(&clients, &opts.kube, &opts.agent_namespace, opts.agent_port)
-        .with_token(&clients, service_account.as_ref())
-        .await?;
-    let asked = agents
-        .iter()
-        .map(|(pod, node)| ask_failures(&forwarder, pod, node, &opts.query));
-    let answers = futures::future::join_all(asked).await;
-    let merged = FailuresAnswer::merge(answers, opts.query.since);
-    for n in merged.nodes.iter().filter(|n| n.error.is_some()) {
-        let _ = writeln!(
-            stderr,
-            "netprobe: WARNING: the agent on node {} did not answer: {}",
-            n.node,
-            n.error.as_deref().unwrap_or_default()
-        );
-    }
-    let printed = match opts.format {
-        Format::Json => writeln!(
-            stdout,
-            "{}",
-            serde_json::to_string(&merged).expect("serializable")
-        ),
-        Format::Text => write!(stdout, "{}", super::failures::text(&merged)),
-    };
-    printed.map_err(|e| Error::io("writing the failures", e))?;
-    Ok(if merged.answered() > 0 { 0 } else { 2 })
-}
-
-/// The Running agent pods and their nodes.
-async fn running_agents(
-    client: &kube::Client,
-    agent_namespace: &str,
-) -> Result<Vec<(String, String)>> {
-    let list = Api::<Pod>::namespaced(client.clone(), agent_namespace)
-        .list(&ListParams::default().labels(AGENT_LABEL))
-        .await
-        .map_err(kube_err(format!(
-            "listing netprobe agents in namespace {agent_namespace}"
-        )))?;
-    let agents: Vec<(String, String)> = list
-        .items
-        .iter()
-        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-        .filter_map(|p| Some((p.metadata.name.clone()?, node_of(p)?)))
-        .collect();
-    if agents.is_empty() {
-        return Err(Error::Kube {
-            what: format!("listing netprobe agents in namespace {agent_namespace}"),
-            reason: format!(
-                "no running agent (label {AGENT_LABEL}); is the DaemonSet installed? (--agent-namespace)"
-            ),
-        });
-    }
-    Ok(agents)
-}
-
-/// One agent's answer, or an answer that says why there is none.
-async fn ask_failures(
-    forwarder: &Forwarder,
-    agent: &str,
-    node: &str,
-    query: &FailuresQuery,
-) -> FailuresAnswer {
-    let asked = async {
-        let (pf, stream) = forwarder.open(agent).await.map_err(|e| e.to_string())?;
-        let answer = get_failures(stream, query, &forwarder.token).await;
-        pf.abort();
-        answer
-    };
-    let answer = match tokio::time::timeout(AGENT_ANSWER_TIMEOUT, asked).await {
-        Ok(a) => a,
-        Err(_) => Err(format!(
-            "no answer within {}s",
-            AGENT_ANSWER_TIMEOUT.as_secs()
-        )),
-    };
-    answer.unwrap_or_else(|e| FailuresAnswer::unreachable(node, query.since, e))
-}
-
-/// `GET /v1/failures?…` over `stream`: the agent's typed answer.
-pub async fn get_failures(
-    stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    query: &FailuresQuery,
-    token: &str,
-) -> std::result::Result<FailuresAnswer, String> {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("talking to the agent: {e}"))?;
-    tokio::spawn(conn);
-    let request = Request::get(format!("{FAILURES_PATH}?{}", query.to_query()))
-        .header(HOST, "localhost")
-        .header(AUTHORIZATION, format!("Bearer {token}"))
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("reading the agent's answer: {e}"))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| format!("reading the agent's answer: {e}"))?
-        .to_bytes();
-    if status != StatusCode::OK {
-        let why = String::from_utf8_lossy(&body);
-        return Err(format!(
-            "agent answered {}: {}",
-            status.as_u16(),
-            why.trim()
-        ));
-    }
-    serde_json::from_slice(&body).map_err(|e| format!("unreadable answer from the agent: {e}"))
-}
-
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -549,45 +390,6 @@ mod tests {
                 && head.contains("authorization: bearer tok-1\r\n"),
             "{head}"
         );
-    }
-
-    #[tokio::test]
-    async fn an_agents_failures_are_read_back_typed_and_a_refusal_says_why() {
-        let answer = FailuresAnswer::new(
-            1_800_000_000,
-            FailuresQuery::default().since,
-            vec![],
-            vec![],
-        );
-        let body = serde_json::to_string(&answer).unwrap();
-        for (status, expect_ok) in [("200 OK", true), ("403 Forbidden", false)] {
-            let (client, mut agent) = tokio::io::duplex(1 << 16);
-            let reply = format!(
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            let server = tokio::spawn(async move {
-                let mut buf = vec![0u8; 1024];
-                let n = agent.read(&mut buf).await.unwrap();
-                agent.write_all(reply.as_bytes()).await.unwrap();
-                String::from_utf8_lossy(&buf[..n]).to_string()
-            });
-            let q = FailuresQuery::from_query("since=5m&namespace=team-a").unwrap();
-            let got = get_failures(client, &q, "tok-2").await;
-            let head = server.await.unwrap();
-            assert!(
-                head.starts_with("GET /v1/failures?since=300s&namespace=team-a HTTP/1.1\r\n")
-                    && head
-                        .to_ascii_lowercase()
-                        .contains("authorization: bearer tok-2\r\n"),
-                "{head}"
-            );
-            match got {
-                Ok(a) if expect_ok => assert_eq!(a, answer),
-                Err(e) if !expect_ok => assert!(e.starts_with("agent answered 403"), "{e}"),
-                other => panic!("{status}: {other:?}"),
-            }
-        }
     }
 
     #[tokio::test]

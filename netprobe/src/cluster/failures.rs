@@ -1,18 +1,15 @@
-//! `kubectl netprobe failures`: what the agents remember of failed connection attempts and DNS
-//! lookups ([`crate::cluster::memory`]), asked of every agent and merged. Here: the request
-//! (`GET /v1/failures?since=10m&namespace=N&workload=W`), the typed answer
-//! (`netprobe.failures/v1`), the merge across nodes and the text rendering.
+//! `kubectl netprobe failures`: failed connection attempts and DNS lookups grouped by client
+//! workload → Service:port, outcome and rule. The CLI reads them from the agents' Kubernetes
+//! Events ([`super::event_failures`]); an agent also answers `GET /v1/failures?…` from its own
+//! memory ([`crate::cluster::memory`]). Here: the query, the typed answer
+//! (`netprobe.failures/v1`) and the text rendering.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt::Write as _,
-    time::Duration,
-};
+use std::{fmt::Write as _, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
 use super::protocol::valid_name;
-use crate::{model::Outcome, verdict::Verdict};
+use crate::{model::Outcome, sinks::kube_events::record::outcome_name, verdict::Verdict};
 
 /// The agent's HTTP path for the failures it remembers.
 pub const FAILURES_PATH: &str = "/v1/failures";
@@ -214,19 +211,32 @@ pub fn recent(per_minute: &[MinuteCount], at: u64) -> u64 {
 pub struct FailureGroup {
     #[serde(flatten)]
     pub key: GroupKey,
-    /// Failures in the period asked for (`since_s`).
+    /// Failures in the period asked for (`since_s`). From Events: the `series.count` of the
+    /// Events last observed in the period (an Event counts all its failures, earlier ones
+    /// included); the client's and the server's Events of one failure count once.
     pub count: u64,
-    /// Failures this minute and the previous one.
+    /// Failures this minute and the previous one (from Events: of the Events last observed
+    /// then).
     pub now: u64,
-    /// Counts per minute in the period, oldest first.
+    /// Counts per minute in the period, oldest first (from Events: by the minute each Event
+    /// was last observed).
     pub per_minute: Vec<MinuteCount>,
-    /// First and last failure (Unix seconds) the agents remember.
+    /// First and last failure (Unix seconds) the agents remember (from Events: the first
+    /// Event's time, the latest observation).
     pub first_seen: u64,
     pub last_seen: u64,
     /// Nodes whose agents saw these failures.
     pub nodes: Vec<String>,
-    /// The latest failure's verdict (`netprobe.verdict/v1`).
-    pub example: Box<Verdict>,
+    /// The latest failure's verdict (`netprobe.verdict/v1`); only in an agent's own answer
+    /// (`/v1/failures`), not from Events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub example: Option<Box<Verdict>>,
+    /// The latest Event's note: who decided (policy or rule), both sides, the explanation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Events this group was read from (absent in an agent's own answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<u64>,
 }
 
 /// An agent asked for its failures.
@@ -243,7 +253,7 @@ pub struct NodeReport {
     pub error: Option<String>,
 }
 
-/// What is failing: one agent's answer, or all agents' merged.
+/// What is failing: read from the agents' Events, or one agent's own answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct FailuresAnswer {
     /// `netprobe.failures/v1`.
@@ -252,9 +262,28 @@ pub struct FailuresAnswer {
     pub at: u64,
     /// The period asked for, seconds.
     pub since_s: u64,
+    /// The agents that reported (from Events: those whose Events are in the answer).
     pub nodes: Vec<NodeReport>,
     /// Most failures first.
     pub groups: Vec<FailureGroup>,
+    /// Where the groups come from (from Events: which namespace's Events were read; absent
+    /// in an agent's own answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsRead>,
+}
+
+/// The Events `failures` read from the API server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct EventsRead {
+    /// The namespace listed; absent: all namespaces (`-A`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// netprobe Events listed.
+    pub listed: u64,
+    /// Of those, last observed within `since_s` and selected.
+    pub used: u64,
+    /// Events without netprobe's annotations (written by an older agent), left out.
+    pub unreadable: u64,
 }
 
 impl FailuresAnswer {
@@ -270,77 +299,16 @@ impl FailuresAnswer {
             since_s: since.as_secs(),
             nodes,
             groups,
+            events: None,
         };
         a.sort();
         a
-    }
-
-    /// An agent that did not answer.
-    pub fn unreachable(node: &str, since: Duration, error: String) -> Self {
-        let report = NodeReport {
-            node: node.into(),
-            window_s: None,
-            evicted: 0,
-            error: Some(error),
-        };
-        Self::new(0, since, vec![report], Vec::new())
     }
 
     fn sort(&mut self) {
         self.groups
             .sort_by_key(|g| std::cmp::Reverse((g.count, g.last_seen)));
     }
-
-    /// Every node's answer as one: the same group on several nodes is one group, counts added.
-    pub fn merge(answers: Vec<Self>, since: Duration) -> Self {
-        let at = answers.iter().map(|a| a.at).max().unwrap_or(0);
-        let mut nodes = Vec::new();
-        let mut groups: HashMap<GroupKey, FailureGroup> = HashMap::new();
-        for a in answers {
-            nodes.extend(a.nodes);
-            for g in a.groups {
-                match groups.get_mut(&g.key) {
-                    Some(m) => absorb(m, g),
-                    None => {
-                        groups.insert(g.key.clone(), g);
-                    }
-                }
-            }
-        }
-        let mut groups: Vec<FailureGroup> = groups.into_values().collect();
-        for g in &mut groups {
-            g.now = recent(&g.per_minute, at);
-        }
-        nodes.sort_by(|a, b| a.node.cmp(&b.node));
-        Self::new(at, since, nodes, groups)
-    }
-
-    /// Agents that answered.
-    pub fn answered(&self) -> usize {
-        self.nodes.iter().filter(|n| n.error.is_none()).count()
-    }
-}
-
-/// `g`'s counts into `m` (the same group seen on another node); the latest example wins.
-fn absorb(m: &mut FailureGroup, g: FailureGroup) {
-    let mut minutes: BTreeMap<u64, u64> =
-        m.per_minute.iter().map(|c| (c.minute, c.count)).collect();
-    for c in &g.per_minute {
-        *minutes.entry(c.minute).or_default() += c.count;
-    }
-    m.per_minute = minutes
-        .into_iter()
-        .map(|(minute, count)| MinuteCount { minute, count })
-        .collect();
-    m.count += g.count;
-    m.first_seen = m.first_seen.min(g.first_seen);
-    if g.last_seen > m.last_seen {
-        m.last_seen = g.last_seen;
-        m.example = g.example;
-    }
-    m.nodes.extend(g.nodes);
-    m.nodes.sort();
-    m.nodes.dedup();
 }
 
 /// The headline, the DNS question if any, and the first sentence of the explanation: the one
@@ -381,12 +349,23 @@ fn span(d: u64) -> String {
 pub fn text(a: &FailuresAnswer) -> String {
     let since = span(a.since_s);
     let asked: Vec<String> = a.nodes.iter().map(node_line).collect();
-    let mut s = format!(
-        "failures in the last {since}{} (now = this minute and the previous) from {} agent(s): {}\n",
-        memory_note(a),
-        a.nodes.len(),
-        asked.join(", ")
-    );
+    let mut s = match &a.events {
+        Some(e) => format!(
+            "failures in the last {since} (now = Events last observed this minute and the previous) from {} netprobe Event(s) in {}, written by the agents of {} node(s): {}\n",
+            e.used,
+            e.namespace
+                .as_ref()
+                .map_or_else(|| "all namespaces".into(), |n| format!("namespace {n}")),
+            a.nodes.len(),
+            asked.join(", ")
+        ),
+        None => format!(
+            "failures in the last {since}{} (now = this minute and the previous) from {} agent(s): {}\n",
+            memory_note(a),
+            a.nodes.len(),
+            asked.join(", ")
+        ),
+    };
     if a.groups.is_empty() {
         s.push_str("no failed connection attempt or DNS lookup\n");
         return s;
@@ -424,14 +403,6 @@ fn node_line(n: &NodeReport) -> String {
     }
 }
 
-/// `dropped_by_rule`: the outcome as the JSON names it.
-fn outcome_name(o: Outcome) -> String {
-    serde_json::to_value(o)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 fn group_text(s: &mut String, g: &FailureGroup, at: u64, since: &str) {
     let k = &g.key;
     let rule = k.rule.as_ref().map(|r| format!("  {}", r.describe()));
@@ -451,7 +422,25 @@ fn group_text(s: &mut String, g: &FailureGroup, at: u64, since: &str) {
         ago(at, g.last_seen),
         g.nodes.join(", ")
     );
-    let _ = writeln!(s, "      e.g. {}", one_line(&g.example));
+    let example = match (&g.example, &g.note) {
+        (Some(v), _) => one_line(v),
+        (None, Some(note)) => sentences(note, 2).to_string(),
+        (None, None) => return,
+    };
+    let _ = writeln!(s, "      e.g. {example}");
+}
+
+/// The first `n` sentences of `text`.
+fn sentences(text: &str, n: usize) -> &str {
+    let text = text.trim();
+    let mut end = 0;
+    for _ in 0..n {
+        match text[end..].find(". ") {
+            Some(i) => end += i + 1,
+            None => return text,
+        }
+    }
+    &text[..end]
 }
 
 #[cfg(test)]
@@ -550,70 +539,40 @@ mod tests {
             last_seen: per_minute[per_minute.len() - 1].minute + 30,
             per_minute,
             nodes: vec![node.into()],
-            example: Box::new(verdict(example)),
+            example: Some(Box::new(verdict(example))),
+            note: None,
+            events: None,
         }
     }
 
-    fn answer(node: &str, at: u64, groups: Vec<FailureGroup>) -> FailuresAnswer {
+    #[test]
+    fn an_agents_answer_renders_by_client_and_reads_back_as_it_was() {
+        // The start of a minute.
+        let t = 1_800_000_000;
+        let mut g = group(
+            key("Deployment/client", "x"),
+            "node-a",
+            &[(t, 3), (t + 60, 3), (t + 120, 4)],
+            "new. More.",
+        );
+        g.now = recent(&g.per_minute, t + 130);
+        assert_eq!(g.now, 7, "this minute (t+120) and the previous (t+60)");
+        let other = group(key("Deployment/other", "x"), "node-a", &[(t, 1)], "other.");
         let report = NodeReport {
-            node: node.into(),
+            node: "node-a".into(),
             window_s: Some(3600),
             evicted: 2,
             error: None,
         };
-        FailuresAnswer::new(at, DEFAULT_SINCE, vec![report], groups)
-    }
-
-    #[test]
-    fn answers_merge_across_nodes_adding_counts_and_keeping_the_latest_example() {
-        // The start of a minute.
-        let t = 1_800_000_000;
-        let a = answer(
-            "node-a",
-            t + 125,
-            vec![
-                group(
-                    key("Deployment/client", "x"),
-                    "node-a",
-                    &[(t, 3), (t + 60, 1)],
-                    "old.",
-                ),
-                group(key("Deployment/other", "x"), "node-a", &[(t, 1)], "other."),
-            ],
-        );
-        let b = answer(
-            "node-b",
-            t + 130,
-            vec![group(
-                key("Deployment/client", "x"),
-                "node-b",
-                &[(t + 60, 2), (t + 120, 4)],
-                "new.",
-            )],
-        );
-        let down = FailuresAnswer::unreachable("node-c", DEFAULT_SINCE, "refused".into());
-        let m = FailuresAnswer::merge(vec![a, b, down], DEFAULT_SINCE);
+        let m = FailuresAnswer::new(t + 130, DEFAULT_SINCE, vec![report], vec![other, g]);
         assert_eq!(m.schema, FAILURES_SCHEMA);
-        assert_eq!(m.at, t + 130);
-        assert_eq!(m.answered(), 2);
-        let nodes: Vec<&str> = m.nodes.iter().map(|n| n.node.as_str()).collect();
-        assert_eq!(nodes, ["node-a", "node-b", "node-c"]);
-        assert_eq!(m.groups.len(), 2);
-        let g = &m.groups[0];
-        assert_eq!(g.key.client.name, "Deployment/client");
-        assert_eq!(g.count, 10);
-        let per: Vec<(u64, u64)> = g.per_minute.iter().map(|c| (c.minute, c.count)).collect();
-        assert_eq!(per, [(t, 3), (t + 60, 3), (t + 120, 4)]);
-        // This minute (t+120) and the previous (t+60).
-        assert_eq!(g.now, 7);
-        assert_eq!((g.first_seen, g.last_seen), (t, t + 150));
-        assert_eq!(g.nodes, ["node-a", "node-b"]);
-        assert_eq!(g.example.explanation, "new.");
-        assert_eq!(m.groups[1].now, 0);
-
+        assert_eq!(
+            m.groups[0].key.client.name, "Deployment/client",
+            "most first"
+        );
         let text = text(&m);
-        assert!(text.contains("node-c (NO ANSWER: refused)"), "{text}");
         assert!(text.starts_with("failures in the last 10m (now"), "{text}");
+        assert!(text.contains("node-a (2 older groups evicted)"), "{text}");
         let mut long = m.clone();
         long.since_s = 7200;
         assert!(
@@ -621,14 +580,15 @@ mod tests {
             "{}",
             super::text(&long)
         );
-        assert!(text.contains("node-a (2 older groups evicted)"), "{text}");
         assert!(
-            text.contains("\nx/Deployment/client\n  → financial-inference/Service/seldon-scheduler:9004  dropped_by_rule\n      now 7, last 10m 10; last seen 0s ago on node-a, node-b\n      e.g. "),
+            text.contains("\nx/Deployment/client\n  → financial-inference/Service/seldon-scheduler:9004  dropped_by_rule\n      now 7, last 10m 10; last seen 0s ago on node-a\n      e.g. "),
             "{text}"
         );
-        // The JSON answer reads back as it was.
+        assert!(text.contains(": new.\n"), "the first sentence: {text}");
         let json = serde_json::to_string(&m).unwrap();
         assert_eq!(serde_json::from_str::<FailuresAnswer>(&json).unwrap(), m);
+        assert_eq!(sentences("A b. C d. E f.", 2), "A b. C d.");
+        assert_eq!(sentences("A b", 2), "A b");
     }
 
     #[test]

@@ -99,7 +99,7 @@ fn party(peer: Option<&Peer>, addr: IpAddr) -> Party {
     }
 }
 
-fn endpoint_party(e: &Endpoint) -> Party {
+pub fn endpoint_party(e: &Endpoint) -> Party {
     party(e.peer.as_ref(), e.addr)
 }
 
@@ -239,7 +239,9 @@ impl Failures {
             first_seen: m.first_seen,
             last_seen: m.last_seen,
             nodes: vec![self.node.clone()],
-            example: Box::new(m.example.clone()),
+            example: Some(Box::new(m.example.clone())),
+            note: None,
+            events: None,
         })
     }
 }
@@ -390,7 +392,8 @@ mod tests {
             (2, 2, T, T + 5)
         );
         assert_eq!(
-            g.example.explanation, "second.",
+            g.example.as_ref().unwrap().explanation,
+            "second.",
             "the latest is the example"
         );
         let r = a

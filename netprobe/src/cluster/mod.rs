@@ -16,8 +16,9 @@
 //!   (its own probes and temporary nftables table), whose records become frames and whose
 //!   `--ready-file` (a pipe) becomes the ready frame.
 //! - [`client`]: the laptop's side: pod → node → agent, port-forward, frames → the printer.
-//! - [`failures`] and [`memory`]: `kubectl netprobe failures` — the agent's memory of recent
-//!   failures (a sink fed with its verdicts), served on `/v1/failures`, asked of every agent.
+//! - [`event_failures`]: `kubectl netprobe failures` — the agents' Kubernetes Events read from
+//!   the API server and grouped ([`failures`]: the query, the answer, its text); [`memory`]:
+//!   the agent's own memory of recent failures, served on `/v1/failures`.
 //! - [`kubeconfig`]: kubectl's `--kubeconfig`, `--context`, `--as`, `--request-timeout`.
 //! - `crossnode`: when the destination's pods run on other nodes, their agents trace too and
 //!   each attempt's verdicts are joined.
@@ -25,6 +26,7 @@
 pub mod auth;
 pub mod client;
 mod crossnode;
+pub mod event_failures;
 pub mod failures;
 pub mod kubeconfig;
 pub mod memory;

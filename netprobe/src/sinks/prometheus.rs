@@ -81,6 +81,11 @@ pub struct Metrics {
     /// Kubernetes Events by result: created, updated, held (rate limit), failed, evicted and
     /// released (keys of the rate limiter).
     pub kube_events: BTreeMap<&'static str, u64>,
+    /// Failures whose Event write waited for the agent's budget, by cause: `rate` (token
+    /// bucket), `in_flight` (requests open at once).
+    pub kube_events_suppressed: BTreeMap<&'static str, u64>,
+    /// Event writes open now.
+    pub kube_events_in_flight: usize,
     /// TCP connect() attempts and their failures in the watched namespaces (their TCP MIB).
     pub tcp_attempts: crate::model::stats::TcpMib,
     /// What the verdict engines let go of to stay bounded.
@@ -120,8 +125,16 @@ impl Metrics {
         out.extend(self.failed.families());
         out.push(Family::counters(
             "netprobe_kube_events_total",
-            "Kubernetes Events about failed connections, by result: created, updated (series count of repeats), held (rate limit: counted into the next update), failed (the API refused), evicted (keys the bounded rate limiter forgot), released (keys of pods deleted from the inventory).",
+            "Kubernetes Events about failed connections, by result: created, updated (series count of repeats), held (per-key interval: counted into the next update), failed (the API refused or did not answer in 10 s), evicted (keys the bounded rate limiter forgot), lost (failures those keys had not written yet), released (keys of pods deleted from the inventory).",
             self.kube_events.iter().map(|(r, n)| (Labels::one("result", *r), *n)),
+        ));
+        out.push(Family::counters(
+            "netprobe_kube_events_suppressed_total",
+            "Failures whose Kubernetes Event write waited for the agent's budget, by cause: rate (the token bucket of --events-rate/--events-burst), in_flight (--events-in-flight requests open). Each is counted in its Event's series.count, written once the budget allows.",
+            ["rate", "in_flight"].into_iter().map(|c| {
+                let n = self.kube_events_suppressed.get(c).copied().unwrap_or_default();
+                (Labels::one("cause", c), n)
+            }),
         ));
         out.extend(self.engine_families());
         out.extend(self.attribution_families());
@@ -299,8 +312,13 @@ impl Metrics {
         vec![
             Family::gauge(
                 "netprobe_kube_event_keys",
-                "Keys (pod, reason, peer, port) the Kubernetes Event rate limiter remembers now; a deleted pod's are released.",
+                "Keys (pod, reason, peer workload, port) the Kubernetes Event rate limiter remembers now; a deleted pod's are released.",
                 self.kube_event_keys as i64,
+            ),
+            Family::gauge(
+                "netprobe_kube_events_in_flight",
+                "Kubernetes Event writes sent and not answered yet (at most --events-in-flight).",
+                self.kube_events_in_flight as i64,
             ),
             Family::gauge(
                 "netprobe_netns_filter_capacity",
