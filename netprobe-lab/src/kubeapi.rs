@@ -13,6 +13,8 @@ use std::{
 
 use serde_json::{Value, json};
 
+mod custom;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     Pod,
@@ -64,6 +66,8 @@ struct State {
     requests: Vec<Seen>,
     /// While stalled, requests are read and never answered (a hung API server).
     stalled: bool,
+    /// Custom resources and their objects.
+    custom: custom::Store,
 }
 
 /// A request as the server saw it.
@@ -453,6 +457,12 @@ impl FakeKube {
                 .to_string();
             let target = request.split_whitespace().nth(1).unwrap_or("/").to_string();
             self.seen(&method, &target, &headers);
+            if let Some(served) = self.custom_request(&method, &target, &headers, &body, &mut out) {
+                if served? {
+                    continue;
+                }
+                return Ok(());
+            }
             if method == "POST"
                 && let Some((code, answer)) = self.authn_authz(&target, &headers, &body)
             {
@@ -925,6 +935,10 @@ fn respond(out: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> 
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        415 => "Unsupported Media Type",
+        422 => "Unprocessable Entity",
         _ => "Service Unavailable",
     };
     write!(
