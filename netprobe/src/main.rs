@@ -252,6 +252,11 @@ struct AgentArgs {
     #[arg(long, env = "NETPROBE_MAX_NAMESPACES", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(2..=1_048_576))]
     max_namespaces: u32,
+    /// Trace objects (traces.netprobe.io) of this node's pods running at once; the others stay
+    /// Pending, their message saying why, and start as running ones end.
+    #[arg(long, env = "NETPROBE_MAX_TRACES", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    max_traces: u32,
 }
 
 #[cfg(feature = "ebpf")]
@@ -555,6 +560,7 @@ fn agent(a: AgentArgs) -> ExitCode {
             series_grace: std::time::Duration::from_secs(a.metrics_series_grace),
         },
         max_namespaces: a.max_namespaces,
+        max_traces: a.max_traces as usize,
     };
     let Some(rt) = runtime() else {
         return ExitCode::from(EXIT_USAGE);

@@ -247,7 +247,10 @@ fn check_agent_and_tracer_roles(objs: &[serde_yaml::Value], namespace: &str) {
         ("events.k8s.io", "events", "patch"),
         ("authentication.k8s.io", "tokenreviews", "create"),
         ("authorization.k8s.io", "subjectaccessreviews", "create"),
+        ("netprobe.io", "traces/status", "patch"),
+        ("netprobe.io", "traces", "delete"),
     ]);
+    agent.extend(read.iter().map(|v| ("netprobe.io", "traces", *v)));
     let role: ClusterRole = typed(find(objs, "ClusterRole", "netprobe-agent"));
     assert_eq!(grants(&role.rules.unwrap()), set(&agent), "netprobe-agent");
 
