@@ -505,3 +505,66 @@ fn an_agent_restarted_mid_trace_marks_the_object_failed() {
     support::stop(t.agent.take().unwrap());
     let _ = std::fs::remove_file(&t.kubeconfig);
 }
+
+/// `--max-traces 1`: a second Trace of the node stays Pending, its message saying why, and
+/// starts once the first is Completed; a finished object is deleted by the agent
+/// `ttlSecondsAfterFinished` after its completion.
+#[test]
+fn traces_beyond_the_nodes_bound_wait_and_finished_ones_expire() {
+    netprobe_lab::require_root();
+    let mut lab = Lab::new("tomax").unwrap();
+    let web = lab
+        .add_pod("team-a", "web-0", "10.42.0.50".parse().unwrap())
+        .unwrap();
+    let (kube, kubeconfig) = kube_api(&lab);
+    support::publish_pod(&kube, &web);
+    let agent = support::start_agent(
+        lab.node(),
+        &["--max-traces", "1"],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", NODE),
+        ],
+        false,
+    );
+    let p = Person::new(&lab, &kubeconfig);
+    let mut first = spec("web-0", 8080, "2s");
+    first.ttl_seconds_after_finished = 1;
+    create(&p, "team-a", "first", first);
+    wait_for(&p, "team-a", "first", Duration::from_secs(5), |s| {
+        s.phase == TracePhase::Running
+    });
+    create(&p, "team-a", "second", spec("web-0", 8081, "2s"));
+    let (st, _) = wait_for(&p, "team-a", "second", Duration::from_secs(5), |s| {
+        s.message.is_some()
+    });
+    assert_eq!(st.phase, TracePhase::Pending, "{st:#?}");
+    assert!(
+        st.message
+            .as_deref()
+            .is_some_and(|m| m.contains("at most 1 at once")),
+        "{st:#?}"
+    );
+    let (st, _) = wait_for(&p, "team-a", "first", Duration::from_secs(5), |s| {
+        s.phase == TracePhase::Completed
+    });
+    let completed = Instant::now();
+    assert!(st.summary.is_some(), "{st:#?}");
+    wait_for(&p, "team-a", "second", Duration::from_secs(5), |s| {
+        s.phase == TracePhase::Running
+    });
+    // Deleted about 1 s after its completion.
+    while get(&p, "team-a", "first").is_some() {
+        assert!(
+            completed.elapsed() < Duration::from_secs(5),
+            "a finished Trace with ttlSecondsAfterFinished 1 still there"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "MEASURED: deleted {:?} after it was seen Completed",
+        completed.elapsed()
+    );
+    support::stop(agent);
+    let _ = std::fs::remove_file(kubeconfig);
+}

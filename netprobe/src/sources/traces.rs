@@ -155,11 +155,23 @@ impl TraceController {
             .boxed();
         let mut tick = tokio::time::interval(WRITE_EVERY);
         let mut recheck = tokio::time::interval(RECHECK_EVERY);
+        let mut failing = false;
         loop {
             tokio::select! {
                 ev = objects.next() => match ev {
-                    Some(Ok(ev)) => self.on_watch(ev).await,
-                    Some(Err(e)) => eprintln!("netprobe agent: watching Trace objects: {e}"),
+                    Some(Ok(ev)) => {
+                        if std::mem::take(&mut failing) {
+                            eprintln!("netprobe agent: watching Trace objects again");
+                        }
+                        self.on_watch(ev).await
+                    }
+                    // Once per episode (the watcher retries with backoff), e.g. a cluster
+                    // without the CRD installed.
+                    Some(Err(e)) if !failing => {
+                        failing = true;
+                        eprintln!("netprobe agent: cannot watch Trace objects (retrying): {e}");
+                    }
+                    Some(Err(_)) => {}
                     None => break,
                 },
                 Some((key, record)) = self.records.recv() => self.on_record(key, record).await,
