@@ -390,6 +390,7 @@ fn agent_sigterm_stops_its_pod_traces_and_their_tables_go() {
         &[
             "trace",
             "--cluster",
+            "--via-agent",
             "--pod",
             "api-0",
             "-n",
