@@ -428,17 +428,16 @@ fn cli(kube: &FakeKube, scratch: &Path, args: &[&str]) -> Child {
     for verb in ["create", "get", "list", "watch", "delete"] {
         kube.allow("bob", verb, "netprobe.io", "traces", Some("team-a"));
     }
+    let config = config.to_str().unwrap();
+    let flags = ["-n", "team-a", "--as", "bob", "--kubeconfig", config];
+    netprobe(scratch, &[&flags[..], args].concat())
+}
+
+/// `netprobe trace --cluster` with these flags only to find the API: no KUBECONFIG, HOME the
+/// scratch directory.
+fn netprobe(scratch: &Path, args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_netprobe"))
-        .args([
-            "trace",
-            "--cluster",
-            "-n",
-            "team-a",
-            "--as",
-            "bob",
-            "--kubeconfig",
-        ])
-        .arg(&config)
+        .args(["trace", "--cluster"])
         .args(args)
         .env_remove("KUBECONFIG")
         .env_remove("KUBERNETES_SERVICE_HOST")
@@ -650,4 +649,55 @@ async fn a_failed_trace_is_an_error_and_ctrl_c_deletes_the_object() {
     .await;
     assert_eq!(code, 2);
     assert!(err.contains("at most 10m"), "{err}");
+}
+
+#[tokio::test]
+async fn the_context_chooses_server_and_namespace_and_request_timeout_bounds_the_create() {
+    let scratch = Scratch::new("trace-object-context");
+    let (a, b) = (api_server(), api_server());
+    let config = scratch.0.join("config");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: a\n  cluster: {{server: 'http://127.0.0.1:{}'}}\n- name: b\n  cluster: {{server: 'http://127.0.0.1:{}'}}\ncontexts:\n- name: a\n  context: {{cluster: a, user: admin}}\n- name: b\n  context: {{cluster: b, user: admin, namespace: team-b}}\ncurrent-context: a\nusers:\n- name: admin\n  user: {{token: {}}}\n",
+            a.port,
+            b.port,
+            netprobe_lab::kubeapi::ADMIN_TOKEN
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let trace = ["--pod", "web-0", "--port", "80", "--kubeconfig", config];
+
+    let child = netprobe(&scratch.0, &[&trace[..], &["--context", "b"]].concat());
+    let obj = created(&b).await;
+    assert_eq!(
+        obj["metadata"]["namespace"], "team-b",
+        "the context's namespace"
+    );
+    let name = obj["metadata"]["name"].as_str().unwrap();
+    let failed = json!({"status": {"phase": "Failed", "message": "no such pod"}});
+    Api::<Trace>::namespaced(admin(&b).await, "team-b")
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(failed))
+        .await
+        .unwrap();
+    let (code, _, err) = exited(child).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(a.requests().is_empty(), "context b never asks server a");
+
+    a.set_stalled(true);
+    let started = std::time::Instant::now();
+    let (code, _, err) = exited(netprobe(
+        &scratch.0,
+        &[&trace[..], &["--request-timeout", "1s"]].concat(),
+    ))
+    .await;
+    a.set_stalled(false);
+    assert_eq!(code, 2, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(
+        err.contains("creating a Trace in namespace default")
+            && err.contains("no answer within --request-timeout 1s"),
+        "{err}"
+    );
 }
