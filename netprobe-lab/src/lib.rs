@@ -35,6 +35,7 @@ pub mod ports;
 pub mod process;
 pub mod resets;
 pub mod rules;
+pub mod scratch;
 pub mod two_nodes;
 pub mod underlay;
 
