@@ -568,3 +568,66 @@ fn traces_beyond_the_nodes_bound_wait_and_finished_ones_expire() {
     support::stop(agent);
     let _ = std::fs::remove_file(kubeconfig);
 }
+
+/// The whole path, as a person runs it: `kubectl netprobe trace` (the CLI as nobody, talking to
+/// the API server only) creates a Trace object, the agent of the node answers it in its own
+/// session, the CLI prints the S1 verdict from the object's status (`-o json`, exit 1: a
+/// failure diagnosed) and deletes the object.
+#[test]
+fn kubectl_netprobe_trace_gets_the_s1_verdict_from_the_agent_through_the_object() {
+    let s1 = support::s1_lab("tocli");
+    support::s1_rules(&s1.lab, &s1.server, &s1.client);
+    let (kube, kubeconfig) = kube_api(&s1.lab);
+    support::publish_pod(&kube, &s1.client);
+    support::publish_pod(&kube, &s1.server);
+    support::publish_seldon_scheduler(&kube);
+    // The CLI runs as nobody.
+    std::fs::set_permissions(
+        &kubeconfig,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let agent = start_agent(&s1.lab, &kubeconfig);
+    let cli = support::laptop(
+        s1.lab.node(),
+        kubeconfig.to_str().unwrap(),
+        support::netprobe_bin(),
+    )
+    .args([
+        "trace",
+        "--cluster",
+        "--pod",
+        "seldon-scheduler-0",
+        "-n",
+        "financial-inference",
+        "--port",
+        "9004",
+        "--duration",
+        "20s",
+        "--count",
+        "1",
+        "-o",
+        "json",
+    ])
+    .spawn()
+    .unwrap();
+    let (stop, traffic) = keep_dialling(&s1.client.netns, &format!("{CLUSTER_IP}:9004"));
+    let out = netprobe_lab::process::wait_output(cli, Duration::from_secs(40)).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap();
+    let records = support::ndjson(&out.stdout);
+    let v = records
+        .iter()
+        .find(|r| r["kind"] == "verdict")
+        .unwrap_or_else(|| panic!("no verdict: {}\n{}", out.stdout, out.stderr));
+    assert_eq!(v["outcome"], "dropped_by_rule", "{v:#}");
+    assert_eq!(v["netfilter"]["owner"]["system"], "calico", "{v:#}");
+    assert_eq!(v["client"]["peer"]["pod"], "client-0", "{v:#}");
+    assert_eq!(out.code(), 1, "a failure diagnosed: {}", out.stderr);
+    assert!(
+        kube.custom_objects("netprobe.io/traces").is_empty(),
+        "the CLI deletes its object"
+    );
+    support::stop(agent);
+    let _ = std::fs::remove_file(kubeconfig);
+}
