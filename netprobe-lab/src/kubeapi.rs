@@ -14,6 +14,7 @@ use std::{
 
 use serde_json::{Value, json};
 
+mod custom;
 mod events;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -69,6 +70,8 @@ struct State {
     stalled: bool,
     /// Events (events.k8s.io/v1, also listed as core/v1).
     events: events::Store,
+    /// Custom resources and their objects.
+    custom: custom::Store,
 }
 
 /// A request as the server saw it.
@@ -464,6 +467,12 @@ impl FakeKube {
             if let Some((code, answer)) = self.events_request(&method, &target, &headers, &body) {
                 respond(&mut out, code, &answer)?;
                 continue;
+            }
+            if let Some(served) = self.custom_request(&method, &target, &headers, &body, &mut out) {
+                if served? {
+                    continue;
+                }
+                return Ok(());
             }
             if method == "POST"
                 && let Some((code, answer)) = self.authn_authz(&target, &headers, &body)
@@ -939,6 +948,7 @@ fn respond(out: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> 
         404 => "Not Found",
         405 => "Method Not Allowed",
         409 => "Conflict",
+        415 => "Unsupported Media Type",
         422 => "Unprocessable Entity",
         _ => "Service Unavailable",
     };

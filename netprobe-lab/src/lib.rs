@@ -36,6 +36,7 @@ pub mod process;
 pub mod resets;
 pub mod rules;
 pub mod scan;
+pub mod scratch;
 pub mod two_nodes;
 pub mod underlay;
 

@@ -220,6 +220,8 @@ impl TwoNodes {
             .args([
                 "trace",
                 "--cluster",
+                // Through the agents' port-forward until they answer Trace objects (#24).
+                "--via-agent",
                 "--agent-port",
                 &self.port.to_string(),
                 "--pod",

@@ -5,8 +5,10 @@
 //! stages, a DNS judge (failed lookups), and as sinks the storm-controlled NDJSON log on stdout
 //! (schema `netprobe.event/v1`), Prometheus `/metrics` and Kubernetes Events. It serves
 //! `/metrics`, `/healthz`, `/readyz` and `/v1/trace` (cluster-mode trace, see
-//! [`crate::cluster`]) on a loopback address. SIGTERM/SIGINT: detach and exit. What it holds
-//! per pod is released when the pod is gone ([`scope`]).
+//! [`crate::cluster`]) on a loopback address. With an API server and `--node-name` it answers
+//! the `Trace` objects of its node's pods in this session ([`crate::sources::traces`]: a sink
+//! scoped to the pod's flows, no child process). SIGTERM/SIGINT: running Trace objects marked
+//! Failed, detach and exit. What it holds per pod is released when the pod is gone ([`scope`]).
 
 mod scope;
 
@@ -45,10 +47,12 @@ use crate::{
         ndjson::observing_node,
         prometheus::{MetricsOptions, PrometheusSink, SharedMetrics},
         storm::StormControlledLog,
+        trace_status::TraceStatusSink,
     },
     sources::{
         nftrace::armed::{self, ArmOnDrop, ArmedTrace, Arming},
         ring::{EventReader, RingSource},
+        traces::TraceController,
         xtables::{Counted, CounterScope, RuleCounters},
     },
     verdict::{Context, Engine},
@@ -85,6 +89,8 @@ pub struct AgentOptions {
     pub max_namespaces: u32,
     /// The budget of Kubernetes Event writes.
     pub events: crate::sinks::kube_events::EventsOptions,
+    /// Trace objects of this node's pods running at once (the rest stay Pending).
+    pub max_traces: usize,
 }
 
 /// Which events go where: TCP and DNS to the judge (one verdict per failed attempt), what
@@ -457,18 +463,32 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
     let probes = Rc::new(RefCell::new(probes));
     let arming = attribution.armed.arming();
     let counted = attribution.counters.scope();
+    let mut sources: Vec<Box<dyn Source>> = vec![
+        Box::new(ring),
+        Box::new(LinkChanges::open()?),
+        Box::new(attribution.armed),
+    ];
+    let mut sinks = agent_sinks(&opts, out, &metrics, names.as_ref())
+        .with(crate::cluster::memory::FailuresSink::new(failures))
+        .with(Disarm(arming.clone()));
+    // Trace objects of this node's pods, answered in this session.
+    let trace_objects = match (&names, opts.node_name.as_deref()) {
+        (Some(n), Some(node)) => {
+            let client = n.borrow().kube.client();
+            let (subs, stops, handle) =
+                TraceController::start(client, node.to_string(), opts.max_traces, arming.clone());
+            sources.push(Box::new(stops));
+            sinks = sinks.with(TraceStatusSink::new(subs, node));
+            Some(handle)
+        }
+        _ => None,
+    };
     let mut session = Session {
-        sources: vec![
-            Box::new(ring),
-            Box::new(LinkChanges::open()?),
-            Box::new(attribution.armed),
-        ],
+        sources,
         route,
         stages: enrichment(names.as_ref(), attribution.counters, arming.clone()),
         judge: Some(judge(names.clone(), present.clone(), enricher.clone())),
-        sinks: agent_sinks(&opts, out, &metrics, names.as_ref())
-            .with(crate::cluster::memory::FailuresSink::new(failures))
-            .with(Disarm(arming.clone())),
+        sinks,
         housekeeping: Box::new(AgentHousekeeping {
             ticks: 0,
             node,
@@ -495,6 +515,10 @@ pub async fn run(opts: AgentOptions, out: impl Write) -> Result<()> {
     metrics.lock().expect("metrics lock").ready = false;
     // The remote traces remove their tables (in pod namespaces too) before the agent exits.
     traces.shutdown().await;
+    // Running Trace objects are marked Failed: the agent stopped mid-trace.
+    if let Some(t) = trace_objects {
+        t.shutdown(Duration::from_secs(5)).await;
+    }
     let finished = crate::sinks::Sink::finish(&mut session.into_sinks(), &Summary::new());
     probes.borrow_mut().detach_tc();
     match ended {

@@ -20,7 +20,8 @@
 //! - [`sources`] turn what the kernel and netfilter report into [`events::Event`]s (the public,
 //!   versioned schema; [`events::raw`] keeps the kernel-facing records apart).
 //! - [`model`] holds the typed vocabulary every stage shares (outcomes, endpoints, TCP states,
-//!   netfilter actions, rule owners, pods as peers); it depends on nothing else in the crate.
+//!   netfilter actions, rule owners, pods as peers); it depends on nothing else in the crate,
+//!   but for [`model::trace`], the `Trace` custom resource, whose status holds verdicts.
 //! - [`enrich`] names things: reasons, code locations, namespaces, interfaces, pods and Services
 //!   ([`enrich::names`]), conntrack, routes, listeners; [`enrich::stages`] runs them inside the
 //!   session.
@@ -72,11 +73,13 @@ pub mod verdict;
 pub use error::Error;
 
 /// JSON Schemas of everything netprobe writes as JSON (`netprobe schema`), keyed by the
-/// `schema` value each record carries: the NDJSON records and the failures answer.
+/// `schema` value each record carries: the NDJSON records and the failures answer; and the
+/// `Trace` object's, as the API server admits it (key [`model::trace::SCHEMA_KEY`]).
 pub fn json_schemas() -> serde_json::Value {
     let mut all = sinks::ndjson::json_schemas();
     all[cluster::failures::FAILURES_SCHEMA] =
         serde_json::to_value(schemars::schema_for!(cluster::failures::FailuresAnswer))
             .expect("a schema is JSON");
+    all[model::trace::SCHEMA_KEY] = model::trace::object_schema();
     all
 }

@@ -274,6 +274,11 @@ struct AgentArgs {
     #[arg(long, env = "NETPROBE_EVENTS_IN_FLIGHT", default_value_t = netprobe::sinks::kube_events::DEFAULT_IN_FLIGHT as u32,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     events_in_flight: u32,
+    /// Trace objects (traces.netprobe.io) of this node's pods running at once; the others stay
+    /// Pending, their message saying why, and start as running ones end.
+    #[arg(long, env = "NETPROBE_MAX_TRACES", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    max_traces: u32,
 }
 
 #[cfg(feature = "ebpf")]
@@ -348,25 +353,37 @@ struct TraceArgs {
     #[arg(long, env = "NETPROBE_RING_KIB", default_value_t = 4096, value_parser = parse_ring_kib,
           hide = !NODE_BUILD)]
     ring_buffer_kib: u32,
-    /// Cluster mode (from a laptop): find --pod's node through the Kubernetes API and run
-    /// the trace there by the node's netprobe agent, reached through a port-forward to the
-    /// agent pod (RBAC: `create` on pods/portforward in the agent's namespace), with a bearer
-    /// token the agent checks (RBAC: `create` on traces.netprobe.io in the pod's namespace;
-    /// see --as-service-account). Default when
-    /// run as `kubectl netprobe` (the binary installed as kubectl-netprobe) and in the
-    /// client-only build. With --addr
-    /// (ClusterIP or pod IP) whose pods run on other nodes, or --dns whose CoreDNS pods (behind
-    /// kube-system/kube-dns) do, those nodes' agents trace too and each attempt or lookup gets
-    /// one verdict joined from both nodes.
+    /// Cluster mode (from a laptop): create a Trace object (traces.netprobe.io, generateName
+    /// <pod>-) for --pod in its namespace; the netprobe agent of the pod's node runs the trace
+    /// and writes the verdicts into the object's status, printed here as they come. The object
+    /// is deleted when the trace ends or on Ctrl-C (--keep keeps it). Only the Kubernetes API
+    /// is reached, with the kubeconfig's own authentication (certificates, OIDC, exec plugins);
+    /// RBAC: create, get, list, watch, delete on traces.netprobe.io in the pod's namespace.
+    /// --duration defaults to 30s there (at most 10m). Default when run as `kubectl netprobe`
+    /// (the binary installed as kubectl-netprobe) and in the client-only build.
     #[arg(long, requires = "pod", conflicts_with_all = ["netns", "record", "ready_file"])]
     cluster: bool,
-    /// Cluster mode: namespace of the netprobe DaemonSet.
-    #[arg(long, env = "NETPROBE_NAMESPACE", default_value = "netprobe")]
+    /// Cluster mode: leave the Trace object when done (`kubectl get trace -n NS` shows it; it
+    /// is removed after its ttlSecondsAfterFinished, 1h).
+    #[arg(long)]
+    keep: bool,
+    /// Cluster mode the old way: through a port-forward to the node's agent, with a bearer
+    /// token (--agent-namespace, --agent-port, --as-service-account; --addr, --from-pod). Goes
+    /// once the agents answer Trace objects.
+    #[arg(long)]
+    via_agent: bool,
+    /// --via-agent: namespace of the netprobe DaemonSet.
+    #[arg(
+        long,
+        env = "NETPROBE_NAMESPACE",
+        default_value = "netprobe",
+        hide = true
+    )]
     agent_namespace: String,
-    /// Cluster mode: the agent's loopback port (the port of its --metrics-addr).
+    /// --via-agent: the agent's loopback port (the port of its --metrics-addr).
     #[arg(long, default_value_t = 19965)]
     agent_port: u16,
-    /// Cluster mode: the agents check who you are with a bearer token (and RBAC: `create` on
+    /// --via-agent: the agents check who you are with a bearer token (and RBAC: `create` on
     /// traces.netprobe.io of the pod's namespace). The kubeconfig's token is sent when it has
     /// one; otherwise (client certificates, e.g. k3s's admin kubeconfig) a 10-minute token is
     /// requested for this ServiceAccount (RBAC: `create` on its serviceaccounts/token). If
@@ -576,6 +593,7 @@ fn agent(a: AgentArgs) -> ExitCode {
             burst: a.events_burst,
             in_flight: a.events_in_flight as usize,
         },
+        max_traces: a.max_traces as usize,
     };
     let Some(rt) = runtime() else {
         return ExitCode::from(EXIT_USAGE);
@@ -677,7 +695,7 @@ fn trace(t: TraceArgs) -> ExitCode {
 
 /// `kubectl netprobe trace`: the node's agent runs the trace; its exit code is ours.
 fn cluster_trace(t: TraceArgs, port: u16, udp: bool) -> ExitCode {
-    let Some(pod) = t.pod else {
+    let Some(pod) = t.pod.clone() else {
         eprintln!("netprobe: cluster mode needs --pod");
         return ExitCode::from(EXIT_USAGE);
     };
@@ -686,6 +704,9 @@ fn cluster_trace(t: TraceArgs, port: u16, udp: bool) -> ExitCode {
             "netprobe: --netns and --record are for a trace run on the node itself (as root, with the full build); cluster mode traces through the node's agent"
         );
         return ExitCode::from(EXIT_USAGE);
+    }
+    if !t.via_agent {
+        return object_trace(t, pod, port, udp);
     }
     let opts = netprobe::cluster::client::Options {
         pod,
@@ -713,6 +734,68 @@ fn cluster_trace(t: TraceArgs, port: u16, udp: bool) -> ExitCode {
     let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr());
     let run = netprobe::cluster::client::run(opts, &mut stdout, &mut stderr);
     exit_with(rt.block_on(run))
+}
+
+/// `kubectl netprobe trace`: a Trace object the node's agent answers in its status.
+fn object_trace(t: TraceArgs, pod: String, port: u16, udp: bool) -> ExitCode {
+    use netprobe::{cluster::trace_object, model::trace::TraceProtocol};
+    if t.addr.is_some() || t.from_pod.is_some() || t.no_rule_trace || t.as_service_account.is_some()
+    {
+        eprintln!(
+            "netprobe: --addr, --from-pod, --no-rule-trace and --as-service-account are not part of a Trace object: it covers the pod's flows on the port (or its DNS lookups), and the API server authorizes you"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let mut spec = netprobe::model::trace::TraceSpec::port(pod, port);
+    if t.dns {
+        (spec.port, spec.dns) = (None, true);
+    } else if udp {
+        spec.protocol = TraceProtocol::Udp;
+    }
+    if let Some(d) = t.duration {
+        match trace_object::spec_duration(d) {
+            Ok(d) => spec.duration = d,
+            Err(e) => {
+                eprintln!("netprobe: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        }
+    }
+    spec.events = t.events;
+    let opts = trace_object::Options {
+        namespace: t.namespace,
+        spec,
+        count: t.count,
+        keep: t.keep,
+        format: t.output,
+        kube: t.kube.options(),
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr());
+    let code = rt.block_on(async {
+        // Registered before the object exists: Ctrl-C or SIGTERM from then on deletes it.
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt()).ok();
+        let mut term = signal(SignalKind::terminate()).ok();
+        let stop = async move {
+            tokio::select! {
+                () = received(&mut int) => {}
+                () = received(&mut term) => {}
+            }
+        };
+        trace_object::run(opts, &mut stdout, &mut stderr, stop).await
+    });
+    exit_with(code)
+}
+
+/// Completes when `signal` arrives (never without one).
+async fn received(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => drop(s.recv().await),
+        None => std::future::pending().await,
+    }
 }
 
 /// A cluster-mode command's exit code as ours; an error is printed, exit 2.

@@ -253,7 +253,7 @@ fn team_a_tracer(s: &mut Setup, user: &str) -> String {
 
 /// A 20 s cluster-mode trace of `ns/pod` port 9500 that ends at its first verdict.
 fn trace_args(pod: &str, ns: &str) -> Vec<String> {
-    format!("trace --cluster --pod {pod} -n {ns} --port 9500 --duration 20s --count 1 -o json")
+    format!("trace --cluster --via-agent --pod {pod} -n {ns} --port 9500 --duration 20s --count 1 -o json")
         .split_whitespace()
         .map(str::to_string)
         .collect()
@@ -406,6 +406,7 @@ fn agent_sigterm_stops_its_pod_traces_and_their_tables_go() {
         &[
             "trace",
             "--cluster",
+            "--via-agent",
             "--pod",
             "api-0",
             "-n",
@@ -480,7 +481,7 @@ fn a_cross_node_trace_refused_on_the_server_node_keeps_the_client_side() {
     )
     .unwrap();
     let args = format!(
-        "trace --cluster --agent-port {} --pod client-0 -n financial-inference --port 9004 --addr {CLUSTER_IP} --duration 30s --count 1 -o json",
+        "trace --cluster --via-agent --agent-port {} --pod client-0 -n financial-inference --port 9004 --addr {CLUSTER_IP} --duration 30s --count 1 -o json",
         lab.port
     );
     let child = lab

@@ -125,6 +125,7 @@ fn cluster_mode_trace_runs_on_the_pods_node_through_a_port_forward_to_its_agent(
         &[
             "trace",
             "--cluster",
+            "--via-agent",
             "--agent-port",
             &port.to_string(),
             "--pod",
@@ -206,6 +207,7 @@ fn cluster_mode_trace_runs_on_the_pods_node_through_a_port_forward_to_its_agent(
             &plugin,
             &[
                 "trace",
+                "--via-agent",
                 "--pod",
                 "nope-0",
                 "-n",
@@ -230,6 +232,7 @@ fn cluster_mode_trace_runs_on_the_pods_node_through_a_port_forward_to_its_agent(
             &[
                 "trace",
                 "--cluster",
+                "--via-agent",
                 "--pod",
                 "mlserver-0",
                 "-n",

@@ -264,7 +264,7 @@ fn trace_dns(lab: &TwoNodes) -> (i32, Vec<Value>, String) {
     let port = lab.port.to_string();
     let child = lab
         .laptop(support::netprobe_bin())
-        .args(["trace", "--cluster", "--agent-port", &port])
+        .args(["trace", "--cluster", "--via-agent", "--agent-port", &port])
         .args(["--pod", "client-0", "-n", "financial-inference", "--dns"])
         .args(["--duration", "40s", "--count", "1", "-o", "json"])
         .spawn()

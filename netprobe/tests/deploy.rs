@@ -12,11 +12,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use k8s_openapi::api::{
-    apps::v1::DaemonSet,
-    core::v1::{ConfigMap, Container, Namespace, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{ConfigMap, Container, Namespace, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding},
+    },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
+use kube::CustomResourceExt;
 use serde::Deserialize;
 
 fn deploy() -> PathBuf {
@@ -64,6 +68,9 @@ fn every_manifest_parses_into_its_kubernetes_type() {
                 "Role" => serde_json::from_value::<Role>(json).is_ok(),
                 "ConfigMap" => serde_json::from_value::<ConfigMap>(json).is_ok(),
                 "Namespace" => serde_json::from_value::<Namespace>(json).is_ok(),
+                "CustomResourceDefinition" => {
+                    serde_json::from_value::<CustomResourceDefinition>(json).is_ok()
+                }
                 other => panic!("unexpected kind {other} in {}", file.display()),
             };
             assert!(ok, "{kind} in {} does not parse", file.display());
@@ -78,6 +85,7 @@ fn every_manifest_parses_into_its_kubernetes_type() {
         "Role",
         "ConfigMap",
         "Namespace",
+        "CustomResourceDefinition",
     ] {
         assert!(kinds.iter().any(|x| x == k), "{k} missing from the base");
     }
@@ -247,7 +255,10 @@ fn check_agent_and_tracer_roles(objs: &[serde_yaml::Value], namespace: &str) {
         ("events.k8s.io", "events", "patch"),
         ("authentication.k8s.io", "tokenreviews", "create"),
         ("authorization.k8s.io", "subjectaccessreviews", "create"),
+        ("netprobe.io", "traces/status", "patch"),
+        ("netprobe.io", "traces", "delete"),
     ]);
+    agent.extend(read.iter().map(|v| ("netprobe.io", "traces", *v)));
     let role: ClusterRole = typed(find(objs, "ClusterRole", "netprobe-agent"));
     assert_eq!(grants(&role.rules.unwrap()), set(&agent), "netprobe-agent");
 
@@ -258,6 +269,10 @@ fn check_agent_and_tracer_roles(objs: &[serde_yaml::Value], namespace: &str) {
             ("", "pods", "get"),
             ("", "pods", "list"),
             ("netprobe.io", "traces", "create"),
+            ("netprobe.io", "traces", "get"),
+            ("netprobe.io", "traces", "list"),
+            ("netprobe.io", "traces", "watch"),
+            ("netprobe.io", "traces", "delete"),
             ("netprobe.io", "failures", "list"),
         ]),
         "ClusterRole netprobe-tracer"
@@ -661,8 +676,12 @@ fn the_helm_chart_renders_the_kustomize_objects() {
         assert!(ok, "rendered {kind} does not parse");
     }
     // ...and is the kustomize base's object: same kinds, names, namespaces, security context,
-    // capabilities, probes, volumes, RBAC rules, configuration (labels aside).
-    let base = base_objects();
+    // capabilities, probes, volumes, RBAC rules, configuration (labels aside). Helm installs
+    // the CRDs of crds/ itself, unrendered (`the_trace_crd_is_the_one_the_code_generates`).
+    let base: Vec<_> = base_objects()
+        .into_iter()
+        .filter(|o| o["kind"] != "CustomResourceDefinition")
+        .collect();
     let key = |o: &serde_yaml::Value| {
         format!(
             "{}/{}/{}",
@@ -690,6 +709,43 @@ fn the_helm_chart_renders_the_kustomize_objects() {
     check_agent_container(
         containers.iter().find(|c| c.name == "agent").unwrap(),
         &chart().join("templates/daemonset.yaml"),
+    );
+}
+
+/// The Trace CRD in deploy/ (the chart's crds/, which `helm install` applies before the
+/// templates, and the kustomize base) is what `Trace::crd()` generates from the Rust types.
+/// `NETPROBE_BLESS=1 cargo test -p netprobe --test deploy trace_crd` writes it.
+#[test]
+fn the_trace_crd_is_the_one_the_code_generates() {
+    let generated = serde_json::to_value(netprobe::model::trace::Trace::crd()).unwrap();
+    let text = format!(
+        "# Generated from netprobe/src/model/trace.rs (Trace::crd()); do not edit. Regenerate with\n\
+         # NETPROBE_BLESS=1 cargo test -p netprobe --test deploy trace_crd\n{}",
+        serde_yaml::to_string(&generated).unwrap()
+    );
+    let files = [
+        chart().join("crds/traces.netprobe.io.yaml"),
+        deploy().join("base/traces.netprobe.io.yaml"),
+    ];
+    for path in &files {
+        if std::env::var_os("NETPROBE_BLESS").is_some() {
+            std::fs::write(path, &text).unwrap();
+        }
+        let on_disk = docs(path);
+        assert_eq!(on_disk.len(), 1, "{}", path.display());
+        assert_eq!(
+            serde_json::to_value(&on_disk[0]).unwrap(),
+            generated,
+            "{} is not what Trace::crd() generates: NETPROBE_BLESS=1 cargo test -p netprobe --test deploy trace_crd",
+            path.display()
+        );
+    }
+    assert!(
+        base_objects()
+            .iter()
+            .any(|o| o["kind"] == "CustomResourceDefinition"
+                && o["metadata"]["name"] == "traces.netprobe.io"),
+        "the kustomize base lists the CRD"
     );
 }
 

@@ -11,24 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netprobe_lab::kubeapi::{ADMIN_TOKEN, FakeKube, Seen};
-
-/// A scratch directory (HOME and the kubeconfig), removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("netprobe-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Self(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use netprobe_lab::{
+    kubeapi::{ADMIN_TOKEN, FakeKube, Seen},
+    scratch::Scratch,
+};
 
 fn api_server() -> FakeKube {
     FakeKube::start(TcpListener::bind("127.0.0.1:0").expect("bind loopback"))
@@ -73,7 +59,16 @@ fn kubeconfig_and_context_choose_the_server_and_the_default_namespace() {
     let (a, b) = (api_server(), api_server());
     let config = kubeconfig(&scratch.0, &a, &b);
     let config = config.to_str().unwrap();
-    let trace = ["trace", "--cluster", "--pod", "web", "--port", "80"];
+    // The port-forward path (its flags are the same for Trace objects: trace_objects_api.rs).
+    let trace = [
+        "trace",
+        "--cluster",
+        "--via-agent",
+        "--pod",
+        "web",
+        "--port",
+        "80",
+    ];
 
     let out = netprobe(
         &scratch.0,

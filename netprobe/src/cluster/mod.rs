@@ -1,5 +1,10 @@
 //! Cluster mode: `netprobe trace --cluster --pod X` (or `kubectl netprobe trace --pod X`) run
-//! from a laptop finds the pod's node through the API, opens a port-forward to that node's
+//! from a laptop creates a `Trace` object ([`trace_object`], [`crate::model::trace`]) that the
+//! agent of the pod's node answers in its status: only the API server is reached, and RBAC on
+//! `traces.netprobe.io` decides who may trace where.
+//!
+//! The way before it, still behind `--via-agent` until the agents answer Trace objects, finds
+//! the pod's node through the API, opens a port-forward to that node's
 //! agent (the agent is hostNetwork, so the port-forward lands on the node's loopback where the
 //! agent listens) and asks it to run the trace; verdicts stream back as they happen.
 //!
@@ -33,3 +38,4 @@ pub mod memory;
 pub mod protocol;
 pub mod server;
 pub mod token;
+pub mod trace_object;

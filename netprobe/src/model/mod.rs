@@ -1,6 +1,7 @@
 //! The typed model shared by events, the verdict engine, attribution and the sinks: what the
 //! engine decides on is an enum, never a string. Serialized names are those of
-//! `netprobe.event/v1` / `netprobe.verdict/v1`, unchanged (see `verdict/golden.rs`).
+//! `netprobe.event/v1` / `netprobe.verdict/v1`, unchanged (see `verdict/golden.rs`). [`trace`]
+//! is the `Trace` custom resource, whose status carries verdicts and events.
 
 mod drops;
 mod endpoint;
@@ -11,6 +12,7 @@ mod peer;
 mod route;
 mod stamp;
 pub mod stats;
+pub mod trace;
 
 use std::borrow::Cow;
 

@@ -8,6 +8,7 @@ pub mod ndjson;
 pub mod prometheus;
 pub mod storm;
 pub mod text;
+pub mod trace_status;
 
 use std::io;
 

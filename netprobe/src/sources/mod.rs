@@ -10,9 +10,11 @@
 //! - [`recorded`]: a recorded NDJSON stream, replayed without a kernel.
 //! - [`tcp_opens`]: connection attempts counted from each namespace's TCP MIB (healthy ones
 //!   cost the agent no event).
+//! - [`traces`]: `Trace` objects the agent answers in its own session (issue #24).
 
 pub mod nftrace;
 pub mod recorded;
 pub mod ring;
 pub mod tcp_opens;
+pub mod traces;
 pub mod xtables;

@@ -249,6 +249,21 @@ impl Arming {
         }
     }
 
+    /// Stops marking every flow whose client is one of `addrs` (a pod whose trace ended:
+    /// what was armed for it goes now, not at its expiry).
+    pub fn disarm_addrs(&self, addrs: &[IpAddr]) {
+        let mut s = self.0.borrow_mut();
+        let keys: Vec<FlowKey> = s
+            .flows
+            .keys()
+            .filter(|k| addrs.contains(&k.2))
+            .copied()
+            .collect();
+        for k in keys {
+            s.disarm(&k);
+        }
+    }
+
     /// Disarms the flows armed for `ttl` or longer (the housekeeping tick calls it).
     pub fn expire(&self, now: Instant) {
         let mut s = self.0.borrow_mut();
