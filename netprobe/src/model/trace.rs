@@ -537,6 +537,11 @@ mod tests {
         assert_eq!(spec["pod"]["pattern"], POD_NAME_PATTERN);
         assert_eq!(Trace::group(&()), GROUP);
         structural(&v["schema"]["openAPIV3Schema"], "");
+        // `netprobe schema` publishes it.
+        assert_eq!(
+            crate::json_schemas()[SCHEMA_KEY],
+            v["schema"]["openAPIV3Schema"]
+        );
     }
 
     /// The API server refuses a CRD whose schema is not structural: every node typed (or kept
