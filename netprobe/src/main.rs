@@ -160,7 +160,7 @@ struct KubeArgs {
     #[arg(long)]
     context: Option<String>,
     /// Impersonate this user on every Kubernetes API request (RBAC: `impersonate`). The agents
-    /// check a bearer token and cannot impersonate: with --as, the kubeconfig's own token is
+    /// (`failures`, `trace --via-agent`) check a bearer token and cannot impersonate: with --as, the kubeconfig's own token is
     /// never sent; the agents get a token requested (as this user) for --as-service-account,
     /// or, for --as system:serviceaccount:NS:NAME, for that ServiceAccount. --as a user without
     /// --as-service-account is refused.
@@ -310,6 +310,7 @@ struct TraceArgs {
     #[arg(long = "netns", value_name = "NAME|PATH", hide = !NODE_BUILD)]
     netns: Vec<String>,
     /// Stop after this long (e.g. 30s, 500ms, 2m; at most 365 days); default: until Ctrl-C.
+    /// Cluster mode: the Trace's duration, default 30s, at most 10m.
     #[arg(short, long, visible_alias = "timeout", value_parser = parse_duration)]
     duration: Option<Duration>,
     /// text: a block per verdict (a line per event with --events); json: one JSON object

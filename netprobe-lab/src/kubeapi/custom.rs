@@ -7,6 +7,14 @@
 //! admission by the CRD's OpenAPI schema (defaults, pruning of unknown fields, 422 `Invalid`
 //! with the server's message shape). RBAC as the server checks it: the verb on the resource
 //! (`traces`, `traces/status`) of the group in the namespace.
+//!
+//! Not here (what netprobe does not use): JSON patch (`application/json-patch+json`, answered
+//! 415), field ownership of server-side apply (an apply merges like a merge patch: no
+//! managedFields, no conflicts, fields left out are kept), finalizers and `deletionTimestamp`,
+//! set-based label selectors (`in`, `notin`), field selectors other than `metadata.name` and
+//! `metadata.namespace`, `limit`/`continue` (a list is whole), the 58-character cut of a
+//! generateName. A watch lasts at most 60 s (its `timeoutSeconds` or less) and gets a bookmark
+//! after 5 s without events when it asked for them.
 
 use std::{
     collections::{BTreeMap, VecDeque},

@@ -70,6 +70,7 @@ pub const DURATION_PATTERN: &str =
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = signed_formats)]
 pub struct TraceSpec {
     /// The pod to trace, in the Trace's own namespace.
     #[schemars(length(min = 1, max = 253), pattern(POD_NAME_PATTERN))]
@@ -250,6 +251,7 @@ impl TracePhase {
 /// What the agent found, written only by the agent (status subresource).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = signed_formats)]
 pub struct TraceStatus {
     #[serde(default)]
     pub phase: TracePhase,
@@ -341,6 +343,46 @@ impl Trace {
 // Schemas of the status' nested records. The API server needs a structural schema, which the
 // verdict's (untagged variants, flattened stamps) is not; they are objects it keeps as they
 // are, and `netprobe schema` publishes their own schemas.
+
+/// Integer formats as the API server knows them (`int32`, `int64`; it warns "unrecognized
+/// format" on Rust's `uint16`, `uint32`, `uint64`), the unsigned bounds kept as bounds.
+fn signed_formats(schema: &mut schemars::Schema) {
+    let Some(obj) = schema.as_object_mut() else {
+        return;
+    };
+    let (format, max) = match obj.get("format").and_then(|f| f.as_str()) {
+        Some("uint8") => ("int32", u64::from(u8::MAX)),
+        Some("uint16") => ("int32", u64::from(u16::MAX)),
+        Some("uint32") => ("int64", u64::from(u32::MAX)),
+        // int64 bounds it already.
+        Some("uint64" | "uint") => ("int64", 0),
+        _ => ("", 0),
+    };
+    if !format.is_empty() {
+        obj.insert("format".into(), format.into());
+        obj.entry("minimum").or_insert(0.into());
+        if max > 0 {
+            obj.entry("maximum").or_insert(max.into());
+        }
+    }
+    for key in ["properties", "items"] {
+        match obj.get_mut(key) {
+            Some(serde_json::Value::Object(m)) if key == "properties" => {
+                for v in m.values_mut() {
+                    if let Ok(s) = <&mut schemars::Schema>::try_from(v) {
+                        signed_formats(s);
+                    }
+                }
+            }
+            Some(v) if key == "items" => {
+                if let Ok(s) = <&mut schemars::Schema>::try_from(v) {
+                    signed_formats(s);
+                }
+            }
+            _ => {}
+        }
+    }
+}
 
 fn date_time(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({"type": "string", "format": "date-time", "nullable": true})
@@ -537,6 +579,11 @@ mod tests {
         assert_eq!(spec["pod"]["pattern"], POD_NAME_PATTERN);
         assert_eq!(Trace::group(&()), GROUP);
         structural(&v["schema"]["openAPIV3Schema"], "");
+        // `netprobe schema` publishes it.
+        assert_eq!(
+            crate::json_schemas()[SCHEMA_KEY],
+            v["schema"]["openAPIV3Schema"]
+        );
     }
 
     /// The API server refuses a CRD whose schema is not structural: every node typed (or kept
@@ -554,6 +601,11 @@ mod tests {
         ] {
             assert!(s.get(k).is_none(), "{k} at {at:?}: {s}");
         }
+        let known = ["int32", "int64", "date-time"];
+        assert!(
+            s.get("format").is_none_or(|f| known.iter().any(|k| f == k)),
+            "a format the API server does not know at {at:?}: {s}"
+        );
         let open = s["x-kubernetes-preserve-unknown-fields"] == true;
         assert!(s["type"].is_string() || open, "untyped at {at:?}: {s}");
         assert!(
