@@ -96,9 +96,12 @@ pub fn count_matched_drop(reason: u32) {
 /// Batched wakeups. Waking the consumer is most of an event's cost (an irq_work and an epoll
 /// wakeup: ~3.5 µs of the ~4.3 µs of a drop event during a drop storm, measured with the
 /// kernel's run-time statistics). An event after a quiet millisecond still wakes it at once;
-/// in a burst, one wakeup per millisecond (or per quarter of the ring) carries the rest, and
-/// the reader looks again shortly after each batch for the stragglers of a burst
-/// (`collectors::EventReader`).
+/// in a burst, one wakeup per millisecond (or per quarter of the ring) carries the rest. A
+/// record sent without a wakeup has a timestamp less than 1 ms after that of the record whose
+/// forced wakeup wrote `LAST_WAKEUP` (older timestamps wrap to a large difference and force
+/// one): the reader keeps looking until 8 ms after that record, and every 100 ms besides
+/// (`LookAgain` in netprobe/src/sources/ring.rs). CPUs racing on the slot at worst both force
+/// a wakeup, or leave an older time in it (an extra wakeup): never fewer.
 #[inline(always)]
 fn wakeup_flags(now: u64) -> u64 {
     let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else {

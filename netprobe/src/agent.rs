@@ -385,7 +385,7 @@ fn attach(node: &NetnsRef, ring_bytes: u32, max_namespaces: u32) -> Result<Attac
     for (program, why) in &missing {
         eprintln!("netprobe agent: DEGRADED: probe {program} refused, running without it: {why}");
     }
-    // The parsed kernel BTF (tens of MiB) was only needed to load and attach: give it back.
+    // The kernel BTF (its file, ~5 MiB, and an index) was only needed to load and attach.
     drop(kbtf);
     // SAFETY: malloc_trim only returns free heap pages to the kernel.
     unsafe { libc::malloc_trim(0) };

@@ -317,8 +317,8 @@ struct Installed {
     engine: Engine,
 }
 
-/// The parsed kernel BTF (tens of MiB) is only needed to load and attach: a trace gives it
-/// back (four may run beside the agent, in its container).
+/// The kernel BTF (its file, ~5 MiB, and an index) is only needed to load and attach: a trace
+/// gives it back (four may run beside the agent, in its container).
 fn give_back(kbtf: KernelBtf) {
     drop(kbtf);
     // SAFETY: malloc_trim only returns free heap pages to the kernel.

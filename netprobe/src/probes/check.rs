@@ -83,21 +83,16 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Every tracepoint netprobe uses, loaded and attached for real.
-fn check_tracepoints(r: &mut Report, probes: &mut Probes) {
-    match aya::Btf::parse_file(super::btf::vmlinux_path(), aya::Endianness::default()) {
-        Err(e) => r.add("tp_btf", true, Err(e.to_string())),
-        Ok(btf) => {
-            for &(program, tp) in TRACEPOINTS {
-                r.add(
-                    &format!("tp_btf/{tp}"),
-                    !super::OPTIONAL.contains(&program),
-                    probes
-                        .attach_tracepoint(&btf, program, tp)
-                        .map(|_| "loaded and attached".into())
-                        .map_err(|e| chain(&e)),
-                );
-            }
-        }
+fn check_tracepoints(r: &mut Report, probes: &mut Probes, btf: &aya::Btf) {
+    for &(program, tp) in TRACEPOINTS {
+        r.add(
+            &format!("tp_btf/{tp}"),
+            !super::OPTIONAL.contains(&program),
+            probes
+                .attach_tracepoint(btf, program, tp)
+                .map(|_| "loaded and attached".into())
+                .map_err(|e| chain(&e)),
+        );
     }
 }
 
@@ -194,7 +189,7 @@ pub fn run() -> Report {
                 true,
                 Ok("loaded (ring buffer, per-CPU counters, filter maps)".into()),
             );
-            check_tracepoints(&mut r, &mut probes);
+            check_tracepoints(&mut r, &mut probes, kbtf.aya());
             check_tc(&mut r, &mut probes);
         }
     }
