@@ -110,7 +110,8 @@ pub struct Summary {
     pub events: u64,
     /// Events the kernel could not queue (ring buffer full): counted, never silent.
     pub lost: u64,
-    /// Times the nftables trace socket overflowed (rule attributions may be missing).
+    /// nftables trace messages lost: the socket overflowed, or netprobe's queue was full (rule
+    /// attributions may be missing).
     pub netfilter_trace_overruns: u64,
     pub malformed: u64,
     /// Things the operator should know about the node (e.g. mixed iptables backends).

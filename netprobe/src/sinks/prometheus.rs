@@ -402,7 +402,7 @@ impl Metrics {
             ),
             Family::counter(
                 "netprobe_nftrace_overruns_total",
-                "Trace messages the kernel dropped (armed-flow trace socket full).",
+                "Trace messages lost: dropped by the kernel (armed-flow trace socket full) or by netprobe (its queue of 4096 full).",
                 a.trace_overruns,
             ),
             Family::counter(

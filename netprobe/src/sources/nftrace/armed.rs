@@ -296,7 +296,7 @@ impl Arming {
 /// The source: traced paths of armed flows that end in a drop, as `netfilter` events.
 pub struct ArmedTrace {
     arming: Arming,
-    rx: mpsc::UnboundedReceiver<Message>,
+    rx: mpsc::Receiver<Message>,
     enricher: Rc<Enricher>,
 }
 

@@ -49,7 +49,7 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 pub struct RuleTrace {
     /// By namespace inode.
     rules: HashMap<u64, NsRules>,
-    rx: mpsc::UnboundedReceiver<Message>,
+    rx: mpsc::Receiver<Message>,
     /// The traced flow's protocol (TCP or UDP) and port.
     proto: Protocol,
     port: u16,

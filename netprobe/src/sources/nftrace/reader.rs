@@ -29,6 +29,20 @@ use crate::attribution::Netfilter;
 /// A trace message and the inode of the namespace it came from.
 pub type Message = (u64, TraceMsg);
 
+/// Hands a message to the session, or counts it lost when the queue is full (a closed queue:
+/// the session is ending, nothing to count).
+fn forward(tx: &mpsc::Sender<Message>, lost: &AtomicU64, m: Message) {
+    if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(m) {
+        lost.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Trace messages waiting for the session. The trace netlink group of a namespace carries every
+/// traced packet's messages to every listener (another trace's SYN flood included), so a reader
+/// that falls behind must not queue them without end: past this, messages are counted as lost
+/// with the socket's overruns (~1 KiB each: a few MiB at most).
+pub const MAX_QUEUED: usize = 4096;
+
 struct Reader {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
@@ -36,15 +50,16 @@ struct Reader {
 
 /// Reader threads, one per namespace; stopped (and joined) on drop.
 pub struct TraceReaders {
-    tx: mpsc::UnboundedSender<Message>,
+    tx: mpsc::Sender<Message>,
     readers: HashMap<u64, Reader>,
-    /// Socket overruns (ENOBUFS: the kernel dropped trace messages).
+    /// Trace messages lost: socket overruns (ENOBUFS: the kernel dropped them) and messages
+    /// that found the queue full ([`MAX_QUEUED`]).
     overruns: Arc<AtomicU64>,
 }
 
 impl TraceReaders {
-    pub fn new() -> (Self, mpsc::UnboundedReceiver<Message>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub fn new() -> (Self, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(MAX_QUEUED);
         let readers = Self {
             tx,
             readers: HashMap::new(),
@@ -71,9 +86,7 @@ impl TraceReaders {
             let mut buf = vec![0u8; 256 * 1024];
             while !flag.load(Ordering::Relaxed) {
                 if sock
-                    .recv(&mut buf, |m| {
-                        let _ = tx.send((inode, m));
-                    })
+                    .recv(&mut buf, |m| forward(&tx, &overruns, (inode, m)))
                     .is_err()
                 {
                     overruns.fetch_add(1, Ordering::Relaxed);
@@ -172,5 +185,50 @@ impl NsRules {
         last.iif
             .or(last.oif)
             .map(|ix| enricher.interface(self.ns.inode, ix))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::nftrace::TraceType;
+
+    /// A reader that falls behind loses messages past the bound, counted; none is queued
+    /// beyond it.
+    #[test]
+    fn a_full_queue_counts_what_it_lets_go() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let lost = AtomicU64::new(0);
+        for id in 0..5 {
+            forward(&tx, &lost, (7, TraceMsg { id, ..msg() }));
+        }
+        assert_eq!(lost.load(Ordering::Relaxed), 3);
+        let kept: Vec<u32> = std::iter::from_fn(|| rx.try_recv().ok().map(|(_, m)| m.id)).collect();
+        assert_eq!(kept, vec![0, 1]);
+        drop(rx);
+        forward(&tx, &lost, (7, TraceMsg { id: 9, ..msg() }));
+        assert_eq!(
+            lost.load(Ordering::Relaxed),
+            3,
+            "a closed queue is not a loss"
+        );
+    }
+
+    fn msg() -> TraceMsg {
+        TraceMsg {
+            id: 0,
+            table_family: 1,
+            nfproto: 2,
+            table: String::new(),
+            chain: String::new(),
+            handle: None,
+            kind: TraceType::Rule,
+            verdict: None,
+            policy: None,
+            iif: None,
+            oif: None,
+            tuple: None,
+            l4proto: None,
+        }
     }
 }
