@@ -312,7 +312,7 @@ impl Housekeeping for AgentHousekeeping {
 
 /// Loads the programs for every port, failure signals only, with routine teardown drops
 /// counted in the kernel but not sent.
-fn load(kbtf: &KernelBtf, ring_bytes: u32, max_namespaces: u32) -> Result<Probes> {
+pub fn load_probes(kbtf: &KernelBtf, ring_bytes: u32, max_namespaces: u32) -> Result<Probes> {
     let mut probes = Probes::load_sized(
         kbtf,
         Filter {
@@ -373,7 +373,7 @@ fn attach(node: &NetnsRef, ring_bytes: u32, max_namespaces: u32) -> Result<Attac
     pods.iter().for_each(clean_pod_leftovers);
     let enricher = Enricher::new(&kbtf)?;
     // Every port; the namespace filter keeps the host's other namespaces out.
-    let mut probes = load(&kbtf, ring_bytes, max_namespaces)?;
+    let mut probes = load_probes(&kbtf, ring_bytes, max_namespaces)?;
     let mut scope = Scope::new(&mut probes, node, &enricher, max_namespaces)?;
     // Their leftovers were cleaned above.
     scope.sync(&mut probes, &enricher, &pods)?;

@@ -147,14 +147,16 @@ impl Scope {
     }
 }
 
-fn filter_for(opts: &TraceOptions) -> Filter {
+/// The in-kernel filter of a trace of `port` (UDP or TCP), from or to `addr` if given, in the
+/// namespaces of the trace's scope.
+pub fn kernel_filter(port: u16, udp: bool, addr: Option<IpAddr>) -> Filter {
     let mut f = Filter {
-        port: opts.port,
+        port,
         netns_enabled: 1,
-        proto: if opts.udp { IPPROTO_UDP } else { 0 },
+        proto: if udp { IPPROTO_UDP } else { 0 },
         ..Default::default()
     };
-    match opts.addr {
+    match addr {
         Some(IpAddr::V4(a)) => {
             f.addr_family = AF_INET;
             f.addr[..4].copy_from_slice(&a.octets());
@@ -349,7 +351,7 @@ async fn install(opts: &TraceOptions, signals: &mut Signals) -> Result<Installed
     let enricher = Rc::new(Enricher::new(&kbtf)?);
     let mut probes = signals.step(Probes::load_with_ring(
         &kbtf,
-        filter_for(opts),
+        kernel_filter(opts.port, opts.udp, opts.addr),
         opts.ring_bytes,
     ))?;
     let interfaces = signals.step(attach_tc(opts, &scope, &mut probes, &enricher, signals))?;

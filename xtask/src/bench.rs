@@ -29,6 +29,7 @@ mod dns_load;
 mod peak;
 mod storm;
 mod traced;
+mod verifier;
 
 /// How long a release netprobe may take to attach (250 veths in the attach-time sample).
 const READY_LIMIT: Duration = Duration::from_secs(120);
@@ -61,6 +62,8 @@ pub enum Case {
     PodChurn,
     /// iperf3 through the port a `trace` follows, against without netprobe (#18).
     TracedPort,
+    /// The verifier's instruction count per program in each filter configuration (#28).
+    Verifier,
 }
 
 /// The release agent in `node` on `port`, without Kubernetes (the bench measures the datapath).
@@ -927,7 +930,7 @@ fn latency_cases(bench: &mut Bench) -> Result<Vec<(&'static str, Value)>> {
     ])
 }
 
-/// The DNS load and peak memory cases (all, or those of `--only`), each stamped with its date
+/// The DNS load, peak memory and verifier cases (all, or those of `--only`), each stamped with its date
 /// and commit (a run with `--only` keeps older figures beside them).
 fn bounded_cases(bench: &mut Bench, opts: &Options) -> Result<Vec<(&'static str, Value)>> {
     let wanted = |c: Case| opts.only.is_empty() || opts.only.contains(&c);
@@ -940,6 +943,10 @@ fn bounded_cases(bench: &mut Bench, opts: &Options) -> Result<Vec<(&'static str,
         let other = opts.compare_with.as_deref();
         let v = peak::peak_memory(bench, opts.storm_seconds, other)?;
         out.push(("peak_memory", v));
+    }
+    if wanted(Case::Verifier) {
+        let v = verifier::verifier(bench, opts.compare_with.as_deref())?;
+        out.push(("verifier", v));
     }
     for (_, v) in &mut out {
         v["measured"] = json!({"date": now_utc(), "commit": head_commit()});
@@ -1125,7 +1132,7 @@ fn table(r: &Value) -> String {
     t
 }
 
-/// The DNS load and peak memory cases, with the run each comes from.
+/// The DNS load, peak memory and verifier cases, with the run each comes from.
 fn bounded_tables(r: &Value) -> String {
     let from = |v: &Value| {
         format!(
@@ -1142,6 +1149,10 @@ fn bounded_tables(r: &Value) -> String {
     if let Some(p) = r.get("peak_memory") {
         t.push_str(&from(p));
         t.push_str(&peak::table(p));
+    }
+    if let Some(v) = r.get("verifier") {
+        t.push_str(&from(v));
+        t.push_str(&verifier::table(v));
     }
     t
 }

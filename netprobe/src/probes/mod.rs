@@ -143,6 +143,19 @@ pub struct ProgramStats {
     pub run_ns: u64,
 }
 
+/// The verifier's complexity limit: a program whose exploration reaches this many instructions
+/// is refused ("BPF program is too large").
+pub const VERIFIER_INSN_LIMIT: u32 = 1_000_000;
+
+/// What the kernel's verifier went through to accept one program (`bpf_prog_info.verified_insns`,
+/// 5.16+): the count [`VERIFIER_INSN_LIMIT`] applies to, so its headroom against refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifierCost {
+    pub program: String,
+    /// `None` on kernels that do not report it.
+    pub verified_insns: Option<u32>,
+}
+
 /// Turns on the kernel's run-time statistics of BPF programs (system-wide: every program, not
 /// only netprobe's) for as long as the returned fd is open. They cost two clock reads per run.
 pub fn enable_run_time_stats() -> Result<OwnedFd> {
@@ -542,6 +555,32 @@ impl Probes {
             .collect();
         stats.sort_by(|a, b| a.program.cmp(&b.program));
         stats
+    }
+
+    /// The verifier's cost of each loaded program, by name.
+    pub fn verifier_costs(&self) -> Result<Vec<VerifierCost>> {
+        let names = TRACEPOINTS
+            .iter()
+            .map(|(program, _)| *program)
+            .chain(TC_PROGRAMS.iter().map(|(program, _)| *program));
+        let mut costs = Vec::new();
+        for program in names {
+            let Some(p) = self.ebpf.program(program) else {
+                continue;
+            };
+            if p.fd().is_err() {
+                continue;
+            }
+            let info = p
+                .info()
+                .map_err(|source| Error::ProgramLoad { program, source })?;
+            costs.push(VerifierCost {
+                program: program.to_string(),
+                verified_insns: info.verified_instruction_count(),
+            });
+        }
+        costs.sort_by(|a, b| a.program.cmp(&b.program));
+        Ok(costs)
     }
 
     pub fn counters(&self) -> Result<Counters> {
