@@ -498,11 +498,10 @@ fn main() -> ExitCode {
         #[cfg(feature = "ebpf")]
         Command::Agent(a) => agent(a),
         Command::Schema => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&netprobe::json_schemas()).expect("serializable")
-            );
-            ExitCode::SUCCESS
+            let mut text =
+                serde_json::to_string_pretty(&netprobe::json_schemas()).expect("serializable");
+            text.push('\n');
+            print_out(text.as_bytes(), "the schemas")
         }
         #[cfg(feature = "ebpf")]
         Command::Check(c) => check(c.output),
@@ -534,8 +533,25 @@ fn node_only(command: &str) -> ExitCode {
 fn completions(c: CompletionsArgs) -> ExitCode {
     use clap::CommandFactory;
     let mut cmd = Cli::command();
-    clap_complete::generate(c.shell, &mut cmd, c.name, &mut std::io::stdout());
-    ExitCode::SUCCESS
+    let mut script = Vec::new();
+    clap_complete::generate(c.shell, &mut cmd, c.name, &mut script);
+    print_out(&script, "the completion script")
+}
+
+/// Writes a one-shot command's output to stdout. A reader that stopped early (`netprobe schema |
+/// head`) is no error: exit 0 quietly, as a shell pipeline expects; any other write error is
+/// said, exit 2.
+fn print_out(bytes: &[u8], what: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netprobe: writing {what}: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
 }
 
 /// `netprobe man [COMMAND]`: the page in roff on stdout.
@@ -553,10 +569,11 @@ fn man(m: ManArgs) -> ExitCode {
             }
         },
     };
-    match page.render(&mut std::io::stdout()) {
-        Ok(()) => ExitCode::SUCCESS,
+    let mut roff = Vec::new();
+    match page.render(&mut roff) {
+        Ok(()) => print_out(&roff, "the man page"),
         Err(e) => {
-            eprintln!("netprobe: writing the man page: {e}");
+            eprintln!("netprobe: rendering the man page: {e}");
             ExitCode::from(EXIT_USAGE)
         }
     }

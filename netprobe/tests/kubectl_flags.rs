@@ -211,3 +211,24 @@ fn request_timeout_bounds_a_hung_api_server() {
         ["GET /apis/events.k8s.io/v1/namespaces/default/events"]
     );
 }
+
+/// `netprobe schema | head` and the like: a reader that stops early is no error — exit 0, no
+/// panic on stderr — for every one-shot command that prints to stdout.
+#[test]
+fn a_reader_that_stops_early_is_no_error() {
+    for args in [&["schema"][..], &["completions", "bash"], &["man"]] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_netprobe"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn netprobe");
+        // The read end closed before anything is read: every write gets EPIPE.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
